@@ -1,0 +1,30 @@
+# Two commands do all the set-up: `make demo` (the main job) and `make test` (the suite).
+# Both create or reuse .venv. torch is installed first so that pip keeps an existing CUDA build on a
+# GPU machine and takes the CPU build elsewhere (TORCH_SPEC overrides, e.g. TORCH_SPEC='torch>=2.4').
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= $(shell $(PYTHON) -c "import torch" 2>/dev/null && echo torch || (command -v nvidia-smi >/dev/null && echo 'torch>=2.4' || echo 'torch==2.13.0'))
+
+.PHONY: venv demo test test-all lint clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[all,test]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/phitune demo
+
+test: venv
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+test-all: venv
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs/demo .pytest_cache

@@ -1,0 +1,3 @@
+"""phitune: config-driven fine-tuning of small language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from phitune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,191 @@
+"""The `phitune` command: parse arguments, call one function per verb, turn PhituneError into a
+one-line message and exit code 2. Tracebacks only with --debug."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+from phitune.errors import PhituneError
+
+EXIT_USAGE = 2
+log = logging.getLogger("phitune")
+
+
+def _quiet_libraries(debug: bool) -> None:
+    if debug:
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+        return
+    logging.basicConfig(level=logging.INFO, format="phitune: %(message)s")
+    for name in ("transformers", "accelerate", "peft", "bitsandbytes", "torch", "urllib3", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+# --- verbs --------------------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    from phitune.config import load_config
+    from phitune.recipes.sft import train
+
+    overrides = list(args.set or [])
+    for flag, key in (("model", "model.name_or_path"), ("method", "method.name"), ("train_file", "data.train"),
+                      ("validation_file", "data.validation"), ("output_dir", "output_dir"), ("max_steps", "training.max_steps")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(args.config, overrides)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    ev = result.eval_metrics
+    print(f"done: {result.state.step} steps, final train loss {result.final_train_loss:.4f}"
+          + (f", eval loss {ev['loss']:.4f} (perplexity {ev['perplexity']:.2f})" if ev else ""))
+    print(f"wrote {result.artifact} (and metrics.jsonl, config.yaml, README.md in {result.output_dir})")
+    return 0
+
+
+def cmd_create_model(args) -> int:
+    from phitune.create_model import create_model
+
+    summary = create_model(args.output, args.arch, args.preset, corpus=args.corpus, seed=args.seed, overwrite=args.overwrite)
+    print(f"created UNTRAINED {summary['arch']} model ({summary['preset']}, {summary['parameters']:,} parameters, "
+          f"{summary['tokenizer_tokens']} tokens) in {summary['path']}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from phitune.export.merge import merge
+
+    out = merge(args.source, args.output, dtype=args.dtype, base=args.base, overwrite=args.overwrite)
+    print(f"wrote merged model to {out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from phitune.generate import chat_complete
+    from phitune.models import load_for_inference
+
+    model, tokenizer = load_for_inference(args.model, args.adapter)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+    print(chat_complete(model, tokenizer, messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from phitune.demo import run_demo
+
+    run_demo(output=args.output, arch=args.arch, preset=args.preset, data_dir=args.data_dir, max_steps=args.max_steps)
+    return 0
+
+
+def cmd_config_reference(args) -> int:
+    from phitune.config import reference_markdown
+
+    print(reference_markdown())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="phitune", description="Fine-tune small language models (Phi-3 family first).")
+    p.add_argument("--debug", action="store_true", help="show library logs and full tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="fine-tune from a YAML config (and/or flags)")
+    t.add_argument("config", nargs="?", help="YAML config file")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. training.learning_rate=1e-4 (repeatable)")
+    t.add_argument("--model", help="= --set model.name_or_path=...")
+    t.add_argument("--method", help="= --set method.name=...")
+    t.add_argument("--train-file", help="= --set data.train=...")
+    t.add_argument("--validation-file", help="= --set data.validation=...")
+    t.add_argument("--output-dir", help="= --set output_dir=...")
+    t.add_argument("--max-steps", type=int, help="= --set training.max_steps=...")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    t.add_argument("--overwrite", action="store_true", help="replace a previous run in output_dir")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("create-model", help="build a small UNTRAINED model + locally trained tokenizer")
+    c.add_argument("output", help="directory to write")
+    c.add_argument("--arch", default="phi3", help="phi3 | llama | qwen2 | mistral (default phi3)")
+    c.add_argument("--preset", default="tiny", help="tiny (~0.2M) | small (~30M) | medium (~300M) (default tiny)")
+    c.add_argument("--corpus", help="UTF-8 text file to train the tokenizer on (default: a built-in corpus)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=cmd_create_model)
+
+    m = sub.add_parser("merge", help="merge an adapter into its base model")
+    m.add_argument("source", help="training output dir or adapter dir")
+    m.add_argument("--output", required=True, help="directory for the merged model")
+    m.add_argument("--base", help="base model, when not the one recorded in adapter_config.json")
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(func=cmd_merge)
+
+    g = sub.add_parser("generate", help="print a chat completion from a model (with or without an adapter)")
+    g.add_argument("model", help="base model dir/hub id, training output dir, adapter dir or merged model")
+    g.add_argument("--adapter", help="PEFT adapter dir to apply to MODEL")
+    g.add_argument("--prompt", required=True, help="the user message")
+    g.add_argument("--system", help="optional system message")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="create a tiny model, fine-tune it with LoRA, show before/after")
+    d.add_argument("--output", default="runs/demo")
+    d.add_argument("--arch", default="phi3")
+    d.add_argument("--preset", default="tiny")
+    d.add_argument("--data-dir", default="examples/data")
+    d.add_argument("--max-steps", type=int, default=None)
+    d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("config-reference", help="print every config key as a markdown table")
+    r.set_defaults(func=cmd_config_reference)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    _quiet_libraries(args.debug)
+    try:
+        return args.func(args)
+    except PhituneError as exc:
+        if args.debug:
+            raise
+        print(f"phitune: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("phitune: interrupted; resume with --resume if checkpoints were saved", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if args.debug:
+            raise
+        print(f"phitune: error: {_hint(exc)}", file=sys.stderr)
+        return 1
+
+
+def _hint(exc: Exception) -> str:
+    text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return (text + "; out of memory: lower training.batch_size (raise gradient_accumulation_steps to keep the batch), "
+                "lower data.max_length, set training.gradient_checkpointing=true, or use method qlora")
+    return text + " (unexpected; rerun with --debug for the traceback and report it)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

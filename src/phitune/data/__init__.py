@@ -1,0 +1,1 @@
+"""Reading, checking, rendering and batching training data."""

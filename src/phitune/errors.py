@@ -1,0 +1,15 @@
+"""The one exception type the CLI turns into a one-line message and exit code 2."""
+
+
+class PhituneError(Exception):
+    """A problem the user can fix. The message says what is wrong, where, and the fix."""
+
+    def __init__(self, message: str, *, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or []
+
+    def __str__(self) -> str:
+        head = super().__str__()
+        if not self.problems:
+            return head
+        return head + "\n" + "\n".join(f"  - {p}" for p in self.problems)

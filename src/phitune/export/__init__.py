@@ -1,0 +1,1 @@
+"""After training: merged models (ONNX and Kubernetes manifests come with the deployment issue)."""

@@ -1,0 +1,40 @@
+"""`phitune merge`: fold an adapter into its base and write a plain transformers model."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from phitune.errors import PhituneError
+from phitune.models import DTYPES, load_for_inference, resolve_trained
+
+
+def merge(source: str | Path, output: str | Path, *, dtype: str = "float32", base: str | None = None,
+          overwrite: bool = False) -> Path:
+    source, output = Path(source), Path(output)
+    if not source.exists():
+        raise PhituneError(f"{source}: not found; pass a training output dir or an adapter dir")
+    base_path, adapter = resolve_trained(source)
+    if base:
+        base_path = base
+    if adapter is None:
+        raise PhituneError(f"{source}: holds no adapter (a full fine-tune is already a complete model in {base_path}); nothing to merge")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise PhituneError(f"{output}: exists and is not empty; pass --overwrite or choose another --output")
+    # QLoRA adapters are merged into the unquantised base: the result is a normal model.
+    model, tokenizer = load_for_inference(base_path, adapter, dtype=DTYPES[dtype])
+    if not hasattr(model, "merge_and_unload"):
+        raise PhituneError(f"{adapter}: this adapter type ({type(model.peft_config['default']).__name__}) cannot be merged; "
+                           "serve it with the base model instead")
+    merged = model.merge_and_unload()
+    tmp = output.with_name(output.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.config.use_cache = True
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if output.exists():
+        shutil.rmtree(output)
+    tmp.rename(output)
+    return output

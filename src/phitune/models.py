@@ -1,0 +1,279 @@
+"""Loading a base model and tokenizer, and attaching a fine-tuning method.
+
+Methods are a closed registry (name -> builder); nothing here imports a class by dotted path.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from phitune.config import Config, MethodConfig, ModelConfig, looks_local
+from phitune.errors import PhituneError
+
+log = logging.getLogger("phitune")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Output projections of the MLP: IA3 scales their *input* (the feed-forward activations).
+FEEDFORWARD_OUT = ("down_proj", "fc2", "w2", "c_proj", "dense_4h_to_h")
+
+
+def cuda_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def resolve_dtype(model_cfg: ModelConfig, method: str) -> torch.dtype:
+    if model_cfg.dtype != "auto":
+        return DTYPES[model_cfg.dtype]
+    if torch.cuda.is_available() and method != "full":
+        return torch.bfloat16 if cuda_bf16() else torch.float16
+    return torch.float32
+
+
+def resolve_compute_dtype(method_cfg: MethodConfig) -> torch.dtype:
+    if method_cfg.compute_dtype != "auto":
+        return DTYPES[method_cfg.compute_dtype]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if cuda_bf16() else torch.float16
+    return torch.float32
+
+
+def _hub_error(name: str, exc: Exception) -> PhituneError:
+    where = "local directory" if looks_local(name) else "hub id"
+    return PhituneError(
+        f"model.name_or_path: could not load {where} {name!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+        "give an existing model directory (e.g. from `phitune create-model`) or a hub id reachable from this machine"
+    )
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    name = model_cfg.tokenizer or model_cfg.name_or_path
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(name, exc) from exc
+    if not getattr(tok, "chat_template", None):
+        raise PhituneError(
+            f"{name}: the tokenizer has no chat template; use an instruct/chat model or one made by `phitune create-model`"
+        )
+    ensure_distinct_pad(tok)
+    return tok
+
+
+def ensure_distinct_pad(tok) -> None:
+    """Give the tokenizer a pad token that is not eos, reusing one of its own tokens.
+
+    Masking never depends on the pad id (labels come from positions), but tools downstream
+    often mask `labels == pad_id`, which silently un-trains eos when the two are equal.
+    """
+    if tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id:
+        return
+    candidates = [tok.unk_token] + [t for t in tok.get_vocab() if "pad" in t.lower() or "reserved" in t.lower()]
+    for cand in candidates:
+        if cand and cand != tok.eos_token and tok.convert_tokens_to_ids(cand) != tok.eos_token_id:
+            tok.pad_token = cand
+            return
+    log.warning("tokenizer has no token to pad with other than eos; padding with eos (labels are masked by position)")
+    tok.pad_token = tok.eos_token
+
+
+def load_model(cfg: Config, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    m = cfg.model
+    kwargs: dict = dict(revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=resolve_dtype(m, cfg.method.name))
+    if m.attn_implementation != "auto":
+        kwargs["attn_implementation"] = m.attn_implementation
+    if cfg.method.name == "qlora":
+        kwargs["quantization_config"] = qlora_quantization(cfg.method)
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": device.index or 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
+    except ImportError as exc:
+        raise PhituneError(f"{exc}".splitlines()[0] + "; install the missing package (for QLoRA: pip install 'phitune[qlora]')") from exc
+    except (OSError, ValueError) as exc:
+        raise _hub_error(m.name_or_path, exc) from exc
+    if getattr(model.config, "phitune_untrained", False):
+        log.info("note: %s is an UNTRAINED model made by phitune create-model (random weights)", m.name_or_path)
+    return model
+
+
+def qlora_quantization(method: MethodConfig):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise PhituneError("method qlora needs bitsandbytes: pip install 'phitune[qlora]' (or pip install bitsandbytes)") from exc
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=method.quant_type,
+        bnb_4bit_use_double_quant=method.double_quant,
+        bnb_4bit_compute_dtype=resolve_compute_dtype(method),
+    )
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear, but check by name to not import it.
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Suffixes of every linear layer except the output head (the 'all-linear' set)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if _is_linear(mod) and mod is not head}
+    return sorted(names)
+
+
+def resolve_target_modules(model: nn.Module, target) -> list[str]:
+    available = linear_module_names(model)
+    if target == "all-linear":
+        if not available:
+            raise PhituneError("method.target_modules: 'all-linear' found no linear layers in this model")
+        return available
+    wanted = [target] if isinstance(target, str) else list(target)
+    if "all-linear" in wanted:  # e.g. [all-linear, lm_head]: every linear layer plus the named extras
+        return sorted(set(available) | set(resolve_target_modules(model, [t for t in wanted if t != "all-linear"]) if len(wanted) > 1 else available))
+    modules = {name.rsplit(".", 1)[-1]: mod for name, mod in model.named_modules()}
+    unknown = [t for t in wanted if t not in modules]
+    # Named explicitly, the output head may be adapted too (it is left out of 'all-linear' only).
+    not_linear = [t for t in wanted if t in modules and not _is_linear(modules[t])]
+    if unknown or not_linear:
+        bad = ", ".join(unknown + not_linear)
+        raise PhituneError(
+            f"method.target_modules: {bad} {'is' if len(unknown + not_linear) == 1 else 'are'} not a linear layer of this model; "
+            f"linear layers are: {', '.join(available)} (or use 'all-linear')"
+        )
+    return wanted
+
+
+# --- the method registry ------------------------------------------------------------------
+
+
+def _full(model, cfg: Config, tokenizer):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _lora(model, cfg: Config, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    m = cfg.method
+    if m.name == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    init = True if m.init == "default" else m.init
+    peft_cfg = LoraConfig(
+        r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, bias="none", task_type="CAUSAL_LM",
+        target_modules=resolve_target_modules(model, m.target_modules), modules_to_save=m.modules_to_save,
+        use_rslora=m.use_rslora, use_dora=m.name == "dora", init_lora_weights=init,
+    )
+    return _attach(model, peft_cfg)
+
+
+def _ia3(model, cfg: Config, tokenizer):
+    from peft import IA3Config
+
+    targets = resolve_target_modules(model, cfg.method.target_modules)
+    peft_cfg = IA3Config(
+        task_type="CAUSAL_LM", target_modules=targets,
+        feedforward_modules=[t for t in targets if t in FEEDFORWARD_OUT], modules_to_save=cfg.method.modules_to_save,
+    )
+    return _attach(model, peft_cfg)
+
+
+def _prompt_tuning(model, cfg: Config, tokenizer):
+    from peft import PromptTuningConfig, PromptTuningInit
+
+    m = cfg.method
+    text = m.prompt_init_text
+    peft_cfg = PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=m.num_virtual_tokens,
+        prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.RANDOM,
+        prompt_tuning_init_text=text, tokenizer_name_or_path=cfg.model.tokenizer or cfg.model.name_or_path,
+    )
+    return _attach(model, peft_cfg)
+
+
+def _attach(model, peft_cfg):
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, peft_cfg)
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        raise PhituneError(f"method: peft could not apply {type(peft_cfg).__name__} to this model: {str(exc).splitlines()[0]}") from exc
+
+
+METHOD_BUILDERS: dict[str, Callable] = {
+    "full": _full,
+    "lora": _lora,
+    "dora": _lora,
+    "qlora": _lora,
+    "ia3": _ia3,
+    "prompt_tuning": _prompt_tuning,
+}
+
+
+def apply_method(model, cfg: Config, tokenizer):
+    return METHOD_BUILDERS[cfg.method.name](model, cfg, tokenizer)
+
+
+def num_virtual_tokens(model) -> int:
+    """Prompt-learning methods prepend virtual tokens whose outputs the loss must skip."""
+    peft_config = getattr(model, "peft_config", None)
+    if not peft_config:
+        return 0
+    active = peft_config[getattr(model, "active_adapter", "default")]
+    return getattr(active, "num_virtual_tokens", 0) or 0 if active.is_prompt_learning else 0
+
+
+# --- loading a finished run for inference -------------------------------------------------
+
+
+def resolve_trained(path: str | Path) -> tuple[str, str | None]:
+    """A training output dir, an adapter dir or a model dir -> (base model, adapter dir or None)."""
+    import json
+
+    p = Path(path)
+    if (p / "adapter" / "adapter_config.json").is_file():
+        p = p / "adapter"
+    elif (p / "model" / "config.json").is_file():
+        return str(p / "model"), None
+    if (p / "adapter_config.json").is_file():
+        base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise PhituneError(f"{p}/adapter_config.json: no base_model_name_or_path; pass the base model with --base")
+        return base, str(p)
+    return str(path), None
+
+
+def load_for_inference(model_path: str, adapter: str | None = None, *, dtype: torch.dtype = torch.float32,
+                       device: str | torch.device = "cpu", trust_remote_code: bool = False):
+    """Base (+ adapter) in eval mode with its tokenizer; the same path `generate` and tests use."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if adapter is None:
+        model_path, adapter = resolve_trained(model_path)
+    tok_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _hub_error(model_path, exc) from exc
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    ensure_distinct_pad(tokenizer)
+    return model.to(device).eval(), tokenizer

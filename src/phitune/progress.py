@@ -1,0 +1,41 @@
+"""The live progress line: step, loss, lr, real tokens/s, ETA. Plain log lines when not a terminal."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+
+console = Console(stderr=True)
+
+
+class Progress:
+    def __init__(self, total: int, start: int = 0):
+        self.live = console.is_terminal
+        self.bar = None
+        if self.live:
+            self.bar = RichProgress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+            )
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, loss: float, lr: float, tps: float, record: dict | None) -> None:
+        info = f"loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s"
+        if record and "eval_loss" in record:
+            info += f"  eval_loss {record['eval_loss']:.4f}"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+            if record and "eval_loss" in record:
+                self.bar.console.print(f"step {step}: eval_loss {record['eval_loss']:.4f} "
+                                       f"ppl {record['eval_perplexity']:.2f} acc {record['eval_mean_token_accuracy']:.3f}")
+        elif record:
+            print(f"step {step}  {info}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None

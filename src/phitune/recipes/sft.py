@@ -1,0 +1,333 @@
+"""Supervised fine-tuning on chat data, read top to bottom: setup -> train -> save.
+
+One function per phase; the loop is plain PyTorch on Accelerate (device placement, mixed
+precision, and later DeepSpeed/multi-process), with gradient accumulation done by hand so the loss
+is normalised by the trained tokens of the whole optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from phitune.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
+from phitune.config import Config, dump_config
+from phitune.data.batching import collate, epoch_batches, split_micro
+from phitune.data.chat import TokenizedSet, tokenize_file
+from phitune.errors import PhituneError
+from phitune.evaluate.lm import lm_metrics
+from phitune.loss import token_loss
+from phitune.models import apply_method, load_model, load_tokenizer, num_virtual_tokens
+from phitune.progress import Progress
+from phitune.runcard import write_run_card
+from phitune.tracking import MetricsLog
+
+log = logging.getLogger("phitune")
+
+# Keys that may change between a run and its resumption without breaking exactness.
+RESUMABLE_CHANGES = {"training.max_steps", "training.epochs", "training.save_every", "training.save_total_limit",
+                     "training.eval_every", "training.log_every", "training.tensorboard", "training.early_stopping_patience"}
+
+
+@dataclass
+class Datasets:
+    train: TokenizedSet
+    validation: TokenizedSet | None
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    state: TrainState
+    final_train_loss: float | None
+    eval_metrics: dict | None
+    artifact: Path
+
+
+# --- setup -------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_output_dir(cfg: Config, *, resume: bool, overwrite: bool) -> Path | None:
+    """Return the checkpoint to resume from (or None), refusing to clobber a previous run."""
+    out = Path(cfg.output_dir)
+    checkpoints = list_checkpoints(out / "checkpoints")
+    if resume:
+        if not checkpoints:
+            raise PhituneError(f"{out}: --resume given but there is no checkpoint in {out / 'checkpoints'}; set training.save_every and run without --resume")
+        saved = out / "config.yaml"
+        if saved.is_file():
+            _check_resumable(saved, cfg)
+        return checkpoints[-1]
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise PhituneError(
+                f"{out}: output_dir already holds a run; pass --resume to continue it, --overwrite to replace it, "
+                "or choose another output_dir"
+            )
+        shutil.rmtree(out)
+    return None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        flat.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return flat
+
+
+def _check_resumable(saved: Path, cfg: Config) -> None:
+    import yaml
+
+    before = _flatten(yaml.safe_load(saved.read_text()))
+    now = _flatten(cfg.model_dump(mode="json"))
+    changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
+    if changed:
+        diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+        raise PhituneError(f"{saved}: the run started with a different configuration ({diffs}); resume with the same settings or use a new output_dir")
+
+
+def load_datasets(cfg: Config, tokenizer) -> Datasets:
+    train = tokenize_file(tokenizer, cfg.data.train, cfg.data.max_length)
+    validation = tokenize_file(tokenizer, cfg.data.validation, cfg.data.max_length) if cfg.data.validation else None
+    if validation is None and cfg.data.validation_split:
+        rng = random.Random(cfg.training.seed)
+        order = list(range(len(train.examples)))
+        rng.shuffle(order)
+        n_val = max(1, round(len(order) * cfg.data.validation_split))
+        held = set(order[:n_val])
+        validation = TokenizedSet([e for i, e in enumerate(train.examples) if i in held])
+        train = TokenizedSet([e for i, e in enumerate(train.examples) if i not in held], train.truncated, train.dropped)
+    for name, ds in (("train", train), ("validation", validation)):
+        if ds and (ds.truncated or ds.dropped):
+            log.warning("%s: %d example(s) truncated to data.max_length=%d, %d dropped with no assistant tokens left",
+                        name, ds.truncated, cfg.data.max_length, len(ds.dropped))
+    return Datasets(train, validation)
+
+
+def resolve_precision(cfg: Config) -> str:
+    p = cfg.training.precision
+    cuda = torch.cuda.is_available()
+    if p == "auto":
+        if not cuda:
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if p == "fp16" and not cuda:
+        raise PhituneError("training.precision: fp16 needs a CUDA GPU; use bf16 (or fp32) on CPU")
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[p]
+
+
+def build_optimizer(cfg: Config, model):
+    t = cfg.training
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise PhituneError("method: no trainable parameters; check method.target_modules")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.learning_rate)
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise PhituneError(f"training.optimizer={t.optimizer} needs bitsandbytes: pip install 'phitune[qlora]'") from exc
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[t.optimizer]
+    return cls(groups, lr=t.learning_rate)
+
+
+def build_scheduler(cfg: Config, optimizer, total_steps: int):
+    t = cfg.training
+    warmup = t.warmup_steps or int(round(t.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if t.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if t.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def total_steps(cfg: Config, num_examples: int) -> int:
+    t = cfg.training
+    if t.max_steps:
+        return t.max_steps
+    return max(1, math.ceil((t.epochs or 1.0) * math.ceil(num_examples / t.batch_size)))
+
+
+# --- train ---------------------------------------------------------------------------------
+
+
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop_after: int | None = None) -> RunResult:
+    """Run (or resume) the fine-tuning described by `cfg`. `stop_after` ends early, for tests of resume."""
+    from accelerate import Accelerator
+
+    resume_from = prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
+    out = Path(cfg.output_dir)
+    t = cfg.training
+
+    # Data first: a bad file fails in seconds, before the model is loaded.
+    tokenizer = load_tokenizer(cfg.model)
+    data = load_datasets(cfg, tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+
+    accelerator = Accelerator(mixed_precision=resolve_precision(cfg), cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    seed_everything(t.seed)
+    model = load_model(cfg, device)
+    model.config.use_cache = False
+    model = apply_method(model, cfg, tokenizer)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    steps = total_steps(cfg, len(data.train.examples))
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    virtual = num_virtual_tokens(model)
+
+    state = TrainState()
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        log.info("resumed from %s (step %d)", resume_from, state.step)
+    metrics = MetricsLog(out, tensorboard=t.tensorboard, resume_step=state.step if resume_from else None)
+
+    def save_adapter(path: Path) -> None:
+        if cfg.is_adapter:
+            accelerator.unwrap_model(model).save_pretrained(path)
+            tokenizer.save_pretrained(path)
+
+    lengths = [len(e.input_ids) for e in data.train.examples]
+    micro_parts = t.gradient_accumulation_steps
+    eval_metrics: dict | None = None
+    last_loss: float | None = None
+    progress = Progress(total=steps, start=state.step)
+    model.train()
+    started = time.perf_counter() - state.elapsed_s
+    try:
+        while state.step < steps:
+            batches = epoch_batches(lengths, t.batch_size, t.seed, state.epoch)
+            while state.batch_index < len(batches) and state.step < steps:
+                step_start = time.perf_counter()
+                ids = batches[state.batch_index]
+                examples = [data.train.examples[i] for i in ids]
+                step_tokens = sum(e.num_trained for e in examples)
+                real_tokens = sum(len(e.input_ids) for e in examples)
+                loss_sum, correct = 0.0, 0
+                for part in split_micro(list(range(len(examples))), micro_parts):
+                    batch = collate([examples[i] for i in part], tokenizer.pad_token_id)
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    with accelerator.autocast():
+                        loss, _, c = token_loss(model, batch, virtual)
+                    accelerator.backward(loss / step_tokens)
+                    loss_sum, correct = loss_sum + float(loss), correct + c
+                grad_norm = None
+                if t.max_grad_norm:
+                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm))
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.batch_index += 1
+                state.tokens_seen += real_tokens
+                state.trained_tokens += step_tokens
+                last_loss = loss_sum / step_tokens
+                if not math.isfinite(last_loss):
+                    raise PhituneError(
+                        f"training diverged at step {state.step} (loss {last_loss}); lower training.learning_rate "
+                        f"(now {t.learning_rate}) or use precision fp32/bf16"
+                    )
+                tps = real_tokens / max(time.perf_counter() - step_start, 1e-9)
+                state.elapsed_s = time.perf_counter() - started
+                record = None
+                if state.step % t.log_every == 0 or state.step == steps:
+                    record = {"step": state.step, "epoch": state.epoch + state.batch_index / len(batches),
+                              "loss": last_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_second": tps,
+                              "mean_token_accuracy": correct / step_tokens, "trained_tokens": state.trained_tokens,
+                              "elapsed_s": round(state.elapsed_s, 3)}
+                stop_early = False
+                if data.validation and t.eval_every and (state.step % t.eval_every == 0 or state.step == steps):
+                    eval_metrics = evaluate(model, data, t.batch_size, tokenizer, device, accelerator, virtual)
+                    record = (record or {"step": state.step}) | {f"eval_{k}": v for k, v in eval_metrics.items()}
+                    stop_early = update_early_stopping(state, eval_metrics["loss"], t.early_stopping_patience)
+                if record:
+                    metrics.write(record)
+                progress.update(state.step, last_loss, lr, tps, record)
+                if t.save_every and (state.step % t.save_every == 0):
+                    save_checkpoint(out / "checkpoints", accelerator.unwrap_model(model), optimizer, scheduler, state,
+                                    save_adapter=save_adapter if cfg.is_adapter else None, keep=t.save_total_limit)
+                if stop_early:
+                    log.info("early stopping at step %d: eval_loss did not improve for %d evaluations",
+                             state.step, t.early_stopping_patience)
+                    steps = state.step
+                if stop_after is not None and state.step >= stop_after:
+                    progress.close()
+                    metrics.close()
+                    return RunResult(out, state, last_loss, eval_metrics, out)
+            if state.batch_index >= len(batches):
+                state.epoch, state.batch_index = state.epoch + 1, 0
+    finally:
+        progress.close()
+        metrics.close()
+
+    # --- save ------------------------------------------------------------------------------
+    if data.validation and eval_metrics is None:
+        eval_metrics = evaluate(model, data, t.batch_size, tokenizer, device, accelerator, virtual)
+    artifact = save_final(cfg, accelerator.unwrap_model(model), tokenizer, out)
+    summary = {"steps": state.step, "epochs_completed": state.epoch, "trained_tokens": state.trained_tokens,
+               "tokens_seen": state.tokens_seen, "train_examples": len(data.train.examples),
+               "truncated_examples": data.train.truncated, "dropped_examples": len(data.train.dropped),
+               "final_train_loss": last_loss, "eval": eval_metrics, "elapsed_s": round(state.elapsed_s, 2),
+               "artifact": str(artifact)}
+    (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_run_card(out, cfg, summary)
+    return RunResult(out, state, last_loss, eval_metrics, artifact)
+
+
+def evaluate(model, data: Datasets, batch_size: int, tokenizer, device, accelerator, virtual: int) -> dict:
+    return lm_metrics(model, data.validation.examples, batch_size=batch_size, pad_id=tokenizer.pad_token_id,
+                      device=device, autocast=accelerator.autocast, virtual_tokens=virtual)
+
+
+def update_early_stopping(state: TrainState, eval_loss: float, patience: int | None) -> bool:
+    if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
+        state.best_eval_loss, state.evals_without_improvement = eval_loss, 0
+        return False
+    state.evals_without_improvement += 1
+    return bool(patience) and state.evals_without_improvement >= patience
+
+
+def save_final(cfg: Config, model, tokenizer, out: Path) -> Path:
+    """OUT/adapter (PEFT format) or OUT/model (transformers format), tokenizer beside."""
+    target = out / ("adapter" if cfg.is_adapter else "model")
+    tmp = out / (target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not cfg.is_adapter:
+        model.config.use_cache = True
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target

@@ -1,0 +1,42 @@
+"""OUT/README.md: what was trained, on what, how, and how well."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from phitune.config import Config, dump_config
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def write_run_card(out: Path, cfg: Config, summary: dict) -> None:
+    artifact = Path(summary["artifact"]).name
+    ev = summary.get("eval") or {}
+    lines = [
+        f"# phitune run: {cfg.method.name} on {cfg.model.name_or_path}",
+        "",
+        f"- base model: `{cfg.model.name_or_path}`",
+        f"- method: `{cfg.method.name}`" + (f" (r={cfg.method.r}, alpha={cfg.method.alpha}, targets={cfg.method.target_modules})"
+                                             if cfg.method.name in ("lora", "dora", "qlora") else ""),
+        f"- data: train `{cfg.data.train}` ({summary['train_examples']} examples, {summary['truncated_examples']} truncated)"
+        + (f", validation `{cfg.data.validation}`" if cfg.data.validation else ""),
+        f"- steps: {summary['steps']}, trained tokens: {summary['trained_tokens']:,}, time: {summary['elapsed_s']} s",
+        f"- final train loss: {_fmt(summary['final_train_loss'])}",
+    ]
+    if ev:
+        lines.append("- validation: " + ", ".join(f"{k} {_fmt(v)}" for k, v in ev.items()))
+    load = (
+        f"```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\nfrom peft import PeftModel\n"
+        f"base = AutoModelForCausalLM.from_pretrained({cfg.model.name_or_path!r})\n"
+        f"model = PeftModel.from_pretrained(base, {str(out / artifact)!r})\n```"
+        if artifact == "adapter" else
+        f"```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained({str(out / artifact)!r})\n```"
+    )
+    lines += ["", "## Load it", "", load, "", "## Files", "",
+              f"- `{artifact}/`: the {'PEFT adapter' if artifact == 'adapter' else 'fine-tuned model'} with its tokenizer",
+              "- `metrics.jsonl`: one line per logged step", "- `checkpoints/`: resumable checkpoints (`phitune train CONFIG --resume`)",
+              "- `config.yaml`: the resolved configuration", "- `run.json`: the numbers above, machine-readable",
+              "", "## Configuration", "", "```yaml", dump_config(cfg).rstrip(), "```", ""]
+    (out / "README.md").write_text("\n".join(lines))

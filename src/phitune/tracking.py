@@ -1,0 +1,54 @@
+"""metrics.jsonl (one JSON object per logged step) and, when installed, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("phitune")
+
+
+class MetricsLog:
+    def __init__(self, out: Path, *, tensorboard: str, resume_step: int | None):
+        self.path = out / "metrics.jsonl"
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            self._truncate_after(resume_step)
+        self.tb = None
+        if tensorboard != "off":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step)
+            except ImportError:
+                if tensorboard == "on":
+                    log.warning("training.tensorboard=on but tensorboard is not installed: pip install 'phitune[tensorboard]'")
+
+    def _truncate_after(self, step: int) -> None:
+        """A killed run may have logged steps after its last checkpoint; the resumed run logs them again."""
+        if not self.path.exists():
+            self.path.write_text("")
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
