@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-TORCH_SPEC ?= $(shell $(PYTHON) -c "import torch" 2>/dev/null && echo torch || (command -v nvidia-smi >/dev/null && echo 'torch>=2.4' || echo 'torch==2.13.0'))
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 
 .PHONY: venv demo test test-all lint clean
 

@@ -4,8 +4,8 @@ The mask is derived from the rendered text, not from `{% generation %}` markers 
 have none): an assistant turn spans from the end of the prompt rendered with
 `add_generation_prompt=True` to where the conversation rendered up to and including that turn
 stops agreeing with the full conversation. That span holds the reply *and* the end-of-turn
-token(s), so the model learns to stop. Tokens are labelled when their first character lies in a
-trained span; `weight: 0` turns are rendered but not trained.
+token(s), so the model learns to stop. Tokens are labelled when they lie wholly inside a trained
+span; `weight: 0` turns are rendered but not trained.
 """
 
 from __future__ import annotations
@@ -149,10 +149,12 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, wher
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = [IGNORE_INDEX] * len(ids)
     si = 0
-    for j, (start, _end) in enumerate(offsets):
+    for j, (start, end) in enumerate(offsets):
         while si < len(spans) and start >= spans[si][1]:
             si += 1
-        if si < len(spans) and spans[si][0] <= start < spans[si][1]:
+        # Whole tokens only: where the next turn starts with the same characters as the text
+        # after this one (`<|user|>` vs `<|endoftext|>`), the span ends inside a token.
+        if si < len(spans) and spans[si][0] <= start and end <= spans[si][1]:
             labels[j] = ids[j]
     truncated = len(ids) > max_length
     return Example(ids[:max_length], labels[:max_length], where), truncated
