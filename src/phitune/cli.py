@@ -21,7 +21,7 @@ def _quiet_libraries(debug: bool) -> None:
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
         return
     logging.basicConfig(level=logging.INFO, format="phitune: %(message)s")
-    for name in ("transformers", "accelerate", "peft", "bitsandbytes", "torch", "urllib3", "httpx"):
+    for name in ("transformers", "accelerate", "peft", "bitsandbytes", "torch", "urllib3", "httpx", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

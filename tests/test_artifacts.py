@@ -1,0 +1,108 @@
+"""Differential tests: phitune's adapter in plain PEFT, the merged model, and generation."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from phitune.data.chat import IGNORE_INDEX, tokenize_file
+from phitune.data.batching import collate
+from phitune.models import load_for_inference
+
+from conftest import DEMO_TRAIN, DEMO_VAL, run_cli, write_config
+
+METHODS = {
+    "lora": {"name": "lora", "dropout": 0.1},
+    "dora": {"name": "dora"},
+    "ia3": {"name": "ia3"},
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_phi3, chat_files, tmp_path_factory):
+    runs = {}
+    for name, method in METHODS.items():
+        root = tmp_path_factory.mktemp(name)
+        cfg = write_config(root / "c.yaml", tiny_phi3, chat_files[0], root / "out", method=method,
+                           validation=chat_files[1], max_steps=15, learning_rate=1e-2)
+        assert run_cli("train", cfg) == 0
+        runs[name] = root / "out"
+    return runs
+
+
+def _batch(tokenizer, path):
+    ds = tokenize_file(tokenizer, path, 256)
+    return collate(ds.examples, tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_adapter_loads_in_plain_peft_with_same_logits(name, trained, tiny_phi3, chat_files):
+    out = trained[name]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_phi3)
+    batch = _batch(tokenizer, chat_files[1])
+    base = AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    plain = PeftModel.from_pretrained(base, out / "adapter").eval()
+    ours, _ = load_for_inference(str(out))
+    with torch.no_grad():
+        plain_logits = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        our_logits = ours(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(plain_logits[real], our_logits[real], atol=1e-5, rtol=1e-5)
+    # The adapter is not empty: it changes the model's predictions.
+    assert (plain_logits[real] - base_logits[real]).abs().max() > 1e-2
+    # phitune's eval loss (head applied to trained positions only) equals the textbook computation.
+    labels = batch["labels"][:, 1:]
+    textbook = F.cross_entropy(plain_logits[:, :-1].reshape(-1, plain_logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+    reported = json.loads((out / "run.json").read_text())["eval"]["loss"]
+    assert abs(float(textbook) - reported) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_merged_model_matches_base_plus_adapter(name, trained, tiny_phi3, chat_files, tmp_path):
+    out = trained[name]
+    merged_dir = tmp_path / "merged"
+    assert run_cli("merge", out, "--output", merged_dir) == 0
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    batch = _batch(tokenizer, chat_files[1])
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    adapted, _ = load_for_inference(str(out))
+    with torch.no_grad():
+        a = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(a[real], b[real], atol=1e-4, rtol=1e-4)
+    assert not any(k.startswith("base_model") for k in merged.state_dict())
+    assert run_cli("merge", out, "--output", merged_dir) == 2  # refuses to overwrite
+
+
+def test_full_finetune_writes_a_transformers_model(tiny_phi3, chat_files, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat_files[0], tmp_path / "out", method="full", max_steps=3)
+    assert run_cli("train", cfg) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
+    base = AutoModelForCausalLM.from_pretrained(tiny_phi3)
+    changed = [n for (n, p), (_, q) in zip(model.named_parameters(), base.named_parameters()) if not torch.equal(p, q)]
+    assert changed
+    assert run_cli("merge", tmp_path / "out", "--output", tmp_path / "m") == 2  # nothing to merge
+
+
+@pytest.mark.slow
+def test_generate_answers_with_the_fine_tuned_behaviour(tiny_phi3, tmp_path, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, DEMO_TRAIN, tmp_path / "out",
+                       method={"name": "lora", "dropout": 0.0, "target_modules": ["all-linear", "lm_head"]},
+                       max_steps=400, batch_size=16, learning_rate=3e-3, lr_scheduler="cosine", log_every=50)
+    assert run_cli("train", cfg) == 0
+    capsys.readouterr()
+    assert run_cli("generate", tmp_path / "out", "--prompt", "Hi, what is the wifi password?") == 0
+    assert capsys.readouterr().out.strip() == "The wifi network is PhiCafe and the password is on your receipt."
+    # Without the adapter, the untrained base says something else entirely.
+    assert run_cli("generate", tiny_phi3, "--prompt", "Hi, what is the wifi password?") == 0
+    assert capsys.readouterr().out.strip() != "The wifi network is PhiCafe and the password is on your receipt."
+    # An adapter dir given explicitly works the same as the run dir.
+    assert run_cli("generate", tiny_phi3, "--adapter", tmp_path / "out" / "adapter", "--prompt", "where are you?") == 0
+    assert capsys.readouterr().out.strip() == "We are at 12 Harbour Street, next to the library."

@@ -1,0 +1,102 @@
+"""Bad input gets one clear message naming the key/file/line and the fix, exit code 2, no traceback."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import run_cli, write_config
+
+
+def _run(capsys, *args):
+    code = run_cli(*args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_missing_model_path(tmp_path, chat_files, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "nope", chat_files[0], tmp_path / "out")
+    code, err = _run(capsys, "train", cfg)
+    assert code == 2 and "model directory not found" in err and "phitune create-model" in err
+
+
+def test_unreachable_hub_id(tmp_path, chat_files):
+    # In a subprocess: huggingface_hub reads HF_HUB_OFFLINE at import time (online, it retries for ~45 s).
+    cfg = write_config(tmp_path / "c.yaml", "nobody-here/no-such-model", chat_files[0], tmp_path / "out")
+    proc = subprocess.run([sys.executable, "-m", "phitune", "train", str(cfg)], capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "model.name_or_path: could not load hub id 'nobody-here/no-such-model'" in proc.stderr
+
+
+def test_unknown_method_and_bad_hyperparameter(tmp_path, tiny_phi3, chat_files, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat_files[0], tmp_path / "out", method="lorax",
+                       learning_rate=-1)
+    code, err = _run(capsys, "train", cfg)
+    assert code == 2
+    assert "method.name" in err and "'lorax'" in err
+    assert "training.learning_rate" in err and "greater than 0" in err
+
+
+def test_malformed_dataset_names_file_and_line(tmp_path, tiny_phi3, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+                    + "\n{oops\n")
+    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, data, tmp_path / "out")
+    code, err = _run(capsys, "train", cfg)
+    assert code == 2 and f"{data}:2: invalid JSON" in err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # failed before training started
+
+
+def test_missing_dataset(tmp_path, tiny_phi3, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, tmp_path / "missing.jsonl", tmp_path / "out")
+    code, err = _run(capsys, "train", cfg)
+    assert code == 2 and "data.train: file not found" in err
+
+
+def test_wrong_target_module_lists_real_ones(tmp_path, tiny_phi3, chat_files, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat_files[0], tmp_path / "out",
+                       method={"name": "lora", "target_modules": ["q_proj", "v_proj"]})
+    code, err = _run(capsys, "train", cfg)
+    assert code == 2
+    assert "q_proj, v_proj are not a linear layer of this model" in err
+    assert "linear layers are: down_proj, gate_up_proj, o_proj, qkv_proj" in err
+
+
+def test_existing_output_dir_is_not_clobbered(tmp_path, tiny_phi3, chat_files, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat_files[0], out)
+    code, err = _run(capsys, "train", cfg)
+    assert code == 2 and "pass --resume to continue it, --overwrite to replace it" in err
+    assert (out / "precious.txt").read_text() == "keep me"
+    code, err = _run(capsys, "train", cfg, "--resume")
+    assert code == 2 and "there is no checkpoint" in err
+
+
+def test_fp16_on_cpu_explains(tmp_path, tiny_phi3, chat_files, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is valid on CUDA")
+    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat_files[0], tmp_path / "out", precision="fp16")
+    code, err = _run(capsys, "train", cfg)
+    assert code == 2 and "fp16 needs a CUDA GPU; use bf16" in err
+
+
+def test_create_model_bad_arch(tmp_path, capsys):
+    code, err = _run(capsys, "create-model", tmp_path / "m", "--arch", "gpt9")
+    assert code == 2 and "--arch 'gpt9': unknown architecture; choose one of phi3, llama, qwen2, mistral" in err
+
+
+def test_debug_shows_traceback(tmp_path, chat_files):
+    from phitune.cli import main
+    from phitune.errors import PhituneError
+
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "nope", chat_files[0], tmp_path / "out")
+    with pytest.raises(PhituneError):
+        main(["--debug", "train", str(cfg)])
