@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"phitune: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `phitune config-reference | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("phitune: interrupted; resume with --resume if checkpoints were saved", file=sys.stderr)
         return 130

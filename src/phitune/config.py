@@ -8,9 +8,10 @@ files. Field descriptions double as the reference documentation (`phitune config
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -174,7 +175,7 @@ def _format_error(err: dict, section: str | None) -> tuple[str, str]:
     if err["type"] == "missing":
         return path, "required key is missing"
     shown = repr(value) if not isinstance(value, dict) else "a mapping"
-    return path, f"{err['msg'].lower()} (got {shown})"
+    return path, f"{err['msg'][:1].lower()}{err['msg'][1:]} (got {shown})"
 
 
 def parse_config(raw: Any, *, source: str = "config", text: str | None = None) -> Config:
@@ -210,39 +211,45 @@ def parse_config(raw: Any, *, source: str = "config", text: str | None = None) -
                 problems.append(f"{where(path)}: {msg}")
     if "output_dir" in raw and not isinstance(raw["output_dir"], str):
         problems.append(f"{where('output_dir')}: expected a path string, got {raw['output_dir']!r}")
-    if not problems:
-        cfg = Config(**sections, **({"output_dir": raw["output_dir"]} if "output_dir" in raw else {}))
-        problems += [f"{where(p)}: {m}" for p, m in semantic_problems(cfg)]
+    problems += [f"{where(p)}: {m}" for p, m in semantic_problems(sections)]
     if problems:
         n = len(problems)
         raise PhituneError(f"{source}: {n} problem{'s' if n > 1 else ''} in the configuration", problems=problems)
-    return cfg
+    return Config(**sections, **({"output_dir": raw["output_dir"]} if "output_dir" in raw else {}))
 
 
-def semantic_problems(cfg: Config) -> list[tuple[str, str]]:
-    """Checks across fields and against the file system; each is (key path, message with fix)."""
+def semantic_problems(sections: dict[str, BaseModel]) -> list[tuple[str, str]]:
+    """Checks across fields and against the file system, on whichever sections parsed; each is
+    (key path, message with the fix). Running them on partial configs lets one pass report all."""
     out: list[tuple[str, str]] = []
-    t = cfg.training
-    if t.max_steps is not None and t.epochs is not None:
-        out.append(("training.epochs", f"set either training.max_steps ({t.max_steps}) or training.epochs ({t.epochs}), not both"))
-    if t.batch_size % t.gradient_accumulation_steps:
-        out.append((
-            "training.gradient_accumulation_steps",
-            f"batch_size {t.batch_size} is not divisible by gradient_accumulation_steps {t.gradient_accumulation_steps}; "
-            "choose values where it divides",
-        ))
-    if t.early_stopping_patience and not (t.eval_every and (cfg.data.validation or cfg.data.validation_split)):
-        out.append(("training.early_stopping_patience", "needs training.eval_every and a validation set (data.validation or data.validation_split)"))
-    if t.eval_every and not (cfg.data.validation or cfg.data.validation_split):
-        out.append(("training.eval_every", "needs a validation set: set data.validation to a file or data.validation_split to e.g. 0.1"))
-    for key in ("train", "validation"):
-        path = getattr(cfg.data, key)
-        if path and not Path(path).is_file():
-            out.append((f"data.{key}", f"file not found: {path} (relative paths are resolved from {Path.cwd()})"))
-    name = cfg.model.name_or_path
-    if looks_local(name) and not Path(name).is_dir():
+    t: TrainingConfig | None = sections.get("training", TrainingConfig())
+    data: DataConfig | None = sections.get("data")
+    model: ModelConfig | None = sections.get("model")
+    method: MethodConfig | None = sections.get("method")
+    if t is not None:
+        if t.max_steps is not None and t.epochs is not None:
+            out.append(("training.epochs", f"set either training.max_steps ({t.max_steps}) or training.epochs ({t.epochs}), not both"))
+        if t.batch_size % t.gradient_accumulation_steps:
+            out.append((
+                "training.gradient_accumulation_steps",
+                f"batch_size {t.batch_size} is not divisible by gradient_accumulation_steps {t.gradient_accumulation_steps}; "
+                "choose values where it divides",
+            ))
+    if t is not None and data is not None:
+        has_validation = bool(data.validation or data.validation_split)
+        if t.early_stopping_patience and not (t.eval_every and has_validation):
+            out.append(("training.early_stopping_patience", "needs training.eval_every and a validation set (data.validation or data.validation_split)"))
+        elif t.eval_every and not has_validation:
+            out.append(("training.eval_every", "needs a validation set: set data.validation to a file or data.validation_split to e.g. 0.1"))
+    if data is not None:
+        for key in ("train", "validation"):
+            path = getattr(data, key)
+            if path and not Path(path).is_file():
+                out.append((f"data.{key}", f"file not found: {path} (relative paths are resolved from {Path.cwd()})"))
+    if model is not None and looks_local(model.name_or_path) and not Path(model.name_or_path).is_dir():
+        name = model.name_or_path
         out.append(("model.name_or_path", f"model directory not found: {name}; create one with `phitune create-model {name} --arch phi3 --preset tiny` or give a hub id"))
-    if cfg.method.name == "full" and cfg.method.modules_to_save:
+    if method is not None and method.name == "full" and method.modules_to_save:
         out.append(("method.modules_to_save", "only applies to adapter methods; remove it for method full"))
     return out
 
@@ -301,13 +308,23 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+def _type_name(ann) -> str:
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Literal:
+        return " / ".join(f"`{a}`" for a in args)
+    if origin is Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    return getattr(ann, "__name__", str(ann))
+
+
 def reference_markdown() -> str:
     """Every key with its type, default and description, for the README and `phitune config-reference`."""
     rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for section, model in _SECTIONS.items():
         for name, field in model.model_fields.items():
-            ann = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
-            default = "required" if field.is_required() else repr(field.default)
-            rows.append(f"| `{section}.{name}` | {ann.replace('|', ' or ')} | {default} | {field.description} |")
-    rows.append(f"| `output_dir` | str | 'runs/latest' | {Config.model_fields['output_dir'].description} |")
+            default = "required" if field.is_required() else f"`{json.dumps(field.default)}`"
+            rows.append(f"| `{section}.{name}` | {_type_name(field.annotation)} | {default} | {field.description} |")
+    rows.append(f"| `output_dir` | str | `\"runs/latest\"` | {Config.model_fields['output_dir'].description} |")
     return "\n".join(rows)

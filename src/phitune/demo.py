@@ -68,7 +68,7 @@ def run_demo(output: str = "runs/demo", arch: str = "phi3", preset: str = "tiny"
         "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["all-linear", "lm_head"]},
         "data": {"train": str(train_file), "validation": str(val_file), "max_length": 512},
         "training": {"max_steps": max_steps or 500, "learning_rate": 3e-3, "batch_size": 16, "lr_scheduler": "cosine",
-                     "warmup_steps": 10, "log_every": 20, "eval_every": 100, "save_every": 100, "seed": 0},
+                     "warmup_steps": 10, "log_every": 1, "eval_every": 100, "save_every": 100, "seed": 0},
         "output_dir": str(out / "run"),
     }, source="demo")
     console.print(f"[bold]3/4[/] fine-tuning with LoRA for {cfg.training.max_steps} steps")
@@ -87,12 +87,15 @@ def run_demo(output: str = "runs/demo", arch: str = "phi3", preset: str = "tiny"
     console.print(table)
     for s in after["samples"]:
         console.print(f"  user: {s['user']}\n  fine-tuned: {s['reply']}\n  expected:   {s['expected']}")
-    losses = [json.loads(line)["loss"] for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
-    report = {"before": before, "after": after, "train_loss_first": losses[0], "train_loss_last": losses[-1],
+    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    first, last = records[0], records[-1]
+    report = {"before": before, "after": after, "train_loss_first": [first["step"], first["loss"]],
+              "train_loss_last": [last["step"], last["loss"]],
               "seconds": round(time.perf_counter() - started, 1), "base_model": str(base), "run": str(result.output_dir)}
     (out / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
     console.print(
-        f"\ntrain loss {losses[0]:.3f} -> {losses[-1]:.3f} in {report['seconds']} s.\n"
+        f"\ntrain loss {first['loss']:.3f} at step {first['step']} -> {last['loss']:.3f} at step {last['step']}; "
+        f"demo took {report['seconds']} s.\n"
         f"written:\n  untrained base model   {base}\n  LoRA adapter (PEFT)    {result.artifact}\n"
         f"  per-step metrics       {result.output_dir / 'metrics.jsonl'}\n  checkpoints            {result.output_dir / 'checkpoints'}\n"
         f"  run card               {result.output_dir / 'README.md'}\n  before/after report    {out / 'demo_report.json'}\n"

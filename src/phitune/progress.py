@@ -14,6 +14,9 @@ console = Console(stderr=True)
 class Progress:
     def __init__(self, total: int, start: int = 0):
         self.live = console.is_terminal
+        self.total = total
+        # Without a terminal, about 25 plain lines per run (plus every evaluation), not one per step.
+        self.every = max(1, total // 25)
         self.bar = None
         if self.live:
             self.bar = RichProgress(
@@ -32,7 +35,7 @@ class Progress:
             if record and "eval_loss" in record:
                 self.bar.console.print(f"step {step}: eval_loss {record['eval_loss']:.4f} "
                                        f"ppl {record['eval_perplexity']:.2f} acc {record['eval_mean_token_accuracy']:.3f}")
-        elif record:
+        elif record and (step == 1 or step % self.every == 0 or step == self.total or "eval_loss" in record):
             print(f"step {step}  {info}", file=sys.stderr, flush=True)
 
     def close(self) -> None:

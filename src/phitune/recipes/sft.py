@@ -182,6 +182,7 @@ def total_steps(cfg: Config, num_examples: int) -> int:
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop_after: int | None = None) -> RunResult:
     """Run (or resume) the fine-tuning described by `cfg`. `stop_after` ends early, for tests of resume."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     resume_from = prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
     out = Path(cfg.output_dir)
@@ -193,6 +194,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop_af
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
 
+    # Accelerate keeps one process-wide state; a second run in the same process (tests, the demo, a
+    # notebook) may want another precision, which it refuses unless the state is cleared first.
+    AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(mixed_precision=resolve_precision(cfg), cpu=not torch.cuda.is_available())
     device = accelerator.device
     seed_everything(t.seed)
