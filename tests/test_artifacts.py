@@ -105,3 +105,23 @@ def test_generate_answers_with_the_fine_tuned_behaviour(tiny_phi3, tmp_path, cap
     # An adapter dir given explicitly works the same as the run dir.
     assert run_cli("generate", tiny_phi3, "--adapter", tmp_path / "out" / "adapter", "--prompt", "where are you?") == 0
     assert capsys.readouterr().out.strip() == "We are at 12 Harbour Street, next to the library."
+
+
+@pytest.mark.parametrize("init", ["gaussian", "pissa", "olora"])
+def test_lora_inits_give_adapters_for_the_original_base(init, tiny_phi3, chat_files, tmp_path):
+    """PiSSA/OLoRA rewrite the base at init; the saved adapter must still fit the untouched base."""
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat_files[0], out,
+                       method={"name": "lora", "init": init, "r": 4, "dropout": 0.0}, validation=chat_files[1],
+                       max_steps=10, learning_rate=1e-2)
+    assert run_cli("train", cfg) == 0
+    tokenizer = AutoTokenizer.from_pretrained(tiny_phi3)
+    batch = _batch(tokenizer, chat_files[1])
+    base = AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32).eval()
+    plain = PeftModel.from_pretrained(base, out / "adapter").eval()
+    with torch.no_grad():
+        logits = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    reported = json.loads((out / "run.json").read_text())["eval"]["loss"]
+    assert abs(float(loss) - reported) < 1e-3, (init, float(loss), reported)

@@ -100,3 +100,12 @@ def test_debug_shows_traceback(tmp_path, chat_files):
     cfg = write_config(tmp_path / "c.yaml", tmp_path / "nope", chat_files[0], tmp_path / "out")
     with pytest.raises(PhituneError):
         main(["--debug", "train", str(cfg)])
+
+
+def test_out_of_memory_gets_the_remedies():
+    from phitune.cli import _hint, _is_oom
+
+    exc = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert _is_oom(exc) and _is_oom(MemoryError())
+    hint = _hint(exc)
+    assert "lower training.batch_size" in hint and "gradient_checkpointing=true" in hint and "qlora" in hint

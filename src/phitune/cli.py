@@ -179,12 +179,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"phitune: error: {_hint(exc)}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE if _is_oom(exc) else 1
+
+
+def _is_oom(exc: Exception) -> bool:
+    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
 
 
 def _hint(exc: Exception) -> str:
     text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+    if _is_oom(exc):
         return (text + "; out of memory: lower training.batch_size (raise gradient_accumulation_steps to keep the batch), "
                 "lower data.max_length, set training.gradient_checkpointing=true, or use method qlora")
     return text + " (unexpected; rerun with --debug for the traceback and report it)"

@@ -104,7 +104,7 @@ def read_chat_jsonl(path: str | Path) -> list[tuple[str, list[dict]]]:
         shown = problems[:MAX_SHOWN]
         if len(problems) > MAX_SHOWN:
             shown.append(f"... and {len(problems) - MAX_SHOWN} more")
-        raise PhituneError(f"{path}: {len(problems)} problem(s) in the training data", problems=shown)
+        raise PhituneError(f"{path}: {len(problems)} problem(s) in the data file", problems=shown)
     if not rows:
         raise PhituneError(f"{path}: no examples; the file is empty")
     return rows

@@ -179,8 +179,8 @@ def total_steps(cfg: Config, num_examples: int) -> int:
 # --- train ---------------------------------------------------------------------------------
 
 
-def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop_after: int | None = None) -> RunResult:
-    """Run (or resume) the fine-tuning described by `cfg`. `stop_after` ends early, for tests of resume."""
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunResult:
+    """Run (or resume) the fine-tuning described by `cfg`."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -217,10 +217,17 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop_af
         log.info("resumed from %s (step %d)", resume_from, state.step)
     metrics = MetricsLog(out, tensorboard=t.tensorboard, resume_step=state.step if resume_from else None)
 
+    # PiSSA and OLoRA rewrite the base weights at initialisation. Saved as-is, their adapters would
+    # only work on that rewritten base; converted against the initial adapter, they become plain
+    # LoRA adapters (rank 2r) for the original base, like any other.
+    initial = out / "checkpoints" / "initial_adapter" if cfg.method.init in ("pissa", "olora") and cfg.is_adapter else None
+    if initial is not None and not (initial / "adapter_config.json").is_file():
+        accelerator.unwrap_model(model).save_pretrained(initial)
+
     def save_adapter(path: Path) -> None:
-        if cfg.is_adapter:
-            accelerator.unwrap_model(model).save_pretrained(path)
-            tokenizer.save_pretrained(path)
+        accelerator.unwrap_model(model).save_pretrained(
+            path, path_initial_model_for_weight_conversion=str(initial) if initial else None)
+        tokenizer.save_pretrained(path)
 
     lengths = [len(e.input_ids) for e in data.train.examples]
     micro_parts = t.gradient_accumulation_steps
@@ -286,10 +293,6 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop_af
                     log.info("early stopping at step %d: eval_loss did not improve for %d evaluations",
                              state.step, t.early_stopping_patience)
                     steps = state.step
-                if stop_after is not None and state.step >= stop_after:
-                    progress.close()
-                    metrics.close()
-                    return RunResult(out, state, last_loss, eval_metrics, out)
             if state.batch_index >= len(batches):
                 state.epoch, state.batch_index = state.epoch + 1, 0
     finally:
@@ -299,7 +302,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop_af
     # --- save ------------------------------------------------------------------------------
     if data.validation and eval_metrics is None:
         eval_metrics = evaluate(model, data, t.batch_size, tokenizer, device, accelerator, virtual)
-    artifact = save_final(cfg, accelerator.unwrap_model(model), tokenizer, out)
+    artifact = save_final(cfg, accelerator.unwrap_model(model), tokenizer, out, save_adapter)
     summary = {"steps": state.step, "epochs_completed": state.epoch, "trained_tokens": state.trained_tokens,
                "tokens_seen": state.tokens_seen, "train_examples": len(data.train.examples),
                "truncated_examples": data.train.truncated, "dropped_examples": len(data.train.dropped),
@@ -323,15 +326,17 @@ def update_early_stopping(state: TrainState, eval_loss: float, patience: int | N
     return bool(patience) and state.evals_without_improvement >= patience
 
 
-def save_final(cfg: Config, model, tokenizer, out: Path) -> Path:
+def save_final(cfg: Config, model, tokenizer, out: Path, save_adapter) -> Path:
     """OUT/adapter (PEFT format) or OUT/model (transformers format), tokenizer beside."""
     target = out / ("adapter" if cfg.is_adapter else "model")
     tmp = out / (target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if not cfg.is_adapter:
+    if cfg.is_adapter:
+        save_adapter(tmp)
+    else:
         model.config.use_cache = True
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
