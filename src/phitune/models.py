@@ -259,7 +259,7 @@ def resolve_trained(path: str | Path) -> tuple[str, str | None]:
 
 
 def load_for_inference(model_path: str, adapter: str | None = None, *, dtype: torch.dtype = torch.float32,
-                       device: str | torch.device = "cpu", trust_remote_code: bool = False):
+                       device: str | torch.device | None = None, trust_remote_code: bool = False):
     """Base (+ adapter) in eval mode with its tokenizer; the same path `generate` and tests use."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -276,4 +276,5 @@ def load_for_inference(model_path: str, adapter: str | None = None, *, dtype: to
 
         model = PeftModel.from_pretrained(model, adapter)
     ensure_distinct_pad(tokenizer)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer

@@ -24,7 +24,7 @@ def merge(source: str | Path, output: str | Path, *, dtype: str = "float32", bas
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise PhituneError(f"{output}: exists and is not empty; pass --overwrite or choose another --output")
     # QLoRA adapters are merged into the unquantised base: the result is a normal model.
-    model, tokenizer = load_for_inference(base_path, adapter, dtype=DTYPES[dtype])
+    model, tokenizer = load_for_inference(base_path, adapter, dtype=DTYPES[dtype], device="cpu")
     if not hasattr(model, "merge_and_unload"):
         raise PhituneError(f"{adapter}: this adapter type ({type(model.peft_config['default']).__name__}) cannot be merged; "
                            "serve it with the base model instead")
