@@ -38,29 +38,33 @@ def _batch(tokenizer, path):
     return collate(ds.examples, tokenizer.pad_token_id)
 
 
+@torch.no_grad()
+def _logits(model, batch):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def _textbook_loss(logits, batch) -> float:
+    """Mean cross-entropy over labelled positions, computed the plain way from full logits."""
+    labels = batch["labels"][:, 1:]
+    return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX))
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 def test_adapter_loads_in_plain_peft_with_same_logits(name, trained, tiny_phi3, chat_files):
     out = trained[name]
     tokenizer = AutoTokenizer.from_pretrained(tiny_phi3)
     batch = _batch(tokenizer, chat_files[1])
     base = AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32).eval()
-    with torch.no_grad():
-        base_logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    plain = PeftModel.from_pretrained(base, out / "adapter").eval()
-    ours, _ = load_for_inference(str(out))
-    with torch.no_grad():
-        plain_logits = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        our_logits = ours(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    base_logits = _logits(base, batch)
+    plain_logits = _logits(PeftModel.from_pretrained(base, out / "adapter").eval(), batch)
+    our_logits = _logits(load_for_inference(str(out))[0], batch)
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(plain_logits[real], our_logits[real], atol=1e-5, rtol=1e-5)
     # The adapter is not empty: it changes the model's predictions.
     assert (plain_logits[real] - base_logits[real]).abs().max() > 1e-2
     # phitune's eval loss (head applied to trained positions only) equals the textbook computation.
-    labels = batch["labels"][:, 1:]
-    textbook = F.cross_entropy(plain_logits[:, :-1].reshape(-1, plain_logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
     reported = json.loads((out / "run.json").read_text())["eval"]["loss"]
-    assert abs(float(textbook) - reported) < 1e-4
+    assert abs(_textbook_loss(plain_logits, batch) - reported) < 1e-4
 
 
 @pytest.mark.parametrize("name", ["lora", "dora"])
@@ -71,10 +75,8 @@ def test_merged_model_matches_base_plus_adapter(name, trained, tiny_phi3, chat_f
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     batch = _batch(tokenizer, chat_files[1])
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    adapted, _ = load_for_inference(str(out))
-    with torch.no_grad():
-        a = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        b = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    a = _logits(merged, batch)
+    b = _logits(load_for_inference(str(out))[0], batch)
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(a[real], b[real], atol=1e-4, rtol=1e-4)
     assert not any(k.startswith("base_model") for k in merged.state_dict())
@@ -118,10 +120,6 @@ def test_lora_inits_give_adapters_for_the_original_base(init, tiny_phi3, chat_fi
     tokenizer = AutoTokenizer.from_pretrained(tiny_phi3)
     batch = _batch(tokenizer, chat_files[1])
     base = AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32).eval()
-    plain = PeftModel.from_pretrained(base, out / "adapter").eval()
-    with torch.no_grad():
-        logits = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    loss = _textbook_loss(_logits(PeftModel.from_pretrained(base, out / "adapter").eval(), batch), batch)
     reported = json.loads((out / "run.json").read_text())["eval"]["loss"]
-    assert abs(float(loss) - reported) < 1e-3, (init, float(loss), reported)
+    assert abs(loss - reported) < 1e-3, (init, loss, reported)

@@ -33,7 +33,7 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) ->
     return [first] + batches
 
 
-def split_micro(batch: list[int], parts: int) -> list[list[int]]:
+def split_micro(batch: list, parts: int) -> list[list]:
     size = -(-len(batch) // parts)
     return [batch[i : i + size] for i in range(0, len(batch), size)]
 

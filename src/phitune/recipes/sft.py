@@ -230,7 +230,6 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
         tokenizer.save_pretrained(path)
 
     lengths = [len(e.input_ids) for e in data.train.examples]
-    micro_parts = t.gradient_accumulation_steps
     eval_metrics: dict | None = None
     last_loss: float | None = None
     progress = Progress(total=steps, start=state.step)
@@ -241,22 +240,20 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
             batches = epoch_batches(lengths, t.batch_size, t.seed, state.epoch)
             while state.batch_index < len(batches) and state.step < steps:
                 step_start = time.perf_counter()
-                ids = batches[state.batch_index]
-                examples = [data.train.examples[i] for i in ids]
+                examples = [data.train.examples[i] for i in batches[state.batch_index]]
+                lr = scheduler.get_last_lr()[0]
                 step_tokens = sum(e.num_trained for e in examples)
                 real_tokens = sum(len(e.input_ids) for e in examples)
                 loss_sum, correct = 0.0, 0
-                for part in split_micro(list(range(len(examples))), micro_parts):
-                    batch = collate([examples[i] for i in part], tokenizer.pad_token_id)
-                    batch = {k: v.to(device) for k, v in batch.items()}
+                for part in split_micro(examples, t.gradient_accumulation_steps):
+                    batch = {k: v.to(device) for k, v in collate(part, tokenizer.pad_token_id).items()}
                     with accelerator.autocast():
                         loss, _, c = token_loss(model, batch, virtual)
+                    # Divide by the whole step's trained tokens: every token weighs the same,
+                    # however the examples are split into micro-batches.
                     accelerator.backward(loss / step_tokens)
                     loss_sum, correct = loss_sum + float(loss), correct + c
-                grad_norm = None
-                if t.max_grad_norm:
-                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm))
-                lr = scheduler.get_last_lr()[0]
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)) if t.max_grad_norm else None
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
