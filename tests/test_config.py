@@ -65,12 +65,13 @@ def test_semantic_problems_are_collected(tmp_path, chat_files):
 def test_set_overrides_and_shorthand(tmp_path, tiny_phi3, chat_files):
     p = _cfg(tmp_path, f"model: {tiny_phi3}\ndata: {chat_files[0]}\n")
     cfg = load_config(p, ["training.learning_rate=1e-3", "method=qlora", "method.target_modules=[qkv_proj, o_proj]",
-                          "model.dtype=bfloat16", "training.max_grad_norm=null"])
+                          "model.dtype=bfloat16", "training.max_grad_norm=null", "training.tensorboard=off"])
     assert cfg.training.learning_rate == 1e-3
     assert cfg.method.name == "qlora"
     assert cfg.method.target_modules == ["qkv_proj", "o_proj"]
     assert cfg.model.dtype == "bfloat16" and cfg.model.name_or_path == str(tiny_phi3)
     assert cfg.training.max_grad_norm is None
+    assert cfg.training.tensorboard == "off"  # YAML reads a bare `off` as false
     with pytest.raises(PhituneError, match="expected section.key=value"):
         load_config(p, ["training.learning_rate"])
 

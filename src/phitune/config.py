@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from phitune.errors import PhituneError
 
@@ -32,8 +32,8 @@ class ModelConfig(_Section):
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Weights dtype. auto: float32 on CPU and for full fine-tuning; bfloat16 "
-        "(float16 without bf16 support) for adapter methods on CUDA.",
+        description="Weights dtype. auto: float32 for full fine-tuning (master weights); for adapter methods "
+        "the frozen base is stored in bfloat16 with bf16 precision or on CUDA (float16 without bf16 support), else float32.",
     )
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
         "auto", description="Attention kernel; auto lets transformers choose (sdpa where it can)."
@@ -103,6 +103,12 @@ class TrainingConfig(_Section):
         None, gt=0, description="Stop after N evaluations without improvement of eval_loss."
     )
     tensorboard: Literal["auto", "on", "off"] = Field("auto", description="Write TensorBoard events to OUT/tensorboard (auto: when installed).")
+
+    @field_validator("tensorboard", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value):
+        # YAML 1.1 reads a bare `on` / `off` as true / false.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class Config(_Section):

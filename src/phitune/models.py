@@ -26,11 +26,17 @@ def cuda_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def resolve_dtype(model_cfg: ModelConfig, method: str) -> torch.dtype:
+def resolve_dtype(model_cfg: ModelConfig, method: str, precision: str = "no") -> torch.dtype:
+    """Frozen base weights of adapter methods are stored in the compute dtype (half the memory, no
+    cast per forward); trained weights (full fine-tuning) stay float32 master weights."""
     if model_cfg.dtype != "auto":
         return DTYPES[model_cfg.dtype]
-    if torch.cuda.is_available() and method != "full":
-        return torch.bfloat16 if cuda_bf16() else torch.float16
+    if method == "full":
+        return torch.float32
+    if precision == "bf16" or (torch.cuda.is_available() and cuda_bf16()):
+        return torch.bfloat16
+    if torch.cuda.is_available():
+        return torch.float16
     return torch.float32
 
 
@@ -83,11 +89,13 @@ def ensure_distinct_pad(tok) -> None:
     tok.pad_token = tok.eos_token
 
 
-def load_model(cfg: Config, device: torch.device):
+def load_model(cfg: Config, device: torch.device, precision: str = "no"):
+    """`precision` is Accelerate's mixed-precision mode ("no", "bf16", "fp16")."""
     from transformers import AutoModelForCausalLM
 
     m = cfg.model
-    kwargs: dict = dict(revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=resolve_dtype(m, cfg.method.name))
+    kwargs: dict = dict(revision=m.revision, trust_remote_code=m.trust_remote_code,
+                        dtype=resolve_dtype(m, cfg.method.name, precision))
     if m.attn_implementation != "auto":
         kwargs["attn_implementation"] = m.attn_implementation
     if cfg.method.name == "qlora":

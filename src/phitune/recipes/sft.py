@@ -197,10 +197,11 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     # Accelerate keeps one process-wide state; a second run in the same process (tests, the demo, a
     # notebook) may want another precision, which it refuses unless the state is cleared first.
     AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(mixed_precision=resolve_precision(cfg), cpu=not torch.cuda.is_available())
+    precision = resolve_precision(cfg)
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     device = accelerator.device
     seed_everything(t.seed)
-    model = load_model(cfg, device)
+    model = load_model(cfg, device, precision)
     model.config.use_cache = False
     model = apply_method(model, cfg, tokenizer)
     if t.gradient_checkpointing:
@@ -274,6 +275,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                     record = {"step": state.step, "epoch": state.epoch + state.batch_index / len(batches),
                               "loss": last_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_second": tps,
                               "mean_token_accuracy": correct / step_tokens, "trained_tokens": state.trained_tokens,
+                              "tokens_seen": state.tokens_seen,
                               "elapsed_s": round(state.elapsed_s, 3)}
                 stop_early = False
                 if data.validation and t.eval_every and (state.step % t.eval_every == 0 or state.step == steps):
