@@ -100,6 +100,8 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--runs", default="phitune-bf16,phitune-fp32,trl,trl-no-gc,trl-packing",
                    help="comma-separated subset of: phitune-bf16, phitune-fp32, trl, trl-no-gc, trl-packing")
+    p.add_argument("--loss-seeds", type=int, default=4,
+                   help="held-out loss of phitune-bf16 over this many seeds, to show the seed-to-seed spread")
     p.add_argument("--qlora-memory", action="store_true", help="also compare QLoRA and LoRA-bf16 peak memory on the medium preset")
     args = p.parse_args()
 
@@ -128,7 +130,7 @@ def main() -> None:
                         lambda out: trl_cmd(model, data, out, args, "--packing", "--no-gradient-checkpointing")),
     }
     results = []
-    for name in args.runs.split(","):
+    for name in filter(None, args.runs.split(",")):
         label, cmd = runs[name]
         out = work / f"run-{name}"
         print(f"running {label} ...", file=sys.stderr, flush=True)
@@ -155,6 +157,8 @@ def main() -> None:
         ratio = f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base else "-"
         lines.append(f"| {r['label']} | {r['tokens_per_second']:.0f} | {ratio} | {r['step_seconds']:.2f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['mfu_bf16']:.1%} | {r['heldout_loss']:.4f} |")
+    if args.loss_seeds > 1 and any(r["run"] == "phitune-bf16" for r in results):
+        lines += ["", seed_spread(model, data, val, work, args, results)]
     if args.qlora_memory:
         lines += ["", *qlora_memory(work, args)]
     table = "\n".join(lines)
@@ -165,28 +169,55 @@ def main() -> None:
     (results_dir / "train_throughput.json").write_text(json.dumps({"peak": peak, "runs": results}, indent=2) + "\n")
 
 
+def seed_spread(model: Path, data: Path, val: Path, work: Path, args, results: list[dict]) -> str:
+    """The same phitune run with other seeds (LoRA init, data order): how much held-out loss moves by chance."""
+    first = next(r for r in results if r["run"] == "phitune-bf16")
+    losses = [first["heldout_loss"]]
+    for seed in range(1, args.loss_seeds):
+        out = work / f"run-phitune-bf16-seed{seed}"
+        print(f"running phitune LoRA, bf16, seed {seed} ...", file=sys.stderr, flush=True)
+        run_child(phitune_cmd(model, data, out, args, "bf16") + ["--set", f"training.seed={seed}"], work / f"seed{seed}.log")
+        losses.append(heldout_loss(model, out / "adapter", val, args.max_length))
+    mean = sum(losses) / len(losses)
+    trl = ", ".join(f"{r['label']}: {r['heldout_loss']:.4f}" for r in results if r["run"].startswith("trl"))
+    return (f"Held-out loss of phitune LoRA bf16 over seeds 0-{len(losses) - 1}: mean {mean:.4f}, "
+            f"range {min(losses):.4f}-{max(losses):.4f} (seed-to-seed spread; {trl}).")
+
+
 def qlora_memory(work: Path, args) -> list[str]:
-    """Peak RSS of a short LoRA-bf16 run and a QLoRA run on the medium (~300M) preset."""
+    """Peak RSS of LoRA (bf16 base) and QLoRA (NF4 base) on the medium (~300M) preset, both with
+    gradient checkpointing (QLoRA's usual setting), 10 steps of the same batches."""
     from phitune.create_model import create_model
 
     model = work / "phi3-medium"
     if not (model / "config.json").is_file():
-        create_model(model, "phi3", "medium", overwrite=True)
+        create_model(model, "phi3", "medium", overwrite=True, dtype="bfloat16")
     data = work / "train.jsonl"
-    rows = ["| ~300M model, 10 steps | peak RSS (MB) | vs LoRA bf16 |", "| --- | ---: | ---: |"]
+    baseline = run_child([sys.executable, "-c", IMPORTS_ONLY], work / "mem-imports.log")["peak_rss_mb"]
+    rows = [f"~300M-parameter Phi-3 (`medium` preset, bf16 checkpoint), batch {args.batch_size}, max_length "
+            f"{args.max_length}, gradient checkpointing, 10 steps. Process after imports (torch, transformers, peft, "
+            f"bitsandbytes): {baseline:.0f} MB; the columns below subtract it.", "",
+            "| method | weights in memory (MB) | vs LoRA | peak RSS, whole run (MB) | vs LoRA | peak RSS, training loop (MB) | vs LoRA |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     measured = {}
-    for name, extra in (("LoRA, bf16 weights", ["model.dtype=bfloat16", "training.precision=bf16"]),
-                        ("QLoRA, NF4 + double quant, bf16 compute", ["method.name=qlora", "method.compute_dtype=bfloat16", "training.precision=bf16"])):
+    for name, extra in (("LoRA, bf16 base", []),
+                        ("QLoRA, NF4 + double quant base", ["method.name=qlora", "method.compute_dtype=bfloat16"])):
         out = work / f"mem-{len(measured)}"
         sets = [f"model.name_or_path={model}", f"data.train={data}", f"data.max_length={args.max_length}",
                 "training.max_steps=10", f"training.batch_size={args.batch_size}", "training.tensorboard=off",
-                f"output_dir={out}", *extra]
+                "training.precision=bf16", "training.gradient_checkpointing=true", f"output_dir={out}", *extra]
         cmd = [sys.executable, str(HERE / "_phitune_child.py"), "--overwrite", *[x for s in sets for x in ("--set", s)]]
         print(f"running memory: {name} ...", file=sys.stderr, flush=True)
-        measured[name] = run_child(cmd, work / f"mem-{len(measured)}.log")["peak_rss_mb"]
+        r = run_child(cmd, work / f"mem-{len(measured)}.log")
+        measured[name] = (r["weight_memory_mb"], r["peak_rss_mb"] - baseline, r["train_peak_rss_mb"] - baseline)
     lora = next(iter(measured.values()))
-    rows += [f"| {k} | {v:.0f} | {v / lora:.0%} |" for k, v in measured.items()]
+    rows += ["| " + " | ".join([k] + [f"{v:.0f} | {v / ref:.0%}" for v, ref in zip(values, lora)]) + " |"
+             for k, values in measured.items()]
     return rows
+
+
+IMPORTS_ONLY = ("import json, resource, torch, transformers, peft, accelerate, bitsandbytes; "
+                "print(json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
 
 
 if __name__ == "__main__":

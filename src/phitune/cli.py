@@ -60,7 +60,8 @@ def cmd_train(args) -> int:
 def cmd_create_model(args) -> int:
     from phitune.create_model import create_model
 
-    summary = create_model(args.output, args.arch, args.preset, corpus=args.corpus, seed=args.seed, overwrite=args.overwrite)
+    summary = create_model(args.output, args.arch, args.preset, corpus=args.corpus, seed=args.seed,
+                           overwrite=args.overwrite, dtype=args.dtype)
     print(f"created UNTRAINED {summary['arch']} model ({summary['preset']}, {summary['parameters']:,} parameters, "
           f"{summary['tokenizer_tokens']} tokens) in {summary['path']}")
     return 0
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--preset", default="tiny", help="tiny (~0.2M) | small (~30M) | medium (~300M) (default tiny)")
     c.add_argument("--corpus", help="UTF-8 text file to train the tokenizer on (default: a built-in corpus)")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=cmd_create_model)
 

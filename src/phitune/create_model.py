@@ -123,7 +123,7 @@ def train_tokenizer(arch: Arch, texts: list[str], vocab_size: int):
 
 
 def create_model(output: str | Path, arch: str = "phi3", preset: str = "tiny", *, corpus: str | Path | None = None,
-                 seed: int = 0, overwrite: bool = False) -> dict:
+                 seed: int = 0, overwrite: bool = False, dtype: str = "float32") -> dict:
     """Build and save the model + tokenizer; return a summary (path, parameters, vocab)."""
     import torch
     import transformers
@@ -166,7 +166,9 @@ def create_model(output: str | Path, arch: str = "phi3", preset: str = "tiny", *
         bos_token_id=ids.get("bos"), eos_token_id=eos_ids if len(eos_ids) > 1 else eos_ids[0], pad_token_id=ids["pad"],
     )
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise PhituneError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
+    model.to(getattr(torch, dtype)).save_pretrained(out)  # released checkpoints are usually bfloat16
     tokenizer.save_pretrained(out)
     params = sum(p.numel() for p in model.parameters())
     (out / "README.md").write_text(

@@ -22,6 +22,7 @@ def write_run_card(out: Path, cfg: Config, summary: dict) -> None:
                                              if cfg.method.name in ("lora", "dora", "qlora") else ""),
         f"- data: train `{cfg.data.train}` ({summary['train_examples']} examples, {summary['truncated_examples']} truncated)"
         + (f", validation `{cfg.data.validation}`" if cfg.data.validation else ""),
+        f"- trainable parameters: {summary['trainable_parameters']:,}; weights in memory: {summary['weight_memory_mb']} MB",
         f"- steps: {summary['steps']}, trained tokens: {summary['trained_tokens']:,}, time: {summary['elapsed_s']} s",
         f"- final train loss: {_fmt(summary['final_train_loss'])}",
     ]

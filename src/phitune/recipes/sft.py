@@ -204,6 +204,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     model = load_model(cfg, device, precision)
     model.config.use_cache = False
     model = apply_method(model, cfg, tokenizer)
+    weights = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+               "weight_memory_mb": round(model.get_memory_footprint() / 2**20, 1)}
+    log.info("%s: %s trainable parameters, %.0f MB of weights", cfg.method.name,
+             f"{weights['trainable_parameters']:,}", weights["weight_memory_mb"])
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     steps = total_steps(cfg, len(data.train.examples))
@@ -276,7 +280,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                               "loss": last_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_second": tps,
                               "mean_token_accuracy": correct / step_tokens, "trained_tokens": state.trained_tokens,
                               "tokens_seen": state.tokens_seen,
-                              "elapsed_s": round(state.elapsed_s, 3)}
+                              "elapsed_s": round(state.elapsed_s, 3), "time": round(time.time(), 3)}
+                    if torch.cuda.is_available():
+                        record["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
                 stop_early = False
                 if data.validation and t.eval_every and (state.step % t.eval_every == 0 or state.step == steps):
                     eval_metrics = evaluate(model, data, t.batch_size, tokenizer, device, accelerator, virtual)
@@ -305,7 +311,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     summary = {"steps": state.step, "epochs_completed": state.epoch, "trained_tokens": state.trained_tokens,
                "tokens_seen": state.tokens_seen, "train_examples": len(data.train.examples),
                "truncated_examples": data.train.truncated, "dropped_examples": len(data.train.dropped),
-               "final_train_loss": last_loss, "eval": eval_metrics, "elapsed_s": round(state.elapsed_s, 2),
+               **weights, "final_train_loss": last_loss, "eval": eval_metrics, "elapsed_s": round(state.elapsed_s, 2),
                "artifact": str(artifact)}
     (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_run_card(out, cfg, summary)
