@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 
-.PHONY: venv demo test test-all lint clean
+.PHONY: venv demo test test-all bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: venv
 
 test-all: venv
 	$(BIN)/python -m pytest -q
+
+# Side-by-side throughput against TRL + PEFT (installs trl and datasets into .venv; ~15 min on 2 cores).
+bench: venv
+	$(BIN)/python -m pip install --quiet trl datasets
+	$(BIN)/python benchmarks/train_throughput.py --qlora-memory
 
 clean:
 	rm -rf runs/demo .pytest_cache

@@ -1,11 +1,10 @@
 """phitune in its own process, for train_throughput.py: trains, then prints one JSON line.
 
-Memory: ru_maxrss is the whole process (checkpoint loading included); a sampling thread also
+Memory: VmHWM is the whole process (checkpoint loading included); a sampling thread also
 records RSS every 2 ms so the peak of the training loop alone can be reported.
 """
 
 import json
-import resource
 import sys
 import threading
 import time
@@ -14,6 +13,9 @@ from pathlib import Path
 import psutil
 
 from phitune.cli import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _memory import peak_rss_mb  # noqa: E402
 
 samples: list[tuple[float, float]] = []
 
@@ -35,7 +37,7 @@ train_start = records[0]["time"] - records[0]["elapsed_s"]
 print(json.dumps({
     "exit": code, "steps": records[-1]["step"], "real_tokens": records[-1]["tokens_seen"],
     "train_seconds": records[-1]["elapsed_s"], "losses": [r["loss"] for r in records],
-    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "peak_rss_mb": peak_rss_mb(),
     "weight_memory_mb": run["weight_memory_mb"], "trainable_parameters": run["trainable_parameters"],
     "train_peak_rss_mb": max(rss for t, rss in samples if train_start <= t <= records[-1]["time"]),
 }))

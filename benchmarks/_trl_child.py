@@ -3,10 +3,14 @@ train_throughput.py in its own process; prints one JSON line with what it measur
 
 import argparse
 import json
-import resource
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _memory import peak_rss_mb  # noqa: E402
 
 
 def main():
@@ -54,7 +58,7 @@ def main():
     print(json.dumps({
         "steps": trainer.state.global_step, "real_tokens": real_tokens, "train_seconds": seconds,
         "train_runtime": out.metrics.get("train_runtime"), "losses": losses,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }))
 
 

@@ -33,14 +33,18 @@ sys.path.insert(0, str(HERE))
 from longtail_data import write as write_data  # noqa: E402
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10, trials: int = 5) -> float:
+    """Best of several timed trials: the physical limit, not a noisy moment of this shared machine."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+    best = 0.0
+    for _ in range(trials):
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def useful_flops(model_dir: Path, lengths: list[int]) -> float:
@@ -137,10 +141,13 @@ def main() -> None:
         r = run_child(cmd(out), work / f"{name}.log")
         r["tokens_per_second"] = r["real_tokens"] / r["train_seconds"]
         r["step_seconds"] = r["train_seconds"] / r["steps"]
-        r["mfu_bf16"] = flops / r["train_seconds"] / 1e9 / peak["bf16"]
         r["heldout_loss"] = heldout_loss(model, out / "adapter", val, args.max_length)
         results.append({"run": name, "label": label, **r})
 
+    # Measured again after the runs, the best of both: MFU is then never flattered by a slow moment.
+    peak = {"fp32": max(peak["fp32"], matmul_peak(torch.float32)), "bf16": max(peak["bf16"], matmul_peak(torch.bfloat16))}
+    for r in results:
+        r["mfu_bf16"] = flops / r["train_seconds"] / 1e9 / peak["bf16"]
     base = next((r for r in results if r["run"] == "trl"), None)
     params = json.loads((model / "phitune_model.json").read_text())["parameters"]
     lines = [
@@ -216,8 +223,8 @@ def qlora_memory(work: Path, args) -> list[str]:
     return rows
 
 
-IMPORTS_ONLY = ("import json, resource, torch, transformers, peft, accelerate, bitsandbytes; "
-                "print(json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
+IMPORTS_ONLY = (f"import json, sys; sys.path.insert(0, {str(HERE)!r}); from _memory import peak_rss_mb; "
+                "import torch, transformers, peft, accelerate, bitsandbytes; print(json.dumps({'peak_rss_mb': peak_rss_mb()}))")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,9 @@ def write_config(path: Path, model: Path, train: Path, out: Path, *, method="lor
         "model": str(model),
         "method": method if isinstance(method, dict) else {"name": method},
         "data": {"train": str(train), **({"validation": str(validation)} if validation else {}), "max_length": 256},
-        "training": {"max_steps": 30, "batch_size": 8, "learning_rate": 2e-3, "log_every": 1, **training},
+        # fp32 unless a test says otherwise: exactness tests compare to 1e-5.
+        "training": {"max_steps": 30, "batch_size": 8, "learning_rate": 2e-3, "log_every": 1, "precision": "fp32",
+                     **training},
         "output_dir": str(out),
     }
     path.write_text(json.dumps(cfg))  # JSON is YAML

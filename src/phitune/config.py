@@ -91,7 +91,8 @@ class TrainingConfig(_Section):
         "adamw", description="adamw (torch) or a bitsandbytes 8-bit / paged AdamW."
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Mixed precision. auto: bf16 on CUDA with bf16, fp16 on older CUDA, fp32 on CPU."
+        "auto", description="Mixed precision. auto: bf16 on CUDA with bf16 and on CPUs with native bf16 "
+        "(AVX-512 BF16 or AMX), fp16 on older CUDA, fp32 on other CPUs."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     seed: int = Field(42, description="Seeds weights init of adapters, data order and dropout.")

@@ -120,12 +120,20 @@ def load_datasets(cfg: Config, tokenizer) -> Datasets:
     return Datasets(train, validation)
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 matmuls at ~2x fp32 speed. Elsewhere bf16 is emulated and slower."""
+    try:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # older torch
+        return False
+
+
 def resolve_precision(cfg: Config) -> str:
     p = cfg.training.precision
     cuda = torch.cuda.is_available()
     if p == "auto":
         if not cuda:
-            return "no"
+            return "bf16" if cpu_has_native_bf16() else "no"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if p == "fp16" and not cuda:
         raise PhituneError("training.precision: fp16 needs a CUDA GPU; use bf16 (or fp32) on CPU")
