@@ -1,7 +1,7 @@
 """phitune vs TRL SFTTrainer + PEFT LoRA, side by side in one invocation.
 
     python benchmarks/train_throughput.py                 # CPU table (small preset, ~29M Phi-3)
-    python benchmarks/train_throughput.py --qlora-memory  # + QLoRA vs LoRA-bf16 memory on ~300M
+    python benchmarks/train_throughput.py --qlora-memory  # + QLoRA vs LoRA-bf16 memory on ~260M
 
 Same model (built with `phitune create-model`), same long-tailed data (fixed seed), same LoRA
 (r=16, alpha=32, no dropout as in PEFT's LoraConfig default, all-linear), same examples (one epoch), each run in its own
@@ -192,7 +192,7 @@ def seed_spread(model: Path, data: Path, val: Path, work: Path, args, results: l
 
 
 def qlora_memory(work: Path, args) -> list[str]:
-    """Peak RSS of LoRA (bf16 base) and QLoRA (NF4 base) on the medium (~300M) preset, both with
+    """Peak RSS of LoRA (bf16 base) and QLoRA (NF4 base) on the medium (~260M) preset, both with
     gradient checkpointing (QLoRA's usual setting), 10 steps of the same batches."""
     from phitune.create_model import create_model
 
@@ -201,7 +201,7 @@ def qlora_memory(work: Path, args) -> list[str]:
         create_model(model, "phi3", "medium", overwrite=True, dtype="bfloat16")
     data = work / "train.jsonl"
     baseline = run_child([sys.executable, "-c", IMPORTS_ONLY], work / "mem-imports.log")["peak_rss_mb"]
-    rows = [f"~300M-parameter Phi-3 (`medium` preset, bf16 checkpoint), batch {args.batch_size}, max_length "
+    rows = [f"~260M-parameter Phi-3 (`medium` preset, bf16 checkpoint), batch {args.batch_size}, max_length "
             f"{args.max_length}, gradient checkpointing, 10 steps. Process after imports (torch, transformers, peft, "
             f"bitsandbytes): {baseline:.0f} MB; the columns below subtract it.", "",
             "| method | weights in memory (MB) | vs LoRA | peak RSS, whole run (MB) | vs LoRA | peak RSS, training loop (MB) | vs LoRA |",

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("create-model", help="build a small UNTRAINED model + locally trained tokenizer")
     c.add_argument("output", help="directory to write")
     c.add_argument("--arch", default="phi3", help="phi3 | llama | qwen2 | mistral (default phi3)")
-    c.add_argument("--preset", default="tiny", help="tiny (~0.2M) | small (~30M) | medium (~300M) (default tiny)")
+    c.add_argument("--preset", default="tiny", help="tiny (~0.2M) | small (~30M) | medium (~260M with the built-in corpus) (default tiny)")
     c.add_argument("--corpus", help="UTF-8 text file to train the tokenizer on (default: a built-in corpus)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights")
