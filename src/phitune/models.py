@@ -150,7 +150,8 @@ def resolve_target_modules(model: nn.Module, target) -> list[str]:
         return available
     wanted = [target] if isinstance(target, str) else list(target)
     if "all-linear" in wanted:  # e.g. [all-linear, lm_head]: every linear layer plus the named extras
-        return sorted(set(available) | set(resolve_target_modules(model, [t for t in wanted if t != "all-linear"]) if len(wanted) > 1 else available))
+        extras = [t for t in wanted if t != "all-linear"]
+        return sorted(set(available) | set(resolve_target_modules(model, extras) if extras else ()))
     modules = {name.rsplit(".", 1)[-1]: mod for name, mod in model.named_modules()}
     unknown = [t for t in wanted if t not in modules]
     # Named explicitly, the output head may be adapted too (it is left out of 'all-linear' only).
