@@ -86,8 +86,12 @@ def phitune_cmd(model: Path, data: Path, out: Path, args, precision: str) -> lis
         "training.batch_size": args.batch_size, "training.learning_rate": 2e-4, "training.precision": precision,
         "training.seed": 0, "training.tensorboard": "off", "output_dir": out,
     }
-    return [sys.executable, str(HERE / "_phitune_child.py"), "--overwrite",
-            *[x for k, v in sets.items() for x in ("--set", f"{k}={v}")]]
+    return phitune_child([f"{k}={v}" for k, v in sets.items()])
+
+
+def phitune_child(sets: list[str]) -> list[str]:
+    """`phitune train --overwrite --set KEY=VALUE ...` in a child that reports time and memory."""
+    return [sys.executable, str(HERE / "_phitune_child.py"), "--overwrite", *[x for s in sets for x in ("--set", s)]]
 
 
 def trl_cmd(model: Path, data: Path, out: Path, args, *extra: str) -> list[str]:
@@ -213,9 +217,8 @@ def qlora_memory(work: Path, args) -> list[str]:
         sets = [f"model.name_or_path={model}", f"data.train={data}", f"data.max_length={args.max_length}",
                 "training.max_steps=10", f"training.batch_size={args.batch_size}", "training.tensorboard=off",
                 "training.precision=bf16", "training.gradient_checkpointing=true", f"output_dir={out}", *extra]
-        cmd = [sys.executable, str(HERE / "_phitune_child.py"), "--overwrite", *[x for s in sets for x in ("--set", s)]]
         print(f"running memory: {name} ...", file=sys.stderr, flush=True)
-        r = run_child(cmd, work / f"mem-{len(measured)}.log")
+        r = run_child(phitune_child(sets), work / f"mem-{len(measured)}.log")
         measured[name] = (r["weight_memory_mb"], r["peak_rss_mb"] - baseline, r["train_peak_rss_mb"] - baseline)
     lora = next(iter(measured.values()))
     rows += ["| " + " | ".join([k] + [f"{v:.0f} | {v / ref:.0%}" for v, ref in zip(values, lora)]) + " |"

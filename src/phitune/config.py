@@ -229,20 +229,20 @@ def semantic_problems(sections: dict[str, BaseModel]) -> list[tuple[str, str]]:
     """Checks across fields and against the file system, on whichever sections parsed; each is
     (key path, message with the fix). Running them on partial configs lets one pass report all."""
     out: list[tuple[str, str]] = []
-    t: TrainingConfig | None = sections.get("training", TrainingConfig())
+    # A missing or unparsable training section is checked as its defaults.
+    t: TrainingConfig = sections.get("training", TrainingConfig())
     data: DataConfig | None = sections.get("data")
     model: ModelConfig | None = sections.get("model")
     method: MethodConfig | None = sections.get("method")
-    if t is not None:
-        if t.max_steps is not None and t.epochs is not None:
-            out.append(("training.epochs", f"set either training.max_steps ({t.max_steps}) or training.epochs ({t.epochs}), not both"))
-        if t.batch_size % t.gradient_accumulation_steps:
-            out.append((
-                "training.gradient_accumulation_steps",
-                f"batch_size {t.batch_size} is not divisible by gradient_accumulation_steps {t.gradient_accumulation_steps}; "
-                "choose values where it divides",
-            ))
-    if t is not None and data is not None:
+    if t.max_steps is not None and t.epochs is not None:
+        out.append(("training.epochs", f"set either training.max_steps ({t.max_steps}) or training.epochs ({t.epochs}), not both"))
+    if t.batch_size % t.gradient_accumulation_steps:
+        out.append((
+            "training.gradient_accumulation_steps",
+            f"batch_size {t.batch_size} is not divisible by gradient_accumulation_steps {t.gradient_accumulation_steps}; "
+            "choose values where it divides",
+        ))
+    if data is not None:
         has_validation = bool(data.validation or data.validation_split)
         if t.early_stopping_patience and not (t.eval_every and has_validation):
             out.append(("training.early_stopping_patience", "needs training.eval_every and a validation set (data.validation or data.validation_split)"))

@@ -133,6 +133,8 @@ def create_model(output: str | Path, arch: str = "phi3", preset: str = "tiny", *
         raise PhituneError(f"--arch {arch!r}: unknown architecture; choose one of {', '.join(ARCHS)}")
     if preset not in PRESETS:
         raise PhituneError(f"--preset {preset!r}: unknown preset; choose one of {', '.join(PRESETS)}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise PhituneError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
     out = Path(output)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise PhituneError(f"{out}: directory exists and is not empty; pass --overwrite or choose another path")
@@ -166,8 +168,6 @@ def create_model(output: str | Path, arch: str = "phi3", preset: str = "tiny", *
         bos_token_id=ids.get("bos"), eos_token_id=eos_ids if len(eos_ids) > 1 else eos_ids[0], pad_token_id=ids["pad"],
     )
     out.mkdir(parents=True, exist_ok=True)
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise PhituneError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
     model.to(getattr(torch, dtype)).save_pretrained(out)  # released checkpoints are usually bfloat16
     tokenizer.save_pretrained(out)
     params = sum(p.numel() for p in model.parameters())
