@@ -70,7 +70,7 @@ def run_child(cmd: list[str], log: Path) -> dict:
 
 
 def heldout_loss(model_dir: Path, adapter: Path, val: Path, max_length: int) -> float:
-    from phitune.data.chat import tokenize_file
+    from phitune.data.dataset import tokenize_file
     from phitune.evaluate.lm import lm_metrics
     from phitune.models import load_for_inference
 
@@ -114,7 +114,7 @@ def main() -> None:
     args = p.parse_args()
 
     from phitune.create_model import create_model
-    from phitune.data.chat import tokenize_file
+    from phitune.data.dataset import tokenize_file
     from transformers import AutoTokenizer
 
     work = Path(args.work)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from phitune.data.chat import IGNORE_INDEX, tokenize_file
+from phitune.data.chat import IGNORE_INDEX
+from phitune.data.dataset import tokenize_file
 from phitune.data.batching import collate
 from phitune.models import load_for_inference
 

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from phitune.data.batching import collate
-from phitune.data.chat import tokenize_file
+from phitune.data.dataset import tokenize_file
 from phitune.loss import token_loss
 
 from conftest import losses, run_cli, write_config

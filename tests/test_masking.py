@@ -5,7 +5,9 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from phitune.data.chat import IGNORE_INDEX, read_chat_jsonl, tokenize_conversation, tokenize_file
+from phitune.config import DataConfig, TaskConfig
+from phitune.data.chat import IGNORE_INDEX, tokenize_conversation
+from phitune.data.dataset import raise_on_errors, read_split, tokenize_file
 from phitune.errors import PhituneError
 
 CONVERSATION = [
@@ -80,7 +82,7 @@ def test_truncation_is_counted_and_empty_examples_dropped(tmp_path, tiny_phi3):
     ]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ds = tokenize_file(tok, path, max_length=64)
+    ds = tokenize_file(tok, str(path), max_length=64)
     assert ds.truncated == 2
     assert ds.dropped == [f"{path}:2"]
     assert len(ds.examples) == 2 and all(len(e.input_ids) <= 64 for e in ds.examples)
@@ -96,8 +98,9 @@ def test_every_problem_reported_with_file_and_line(tmp_path):
         + json.dumps({"messages": [{"role": "user", "content": "only a question"}]}) + "\n"
         + json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 2}]}) + "\n"
     )
+    split, _ = read_split(str(path), DataConfig(train=str(path)), TaskConfig())
     with pytest.raises(PhituneError) as exc:
-        read_chat_jsonl(path)
+        raise_on_errors(split)
     joined = "\n".join(exc.value.problems)
     assert f"{path}:2: invalid JSON" in joined
     assert f"{path}:3: missing key 'messages' (keys present: prompt)" in joined

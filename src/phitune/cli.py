@@ -92,6 +92,51 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_data_validate(args) -> int:
+    """Every problem with file:line, then statistics; exit 1 when there are errors."""
+    from phitune.config import DataConfig, TaskConfig, load_config
+    from phitune.data.dataset import read_split, statistics_of, summary_lines, tokenize_split
+    from phitune.models import load_tokenizer
+
+    if args.config:
+        cfg = load_config(args.config, [f"data.train={args.file}", *(args.set or [])])
+        data_cfg, task_cfg, model_cfg = cfg.data, cfg.task, cfg.model
+    else:
+        from pydantic import ValidationError
+
+        try:
+            data_cfg = DataConfig(train=args.file, format=args.format or "auto", max_length=args.max_length or 1024,
+                                  template=args.template, completion_field=args.completion_field)
+            task_cfg = TaskConfig(name=args.task or "none")
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise PhituneError(f"--{err['loc'][0]}: {err['msg']} (got {err.get('input')!r})") from None
+        model_cfg = None
+    if args.model:
+        from phitune.config import ModelConfig
+
+        model_cfg = ModelConfig(name_or_path=args.model)
+    if args.format and args.config:
+        data_cfg = data_cfg.model_copy(update={"format": args.format})
+    split, spec = read_split(args.file, data_cfg, task_cfg)
+    if model_cfg is not None and split.samples:
+        tokenize_split(split, load_tokenizer(model_cfg), data_cfg.max_length, spec)
+    stats = statistics_of(split, spec)
+    if args.json:
+        print(json.dumps(stats | {"problems": split.errors, "warnings": split.warnings}, indent=2))
+    else:
+        for line in split.errors:
+            print(f"error: {line}")
+        for line in split.warnings:
+            print(f"warning: {line}")
+        for line in summary_lines(stats):
+            print(line)
+        if model_cfg is None:
+            print("(pass --model DIR_OR_HUB_ID for token counts and max_length checks)")
+        print(f"{split.path}: " + (f"{len(split.errors)} error(s); fix them before training" if split.errors else "OK"))
+    return 1 if split.errors else 0
+
+
 def cmd_config_reference(args) -> int:
     from phitune.config import reference_markdown
 
@@ -151,6 +196,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-dir", default="examples/data")
     d.add_argument("--max-steps", type=int, default=None)
     d.set_defaults(func=cmd_demo)
+
+    dp = sub.add_parser("data", help="check data files")
+    dsub = dp.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    v = dsub.add_parser("validate", help="report every problem (file:line) and statistics; exit 1 on errors")
+    v.add_argument("file", help="data file (.jsonl, .json, .csv, .parquet or a datasets directory)")
+    v.add_argument("--format", choices=["auto", "chat", "prompt_completion", "alpaca", "sharegpt", "text", "template", "preference"])
+    v.add_argument("--task", help="task preset: classification, ner, translation, qa, creative, chat, domain")
+    v.add_argument("--model", help="model dir or hub id whose tokenizer counts tokens")
+    v.add_argument("--max-length", type=int, help="report examples longer than this (default 1024)")
+    v.add_argument("--template", help="format template: the pattern, e.g. '### Text: {phrase}\\n### Tone: {tone}'")
+    v.add_argument("--completion-field", help="format template: the field where the completion starts")
+    v.add_argument("--config", help="take data, task and model settings from a training config")
+    v.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (with --config)")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.set_defaults(func=cmd_data_validate)
+    dp.set_defaults(func=lambda a: (dp.print_help(), EXIT_USAGE)[1])
 
     r = sub.add_parser("config-reference", help="print every config key as a markdown table")
     r.set_defaults(func=cmd_config_reference)

@@ -63,17 +63,61 @@ class MethodConfig(_Section):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="QLoRA matmul dtype; auto: bfloat16 where supported, else float16/float32."
     )
+    objective: Literal["sft", "dpo"] = Field(
+        "sft", description="sft: next-token loss on the trained tokens; dpo: preference loss on preference pairs against "
+        "a frozen reference (adapters: the base with the adapter disabled; full: a frozen copy)."
+    )
+    beta: float = Field(0.1, gt=0, description="dpo: strength of the pull towards the reference (higher = stay closer).")
     num_virtual_tokens: int = Field(20, gt=0, description="prompt_tuning: number of learned virtual tokens.")
     prompt_init_text: Optional[str] = Field(None, description="prompt_tuning: initialise virtual tokens from this text.")
 
 
+FORMATS = ("auto", "chat", "prompt_completion", "alpaca", "sharegpt", "text", "template", "preference")
+TASKS = ("none", "chat", "classification", "ner", "translation", "qa", "creative", "domain")
+
+
 class DataConfig(_Section):
-    train: str = Field(description="Training file: OpenAI chat JSONL (one {\"messages\": [...]} per line).")
-    validation: Optional[str] = Field(None, description="Validation file in the same format.")
+    train: str = Field(description="Training data: .jsonl, .json, .csv/.tsv, .parquet or a datasets save_to_disk directory.")
+    validation: Optional[str] = Field(None, description="Validation data in the same format.")
     validation_split: float = Field(
         0.0, ge=0, lt=1, description="Hold out this fraction of train for validation (fixed seed) when no validation file."
     )
-    max_length: int = Field(1024, gt=8, description="Tokens per example; longer examples are truncated (and counted).")
+    format: Literal["auto", "chat", "prompt_completion", "alpaca", "sharegpt", "text", "template", "preference"] = Field(
+        "auto", description="Row format; auto detects it from the keys (messages, conversations, instruction, "
+        "prompt+completion, text, preferred_output / chosen+rejected). Ignored when task.name reads structured rows."
+    )
+    template: Optional[str] = Field(
+        None, description="format template: a pattern filled from each row's columns, e.g. \"### Text: {phrase}\\n### Tone: {tone}\"; "
+        "the text from {completion_field} on is trained."
+    )
+    completion_field: Optional[str] = Field(None, description="format template: the field where the trained completion starts.")
+    chat_template: bool = Field(
+        True, description="Render prompt/completion, Alpaca and task rows through the model's chat template (they then "
+        "equal their chat form); false trains raw prompt + completion + eos, for base models without a template."
+    )
+    system: Optional[str] = Field(None, description="System message added to examples that have none.")
+    max_length: int = Field(1024, gt=8, description="Tokens per example (or per packed sequence); longer examples are truncated (and counted).")
+    packing: Literal["auto", "on", "off"] = Field(
+        "auto", description="Pack several examples into one sequence (positions restart per example, attention never "
+        "crosses examples). auto: on for raw text (format text / task domain), else length-grouped batches."
+    )
+    subset: float = Field(1.0, gt=0, le=1, description="Train on this fraction of the training examples (fixed seed), for quick runs.")
+    dedupe: bool = Field(True, description="Drop exact duplicate training examples (reported).")
+
+
+class TaskConfig(_Section):
+    name: Literal["none", "chat", "classification", "ner", "translation", "qa", "creative", "domain"] = Field(
+        "none", description="Task preset: reads structured rows (classification: text,label; ner: tokens,tags or "
+        "text,entities; translation: source,target; qa: question,context,answer; creative: prompt,text) and records "
+        "how to evaluate them in OUT/task.json. chat and domain use the chat formats and raw text."
+    )
+    head: bool = Field(False, description="classification / ner: train a classification head (sequence or token) "
+                       "with the adapter instead of generating the answer.")
+    labels: Optional[list[str]] = Field(None, description="Class labels (classification) or entity types (ner); default: those in the training data.")
+    instruction: Optional[str] = Field(None, description="Replace the preset's instruction line in the prompt.")
+    source_language: Optional[str] = Field(None, description="translation: source language name, e.g. English.")
+    target_language: Optional[str] = Field(None, description="translation: target language name, e.g. French.")
+    fields: dict[str, str] = Field(default_factory=dict, description="Map the preset's field names to your columns, e.g. {text: sentence, label: sentiment}.")
 
 
 class TrainingConfig(_Section):
@@ -116,6 +160,7 @@ class Config(_Section):
     model: ModelConfig
     method: MethodConfig = MethodConfig()
     data: DataConfig
+    task: TaskConfig = TaskConfig()
     training: TrainingConfig = TrainingConfig()
     output_dir: str = Field("runs/latest", description="Where the adapter/model, checkpoints and metrics go.")
 
@@ -125,11 +170,12 @@ class Config(_Section):
 
 
 # The shorthands of the contract: `model: DIR`, `method: lora`, `data: FILE`.
-_SHORTHAND = {"model": "name_or_path", "method": "name", "data": "train"}
+_SHORTHAND = {"model": "name_or_path", "method": "name", "data": "train", "task": "name"}
 _SECTIONS: dict[str, type[BaseModel]] = {
     "model": ModelConfig,
     "method": MethodConfig,
     "data": DataConfig,
+    "task": TaskConfig,
     "training": TrainingConfig,
 }
 
@@ -188,7 +234,7 @@ def _format_error(err: dict, section: str | None) -> tuple[str, str]:
 def parse_config(raw: Any, *, source: str = "config", text: str | None = None) -> Config:
     """Validate a raw mapping; raise one PhituneError listing every problem."""
     if not isinstance(raw, dict):
-        raise PhituneError(f"{source}: expected a mapping of sections (model, method, data, training, output_dir), got {type(raw).__name__}")
+        raise PhituneError(f"{source}: expected a mapping of sections (model, method, data, task, training, output_dir), got {type(raw).__name__}")
     raw = _expand_shorthands(raw)
     lines = _key_lines(text) if text else {}
     problems: list[str] = []
@@ -258,6 +304,45 @@ def semantic_problems(sections: dict[str, BaseModel]) -> list[tuple[str, str]]:
         out.append(("model.name_or_path", f"model directory not found: {name}; create one with `phitune create-model {name} --arch phi3 --preset tiny` or give a hub id"))
     if method is not None and method.name == "full" and method.modules_to_save:
         out.append(("method.modules_to_save", "only applies to adapter methods; remove it for method full"))
+    out += _data_task_problems(data, sections.get("task"), method)
+    return out
+
+
+def _data_task_problems(data: "DataConfig | None", task: "TaskConfig | None", method: "MethodConfig | None") -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    task = task or TaskConfig()
+    if data is not None and data.format == "template":
+        from phitune.data.formats import template_fields
+
+        if not data.template or not data.completion_field:
+            out.append(("data.template", "format template needs data.template (a pattern with {fields}) and data.completion_field"))
+        elif data.completion_field not in template_fields(data.template):
+            out.append(("data.completion_field", f"{data.completion_field!r} is not a {{field}} of data.template "
+                        f"(fields: {', '.join(template_fields(data.template)) or 'none'})"))
+    elif data is not None and (data.template or data.completion_field):
+        out.append(("data.template", "only used with data.format: template; set it or remove data.template / data.completion_field"))
+    structured = task.name in ("classification", "ner", "translation", "qa", "creative")
+    if data is not None and structured and data.format != "auto":
+        out.append(("data.format", f"task.name {task.name} reads its own columns; remove data.format ({data.format})"))
+    if data is not None and task.name == "domain" and data.format not in ("auto", "text"):
+        out.append(("data.format", f"task.name domain trains raw text; use data.format text (got {data.format})"))
+    if task.head and task.name not in ("classification", "ner"):
+        out.append(("task.head", f"a classification head exists for task.name classification or ner, not {task.name}"))
+    if task.name == "translation" and not (task.source_language and task.target_language):
+        out.append(("task.source_language", "translation needs task.source_language and task.target_language (e.g. English, French)"))
+    if task.fields and structured:
+        from phitune.data.tasks import FIELDS
+
+        for key in task.fields:
+            if key not in FIELDS[task.name]:
+                out.append((f"task.fields.{key}", f"not a field of the {task.name} preset; its fields are {', '.join(FIELDS[task.name])}"))
+    if method is not None and method.objective == "dpo":
+        if task.name not in ("none", "chat") or (data is not None and data.format not in ("auto", "preference")):
+            out.append(("method.objective", "dpo trains on preference pairs: use data.format preference (or auto) with no task preset"))
+        if task.head:
+            out.append(("method.objective", "dpo and task.head do not mix; drop one"))
+    if method is not None and task.head and method.name == "prompt_tuning":
+        out.append(("task.head", "prompt_tuning cannot train a classification head; use lora"))
     return out
 
 
@@ -331,7 +416,8 @@ def reference_markdown() -> str:
     rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for section, model in _SECTIONS.items():
         for name, field in model.model_fields.items():
-            default = "required" if field.is_required() else f"`{json.dumps(field.default)}`"
+            value = field.default_factory() if field.default_factory else field.default
+            default = "required" if field.is_required() else f"`{json.dumps(value)}`"
             rows.append(f"| `{section}.{name}` | {_type_name(field.annotation)} | {default} | {field.description} |")
     rows.append(f"| `output_dir` | str | `\"runs/latest\"` | {Config.model_fields['output_dir'].description} |")
     return "\n".join(rows)

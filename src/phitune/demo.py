@@ -39,7 +39,7 @@ def run_demo(output: str = "runs/demo", arch: str = "phi3", preset: str = "tiny"
              max_steps: int | None = None) -> dict:
     from phitune.config import parse_config
     from phitune.create_model import create_model
-    from phitune.data.chat import read_chat_jsonl, tokenize_file
+    from phitune.data.dataset import tokenize_file
     from phitune.models import load_for_inference
     from phitune.recipes.sft import train
 
@@ -57,10 +57,10 @@ def run_demo(output: str = "runs/demo", arch: str = "phi3", preset: str = "tiny"
     else:
         console.print(f"[bold]1/4[/] reusing the untrained model in {base}")
 
-    val_rows = [m for _, m in read_chat_jsonl(val_file)]
-    console.print(f"[bold]2/4[/] scoring the untrained model on {len(val_rows)} held-out conversations")
     model, tokenizer = load_for_inference(str(base))
-    val_examples = tokenize_file(tokenizer, val_file, 512).examples
+    val_split = tokenize_file(tokenizer, str(val_file), 512)
+    val_rows, val_examples = [s.messages for _, s in val_split.samples], val_split.examples
+    console.print(f"[bold]2/4[/] scoring the untrained model on {len(val_rows)} held-out conversations")
     before = held_out_scores(model, tokenizer, val_rows, val_examples, tokenizer.pad_token_id)
 
     cfg = parse_config({

@@ -19,8 +19,13 @@ def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def token_loss(model, batch: dict[str, torch.Tensor], virtual_tokens: int = 0) -> tuple[torch.Tensor, int, int]:
-    """(sum of token cross-entropies, number of trained tokens, number predicted correctly)."""
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model reads: ids with an attention mask (padded) or position ids (packed)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+
+
+def labelled_logits(model, batch: dict[str, torch.Tensor], virtual_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fp32 logits of the positions that predict a label, their targets, their row index)."""
     labels = batch["labels"]
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
@@ -30,14 +35,26 @@ def token_loss(model, batch: dict[str, torch.Tensor], virtual_tokens: int = 0) -
     # or soft-cap logits after the head: those go through the model's own forward.
     post_head = any(getattr(lm.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
     if virtual_tokens or decoder is None or head is None or post_head:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = model(**model_inputs(batch), use_cache=False).logits
         logits = logits[:, virtual_tokens:][:, :-1][keep]
     else:
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+        hidden = decoder(**model_inputs(batch), use_cache=False).last_hidden_state
         logits = head(hidden[:, :-1][keep])
-    logits = logits.float()
-    target = targets[keep]
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[keep]
+    return logits.float(), targets[keep], rows
+
+
+def token_loss(model, batch: dict[str, torch.Tensor], virtual_tokens: int = 0) -> tuple[torch.Tensor, int, int]:
+    """(sum of token cross-entropies, number of trained tokens, number predicted correctly)."""
+    logits, target, _ = labelled_logits(model, batch, virtual_tokens)
     loss = F.cross_entropy(logits, target, reduction="sum")
     with torch.no_grad():
         correct = int((logits.argmax(-1) == target).sum())
     return loss, int(target.numel()), correct
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of the log-probabilities of each row's trained tokens (DPO's log pi(y|x))."""
+    logits, target, rows = labelled_logits(model, batch)
+    token_logps = -F.cross_entropy(logits, target, reduction="none")
+    return torch.zeros(batch["labels"].shape[0], device=logits.device).index_add(0, rows, token_logps)

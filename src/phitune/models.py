@@ -64,10 +64,7 @@ def load_tokenizer(model_cfg: ModelConfig):
         tok = AutoTokenizer.from_pretrained(name, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise _hub_error(name, exc) from exc
-    if not getattr(tok, "chat_template", None):
-        raise PhituneError(
-            f"{name}: the tokenizer has no chat template; use an instruct/chat model or one made by `phitune create-model`"
-        )
+    # A missing chat template is reported by the data pipeline, where an example needs one.
     ensure_distinct_pad(tok)
     return tok
 
@@ -89,13 +86,24 @@ def ensure_distinct_pad(tok) -> None:
     tok.pad_token = tok.eos_token
 
 
-def load_model(cfg: Config, device: torch.device, precision: str = "no"):
-    """`precision` is Accelerate's mixed-precision mode ("no", "bf16", "fp16")."""
-    from transformers import AutoModelForCausalLM
+HEADS = {"causal": "AutoModelForCausalLM", "sequence": "AutoModelForSequenceClassification",
+         "token": "AutoModelForTokenClassification"}
+PEFT_TASKS = {"causal": "CAUSAL_LM", "sequence": "SEQ_CLS", "token": "TOKEN_CLS"}
+# The new, randomly initialised classification layers: trained in full, never given an adapter.
+CLASSIFIER_NAMES = ("score", "classifier")
 
+
+def load_model(cfg: Config, device: torch.device, precision: str = "no", head: str = "causal", labels: list[str] | None = None):
+    """`precision` is Accelerate's mixed-precision mode ("no", "bf16", "fp16"); `head` picks the
+    transformers class: a causal LM, or a sequence / token classifier over `labels`."""
+    import transformers
+
+    auto = getattr(transformers, HEADS[head])
     m = cfg.model
     kwargs: dict = dict(revision=m.revision, trust_remote_code=m.trust_remote_code,
                         dtype=resolve_dtype(m, cfg.method.name, precision))
+    if labels is not None:
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)})
     if m.attn_implementation != "auto":
         kwargs["attn_implementation"] = m.attn_implementation
     if cfg.method.name == "qlora":
@@ -103,10 +111,13 @@ def load_model(cfg: Config, device: torch.device, precision: str = "no"):
         if device.type == "cuda":
             kwargs["device_map"] = {"": device.index or 0}
     try:
-        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
+        model = auto.from_pretrained(m.name_or_path, **kwargs)
     except ImportError as exc:
         raise PhituneError(f"{exc}".splitlines()[0] + "; install the missing package (for QLoRA: pip install 'phitune[qlora]')") from exc
     except (OSError, ValueError) as exc:
+        if head != "causal" and "Unrecognized configuration class" in str(exc):
+            raise PhituneError(f"task.head: transformers has no {HEADS[head]} for this model's architecture; "
+                               "use the generative task (task.head: false)") from exc
         raise _hub_error(m.name_or_path, exc) from exc
     if getattr(model.config, "phitune_untrained", False):
         log.info("note: %s is an UNTRAINED model made by phitune create-model (random weights)", m.name_or_path)
@@ -139,7 +150,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
     """Suffixes of every linear layer except the output head (the 'all-linear' set)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if _is_linear(mod) and mod is not head}
-    return sorted(names)
+    return sorted(names - set(CLASSIFIER_NAMES))
 
 
 def resolve_target_modules(model: nn.Module, target) -> list[str]:
@@ -168,13 +179,13 @@ def resolve_target_modules(model: nn.Module, target) -> list[str]:
 # --- the method registry ------------------------------------------------------------------
 
 
-def _full(model, cfg: Config, tokenizer):
+def _full(model, cfg: Config, tokenizer, task_type: str):
     for p in model.parameters():
         p.requires_grad_(True)
     return model
 
 
-def _lora(model, cfg: Config, tokenizer):
+def _lora(model, cfg: Config, tokenizer, task_type: str):
     from peft import LoraConfig, get_peft_model
 
     m = cfg.method
@@ -187,25 +198,25 @@ def _lora(model, cfg: Config, tokenizer):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     init = True if m.init == "default" else m.init
     peft_cfg = LoraConfig(
-        r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, bias="none", task_type="CAUSAL_LM",
+        r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, bias="none", task_type=task_type,
         target_modules=resolve_target_modules(model, m.target_modules), modules_to_save=m.modules_to_save,
         use_rslora=m.use_rslora, use_dora=m.name == "dora", init_lora_weights=init,
     )
     return _attach(model, peft_cfg)
 
 
-def _ia3(model, cfg: Config, tokenizer):
+def _ia3(model, cfg: Config, tokenizer, task_type: str):
     from peft import IA3Config
 
     targets = resolve_target_modules(model, cfg.method.target_modules)
     peft_cfg = IA3Config(
-        task_type="CAUSAL_LM", target_modules=targets,
+        task_type=task_type, target_modules=targets,
         feedforward_modules=[t for t in targets if t in FEEDFORWARD_OUT], modules_to_save=cfg.method.modules_to_save,
     )
     return _attach(model, peft_cfg)
 
 
-def _prompt_tuning(model, cfg: Config, tokenizer):
+def _prompt_tuning(model, cfg: Config, tokenizer, task_type: str):
     from peft import PromptTuningConfig, PromptTuningInit
 
     m = cfg.method
@@ -237,8 +248,10 @@ METHOD_BUILDERS: dict[str, Callable] = {
 }
 
 
-def apply_method(model, cfg: Config, tokenizer):
-    return METHOD_BUILDERS[cfg.method.name](model, cfg, tokenizer)
+def apply_method(model, cfg: Config, tokenizer, head: str = "causal"):
+    """Attach the method; with a classification head, PEFT's SEQ_CLS / TOKEN_CLS task types train
+    the head in full and save it with the adapter."""
+    return METHOD_BUILDERS[cfg.method.name](model, cfg, tokenizer, PEFT_TASKS[head])
 
 
 def num_virtual_tokens(model) -> int:

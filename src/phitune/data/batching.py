@@ -39,14 +39,25 @@ def split_micro(batch: list, parts: int) -> list[list]:
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example of this micro-batch only."""
+    """Right-pad to the longest example of this micro-batch only.
+
+    Packed examples carry position ids instead of an attention mask (transformers builds the
+    block-diagonal mask from the restarts); the padding is one more segment, never labelled.
+    """
     width = max(len(e.input_ids) for e in examples)
+    packed = getattr(examples[0], "position_ids", None) is not None
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    positions = torch.arange(width).repeat(len(examples), 1)
     for row, e in enumerate(examples):
         n = len(e.input_ids)
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
+        if packed:
+            positions[row, :n] = torch.tensor(e.position_ids)
+            positions[row, n:] = torch.arange(width - n)
+    if packed:
+        return {"input_ids": ids, "position_ids": positions, "labels": labels}
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,12 +1,14 @@
-"""Supervised fine-tuning on chat data, read top to bottom: setup -> train -> save.
+"""Fine-tuning, read top to bottom: setup -> train -> save.
 
 One function per phase; the loop is plain PyTorch on Accelerate (device placement, mixed
 precision, and later DeepSpeed/multi-process), with gradient accumulation done by hand so the loss
-is normalised by the trained tokens of the whole optimizer step.
+is normalised by the whole optimizer step's trained tokens (or examples, or pairs). What the loss
+is comes from an objective (recipes/objectives.py): next-token SFT, a classification head, DPO.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -21,12 +23,11 @@ import torch
 
 from phitune.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from phitune.config import Config, dump_config
-from phitune.data.batching import collate, epoch_batches, split_micro
-from phitune.data.chat import TokenizedSet, tokenize_file
+from phitune.data.batching import epoch_batches, split_micro
+from phitune.data.dataset import TrainData, load_training_data, statistics_of
 from phitune.errors import PhituneError
-from phitune.evaluate.lm import lm_metrics
-from phitune.loss import token_loss
 from phitune.models import apply_method, load_model, load_tokenizer, num_virtual_tokens
+from phitune.recipes.objectives import DPO, SFT, SequenceClassification, TokenClassification, adapter_disabled, add_sums, evaluate, frozen_copy
 from phitune.progress import Progress
 from phitune.runcard import write_run_card
 from phitune.tracking import MetricsLog
@@ -36,12 +37,6 @@ log = logging.getLogger("phitune")
 # Keys that may change between a run and its resumption without breaking exactness.
 RESUMABLE_CHANGES = {"training.max_steps", "training.epochs", "training.save_every", "training.save_total_limit",
                      "training.eval_every", "training.log_every", "training.tensorboard", "training.early_stopping_patience"}
-
-
-@dataclass
-class Datasets:
-    train: TokenizedSet
-    validation: TokenizedSet | None
 
 
 @dataclass
@@ -102,22 +97,34 @@ def _check_resumable(saved: Path, cfg: Config) -> None:
         raise PhituneError(f"{saved}: the run started with a different configuration ({diffs}); resume with the same settings or use a new output_dir")
 
 
-def load_datasets(cfg: Config, tokenizer) -> Datasets:
-    train = tokenize_file(tokenizer, cfg.data.train, cfg.data.max_length)
-    validation = tokenize_file(tokenizer, cfg.data.validation, cfg.data.max_length) if cfg.data.validation else None
-    if validation is None and cfg.data.validation_split:
-        rng = random.Random(cfg.training.seed)
-        order = list(range(len(train.examples)))
-        rng.shuffle(order)
-        n_val = max(1, round(len(order) * cfg.data.validation_split))
-        held = set(order[:n_val])
-        validation = TokenizedSet([e for i, e in enumerate(train.examples) if i in held])
-        train = TokenizedSet([e for i, e in enumerate(train.examples) if i not in held], train.truncated, train.dropped)
-    for name, ds in (("train", train), ("validation", validation)):
-        if ds and (ds.truncated or ds.dropped):
-            log.warning("%s: %d example(s) truncated to data.max_length=%d, %d dropped with no assistant tokens left",
-                        name, ds.truncated, cfg.data.max_length, len(ds.dropped))
-    return Datasets(train, validation)
+def load_data(cfg: Config, tokenizer) -> TrainData:
+    data = load_training_data(cfg, tokenizer)
+    for name, split in (("train", data.train), ("validation", data.validation)):
+        if split and (split.truncated or split.dropped or split.duplicates):
+            log.warning("%s: %d example(s) truncated to data.max_length=%d, %d dropped with nothing left to train, "
+                        "%d exact duplicate(s)%s", name, split.truncated, cfg.data.max_length, len(split.dropped),
+                        split.duplicates, " removed" if name == "train" and cfg.data.dedupe else "")
+    if data.packed:
+        log.info("packing: %d examples in %d sequences of up to %d tokens", len(data.train.examples),
+                 len(data.train_examples), cfg.data.max_length)
+    return data
+
+
+def build_objective(cfg: Config, data: TrainData, tokenizer, virtual: int, reference=None):
+    pad = tokenizer.pad_token_id
+    if data.spec.head:
+        if data.spec.name == "ner":
+            return TokenClassification(pad, data.spec.tag_labels)
+        return SequenceClassification(pad, data.spec.labels)
+    if cfg.method.objective == "dpo":
+        return DPO(pad, cfg.method.beta, frozen_copy(reference) if reference is not None else adapter_disabled)
+    return SFT(pad, virtual)
+
+
+def head_of(cfg: Config, data: TrainData) -> tuple[str, list[str] | None]:
+    if not data.spec.head:
+        return "causal", None
+    return ("token" if data.spec.name == "ner" else "sequence"), data.spec.head_labels
 
 
 def cpu_has_native_bf16() -> bool:
@@ -198,9 +205,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
 
     # Data first: a bad file fails in seconds, before the model is loaded.
     tokenizer = load_tokenizer(cfg.model)
-    data = load_datasets(cfg, tokenizer)
+    data = load_data(cfg, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
+    (out / "task.json").write_text(data.spec.to_json())
 
     # Accelerate keeps one process-wide state; a second run in the same process (tests, the demo, a
     # notebook) may want another precision, which it refuses unless the state is cleared first.
@@ -209,20 +217,25 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     device = accelerator.device
     seed_everything(t.seed)
-    model = load_model(cfg, device, precision)
+    head, labels = head_of(cfg, data)
+    model = load_model(cfg, device, precision, head=head, labels=labels)
     model.config.use_cache = False
-    model = apply_method(model, cfg, tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id  # the sequence-classification head finds the last token by it
+    # DPO's reference for full fine-tuning is a frozen copy of the start (adapters switch themselves off instead).
+    reference = copy.deepcopy(model).requires_grad_(False).eval() if cfg.method.objective == "dpo" and not cfg.is_adapter else None
+    model = apply_method(model, cfg, tokenizer, head=head)
     weights = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                "weight_memory_mb": round(model.get_memory_footprint() / 2**20, 1)}
     log.info("%s: %s trainable parameters, %.0f MB of weights", cfg.method.name,
              f"{weights['trainable_parameters']:,}", weights["weight_memory_mb"])
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    steps = total_steps(cfg, len(data.train.examples))
+    steps = total_steps(cfg, len(data.train_examples))
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     virtual = num_virtual_tokens(model)
+    objective = build_objective(cfg, data, tokenizer, virtual, reference)
 
     state = TrainState()
     if resume_from is not None:
@@ -241,8 +254,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
         accelerator.unwrap_model(model).save_pretrained(
             path, path_initial_model_for_weight_conversion=str(initial) if initial else None)
         tokenizer.save_pretrained(path)
+        (path / "task.json").write_text(data.spec.to_json())
 
-    lengths = [len(e.input_ids) for e in data.train.examples]
+    train_examples = data.train_examples
+    lengths = [len(e.input_ids) for e in train_examples]
     eval_metrics: dict | None = None
     last_loss: float | None = None
     progress = Progress(total=steps, start=state.step)
@@ -253,19 +268,19 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
             batches = epoch_batches(lengths, t.batch_size, t.seed, state.epoch)
             while state.batch_index < len(batches) and state.step < steps:
                 step_start = time.perf_counter()
-                examples = [data.train.examples[i] for i in batches[state.batch_index]]
+                examples = [train_examples[i] for i in batches[state.batch_index]]
                 lr = scheduler.get_last_lr()[0]
-                step_tokens = sum(e.num_trained for e in examples)
-                real_tokens = sum(len(e.input_ids) for e in examples)
-                loss_sum, correct = 0.0, 0
+                step_tokens = objective.count(examples)
+                real_tokens = sum(len(e.input_ids) * (2 if objective.name == "dpo" else 1) for e in examples)
+                loss_sum, sums = 0.0, {}
                 for part in split_micro(examples, t.gradient_accumulation_steps):
-                    batch = {k: v.to(device) for k, v in collate(part, tokenizer.pad_token_id).items()}
                     with accelerator.autocast():
-                        loss, _, c = token_loss(model, batch, virtual)
-                    # Divide by the whole step's trained tokens: every token weighs the same,
-                    # however the examples are split into micro-batches.
+                        loss, part_sums = objective.loss(model, part, device)
+                    # Divide by the whole step's trained tokens (examples, pairs): every one weighs
+                    # the same, however the examples are split into micro-batches.
                     accelerator.backward(loss / step_tokens)
-                    loss_sum, correct = loss_sum + float(loss), correct + c
+                    loss_sum = loss_sum + float(loss)
+                    add_sums(sums, part_sums)
                 grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)) if t.max_grad_norm else None
                 optimizer.step()
                 scheduler.step()
@@ -286,14 +301,15 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                 if state.step % t.log_every == 0 or state.step == steps:
                     record = {"step": state.step, "epoch": state.epoch + state.batch_index / len(batches),
                               "loss": last_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_second": tps,
-                              "mean_token_accuracy": correct / step_tokens, "trained_tokens": state.trained_tokens,
+                              **objective.metrics(sums, step_tokens), "trained_tokens": state.trained_tokens,
                               "tokens_seen": state.tokens_seen,
                               "elapsed_s": round(state.elapsed_s, 3), "time": round(time.time(), 3)}
                     if torch.cuda.is_available():
                         record["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
                 stop_early = False
-                if data.validation and t.eval_every and (state.step % t.eval_every == 0 or state.step == steps):
-                    eval_metrics = evaluate(model, data, t.batch_size, tokenizer, device, accelerator, virtual)
+                if data.validation_examples and t.eval_every and (state.step % t.eval_every == 0 or state.step == steps):
+                    eval_metrics = evaluate(objective, model, data.validation_examples, batch_size=t.batch_size,
+                                            device=device, autocast=accelerator.autocast)
                     record = (record or {"step": state.step}) | {f"eval_{k}": v for k, v in eval_metrics.items()}
                     stop_early = update_early_stopping(state, eval_metrics["loss"], t.early_stopping_patience)
                 if record:
@@ -313,22 +329,21 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
         metrics.close()
 
     # --- save ------------------------------------------------------------------------------
-    if data.validation and eval_metrics is None:
-        eval_metrics = evaluate(model, data, t.batch_size, tokenizer, device, accelerator, virtual)
+    if data.validation_examples and eval_metrics is None:
+        eval_metrics = evaluate(objective, model, data.validation_examples, batch_size=t.batch_size, device=device,
+                                autocast=accelerator.autocast)
     artifact = save_final(cfg, accelerator.unwrap_model(model), tokenizer, out, save_adapter)
     summary = {"steps": state.step, "epochs_completed": state.epoch, "trained_tokens": state.trained_tokens,
-               "tokens_seen": state.tokens_seen, "train_examples": len(data.train.examples),
+               "tokens_seen": state.tokens_seen, "train_examples": data.num_train_examples,
                "truncated_examples": data.train.truncated, "dropped_examples": len(data.train.dropped),
+               "duplicates_removed": data.train.duplicates if cfg.data.dedupe else 0,
+               "packed_sequences": len(train_examples) if data.packed else None,
+               "data": statistics_of(data.train, data.spec), "task": data.spec.name, "objective": objective.name,
                **weights, "final_train_loss": last_loss, "eval": eval_metrics, "elapsed_s": round(state.elapsed_s, 2),
                "artifact": str(artifact)}
     (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_run_card(out, cfg, summary)
     return RunResult(out, state, last_loss, eval_metrics, artifact)
-
-
-def evaluate(model, data: Datasets, batch_size: int, tokenizer, device, accelerator, virtual: int) -> dict:
-    return lm_metrics(model, data.validation.examples, batch_size=batch_size, pad_id=tokenizer.pad_token_id,
-                      device=device, autocast=accelerator.autocast, virtual_tokens=virtual)
 
 
 def update_early_stopping(state: TrainState, eval_loss: float, patience: int | None) -> bool:

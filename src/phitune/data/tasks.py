@@ -1,0 +1,273 @@
+"""Task presets: structured rows -> training samples, and the task description evaluation reads.
+
+A preset names the columns it reads (`task.fields` maps them to yours), writes the prompt, and
+records in `TaskSpec` what evaluation needs (label set, entity types, language pair, prompt
+wording). Generative presets produce `Chat` samples; with `task.head: true`, classification and
+NER produce `Labelled` / `Tagged` samples for a classification head instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from phitune.data.formats import FormatOptions, Labelled, Tagged, _need, _not_object, _prompt_reply
+
+FIELDS = {
+    "classification": ("text", "label"),
+    "ner": ("tokens", "tags", "text", "entities"),
+    "translation": ("source", "target"),
+    "qa": ("question", "context", "answer"),
+    "creative": ("prompt", "text"),
+}
+INSTRUCTIONS = {
+    "classification": "Classify the text.",
+    "ner": "Extract the named entities from the text as a JSON list of {\"text\", \"type\"} objects, in order of appearance.",
+    "translation": "Translate from {source_language} to {target_language}.",
+    "qa": "Answer the question.",
+}
+# What evaluation (phitune eval) scores each task with.
+METRICS = {
+    "classification": ["accuracy", "macro_f1"],
+    "ner": ["entity_f1"],
+    "translation": ["chrf", "bleu"],
+    "qa": ["exact_match", "token_f1"],
+    "creative": ["perplexity", "distinct_2"],
+    "chat": ["perplexity", "exact_match"],
+    "domain": ["perplexity"],
+    "none": ["perplexity"],
+}
+
+
+@dataclass
+class TaskSpec:
+    name: str = "none"
+    head: bool = False
+    labels: list[str] = field(default_factory=list)  # class labels, or NER entity types
+    instruction: str | None = None
+    source_language: str | None = None
+    target_language: str | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+    metrics: list[str] = field(default_factory=list)
+
+    @property
+    def tag_labels(self) -> list[str]:
+        """BIO tag set of a token-classification head: O, then B-/I- per entity type."""
+        return ["O"] + [f"{p}-{t}" for t in self.labels for p in ("B", "I")]
+
+    @property
+    def head_labels(self) -> list[str]:
+        return self.tag_labels if self.name == "ner" else self.labels
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "TaskSpec":
+        return cls(**json.loads(text))
+
+
+def make_spec(task_cfg, rows: list, opts: FormatOptions) -> TaskSpec:
+    """The spec for this run; classification labels and NER types come from the training rows
+    (sorted) unless `task.labels` lists them."""
+    name = task_cfg.name if task_cfg else "none"
+    spec = TaskSpec(name=name, head=bool(task_cfg and task_cfg.head), metrics=METRICS.get(name, ["perplexity"]))
+    if task_cfg is None or name not in FIELDS:
+        return spec
+    spec.fields = dict(task_cfg.fields or {})
+    spec.instruction = task_cfg.instruction or INSTRUCTIONS.get(name)
+    spec.source_language, spec.target_language = task_cfg.source_language, task_cfg.target_language
+    if name == "translation" and spec.instruction:
+        spec.instruction = spec.instruction.format(source_language=spec.source_language, target_language=spec.target_language)
+    if task_cfg.labels:
+        spec.labels = list(task_cfg.labels)
+    elif name == "classification":
+        spec.labels = sorted({_label(r.value.get(spec.fields.get("label", "label"))) for r in rows
+                              if isinstance(r.value, dict) and _label_ok(r.value.get(spec.fields.get("label", "label")))})
+    elif name == "ner":
+        types = set()
+        for r in rows:
+            if not isinstance(r.value, dict):
+                continue
+            tags = r.value.get(spec.fields.get("tags", "tags"))
+            ents = r.value.get(spec.fields.get("entities", "entities"))
+            if isinstance(tags, list):
+                types |= {t[2:] for t in tags if isinstance(t, str) and t[:2] in ("B-", "I-")}
+            if isinstance(ents, list):
+                types |= {e["label"] for e in ents if isinstance(e, dict) and isinstance(e.get("label"), str)}
+        spec.labels = sorted(types)
+    return spec
+
+
+def _label_ok(value) -> bool:
+    return isinstance(value, (str, int)) and not isinstance(value, bool) and str(value).strip() != ""
+
+
+def _label(value) -> str:
+    return str(value).strip()
+
+
+def _get(row: dict, spec: TaskSpec, name: str):
+    return row.get(spec.fields.get(name, name))
+
+
+def _col(spec: TaskSpec, name: str) -> str:
+    return spec.fields.get(name, name)
+
+
+# --- presets ----------------------------------------------------------------------------------
+
+
+def classification(row, where: str, spec: TaskSpec, opts: FormatOptions):
+    problems = _not_object(row, where, '{"text": "...", "label": "..."}')
+    if problems:
+        return None, problems
+    problems = _need(row, where, _col(spec, "text"))
+    raw = _get(row, spec, "label")
+    if _col(spec, "label") not in row:
+        problems.append(f"{where}: missing key '{_col(spec, 'label')}' (the class label)")
+    elif not _label_ok(raw):
+        problems.append(f"{where}: '{_col(spec, 'label')}' must be a non-empty string or integer, got {raw!r}")
+    elif _label(raw) not in spec.labels:
+        problems.append(f"{where}: label {_label(raw)!r} is not in task.labels ({', '.join(spec.labels)}); add it or fix the row")
+    if problems:
+        return None, problems
+    text, label = _get(row, spec, "text"), _label(raw)
+    if spec.head:
+        return Labelled(text, label), []
+    prompt = f"{spec.instruction}\nAnswer with one of: {', '.join(spec.labels)}.\n\nText: {text}"
+    return _prompt_reply(prompt, label, opts), []
+
+
+def ner(row, where: str, spec: TaskSpec, opts: FormatOptions):
+    """`tokens` + BIO `tags`, or `text` + `entities` ([{start, end, label}], character offsets)."""
+    problems = _not_object(row, where, '{"tokens": [...], "tags": [...]}')
+    if problems:
+        return None, problems
+    if _col(spec, "tokens") in row or _col(spec, "tags") in row:
+        tokens, tags = _get(row, spec, "tokens"), _get(row, spec, "tags")
+        problems = check_bio(tokens, tags, where, spec)
+    elif _col(spec, "text") in row:
+        problems = _need(row, where, _col(spec, "text"))
+        if not problems:
+            tokens, tags, problems = spans_to_bio(_get(row, spec, "text"), _get(row, spec, "entities"), where, spec)
+    else:
+        problems = [f"{where}: expected 'tokens' + 'tags' (BIO) or 'text' + 'entities' (character spans); "
+                    f"keys present: {', '.join(sorted(map(str, row))) or 'none'}"]
+    if problems:
+        return None, problems
+    if spec.head:
+        return Tagged(tokens, tags), []
+    entities = [{"text": " ".join(words), "type": kind} for words, kind in bio_entities(tokens, tags)]
+    prompt = f"{spec.instruction}\nEntity types: {', '.join(spec.labels)}.\n\nText: {' '.join(tokens)}"
+    return _prompt_reply(prompt, json.dumps(entities, ensure_ascii=False), opts), []
+
+
+def check_bio(tokens, tags, where: str, spec: TaskSpec) -> list[str]:
+    t_key, g_key = _col(spec, "tokens"), _col(spec, "tags")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
+        return [f"{where}: '{t_key}' must be a non-empty list of non-empty strings"]
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        return [f"{where}: '{g_key}' must be a list of BIO tag strings (O, B-TYPE, I-TYPE)"]
+    if len(tags) != len(tokens):
+        return [f"{where}: {len(tokens)} tokens but {len(tags)} tags; give one tag per token"]
+    out = []
+    for i, tag in enumerate(tags):
+        if tag != "O" and (tag[:2] not in ("B-", "I-") or not tag[2:]):
+            out.append(f"{where}: {g_key}[{i}] = {tag!r} is not a BIO tag; use O, B-TYPE or I-TYPE")
+        elif tag != "O" and tag[2:] not in spec.labels:
+            out.append(f"{where}: {g_key}[{i}]: entity type {tag[2:]!r} is not in task.labels ({', '.join(spec.labels)})")
+        elif tag.startswith("I-") and (i == 0 or tags[i - 1][2:] != tag[2:] or tags[i - 1] == "O"):
+            out.append(f"{where}: {g_key}[{i}] = {tag!r} does not continue an entity of that type; start it with B-{tag[2:]}")
+    return out
+
+
+def spans_to_bio(text: str, entities, where: str, spec: TaskSpec):
+    """Whitespace words; a word is in an entity when they overlap. Spans must cover whole words."""
+    e_key = _col(spec, "entities")
+    if not isinstance(entities, list):
+        return None, None, [f"{where}: '{e_key}' must be a list of {{start, end, label}} objects"]
+    words, pos = [], 0
+    for w in text.split():
+        start = text.index(w, pos)
+        words.append((start, start + len(w), w))
+        pos = start + len(w)
+    tags = ["O"] * len(words)
+    problems = []
+    for k, e in enumerate(entities):
+        if not (isinstance(e, dict) and isinstance(e.get("start"), int) and isinstance(e.get("end"), int)
+                and isinstance(e.get("label"), str)):
+            problems.append(f"{where}: {e_key}[{k}] must be {{\"start\": int, \"end\": int, \"label\": str}}")
+            continue
+        s, t = e["start"], e["end"]
+        if not 0 <= s < t <= len(text):
+            problems.append(f"{where}: {e_key}[{k}]: span {s}..{t} is outside the text (length {len(text)})")
+            continue
+        if e["label"] not in spec.labels:
+            problems.append(f"{where}: {e_key}[{k}]: entity type {e['label']!r} is not in task.labels ({', '.join(spec.labels)})")
+            continue
+        inside = [i for i, (a, b, _) in enumerate(words) if a < t and s < b]
+        if not inside or words[inside[0]][0] != s or words[inside[-1]][1] != t:
+            problems.append(f"{where}: {e_key}[{k}]: span {s}..{t} ({text[s:t]!r}) does not cover whole words")
+            continue
+        for j, i in enumerate(inside):
+            tags[i] = ("B-" if j == 0 else "I-") + e["label"]
+    return [w for _, _, w in words], tags, problems
+
+
+def bio_entities(tokens: list[str], tags: list[str]) -> list[tuple[list[str], str]]:
+    out: list[tuple[list[str], str]] = []
+    for tok, tag in zip(tokens, tags):
+        if tag.startswith("B-"):
+            out.append(([tok], tag[2:]))
+        elif tag.startswith("I-") and out:
+            out[-1][0].append(tok)
+    return out
+
+
+def translation(row, where: str, spec: TaskSpec, opts: FormatOptions):
+    problems = _not_object(row, where, '{"source": "...", "target": "..."}')
+    if problems:
+        return None, problems
+    problems = _need(row, where, _col(spec, "source")) + _need(row, where, _col(spec, "target"))
+    if problems:
+        return None, problems
+    return _prompt_reply(f"{spec.instruction}\n\n{_get(row, spec, 'source')}", _get(row, spec, "target"), opts), []
+
+
+def qa(row, where: str, spec: TaskSpec, opts: FormatOptions):
+    problems = _not_object(row, where, '{"question": "...", "context": "...", "answer": "..."}')
+    if problems:
+        return None, problems
+    problems = _need(row, where, _col(spec, "question")) + _need(row, where, _col(spec, "answer"))
+    context = _get(row, spec, "context")
+    if context is not None and not isinstance(context, str):
+        problems.append(f"{where}: '{_col(spec, 'context')}' must be a string, got {type(context).__name__}")
+    if problems:
+        return None, problems
+    body = (f"Context: {context}\n\n" if context and context.strip() else "") + f"Question: {_get(row, spec, 'question')}"
+    return _prompt_reply(f"{spec.instruction}\n\n{body}", _get(row, spec, "answer"), opts), []
+
+
+def creative(row, where: str, spec: TaskSpec, opts: FormatOptions):
+    problems = _not_object(row, where, '{"prompt": "...", "text": "..."}')
+    if problems:
+        return None, problems
+    problems = _need(row, where, _col(spec, "prompt")) + _need(row, where, _col(spec, "text"))
+    if problems:
+        return None, problems
+    return _prompt_reply(_get(row, spec, "prompt"), _get(row, spec, "text"), opts), []
+
+
+PRESETS: dict[str, Any] = {
+    "classification": classification,
+    "ner": ner,
+    "translation": translation,
+    "qa": qa,
+    "creative": creative,
+}
+# chat and domain are formats: chat-like rows (detected) and raw text, packed.
+TASK_FORMATS = {"chat": ("chat", "sharegpt", "prompt_completion", "alpaca"), "domain": ("text",)}
+HEAD_TASKS = ("classification", "ner")
+
