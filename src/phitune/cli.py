@@ -51,8 +51,8 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, overrides)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     ev = result.eval_metrics
-    print(f"done: {result.state.step} steps, final train loss {result.final_train_loss:.4f}"
-          + (f", eval loss {ev['loss']:.4f} (perplexity {ev['perplexity']:.2f})" if ev else ""))
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in (ev or {}).items())
+    print(f"done: {result.state.step} steps, final train loss {result.final_train_loss:.4f}" + (f"; eval: {shown}" if ev else ""))
     print(f"wrote {result.artifact} (and metrics.jsonl, config.yaml, README.md in {result.output_dir})")
     return 0
 
