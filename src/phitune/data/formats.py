@@ -249,10 +249,9 @@ def preference(row, where: str, opts: FormatOptions) -> Result:
             elif not (isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict)):
                 problems.append(f"{where}: '{key}' must be a list with exactly one assistant message")
             else:
-                found = check_messages(value, where, key)
-                if value[0].get("role") != "assistant" and not found:
-                    found = [f"{where}: {key}[0]: role must be 'assistant', got {value[0].get('role')!r}"]
-                problems += found
+                problems += check_messages(value, where, key, need_assistant=False)
+                if value[0].get("role") != "assistant":
+                    problems.append(f"{where}: {key}[0]: role must be 'assistant', got {value[0].get('role')!r}")
                 outputs.append(value[0].get("content"))
         if problems:
             return None, problems
