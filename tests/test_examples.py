@@ -28,3 +28,22 @@ def test_the_hub_example_parses_and_targets_phi3():
     raw["data"] = {k: str(REPO / v) if k in ("train", "validation") else v for k, v in raw["data"].items()}
     cfg = parse_config(raw)
     assert cfg.model.name_or_path == "microsoft/Phi-3-mini-4k-instruct" and cfg.method.name == "qlora"
+
+
+SCENARIOS = sorted(str(p.relative_to(REPO / "examples")) for p in (REPO / "examples").glob("*/*.yaml"))
+
+
+def test_every_scenario_has_an_example():
+    dirs = {s.split("/")[0] for s in SCENARIOS}
+    assert dirs >= {"classification", "ner", "translation", "qa", "chatbot", "creative", "domain", "dpo"}
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_scenario_example_trains(name, tiny_phi3, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "out"
+    assert run_cli("train", REPO / "examples" / name, "--set", f"model.name_or_path={tiny_phi3}",
+                   "--set", f"output_dir={out}", "--set", "training.log_every=1", "--max-steps", "20") == 0
+    trace = losses(out)
+    assert len(trace) == 20 and sum(trace[-3:]) / 3 < trace[0]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "task.json").is_file()

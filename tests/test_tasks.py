@@ -69,8 +69,25 @@ def test_dpo_margin_grows_and_preferences_are_learned(tiny_phi3, tmp_path, monke
 def test_dpo_full_fine_tuning_uses_a_frozen_copy(tiny_phi3, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     out = tmp_path / "dpo-full"
-    assert _train("dpo", tiny_phi3, out, "--set", "method.name=full", "--set", "training.learning_rate=1e-3",
+    assert _train("dpo", tiny_phi3, out, "--set", "method.name=full", "--set", "training.learning_rate=1e-3", "--set", "training.log_every=1",
                   "--max-steps", "15") == 0
     records = _records(out)
     assert abs(records[0]["reward_margin"]) < 1e-4
     assert records[-1]["reward_margin"] > 0.5
+
+
+def test_head_and_dpo_runs_resume_exactly(tiny_phi3, tmp_path, monkeypatch):
+    """Stop at step 8 (checkpoint), resume to 16: the same losses as 16 steps in one go."""
+    monkeypatch.chdir(REPO)
+    common = ["--set", "training.lr_scheduler=constant", "--set", "training.log_every=1", "--set", "training.precision=fp32",
+              "--set", "training.eval_every=null", "--set", "data.validation=null", "--set", "training.save_every=8"]
+    for example in ("classification", "dpo"):
+        whole, parts = tmp_path / f"{example}-whole", tmp_path / f"{example}-parts"
+        assert _train(example, tiny_phi3, whole, *common, "--max-steps", "16") == 0
+        assert _train(example, tiny_phi3, parts, *common, "--max-steps", "8") == 0
+        assert run_cli("train", REPO / "examples" / example / "config.yaml", "--set", f"model.name_or_path={tiny_phi3}",
+                       "--set", f"output_dir={parts}", *common, "--max-steps", "16", "--resume") == 0
+        a = [r["loss"] for r in _records(whole)]
+        b = [r["loss"] for r in _records(parts)]
+        assert len(a) == len(b) == 16
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, example

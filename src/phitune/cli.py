@@ -110,7 +110,8 @@ def cmd_data_validate(args) -> int:
             task_cfg = TaskConfig(name=args.task or "none")
         except ValidationError as exc:
             err = exc.errors()[0]
-            raise PhituneError(f"--{err['loc'][0]}: {err['msg']} (got {err.get('input')!r})") from None
+            flag = {"name": "task"}.get(str(err["loc"][0]), str(err["loc"][0])).replace("_", "-")
+            raise PhituneError(f"--{flag}: {err['msg'][:1].lower()}{err['msg'][1:]} (got {err.get('input')!r})") from None
         model_cfg = None
     if args.model:
         from phitune.config import ModelConfig

@@ -283,6 +283,18 @@ def resolve_trained(path: str | Path) -> tuple[str, str | None]:
     return str(path), None
 
 
+def refuse_classifier(path: str) -> None:
+    """A classification-head run (task.head) is not a chat model: generating or merging it into a
+    causal LM would silently drop the trained head."""
+    import json
+
+    spec = Path(path) / "task.json"
+    if spec.is_file() and json.loads(spec.read_text()).get("head"):
+        raise PhituneError(f"{path}: a classification-head run (task.json: head true) cannot generate text or be merged "
+                           "into a causal LM; load it with AutoModelForSequenceClassification / "
+                           "AutoModelForTokenClassification + PeftModel (see the README's Objectives)")
+
+
 def load_for_inference(model_path: str, adapter: str | None = None, *, dtype: torch.dtype = torch.float32,
                        device: str | torch.device | None = None, trust_remote_code: bool = False):
     """Base (+ adapter) in eval mode with its tokenizer; the same path `generate` and tests use."""
@@ -290,6 +302,7 @@ def load_for_inference(model_path: str, adapter: str | None = None, *, dtype: to
 
     if adapter is None:
         model_path, adapter = resolve_trained(model_path)
+    refuse_classifier(adapter or model_path)
     tok_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trust_remote_code)

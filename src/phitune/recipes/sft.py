@@ -332,7 +332,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     if data.validation_examples and eval_metrics is None:
         eval_metrics = evaluate(objective, model, data.validation_examples, batch_size=t.batch_size, device=device,
                                 autocast=accelerator.autocast)
-    artifact = save_final(cfg, accelerator.unwrap_model(model), tokenizer, out, save_adapter)
+    artifact = save_final(cfg, accelerator.unwrap_model(model), tokenizer, out, save_adapter, data.spec.to_json())
     summary = {"steps": state.step, "epochs_completed": state.epoch, "trained_tokens": state.trained_tokens,
                "tokens_seen": state.tokens_seen, "train_examples": data.num_train_examples,
                "truncated_examples": data.train.truncated, "dropped_examples": len(data.train.dropped),
@@ -354,7 +354,7 @@ def update_early_stopping(state: TrainState, eval_loss: float, patience: int | N
     return bool(patience) and state.evals_without_improvement >= patience
 
 
-def save_final(cfg: Config, model, tokenizer, out: Path, save_adapter) -> Path:
+def save_final(cfg: Config, model, tokenizer, out: Path, save_adapter, data_spec_json: str) -> Path:
     """OUT/adapter (PEFT format) or OUT/model (transformers format), tokenizer beside."""
     target = out / ("adapter" if cfg.is_adapter else "model")
     tmp = out / (target.name + ".tmp")
@@ -365,6 +365,7 @@ def save_final(cfg: Config, model, tokenizer, out: Path, save_adapter) -> Path:
         model.config.use_cache = True
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / "task.json").write_text(data_spec_json)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
