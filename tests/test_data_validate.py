@@ -141,3 +141,27 @@ def test_undetectable_format_names_the_keys_and_the_fix(tmp_path, capsys):
     assert run_cli("data", "validate", path) == 2
     err = capsys.readouterr().err
     assert "cannot tell the data format from the keys (question, reply); set data.format" in err
+
+
+def test_validate_with_a_training_config(tmp_path, tiny_phi3, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"model": str(tiny_phi3), "data": {"train": "unused", "max_length": 64},
+                               "task": {"name": "ner", "head": True}}))
+    path = tmp_path / "n.jsonl"
+    path.write_text(_jsonl(OK_NER, {"tokens": ["Bob"], "tags": ["B-PER"]}))
+    assert run_cli("data", "validate", path, "--config", cfg) == 0
+    out = capsys.readouterr().out
+    assert "format ner, task ner: 2 examples" in out and "labels: PER 2" in out and "tokens per example" in out
+
+
+def test_preference_data_needs_the_dpo_objective(tmp_path, tiny_phi3, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_text(_jsonl(OK_PREF))
+    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, path, tmp_path / "out")
+    assert run_cli("train", cfg) == 2
+    assert "preference pairs train with method.objective: dpo" in capsys.readouterr().err
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(_jsonl(OK_CHAT))
+    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat, tmp_path / "out", method={"name": "lora", "objective": "dpo"})
+    assert run_cli("train", cfg) == 2
+    assert "method.objective dpo needs preference rows" in capsys.readouterr().err
