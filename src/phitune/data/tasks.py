@@ -226,22 +226,21 @@ def bio_entities(tokens: list[str], tags: list[str]) -> list[tuple[list[str], st
     return out
 
 
+def _required(row, where: str, spec: TaskSpec, example: str, fields: tuple[str, ...]) -> list[str]:
+    """The row is an object holding every field as a non-empty string (problems, else [])."""
+    return _not_object(row, where, example) or [p for f in fields for p in _need(row, where, _col(spec, f))]
+
+
 def translation(row, where: str, spec: TaskSpec, opts: FormatOptions):
-    problems = _not_object(row, where, '{"source": "...", "target": "..."}')
-    if problems:
-        return None, problems
-    problems = _need(row, where, _col(spec, "source")) + _need(row, where, _col(spec, "target"))
+    problems = _required(row, where, spec, '{"source": "...", "target": "..."}', ("source", "target"))
     if problems:
         return None, problems
     return _prompt_reply(f"{spec.instruction}\n\n{_get(row, spec, 'source')}", _get(row, spec, "target"), opts), []
 
 
 def qa(row, where: str, spec: TaskSpec, opts: FormatOptions):
-    problems = _not_object(row, where, '{"question": "...", "context": "...", "answer": "..."}')
-    if problems:
-        return None, problems
-    problems = _need(row, where, _col(spec, "question")) + _need(row, where, _col(spec, "answer"))
-    context = _get(row, spec, "context")
+    problems = _required(row, where, spec, '{"question": "...", "context": "...", "answer": "..."}', ("question", "answer"))
+    context = _get(row, spec, "context") if isinstance(row, dict) else None
     if context is not None and not isinstance(context, str):
         problems.append(f"{where}: '{_col(spec, 'context')}' must be a string, got {type(context).__name__}")
     if problems:
@@ -251,10 +250,7 @@ def qa(row, where: str, spec: TaskSpec, opts: FormatOptions):
 
 
 def creative(row, where: str, spec: TaskSpec, opts: FormatOptions):
-    problems = _not_object(row, where, '{"prompt": "...", "text": "..."}')
-    if problems:
-        return None, problems
-    problems = _need(row, where, _col(spec, "prompt")) + _need(row, where, _col(spec, "text"))
+    problems = _required(row, where, spec, '{"prompt": "...", "text": "..."}', ("prompt", "text"))
     if problems:
         return None, problems
     return _prompt_reply(_get(row, spec, "prompt"), _get(row, spec, "text"), opts), []
