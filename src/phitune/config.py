@@ -341,6 +341,8 @@ def _data_task_problems(data: "DataConfig | None", task: "TaskConfig | None", me
             out.append(("method.objective", "dpo trains on preference pairs: use data.format preference (or auto) with no task preset"))
         if task.head:
             out.append(("method.objective", "dpo and task.head do not mix; drop one"))
+        if method.name == "prompt_tuning":
+            out.append(("method.objective", "dpo with prompt_tuning is not supported; use lora, dora, qlora, ia3 or full"))
     if method is not None and task.head and method.name == "prompt_tuning":
         out.append(("task.head", "prompt_tuning cannot train a classification head; use lora"))
     return out

@@ -24,16 +24,19 @@ def write_run_card(out: Path, cfg: Config, summary: dict) -> None:
         + (f", validation `{cfg.data.validation}`" if cfg.data.validation else ""),
         f"- trainable parameters: {summary['trainable_parameters']:,}; weights in memory: {summary['weight_memory_mb']} MB",
         f"- steps: {summary['steps']}, trained tokens: {summary['trained_tokens']:,}, time: {summary['elapsed_s']} s",
+        f"- objective: {summary['objective']}" + (f", task: {summary['task']} (OUT/task.json)" if summary["task"] != "none" else ""),
         f"- final train loss: {_fmt(summary['final_train_loss'])}",
     ]
     if ev:
         lines.append("- validation: " + ", ".join(f"{k} {_fmt(v)}" for k, v in ev.items()))
+    cls = summary["model_class"]
+    labels = f", num_labels={summary['num_labels']}" if summary["num_labels"] else ""
     load = (
-        f"```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\nfrom peft import PeftModel\n"
-        f"base = AutoModelForCausalLM.from_pretrained({cfg.model.name_or_path!r})\n"
+        f"```python\nfrom transformers import {cls}\nfrom peft import PeftModel\n"
+        f"base = {cls}.from_pretrained({cfg.model.name_or_path!r}{labels})\n"
         f"model = PeftModel.from_pretrained(base, {str(out / artifact)!r})\n```"
         if artifact == "adapter" else
-        f"```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained({str(out / artifact)!r})\n```"
+        f"```python\nfrom transformers import {cls}\nmodel = {cls}.from_pretrained({str(out / artifact)!r})\n```"
     )
     lines += ["", "## Load it", "", load, "", "## Files", "",
               f"- `{artifact}/`: the {'PEFT adapter' if artifact == 'adapter' else 'fine-tuned model'} with its tokenizer",

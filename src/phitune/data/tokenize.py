@@ -42,6 +42,10 @@ class PairExample:
     def num_trained(self) -> int:
         return 1
 
+    @property
+    def num_tokens(self) -> int:
+        return len(self.chosen.input_ids) + len(self.rejected.input_ids)
+
 
 def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"] if text else []

@@ -26,7 +26,7 @@ from phitune.config import Config, dump_config
 from phitune.data.batching import epoch_batches, split_micro
 from phitune.data.dataset import TrainData, load_training_data, statistics_of
 from phitune.errors import PhituneError
-from phitune.models import apply_method, load_model, load_tokenizer, num_virtual_tokens
+from phitune.models import HEADS, apply_method, load_model, load_tokenizer, num_virtual_tokens
 from phitune.recipes.objectives import DPO, SFT, SequenceClassification, TokenClassification, adapter_disabled, add_sums, evaluate, frozen_copy
 from phitune.progress import Progress
 from phitune.runcard import write_run_card
@@ -105,7 +105,7 @@ def load_data(cfg: Config, tokenizer) -> TrainData:
                         "%d exact duplicate(s)%s", name, split.truncated, cfg.data.max_length, len(split.dropped),
                         split.duplicates, " removed" if name == "train" and cfg.data.dedupe else "")
     if data.packed:
-        log.info("packing: %d examples in %d sequences of up to %d tokens", len(data.train.examples),
+        log.info("packing: %d examples in %d sequences of up to %d tokens", data.num_train_examples,
                  len(data.train_examples), cfg.data.max_length)
     return data
 
@@ -121,7 +121,7 @@ def build_objective(cfg: Config, data: TrainData, tokenizer, virtual: int, refer
     return SFT(pad, virtual)
 
 
-def head_of(cfg: Config, data: TrainData) -> tuple[str, list[str] | None]:
+def head_of(data: TrainData) -> tuple[str, list[str] | None]:
     if not data.spec.head:
         return "causal", None
     return ("token" if data.spec.name == "ner" else "sequence"), data.spec.head_labels
@@ -217,7 +217,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     device = accelerator.device
     seed_everything(t.seed)
-    head, labels = head_of(cfg, data)
+    head, labels = head_of(data)
     model = load_model(cfg, device, precision, head=head, labels=labels)
     model.config.use_cache = False
     model.config.pad_token_id = tokenizer.pad_token_id  # the sequence-classification head finds the last token by it
@@ -271,7 +271,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                 examples = [train_examples[i] for i in batches[state.batch_index]]
                 lr = scheduler.get_last_lr()[0]
                 step_tokens = objective.count(examples)
-                real_tokens = sum(len(e.input_ids) * (2 if objective.name == "dpo" else 1) for e in examples)
+                real_tokens = sum(getattr(e, "num_tokens", None) or len(e.input_ids) for e in examples)  # pairs: both replies
                 loss_sum, sums = 0.0, {}
                 for part in split_micro(examples, t.gradient_accumulation_steps):
                     with accelerator.autocast():
@@ -339,6 +339,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                "duplicates_removed": data.train.duplicates if cfg.data.dedupe else 0,
                "packed_sequences": len(train_examples) if data.packed else None,
                "data": statistics_of(data.train, data.spec), "task": data.spec.name, "objective": objective.name,
+               "model_class": HEADS[head], "num_labels": len(labels) if labels else None,
                **weights, "final_train_loss": last_loss, "eval": eval_metrics, "elapsed_s": round(state.elapsed_s, 2),
                "artifact": str(artifact)}
     (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
