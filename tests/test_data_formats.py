@@ -153,3 +153,26 @@ def test_duplicates_subset_and_validation_split(tmp_path, tiny_phi3, chat_files)
     raw["data"]["dedupe"] = False
     assert load_training_data(parse_config(raw), tok).train.duplicates == 10  # reported, kept
     assert len(load_training_data(parse_config(raw), tok).train.examples) == 50
+
+
+def test_trains_from_parquet_and_a_datasets_directory(tmp_path, tiny_phi3, chat_files):
+    from conftest import losses, run_cli, write_config
+
+    pq = pytest.importorskip("pyarrow.parquet")
+    datasets = pytest.importorskip("datasets")
+    import pyarrow as pa
+
+    rows = [json.loads(line) for line in chat_files[0].read_text().splitlines()]
+    rows[0]["messages"][-1]["weight"] = 1  # the other rows' messages get weight None in Parquet: absent
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "train_ds"))
+    traces = []
+    for source in ("train.parquet", "train_ds"):
+        out = tmp_path / f"out-{source}"
+        cfg = write_config(tmp_path / "c.yaml", tiny_phi3, tmp_path / source, out, max_steps=5)
+        assert run_cli("train", cfg) == 0
+        traces.append(losses(out))
+    # The same rows in another container train identically (the JSONL run is the reference).
+    out = tmp_path / "out-jsonl"
+    assert run_cli("train", write_config(tmp_path / "c.yaml", tiny_phi3, chat_files[0], out, max_steps=5)) == 0
+    assert traces[0] == traces[1] == losses(out)

@@ -297,7 +297,7 @@ def semantic_problems(sections: dict[str, BaseModel]) -> list[tuple[str, str]]:
     if data is not None:
         for key in ("train", "validation"):
             path = getattr(data, key)
-            if path and not Path(path).is_file():
+            if path and not Path(path).exists():  # a file, or a datasets save_to_disk directory
                 out.append((f"data.{key}", f"file not found: {path} (relative paths are resolved from {Path.cwd()})"))
     if model is not None and looks_local(model.name_or_path) and not Path(model.name_or_path).is_dir():
         name = model.name_or_path

@@ -98,7 +98,8 @@ def check_messages(messages, where: str, key: str = "messages", need_assistant: 
             out.append(f"{at}: 'content' must be a string, got {type(content).__name__}")
         elif not content.strip():
             out.append(f"{at}: empty content; remove the message or fill it in")
-        if "weight" in m:
+        # Parquet and datasets fill a key missing from some rows with None: None means absent.
+        if m.get("weight") is not None:
             if role != "assistant":
                 out.append(f"{at}: 'weight' is only allowed on assistant messages")
             elif m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
@@ -107,13 +108,14 @@ def check_messages(messages, where: str, key: str = "messages", need_assistant: 
         assistants = [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
         if not assistants:
             out.append(f"{where}: no assistant message; nothing to train on")
-        elif all(m.get("weight", 1) == 0 for m in assistants):
+        elif all(m.get("weight") == 0 for m in assistants):
             out.append(f"{where}: every assistant message has weight 0; nothing to train on")
     return out
 
 
 def _clean(messages: list[dict]) -> list[dict]:
-    return [{"role": m["role"], "content": m["content"], **({"weight": m["weight"]} if "weight" in m else {})} for m in messages]
+    return [{"role": m["role"], "content": m["content"], **({"weight": m["weight"]} if m.get("weight") is not None else {})}
+            for m in messages]
 
 
 def _with_system(messages: list[dict], opts: FormatOptions) -> list[dict]:
