@@ -1,8 +1,10 @@
 """Resumable checkpoints: trainable weights, optimizer, scheduler, RNG and data position.
 
 A checkpoint is written to `step-NNNNNN.tmp/` and renamed into place only when complete, so a run
-killed while saving leaves the previous checkpoint as the latest one. Trainable weights are saved
-exactly (their own dtype, safetensors), which is what makes a resumed run bit-for-bit on CPU.
+killed while saving leaves the previous checkpoint as the latest one. Weights and optimizer state
+are written by the engine (distributed.py): trainable weights exactly (their own dtype,
+safetensors) for one process or data parallelism, DeepSpeed's own sharded checkpoint under ZeRO.
+Each process keeps its own RNG state.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from phitune.errors import PhituneError
 
@@ -35,10 +36,6 @@ class TrainState:
     elapsed_s: float = 0.0
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -54,24 +51,31 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: Path, model, optimizer, scheduler, state: TrainState, *, save_adapter, keep: int | None) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(root: Path, engine, scheduler, state: TrainState, runtime, *, save_adapter, keep: int | None) -> Path:
+    """Every process takes part (DeepSpeed writes a shard per process; ZeRO-3 gathers the adapter);
+    the main process writes the shared files and moves the finished directory into place."""
     final = root / f"{PREFIX}{state.step:06d}"
     tmp = root / (final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
+    if runtime.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    runtime.barrier()
+    engine.save_weights(tmp)
+    torch.save(rng_state(), tmp / f"rng-{runtime.rank}.pt")
+    if runtime.is_main:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps(asdict(state) | {"world_size": runtime.world}, indent=2) + "\n")
     if save_adapter is not None:
         save_adapter(tmp / "adapter")  # a usable PEFT adapter for this step
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    if keep:
-        for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    runtime.barrier()
+    if runtime.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if keep:
+            for old in list_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    runtime.barrier()
     return final
 
 
@@ -82,19 +86,14 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    if missing:
-        raise PhituneError(
-            f"{path}: checkpoint does not match this model/method ({len(missing)} trainable tensors missing, e.g. {missing[0]}); "
-            "resume with the configuration the run started with"
-        )
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+def load_checkpoint(path: Path, engine, scheduler, runtime) -> TrainState:
+    saved = json.loads((path / "state.json").read_text())
+    world = saved.pop("world_size", 1)
+    if world != runtime.world:
+        raise PhituneError(f"{path}: saved by {world} process(es), resumed with {runtime.world}; resume with the same "
+                           "number of processes (data order and optimizer shards depend on it)")
+    engine.load_weights(path)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return TrainState(**json.loads((path / "state.json").read_text()))
+    rng = path / f"rng-{runtime.rank}.pt"
+    set_rng_state(torch.load(rng if rng.is_file() else path / "rng.pt", weights_only=False))
+    return TrainState(**saved)

@@ -156,12 +156,28 @@ class TrainingConfig(_Section):
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
+class DistributedConfig(_Section):
+    strategy: Literal["auto", "none", "ddp", "deepspeed", "fsdp"] = Field(
+        "auto", description="auto: one process -> none, several -> ddp. ddp: replicated model, gradients averaged. "
+        "deepspeed: ZeRO (zero_stage) with optional CPU offload. fsdp: not yet available."
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="deepspeed: 1 shards optimizer states, 2 also gradients, 3 also parameters.")
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="deepspeed: keep optimizer states in CPU memory (stage 1-3).")
+    offload_params: Literal["none", "cpu"] = Field("none", description="deepspeed: keep parameters in CPU memory (stage 3).")
+    deepspeed_config: Optional[str] = Field(
+        None, description="Your own DeepSpeed JSON, merged with what phitune derives (batch sizes, accumulation, clipping, "
+        "ZeRO settings); a key that disagrees is an error naming both values."
+    )
+    timeout_minutes: int = Field(30, gt=0, description="How long a collective may wait for the other processes before the run fails.")
+
+
 class Config(_Section):
     model: ModelConfig
     method: MethodConfig = MethodConfig()
     data: DataConfig
     task: TaskConfig = TaskConfig()
     training: TrainingConfig = TrainingConfig()
+    distributed: DistributedConfig = DistributedConfig()
     output_dir: str = Field("runs/latest", description="Where the adapter/model, checkpoints and metrics go.")
 
     @property
@@ -177,6 +193,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "data": DataConfig,
     "task": TaskConfig,
     "training": TrainingConfig,
+    "distributed": DistributedConfig,
 }
 
 
@@ -234,7 +251,7 @@ def _format_error(err: dict, section: str | None) -> tuple[str, str]:
 def parse_config(raw: Any, *, source: str = "config", text: str | None = None) -> Config:
     """Validate a raw mapping; raise one PhituneError listing every problem."""
     if not isinstance(raw, dict):
-        raise PhituneError(f"{source}: expected a mapping of sections (model, method, data, task, training, output_dir), got {type(raw).__name__}")
+        raise PhituneError(f"{source}: expected a mapping of sections (model, method, data, task, training, distributed, output_dir), got {type(raw).__name__}")
     raw = _expand_shorthands(raw)
     lines = _key_lines(text) if text else {}
     problems: list[str] = []
@@ -305,6 +322,32 @@ def semantic_problems(sections: dict[str, BaseModel]) -> list[tuple[str, str]]:
     if method is not None and method.name == "full" and method.modules_to_save:
         out.append(("method.modules_to_save", "only applies to adapter methods; remove it for method full"))
     out += _data_task_problems(data, sections.get("task"), method)
+    out += _distributed_problems(sections.get("distributed"), method)
+    return out
+
+
+def _distributed_problems(d: "DistributedConfig | None", method: "MethodConfig | None") -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    if d is None:
+        return out
+    if d.strategy == "fsdp":
+        out.append(("distributed.strategy", "fsdp is not available yet; use deepspeed (zero_stage 3 shards parameters like FSDP)"))
+    if d.strategy != "deepspeed":
+        for key, default in (("offload_optimizer", "none"), ("offload_params", "none"), ("deepspeed_config", None)):
+            if getattr(d, key) != default:
+                out.append((f"distributed.{key}", f"only applies with distributed.strategy: deepspeed (strategy is {d.strategy})"))
+        return out
+    if d.offload_params == "cpu" and d.zero_stage != 3:
+        out.append(("distributed.offload_params", f"parameter offload needs zero_stage 3 (zero_stage is {d.zero_stage})"))
+    if d.offload_optimizer == "cpu" and d.zero_stage == 0:
+        out.append(("distributed.offload_optimizer", "optimizer offload needs zero_stage 1, 2 or 3"))
+    if d.deepspeed_config and not Path(d.deepspeed_config).is_file():
+        out.append(("distributed.deepspeed_config", f"file not found: {d.deepspeed_config}"))
+    if method is not None and method.name == "qlora" and d.zero_stage == 3:
+        out.append(("distributed.zero_stage", "qlora with ZeRO-3 is not supported (4-bit weights cannot be sharded here); "
+                    "use zero_stage 2 or strategy ddp"))
+    if method is not None and method.name == "prompt_tuning":
+        out.append(("distributed.strategy", "prompt_tuning under deepspeed is not supported; use ddp"))
     return out
 
 

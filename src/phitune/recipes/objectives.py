@@ -197,18 +197,30 @@ def add_sums(total: dict, part: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate(objective, model, examples: list, *, batch_size: int, device, autocast=contextlib.nullcontext) -> dict:
-    """Loss and metrics over held-out examples (in length order: little padding)."""
+def evaluate(objective, model, examples: list, *, batch_size: int, device, autocast=contextlib.nullcontext,
+             runtime=None) -> dict:
+    """Loss and metrics over held-out examples (in length order: little padding). With several
+    processes each takes every world-th batch and the sums are added up; a process without a batch
+    in the last round runs a zero-weighted one (sharded models need every process in a forward)."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rank, world = (runtime.rank, runtime.world) if runtime else (0, 1)
     total, count, sums = 0.0, 0, {}
-    for start in range(0, len(order), batch_size):
-        part = [examples[i] for i in order[start : start + batch_size]]
+    for first in range(0, len(batches), world):
+        mine = first + rank
+        part = [examples[i] for i in batches[mine]] if mine < len(batches) else []
+        weight = 1.0 if part else 0.0
         with autocast():
-            loss, s = objective.loss(model, part, device)
-        total, count = total + float(loss), count + objective.count(part)
-        add_sums(sums, s)
+            loss, s = objective.loss(model, part or examples[:1], device)
+        total += weight * float(loss)
+        count += objective.count(part) if part else 0
+        add_sums(sums, {k: weight * v for k, v in s.items()})
     model.train(was_training)
+    if runtime and runtime.parallel:
+        keys = sorted(sums)
+        reduced = runtime.all_reduce_sum([total, count] + [float(sums[k]) for k in keys])
+        total, count, sums = reduced[0], int(reduced[1]), dict(zip(keys, reduced[2:]))
     mean = total / max(count, 1)
     return {"loss": mean} | objective.eval_metrics(mean, sums, count)

@@ -24,6 +24,7 @@ import torch
 from phitune.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from phitune.config import Config, dump_config
 from phitune.data.batching import epoch_batches, split_micro
+from phitune.distributed import DeepSpeedEngine, PlainEngine, start
 from phitune.data.dataset import TrainData, load_training_data, statistics_of
 from phitune.errors import PhituneError
 from phitune.models import HEADS, apply_method, load_model, load_tokenizer, num_virtual_tokens
@@ -57,8 +58,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_output_dir(cfg: Config, *, resume: bool, overwrite: bool) -> Path | None:
-    """Return the checkpoint to resume from (or None), refusing to clobber a previous run."""
+def prepare_output_dir(cfg: Config, *, resume: bool, overwrite: bool, is_main: bool = True) -> Path | None:
+    """Return the checkpoint to resume from (or None), refusing to clobber a previous run. Every
+    process checks (they all stop with the same error); only the main one deletes."""
     out = Path(cfg.output_dir)
     checkpoints = list_checkpoints(out / "checkpoints")
     if resume:
@@ -74,7 +76,8 @@ def prepare_output_dir(cfg: Config, *, resume: bool, overwrite: bool) -> Path | 
                 f"{out}: output_dir already holds a run; pass --resume to continue it, --overwrite to replace it, "
                 "or choose another output_dir"
             )
-        shutil.rmtree(out)
+        if is_main:
+            shutil.rmtree(out)
     return None
 
 
@@ -195,72 +198,83 @@ def total_steps(cfg: Config, num_examples: int) -> int:
 
 
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunResult:
-    """Run (or resume) the fine-tuning described by `cfg`."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    resume_from = prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
-    out = Path(cfg.output_dir)
+    """Run (or resume) the fine-tuning described by `cfg`, in this process and any others started
+    with it (torchrun, `phitune train --nproc N`, accelerate launch, deepspeed)."""
     t = cfg.training
+    out = Path(cfg.output_dir)
+    precision = resolve_precision(cfg)
+    accelerator, runtime = start(cfg, precision)
+    device = accelerator.device
+    resume_from = prepare_output_dir(cfg, resume=resume, overwrite=overwrite, is_main=runtime.is_main)
+    runtime.barrier()
 
     # Data first: a bad file fails in seconds, before the model is loaded.
     tokenizer = load_tokenizer(cfg.model)
     data = load_data(cfg, tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
-    (out / "task.json").write_text(data.spec.to_json())
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+        (out / "task.json").write_text(data.spec.to_json())
 
-    # Accelerate keeps one process-wide state; a second run in the same process (tests, the demo, a
-    # notebook) may want another precision, which it refuses unless the state is cleared first.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    precision = resolve_precision(cfg)
-    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
-    device = accelerator.device
-    seed_everything(t.seed)
+    seed_everything(t.seed)  # the same initial weights in every process
     head, labels = head_of(data)
     model = load_model(cfg, device, precision, head=head, labels=labels)
     model.config.use_cache = False
     model.config.pad_token_id = tokenizer.pad_token_id  # the sequence-classification head finds the last token by it
     # DPO's reference for full fine-tuning is a frozen copy of the start (adapters switch themselves off instead).
-    reference = copy.deepcopy(model).requires_grad_(False).eval() if cfg.method.objective == "dpo" and not cfg.is_adapter else None
+    reference = copy.deepcopy(model).requires_grad_(False).eval().to(device) if cfg.method.objective == "dpo" and not cfg.is_adapter else None
     model = apply_method(model, cfg, tokenizer, head=head)
     weights = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                "weight_memory_mb": round(model.get_memory_footprint() / 2**20, 1)}
-    log.info("%s: %s trainable parameters, %.0f MB of weights", cfg.method.name,
-             f"{weights['trainable_parameters']:,}", weights["weight_memory_mb"])
+    log.info("%s: %s trainable parameters, %.0f MB of weights%s", cfg.method.name, f"{weights['trainable_parameters']:,}",
+             weights["weight_memory_mb"], f"; {runtime.world} processes, {runtime.strategy}" if runtime.parallel or runtime.strategy == "deepspeed" else "")
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     steps = total_steps(cfg, len(data.train_examples))
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    virtual = num_virtual_tokens(model)
+    engine = (DeepSpeedEngine(cfg, model, optimizer, runtime) if runtime.strategy == "deepspeed"
+              else PlainEngine(accelerator, model, optimizer, runtime))
+    model = engine.model  # what the objective calls: the model, or DeepSpeed's engine around it
+    virtual = num_virtual_tokens(engine.unwrap())
     objective = build_objective(cfg, data, tokenizer, virtual, reference)
 
     state = TrainState()
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        state = load_checkpoint(resume_from, engine, scheduler, runtime)
         log.info("resumed from %s (step %d)", resume_from, state.step)
-    metrics = MetricsLog(out, tensorboard=t.tensorboard, resume_step=state.step if resume_from else None)
+    elif runtime.parallel:
+        torch.manual_seed(t.seed + runtime.rank)  # dropout differs between processes, as their examples do
+    metrics = MetricsLog(out, tensorboard=t.tensorboard, resume_step=state.step if resume_from else None) if runtime.is_main else None
 
     # PiSSA and OLoRA rewrite the base weights at initialisation. Saved as-is, their adapters would
     # only work on that rewritten base; converted against the initial adapter, they become plain
     # LoRA adapters (rank 2r) for the original base, like any other.
     initial = out / "checkpoints" / "initial_adapter" if cfg.method.init in ("pissa", "olora") and cfg.is_adapter else None
     if initial is not None and not (initial / "adapter_config.json").is_file():
-        accelerator.unwrap_model(model).save_pretrained(initial)
+        with engine.gathered():
+            if runtime.is_main:
+                engine.unwrap().save_pretrained(initial)
+        runtime.barrier()
 
     def save_adapter(path: Path) -> None:
-        accelerator.unwrap_model(model).save_pretrained(
-            path, path_initial_model_for_weight_conversion=str(initial) if initial else None)
-        tokenizer.save_pretrained(path)
-        (path / "task.json").write_text(data.spec.to_json())
+        # Under ZeRO-3 every process gathers the adapter; only the main one writes it.
+        trainable = [p for p in engine.unwrap().parameters() if p.requires_grad]
+        with engine.gathered(trainable):
+            if runtime.is_main:
+                engine.unwrap().save_pretrained(path, path_initial_model_for_weight_conversion=str(initial) if initial else None)
+                tokenizer.save_pretrained(path)
+                (path / "task.json").write_text(data.spec.to_json())
+
+    def run_eval() -> dict:
+        return evaluate(objective, model, data.validation_examples, batch_size=t.batch_size, device=device,
+                        autocast=accelerator.autocast, runtime=runtime)
 
     train_examples = data.train_examples
     lengths = [len(e.input_ids) for e in train_examples]
     eval_metrics: dict | None = None
     last_loss: float | None = None
-    progress = Progress(total=steps, start=state.step)
+    progress = Progress(total=steps, start=state.step) if runtime.is_main else None
     model.train()
     started = time.perf_counter() - state.elapsed_s
     try:
@@ -270,21 +284,26 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                 step_start = time.perf_counter()
                 examples = [train_examples[i] for i in batches[state.batch_index]]
                 lr = scheduler.get_last_lr()[0]
+                # Every process knows the whole step batch, so the global count needs no message.
                 step_tokens = objective.count(examples)
                 real_tokens = sum(getattr(e, "num_tokens", None) or len(e.input_ids) for e in examples)  # pairs: both replies
+                mine = runtime.shard(examples)
                 loss_sum, sums = 0.0, {}
-                for part in split_micro(examples, t.gradient_accumulation_steps):
+                for part in split_micro_padded(mine, t.gradient_accumulation_steps):
+                    # A process short of examples (the last batch of an epoch) still runs a forward
+                    # and backward, weighted zero: collectives need every process.
+                    weight = 1.0 if part else 0.0
                     with accelerator.autocast():
-                        loss, part_sums = objective.loss(model, part, device)
-                    # Divide by the whole step's trained tokens (examples, pairs): every one weighs
-                    # the same, however the examples are split into micro-batches.
-                    accelerator.backward(loss / step_tokens)
-                    loss_sum = loss_sum + float(loss)
-                    add_sums(sums, part_sums)
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)) if t.max_grad_norm else None
-                optimizer.step()
+                        loss, part_sums = objective.loss(model, part or examples[:1], device)
+                    # Divide by the whole step's trained tokens (examples, pairs) over all processes
+                    # and multiply by their number (gradients are averaged over processes): every
+                    # token weighs the same, however the batch is split.
+                    engine.backward(loss * (weight * runtime.world / step_tokens))
+                    loss_sum += weight * float(loss)
+                    add_sums(sums, {k: weight * v for k, v in part_sums.items()})
+                grad_norm = engine.step(t.max_grad_norm)
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                loss_sum, sums = reduce_sums(runtime, loss_sum, sums)
                 state.step += 1
                 state.batch_index += 1
                 state.tokens_seen += real_tokens
@@ -308,15 +327,15 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                         record["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
                 stop_early = False
                 if data.validation_examples and t.eval_every and (state.step % t.eval_every == 0 or state.step == steps):
-                    eval_metrics = evaluate(objective, model, data.validation_examples, batch_size=t.batch_size,
-                                            device=device, autocast=accelerator.autocast)
+                    eval_metrics = run_eval()
                     record = (record or {"step": state.step}) | {f"eval_{k}": v for k, v in eval_metrics.items()}
                     stop_early = update_early_stopping(state, eval_metrics["loss"], t.early_stopping_patience)
-                if record:
+                if record and metrics:
                     metrics.write(record)
-                progress.update(state.step, last_loss, lr, tps, record)
+                if progress:
+                    progress.update(state.step, last_loss, lr, tps, record)
                 if t.save_every and (state.step % t.save_every == 0):
-                    save_checkpoint(out / "checkpoints", accelerator.unwrap_model(model), optimizer, scheduler, state,
+                    save_checkpoint(out / "checkpoints", engine, scheduler, state, runtime,
                                     save_adapter=save_adapter if cfg.is_adapter else None, keep=t.save_total_limit)
                 if stop_early:
                     log.info("early stopping at step %d: eval_loss did not improve for %d evaluations",
@@ -325,14 +344,15 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
             if state.batch_index >= len(batches):
                 state.epoch, state.batch_index = state.epoch + 1, 0
     finally:
-        progress.close()
-        metrics.close()
+        if progress:
+            progress.close()
+        if metrics:
+            metrics.close()
 
     # --- save ------------------------------------------------------------------------------
     if data.validation_examples and eval_metrics is None:
-        eval_metrics = evaluate(objective, model, data.validation_examples, batch_size=t.batch_size, device=device,
-                                autocast=accelerator.autocast)
-    artifact = save_final(cfg, accelerator.unwrap_model(model), tokenizer, out, save_adapter, data.spec.to_json())
+        eval_metrics = run_eval()
+    artifact = save_final(cfg, engine, tokenizer, out, save_adapter, data.spec.to_json(), runtime)
     summary = {"steps": state.step, "epochs_completed": state.epoch, "trained_tokens": state.trained_tokens,
                "tokens_seen": state.tokens_seen, "train_examples": data.num_train_examples,
                "truncated_examples": data.train.truncated, "dropped_examples": len(data.train.dropped),
@@ -340,11 +360,26 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                "packed_sequences": len(train_examples) if data.packed else None,
                "data": statistics_of(data.train, data.spec), "task": data.spec.name, "objective": objective.name,
                "model_class": HEADS[head], "num_labels": len(labels) if labels else None,
+               "processes": runtime.world, "strategy": runtime.strategy,
                **weights, "final_train_loss": last_loss, "eval": eval_metrics, "elapsed_s": round(state.elapsed_s, 2),
                "artifact": str(artifact)}
-    (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_run_card(out, cfg, summary)
+    if runtime.is_main:
+        (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_run_card(out, cfg, summary)
+    runtime.barrier()
     return RunResult(out, state, last_loss, eval_metrics, artifact)
+
+
+def split_micro_padded(examples: list, parts: int) -> list[list]:
+    """`parts` micro-batches, empty ones included, so every process runs as many as the others."""
+    micro = split_micro(examples, parts) if examples else []
+    return micro + [[] for _ in range(parts - len(micro))]
+
+
+def reduce_sums(runtime, loss_sum: float, sums: dict) -> tuple[float, dict]:
+    keys = sorted(sums)
+    total = runtime.all_reduce_sum([loss_sum] + [float(sums[k]) for k in keys])
+    return total[0], dict(zip(keys, total[1:]))
 
 
 def update_early_stopping(state: TrainState, eval_loss: float, patience: int | None) -> bool:
@@ -355,18 +390,26 @@ def update_early_stopping(state: TrainState, eval_loss: float, patience: int | N
     return bool(patience) and state.evals_without_improvement >= patience
 
 
-def save_final(cfg: Config, model, tokenizer, out: Path, save_adapter, data_spec_json: str) -> Path:
-    """OUT/adapter (PEFT format) or OUT/model (transformers format), tokenizer beside."""
+def save_final(cfg: Config, engine, tokenizer, out: Path, save_adapter, data_spec_json: str, runtime) -> Path:
+    """OUT/adapter (PEFT format) or OUT/model (transformers format), tokenizer beside; sharded
+    weights are gathered first, and only the main process writes."""
     target = out / ("adapter" if cfg.is_adapter else "model")
     tmp = out / (target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if runtime.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
     if cfg.is_adapter:
         save_adapter(tmp)
     else:
-        model.config.use_cache = True
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "task.json").write_text(data_spec_json)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+        model = engine.unwrap()
+        with engine.gathered():
+            if runtime.is_main:
+                model.config.use_cache = True
+                # Inside the gather, ZeRO-3's shards are whole again: save those, not the placeholders.
+                gathered = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if getattr(engine, "stage", 0) == 3 else None
+                model.save_pretrained(tmp, state_dict=gathered)
+                tokenizer.save_pretrained(tmp)
+                (tmp / "task.json").write_text(data_spec_json)
+    if runtime.is_main:
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
     return target

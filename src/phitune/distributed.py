@@ -1,0 +1,302 @@
+"""What changes when a run spans several processes: who I am, how a step's batch is shared,
+how gradients meet, and the DeepSpeed engine.
+
+Every process sees the same step batches (the order is a pure function of seed and epoch) and
+takes every `world`-th example of each, so a global batch means the same thing with 1 or N
+processes. Each process divides its summed loss by the *global* number of trained tokens and
+multiplies by `world`, because DDP and DeepSpeed average gradients over processes: the update is
+then exactly the single-process one (up to the order of floating-point sums).
+
+Two engines with the same small surface (`backward`, `step`, `unwrap`, `gathered`, checkpoint
+weights): `PlainEngine` (one process, or DDP through Accelerate) and `DeepSpeedEngine` (ZeRO 0-3,
+CPU offload), whose sharded weights are gathered before anything is saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from phitune.errors import PhituneError
+
+log = logging.getLogger("phitune")
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun, accelerate launch and the deepspeed launcher set them."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Runtime:
+    strategy: str  # none | ddp | deepspeed
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def parallel(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        if not self.parallel:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def shard(self, items: list) -> list:
+        return items[self.rank :: self.world]
+
+
+def resolve_strategy(cfg, world: int) -> str:
+    s = cfg.distributed.strategy
+    if s == "auto":
+        return "ddp" if world > 1 else "none"
+    if s == "none" and world > 1:
+        raise PhituneError(f"distributed.strategy: none, but {world} processes were started; use ddp or deepspeed")
+    return s
+
+
+def check_batch(cfg, world: int) -> None:
+    t = cfg.training
+    if world > 1 and t.batch_size % (world * t.gradient_accumulation_steps):
+        raise PhituneError(
+            f"training.batch_size: {t.batch_size} examples cannot be shared by {world} processes x "
+            f"{t.gradient_accumulation_steps} accumulation steps; make it a multiple of {world * t.gradient_accumulation_steps}"
+        )
+
+
+def start(cfg, precision: str):
+    """The Accelerator (device, autocast, the process group) and this process's Runtime."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import InitProcessGroupKwargs
+
+    rank, world, _ = env_world()
+    strategy = resolve_strategy(cfg, world)
+    check_batch(cfg, world)
+    if strategy == "deepspeed":
+        _deepspeed_available()
+        if world == 1:  # DeepSpeed wants a process group even for one process
+            for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                               ("MASTER_PORT", str(free_port()))):
+                os.environ.setdefault(key, value)
+    # Accelerate keeps one process-wide state; a second run in the same process (tests, the demo, a
+    # notebook) may want another precision, which it refuses unless the state is cleared first.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.distributed.timeout_minutes))])
+    if strategy == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   timeout=timedelta(minutes=cfg.distributed.timeout_minutes))
+    return accelerator, Runtime(strategy, rank, world)
+
+
+def _deepspeed_available() -> None:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as exc:
+        raise PhituneError("distributed.strategy: deepspeed needs DeepSpeed: pip install 'phitune[deepspeed]'") from exc
+
+
+# --- engines ----------------------------------------------------------------------------------
+
+
+class PlainEngine:
+    """One process, or plain data parallelism: the model is replicated and gradients are summed
+    over processes once per optimizer step, in one flat buffer.
+
+    Not torch's DistributedDataParallel wrapper on purpose: the loss runs the decoder and the
+    output head separately (the head only on labelled positions), a path DDP's forward hooks would
+    not see; one all-reduce per step is also what DDP's no_sync accumulation amounts to.
+    """
+
+    def __init__(self, accelerator, model, optimizer, runtime: Runtime):
+        self.accelerator, self.runtime = accelerator, runtime
+        self.model = model.to(accelerator.device)
+        # The optimizer goes through Accelerate for fp16 loss scaling; the model needs no wrapper.
+        self.optimizer = accelerator.prepare_optimizer(optimizer)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if runtime.parallel:  # the same start everywhere, whatever each process's RNG did
+            for p in self.trainable:
+                torch.distributed.broadcast(p.data, src=0)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def step(self, max_grad_norm: float | None) -> float | None:
+        if self.runtime.parallel:
+            self._average_gradients()
+        norm = float(self.accelerator.clip_grad_norm_(self.trainable, max_grad_norm)) if max_grad_norm else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _average_gradients(self) -> None:
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable]
+        flat = _flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat /= self.runtime.world
+        for p, g in zip(self.trainable, _unflatten_dense_tensors(flat, grads)):
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.copy_(g)
+
+    def unwrap(self):
+        return self.model
+
+    def gathered(self, params=None):
+        return contextlib.nullcontext()
+
+    def save_weights(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        if self.runtime.is_main:
+            save_file(trainable_state(self.unwrap()), str(path / "trainable.safetensors"))
+            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+
+    def load_weights(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path / "trainable.safetensors"))
+        params = dict(self.unwrap().named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+        if missing:
+            raise PhituneError(
+                f"{path}: checkpoint does not match this model/method ({len(missing)} trainable tensors missing, e.g. {missing[0]}); "
+                "resume with the configuration the run started with"
+            )
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO. `backward` then `step` on every micro-batch: the engine applies the update
+    (with its own clipping) at the accumulation boundary and only counts micro-steps in between."""
+
+    TAG = "zero"
+
+    def __init__(self, cfg, model, optimizer, runtime: Runtime):
+        import deepspeed
+
+        self.runtime = runtime
+        self.config = deepspeed_config(cfg, runtime.world)
+        self.stage = self.config["zero_optimization"]["stage"]
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loss is already scaled for the whole optimizer step: no division by accumulation steps.
+        self.model.backward(loss, scale_wrt_gas=False)
+        self.model.step()
+
+    def step(self, max_grad_norm: float | None) -> float | None:
+        norm = self.model.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def unwrap(self):
+        return self.model.module
+
+    def gathered(self, params=None):
+        """Under ZeRO-3 each process holds a shard of every parameter: gather them (on every
+        process, a collective) before reading or saving weights."""
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        params = list(params if params is not None else self.unwrap().parameters())
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    def save_weights(self, path: Path) -> None:
+        # Every process writes its own optimizer shard; frozen base weights are not repeated.
+        self.model.save_checkpoint(str(path / "deepspeed"), tag=self.TAG, save_latest=False,
+                                   exclude_frozen_parameters=any(not p.requires_grad for p in self.unwrap().parameters()))
+
+    def load_weights(self, path: Path) -> None:
+        if not (path / "deepspeed" / self.TAG).is_dir():
+            raise PhituneError(f"{path}: not a DeepSpeed checkpoint (no deepspeed/{self.TAG}/); resume with the "
+                               "distributed settings the run started with")
+        loaded, _ = self.model.load_checkpoint(str(path / "deepspeed"), tag=self.TAG, load_module_strict=False,
+                                               load_optimizer_states=True, load_lr_scheduler_states=False)
+        if loaded is None:
+            raise PhituneError(f"{path}: DeepSpeed could not load this checkpoint; resume with the same number of processes")
+
+
+def deepspeed_config(cfg, world: int) -> dict:
+    """What phitune derives, merged with the user's JSON; a key both set differently is an error."""
+    t, d = cfg.training, cfg.distributed
+    zero: dict = {"stage": d.zero_stage}
+    if d.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if d.offload_params == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    derived = {
+        "train_batch_size": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_micro_batch_size_per_gpu": t.batch_size // (world * t.gradient_accumulation_steps),
+        "gradient_clipping": t.max_grad_norm or 0.0,
+        "zero_optimization": zero,
+        # Our AdamW (or bitsandbytes') is used as given, also with offload.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if not d.deepspeed_config:
+        return derived
+    path = Path(d.deepspeed_config)
+    try:
+        user = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PhituneError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); fix the DeepSpeed config") from None
+    for key in ("fp16", "bf16"):
+        if isinstance(user.get(key), dict) and user[key].get("enabled"):
+            raise PhituneError(f"{path}: {key}.enabled: phitune sets precision itself (training.precision); remove the '{key}' section")
+    if "optimizer" in user or "scheduler" in user:
+        raise PhituneError(f"{path}: 'optimizer' / 'scheduler': phitune builds them from training.*; remove them from the DeepSpeed JSON")
+    return _merge(derived, user, path)
+
+
+def _merge(derived: dict, user: dict, path: Path, prefix: str = "") -> dict:
+    out = dict(user)
+    for key, value in derived.items():
+        if key not in user or user[key] == "auto":
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(user[key], dict):
+            out[key] = _merge(value, user[key], path, f"{prefix}{key}.")
+        elif user[key] != value and key not in ("steps_per_print", "wall_clock_breakdown"):
+            raise PhituneError(f"{path}: {prefix}{key} is {user[key]!r} but the phitune config gives {value!r}; "
+                               "set it in one place (or write \"auto\" in the JSON)")
+    return out
