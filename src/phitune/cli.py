@@ -48,13 +48,41 @@ def cmd_train(args) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)  # checked here, before any process is started
+    if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_local(args.nproc, args.argv)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0
     ev = result.eval_metrics
     shown = ", ".join(f"{k} {v:.4f}" for k, v in (ev or {}).items())
     print(f"done: {result.state.step} steps, final train loss {result.final_train_loss:.4f}" + (f"; eval: {shown}" if ev else ""))
     print(f"wrote {result.artifact} (and metrics.jsonl, config.yaml, README.md in {result.output_dir})")
     return 0
+
+
+def launch_local(nproc: int, argv: list[str]) -> int:
+    """`--nproc N`: start N processes of this same command with torchrun's launcher on this machine."""
+    import subprocess
+
+    from phitune.distributed import free_port
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "phitune", *rest]
+    env = dict(os.environ)
+    # Several processes on one CPU: split its cores instead of each taking them all.
+    if not __import__("torch").cuda.is_available():
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    log.info("starting %d processes: %s", nproc, " ".join(cmd))
+    return subprocess.call(cmd, env=env)
 
 
 def cmd_create_model(args) -> int:
@@ -161,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, help="= --set training.max_steps=...")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     t.add_argument("--overwrite", action="store_true", help="replace a previous run in output_dir")
+    t.add_argument("--nproc", type=int, help="start N processes on this machine (data parallel / DeepSpeed, see distributed.*)")
+    # The deepspeed launcher passes --local_rank; torchrun and accelerate use the LOCAL_RANK variable.
+    t.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("create-model", help="build a small UNTRAINED model + locally trained tokenizer")
@@ -221,17 +252,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
     _quiet_libraries(args.debug)
+    rank = int(os.environ.get("RANK", 0))
+    if rank != 0 and not args.debug:
+        # Every process of a distributed run would say the same: only the first one speaks.
+        logging.getLogger("phitune").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except PhituneError as exc:
         if args.debug:
             raise
-        print(f"phitune: error: {exc}", file=sys.stderr)
+        if rank == 0:  # the other processes stop with the same message
+            print(f"phitune: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # `phitune config-reference | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -242,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if args.debug:
             raise
-        print(f"phitune: error: {_hint(exc)}", file=sys.stderr)
+        print(f"phitune: error{f' (process {rank})' if rank else ''}: {_hint(exc)}", file=sys.stderr)
         return EXIT_USAGE if _is_oom(exc) else 1
 
 

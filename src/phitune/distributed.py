@@ -7,8 +7,8 @@ processes. Each process divides its summed loss by the *global* number of traine
 multiplies by `world`, because DDP and DeepSpeed average gradients over processes: the update is
 then exactly the single-process one (up to the order of floating-point sums).
 
-Two engines with the same small surface (`backward`, `step`, `unwrap`, `gathered`, checkpoint
-weights): `PlainEngine` (one process, or DDP through Accelerate) and `DeepSpeedEngine` (ZeRO 0-3,
+Two engines with the same small surface (`forward`, `backward`, `step`, `unwrap`, `gathered`,
+checkpoint weights): `PlainEngine` (one process, or DDP through Accelerate) and `DeepSpeedEngine` (ZeRO 0-3,
 CPU offload), whose sharded weights are gathered before anything is saved.
 """
 
@@ -126,6 +126,20 @@ def _deepspeed_available() -> None:
 # --- engines ----------------------------------------------------------------------------------
 
 
+class CallThrough(torch.nn.Module):
+    """What DeepSpeed wraps: `forward(fn, *args)` runs `fn(model, *args)`. Any computation on the
+    model (decoder and head apart, the adapter switched off for DPO's reference) then goes through
+    the engine's own forward, whose bookkeeping ZeRO needs (micro-step counting for accumulation,
+    parameter fetching, backward hooks)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.inner, *args, **kwargs)
+
+
 class PlainEngine:
     """One process, or plain data parallelism: the model is replicated and gradients are summed
     over processes once per optimizer step, in one flat buffer.
@@ -144,6 +158,9 @@ class PlainEngine:
         if runtime.parallel:  # the same start everywhere, whatever each process's RNG did
             for p in self.trainable:
                 torch.distributed.broadcast(p.data, src=0)
+
+    def forward(self, fn, *args):
+        return fn(self.model, *args)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
@@ -215,7 +232,10 @@ class DeepSpeedEngine:
         self.runtime = runtime
         self.config = deepspeed_config(cfg, runtime.world)
         self.stage = self.config["zero_optimization"]["stage"]
-        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=CallThrough(model), optimizer=optimizer, config=self.config)
+
+    def forward(self, fn, *args):
+        return self.model(fn, *args)
 
     def backward(self, loss: torch.Tensor) -> None:
         # The loss is already scaled for the whole optimizer step: no division by accumulation steps.
@@ -227,7 +247,7 @@ class DeepSpeedEngine:
         return None if norm is None else float(norm)
 
     def unwrap(self):
-        return self.model.module
+        return self.model.module.inner
 
     def gathered(self, params=None):
         """Under ZeRO-3 each process holds a shard of every parameter: gather them (on every

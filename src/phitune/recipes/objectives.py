@@ -198,10 +198,12 @@ def add_sums(total: dict, part: dict) -> dict:
 
 @torch.no_grad()
 def evaluate(objective, model, examples: list, *, batch_size: int, device, autocast=contextlib.nullcontext,
-             runtime=None) -> dict:
+             runtime=None, forward=None) -> dict:
     """Loss and metrics over held-out examples (in length order: little padding). With several
     processes each takes every world-th batch and the sums are added up; a process without a batch
-    in the last round runs a zero-weighted one (sharded models need every process in a forward)."""
+    in the last round runs a zero-weighted one (sharded models need every process in a forward).
+    `forward(fn, *args)` runs `fn(model, *args)` (through the training engine when there is one)."""
+    forward = forward or (lambda fn, *args: fn(model, *args))
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
@@ -213,7 +215,7 @@ def evaluate(objective, model, examples: list, *, batch_size: int, device, autoc
         part = [examples[i] for i in batches[mine]] if mine < len(batches) else []
         weight = 1.0 if part else 0.0
         with autocast():
-            loss, s = objective.loss(model, part or examples[:1], device)
+            loss, s = forward(objective.loss, part or examples[:1], device)
         total += weight * float(loss)
         count += objective.count(part) if part else 0
         add_sums(sums, {k: weight * v for k, v in s.items()})

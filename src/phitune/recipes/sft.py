@@ -235,7 +235,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     scheduler = build_scheduler(cfg, optimizer, steps)
     engine = (DeepSpeedEngine(cfg, model, optimizer, runtime) if runtime.strategy == "deepspeed"
               else PlainEngine(accelerator, model, optimizer, runtime))
-    model = engine.model  # what the objective calls: the model, or DeepSpeed's engine around it
+    model = engine.model  # the model, or DeepSpeed's engine around it: train()/eval() switch both
     virtual = num_virtual_tokens(engine.unwrap())
     objective = build_objective(cfg, data, tokenizer, virtual, reference)
 
@@ -268,7 +268,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
 
     def run_eval() -> dict:
         return evaluate(objective, model, data.validation_examples, batch_size=t.batch_size, device=device,
-                        autocast=accelerator.autocast, runtime=runtime)
+                        autocast=accelerator.autocast, runtime=runtime, forward=engine.forward)
 
     train_examples = data.train_examples
     lengths = [len(e.input_ids) for e in train_examples]
@@ -294,7 +294,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                     # and backward, weighted zero: collectives need every process.
                     weight = 1.0 if part else 0.0
                     with accelerator.autocast():
-                        loss, part_sums = objective.loss(model, part or examples[:1], device)
+                        loss, part_sums = engine.forward(objective.loss, part or examples[:1], device)
                     # Divide by the whole step's trained tokens (examples, pairs) over all processes
                     # and multiply by their number (gradients are averaged over processes): every
                     # token weighs the same, however the batch is split.
