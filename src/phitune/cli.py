@@ -50,13 +50,18 @@ def cmd_train(args) -> int:
             overrides.append(f"{key}={value}")
     cfg = load_config(args.config, overrides)  # checked here, before any process is started
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from phitune.distributed import check_batch, resolve_strategy
+
+        resolve_strategy(cfg, args.nproc)
+        check_batch(cfg, args.nproc)
         return launch_local(args.nproc, args.argv)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", 0)) != 0:
         return 0
     ev = result.eval_metrics
     shown = ", ".join(f"{k} {v:.4f}" for k, v in (ev or {}).items())
-    print(f"done: {result.state.step} steps, final train loss {result.final_train_loss:.4f}" + (f"; eval: {shown}" if ev else ""))
+    trained = f"final train loss {result.final_train_loss:.4f}" if result.final_train_loss is not None else "no step left to train"
+    print(f"done: {result.state.step} steps, {trained}" + (f"; eval: {shown}" if ev else ""))
     print(f"wrote {result.artifact} (and metrics.jsonl, config.yaml, README.md in {result.output_dir})")
     return 0
 

@@ -69,6 +69,30 @@ class Runtime:
     def shard(self, items: list) -> list:
         return items[self.rank :: self.world]
 
+    def gather(self, value) -> list:
+        """`value` from every process, in rank order."""
+        if not self.parallel:
+            return [value]
+        out: list = [None] * self.world
+        torch.distributed.all_gather_object(out, value)
+        return out
+
+
+def peak_memory_mb() -> dict:
+    """This process's peak resident memory (VmHWM: ru_maxrss would carry a launcher's peak across
+    fork + exec) and, on CUDA, peak allocated GPU memory."""
+    out: dict = {}
+    try:
+        with open("/proc/self/status") as f:
+            out["rss_mb"] = next(round(int(line.split()[1]) / 1024, 1) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+
+        out["rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if torch.cuda.is_available():
+        out["gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
 
 def resolve_strategy(cfg, world: int) -> str:
     s = cfg.distributed.strategy

@@ -24,7 +24,7 @@ import torch
 from phitune.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from phitune.config import Config, dump_config
 from phitune.data.batching import epoch_batches, split_micro
-from phitune.distributed import DeepSpeedEngine, PlainEngine, start
+from phitune.distributed import DeepSpeedEngine, PlainEngine, peak_memory_mb, start
 from phitune.data.dataset import TrainData, load_training_data, statistics_of
 from phitune.errors import PhituneError
 from phitune.models import HEADS, apply_method, load_model, load_tokenizer, num_virtual_tokens
@@ -360,7 +360,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                "packed_sequences": len(train_examples) if data.packed else None,
                "data": statistics_of(data.train, data.spec), "task": data.spec.name, "objective": objective.name,
                "model_class": HEADS[head], "num_labels": len(labels) if labels else None,
-               "processes": runtime.world, "strategy": runtime.strategy,
+               "processes": runtime.world, "strategy": runtime.strategy, "peak_memory_per_process": runtime.gather(peak_memory_mb()),
                **weights, "final_train_loss": last_loss, "eval": eval_metrics, "elapsed_s": round(state.elapsed_s, 2),
                "artifact": str(artifact)}
     if runtime.is_main:
