@@ -348,6 +348,9 @@ def _distributed_problems(d: "DistributedConfig | None", method: "MethodConfig |
                     "use zero_stage 2 or strategy ddp"))
     if method is not None and method.name == "prompt_tuning":
         out.append(("distributed.strategy", "prompt_tuning under deepspeed is not supported; use ddp"))
+    if method is not None and method.name == "full" and method.objective == "dpo" and d.zero_stage == 3:
+        out.append(("distributed.zero_stage", "dpo with method full keeps a frozen reference copy, which ZeRO-3's sharded "
+                    "loading cannot give; use an adapter method, or zero_stage 2"))
     return out
 
 

@@ -24,7 +24,7 @@ import torch
 from phitune.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from phitune.config import Config, dump_config
 from phitune.data.batching import epoch_batches, split_micro
-from phitune.distributed import DeepSpeedEngine, PlainEngine, peak_memory_mb, start
+from phitune.distributed import DeepSpeedEngine, PlainEngine, peak_memory_mb, run_deepspeed_config, start
 from phitune.data.dataset import TrainData, load_training_data, statistics_of
 from phitune.errors import PhituneError
 from phitune.models import HEADS, apply_method, load_model, load_tokenizer, num_virtual_tokens
@@ -218,6 +218,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
 
     seed_everything(t.seed)  # the same initial weights in every process
     head, labels = head_of(data)
+    ds_config, zero3_loading = run_deepspeed_config(cfg, runtime)  # the second must live while the model loads
     model = load_model(cfg, device, precision, head=head, labels=labels)
     model.config.use_cache = False
     model.config.pad_token_id = tokenizer.pad_token_id  # the sequence-classification head finds the last token by it
@@ -233,7 +234,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     steps = total_steps(cfg, len(data.train_examples))
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps)
-    engine = (DeepSpeedEngine(cfg, model, optimizer, runtime) if runtime.strategy == "deepspeed"
+    engine = (DeepSpeedEngine(model, optimizer, runtime, ds_config) if ds_config is not None
               else PlainEngine(accelerator, model, optimizer, runtime))
     model = engine.model  # the model, or DeepSpeed's engine around it: train()/eval() switch both
     virtual = num_virtual_tokens(engine.unwrap())
