@@ -105,10 +105,11 @@ def _check_zero3_adapter(out, reference):
     assert (a - plain).abs().max() > 1e-2  # the adapter is trained, not zeros
 
 
-def test_zero3_killed_mid_run_resumes_exactly(single, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+def test_killed_mid_run_resumes_exactly(strategy, single, tmp_path):
     cfg, reference = single
     out = tmp_path / "killed"
-    args = ["train", cfg, "--nproc", "2", "--set", f"output_dir={out}", *STRATEGIES["zero3"]]
+    args = ["train", cfg, "--nproc", "2", "--set", f"output_dir={out}", *STRATEGIES[strategy]]
     # A session of its own, so the launcher and both workers die together.
     proc = _phitune(*args, start_new_session=True)
     deadline = time.time() + 300
@@ -181,3 +182,13 @@ def test_offload_runs_and_matches(single, tmp_path):
     _run("train", cfg, "--nproc", "2", "--set", f"output_dir={out}", *STRATEGIES["zero3"],
          "--set", "distributed.offload_params=cpu", "--set", "distributed.offload_optimizer=cpu")
     _close(losses(out), losses(reference))
+
+
+def test_qlora_under_zero2_matches_one_process(tmp_path, tiny_phi3, chat_files):
+    pytest.importorskip("bitsandbytes")
+    outs = {}
+    for name, extra in (("single", []), ("zero2", ["--nproc", "2", *STRATEGIES["zero2"]])):
+        cfg = _config(tmp_path / f"{name}.json", tiny_phi3, *chat_files, tmp_path / name, max_steps=6, save_every=None)
+        _run("train", cfg, "--set", "method.name=qlora", *extra)
+        outs[name] = losses(tmp_path / name)
+    _close(outs["zero2"], outs["single"])

@@ -181,6 +181,8 @@ def cmd_config_reference(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phitune", description="Fine-tune small language models (Phi-3 family first).")
     p.add_argument("--debug", action="store_true", help="show library logs and full tracebacks")
+    # The deepspeed launcher puts --local_rank before the command; torchrun and accelerate use LOCAL_RANK.
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="fine-tune from a YAML config (and/or flags)")
@@ -195,8 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     t.add_argument("--overwrite", action="store_true", help="replace a previous run in output_dir")
     t.add_argument("--nproc", type=int, help="start N processes on this machine (data parallel / DeepSpeed, see distributed.*)")
-    # The deepspeed launcher passes --local_rank; torchrun and accelerate use the LOCAL_RANK variable.
-    t.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("create-model", help="build a small UNTRAINED model + locally trained tokenizer")

@@ -280,6 +280,8 @@ class DeepSpeedEngine:
             return contextlib.nullcontext()
         import deepspeed
 
+        # Parameters still being fetched by the last forward's prefetch cannot be gathered: release them first.
+        self.model.empty_partition_cache()
         params = list(params if params is not None else self.unwrap().parameters())
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
@@ -306,14 +308,7 @@ def run_deepspeed_config(cfg, runtime: Runtime):
     """
     if runtime.strategy != "deepspeed":
         return None, None
-    from transformers import AutoConfig
-
-    try:
-        hidden = getattr(AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
-                                                    trust_remote_code=cfg.model.trust_remote_code), "hidden_size", None)
-    except (OSError, ValueError):
-        hidden = None  # the model loader reports an unreachable model with its own message
-    config = deepspeed_config(cfg, runtime.world, hidden)
+    config = deepspeed_config(cfg, runtime.world)
     if config["zero_optimization"]["stage"] != 3:
         return config, None
     from transformers.integrations import HfDeepSpeedConfig
@@ -321,23 +316,10 @@ def run_deepspeed_config(cfg, runtime: Runtime):
     return config, HfDeepSpeedConfig(config)
 
 
-def deepspeed_config(cfg, world: int, hidden_size: int | None = None) -> dict:
+def deepspeed_config(cfg, world: int) -> dict:
     """What phitune derives, merged with the user's JSON; a key both set differently is an error."""
     t, d = cfg.training, cfg.distributed
     zero: dict = {"stage": d.zero_stage}
-    if hidden_size and d.zero_stage >= 2:
-        # DeepSpeed's default buckets hold 5e8 elements (2 GB in fp32) whatever the model: sized
-        # to the model instead, as transformers' "auto" does, they stop dominating memory.
-        zero["reduce_bucket_size"] = hidden_size * hidden_size
-        zero["allgather_bucket_size"] = max(hidden_size * hidden_size, 5 * 10**7) if d.zero_stage == 2 else None
-        if d.zero_stage == 3:
-            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
-            zero["stage3_param_persistence_threshold"] = 10 * hidden_size
-            # DeepSpeed keeps gathered parameters alive up to 1e9 of them by default: on a model
-            # smaller than that every process ends up holding it whole, the opposite of ZeRO-3.
-            zero["stage3_max_live_parameters"] = 32 * hidden_size * hidden_size
-            zero["stage3_max_reuse_distance"] = 32 * hidden_size * hidden_size
-        zero = {k: v for k, v in zero.items() if v is not None}
     if d.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if d.offload_params == "cpu":
