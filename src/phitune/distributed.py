@@ -216,6 +216,9 @@ class PlainEngine:
     def gathered(self, params=None):
         return contextlib.nullcontext()
 
+    def adapter_state_dict(self) -> dict | None:
+        return None  # PEFT reads the (whole) weights itself
+
     def save_weights(self, path: Path) -> None:
         from safetensors.torch import save_file
 
@@ -285,6 +288,31 @@ class DeepSpeedEngine:
         params = list(params if params is not None else self.unwrap().parameters())
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
+    def adapter_state_dict(self) -> dict | None:
+        """Under ZeRO-3, the adapter's tensors gathered whole, one at a time, on every process.
+
+        Not only the trainable ones: with an embedding or the output head among the targets, PEFT
+        also saves that layer's frozen base weight, and a shard of it would be saved as an empty
+        tensor (the failure TRL #4416 / PEFT #2892 describe). Which tensors PEFT saves is asked of
+        PEFT itself, by passing it placeholders and seeing which come back.
+        """
+        if self.stage != 3:
+            return None
+        import deepspeed
+        from peft import get_peft_model_state_dict
+
+        model = self.unwrap()
+        probes = {k: torch.empty(0) for k in model.state_dict()}
+        by_id = {id(v): k for k, v in probes.items()}
+        wanted = {by_id[id(v)] for v in get_peft_model_state_dict(model, state_dict=probes).values() if id(v) in by_id}
+        self.model.empty_partition_cache()
+        out = {}
+        for name, param in model.named_parameters():
+            if name in wanted:
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    out[name] = param.detach().cpu().clone()
+        return out
+
     def save_weights(self, path: Path) -> None:
         # Every process writes its own optimizer shard; frozen base weights are not repeated.
         self.model.save_checkpoint(str(path / "deepspeed"), tag=self.TAG, save_latest=False,
@@ -308,7 +336,14 @@ def run_deepspeed_config(cfg, runtime: Runtime):
     """
     if runtime.strategy != "deepspeed":
         return None, None
-    config = deepspeed_config(cfg, runtime.world)
+    from transformers import AutoConfig
+
+    try:
+        hidden = getattr(AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
+                                                    trust_remote_code=cfg.model.trust_remote_code), "hidden_size", None)
+    except (OSError, ValueError):
+        hidden = None  # the model loader reports an unreachable model with its own message
+    config = deepspeed_config(cfg, runtime.world, hidden)
     if config["zero_optimization"]["stage"] != 3:
         return config, None
     from transformers.integrations import HfDeepSpeedConfig
@@ -316,10 +351,18 @@ def run_deepspeed_config(cfg, runtime: Runtime):
     return config, HfDeepSpeedConfig(config)
 
 
-def deepspeed_config(cfg, world: int) -> dict:
+def deepspeed_config(cfg, world: int, hidden_size: int | None = None) -> dict:
     """What phitune derives, merged with the user's JSON; a key both set differently is an error."""
     t, d = cfg.training, cfg.distributed
     zero: dict = {"stage": d.zero_stage}
+    if hidden_size and d.zero_stage == 3:
+        # Sized to the model as transformers' "auto" does. DeepSpeed's defaults (buckets of 5e8
+        # elements, up to 1e9 gathered parameters kept alive) let every process of a model smaller
+        # than that end up holding it whole: measured 141% of DDP's peak memory, 123% with these.
+        h2 = hidden_size * hidden_size
+        zero.update(reduce_bucket_size=h2, stage3_prefetch_bucket_size=int(0.9 * h2),
+                    stage3_param_persistence_threshold=10 * hidden_size,
+                    stage3_max_live_parameters=32 * h2, stage3_max_reuse_distance=32 * h2)
     if d.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if d.offload_params == "cpu":

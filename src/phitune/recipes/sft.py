@@ -260,12 +260,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
 
     def save_adapter(path: Path) -> None:
         # Under ZeRO-3 every process gathers the adapter; only the main one writes it.
-        trainable = [p for p in engine.unwrap().parameters() if p.requires_grad]
-        with engine.gathered(trainable):
-            if runtime.is_main:
-                engine.unwrap().save_pretrained(path, path_initial_model_for_weight_conversion=str(initial) if initial else None)
-                tokenizer.save_pretrained(path)
-                (path / "task.json").write_text(data.spec.to_json())
+        state_dict = engine.adapter_state_dict()
+        if runtime.is_main:
+            engine.unwrap().save_pretrained(path, state_dict=state_dict,
+                                            path_initial_model_for_weight_conversion=str(initial) if initial else None)
+            tokenizer.save_pretrained(path)
+            (path / "task.json").write_text(data.spec.to_json())
 
     def run_eval() -> dict:
         return evaluate(objective, model, data.validation_examples, batch_size=t.batch_size, device=device,
