@@ -1,5 +1,5 @@
 """Peak memory per process for full fine-tuning of a ~115M-parameter Phi-3 with 2 processes:
-DDP vs ZeRO-2 vs ZeRO-3 vs ZeRO-3 + CPU offload. Runs `phitune train --nproc 2` for each and reads
+DDP vs ZeRO-2 vs ZeRO-3 vs ZeRO-3 + CPU offload vs FSDP2. Runs `phitune train --nproc 2` for each and reads
 `peak_memory_per_process` (VmHWM of each worker) from run.json.
 
 Twice: with glibc's default allocator settings, and with a fixed mmap threshold
@@ -26,6 +26,7 @@ STRATEGIES = {
     "ZeRO-3": ["--set", "distributed.strategy=deepspeed", "--set", "distributed.zero_stage=3"],
     "ZeRO-3 + offload": ["--set", "distributed.strategy=deepspeed", "--set", "distributed.zero_stage=3",
                          "--set", "distributed.offload_params=cpu", "--set", "distributed.offload_optimizer=cpu"],
+    "FSDP2": ["--set", "distributed.strategy=fsdp"],
 }
 
 

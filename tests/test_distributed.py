@@ -1,5 +1,5 @@
-"""Several processes on CPU (gloo): DDP, ZeRO-2 and ZeRO-3 give the single-process run's losses
-and artifacts; ZeRO-3 adapters are whole; a killed ZeRO-3 run resumes exactly; two "machines"
+"""Several processes on CPU (gloo): DDP, ZeRO-2, ZeRO-3 and FSDP2 give the single-process run's
+losses and artifacts; sharded adapters are whole; killed runs resume exactly; two "machines"
 (two torchrun invocations over loopback) train together."""
 
 import json
@@ -23,6 +23,7 @@ STRATEGIES = {
     "ddp": ["--set", "distributed.strategy=ddp"],
     "zero2": ["--set", "distributed.strategy=deepspeed", "--set", "distributed.zero_stage=2"],
     "zero3": ["--set", "distributed.strategy=deepspeed", "--set", "distributed.zero_stage=3"],
+    "fsdp": ["--set", "distributed.strategy=fsdp"],
 }
 
 
@@ -76,13 +77,13 @@ def test_two_processes_give_the_single_process_losses(strategy, single, tmp_path
     _close(losses(out), losses(reference))
     _close(_eval_losses(out), _eval_losses(reference))
     run = json.loads((out / "run.json").read_text())
-    assert run["processes"] == 2 and run["strategy"] == ("ddp" if strategy == "ddp" else "deepspeed")
-    if strategy == "zero3":
-        _check_zero3_adapter(out, reference)
+    assert run["processes"] == 2 and run["strategy"] == {"ddp": "ddp", "fsdp": "fsdp"}.get(strategy, "deepspeed")
+    if strategy in ("zero3", "fsdp"):  # sharded parameters
+        _check_sharded_adapter(out, reference)
 
 
-def _check_zero3_adapter(out, reference):
-    """The ZeRO-3 adapter is whole (TRL #4416 / PEFT #2892 saved empty ones) and loads in plain PEFT."""
+def _check_sharded_adapter(out, reference):
+    """The ZeRO-3 / FSDP adapter is whole (TRL #4416 / PEFT #2892 saved empty ones) and loads in plain PEFT."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -105,7 +106,7 @@ def _check_zero3_adapter(out, reference):
     assert (a - plain).abs().max() > 1e-2  # the adapter is trained, not zeros
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero3", "fsdp"])
 def test_killed_mid_run_resumes_exactly(strategy, single, tmp_path):
     cfg, reference = single
     out = tmp_path / "killed"
@@ -145,11 +146,12 @@ def test_two_machines_over_loopback(single, tmp_path):
     _close(losses(out), losses(reference))
 
 
-def test_full_fine_tuning_under_zero3_saves_the_whole_model(tmp_path, tiny_phi3, chat_files):
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp"])
+def test_full_fine_tuning_with_sharded_parameters_saves_the_whole_model(strategy, tmp_path, tiny_phi3, chat_files):
     from transformers import AutoModelForCausalLM
 
     outs = {}
-    for name, extra in (("single", []), ("zero3", ["--nproc", "2", *STRATEGIES["zero3"]])):
+    for name, extra in (("single", []), (strategy, ["--nproc", "2", *STRATEGIES[strategy]])):
         cfg = _config(tmp_path / f"{name}.json", tiny_phi3, *chat_files, tmp_path / name, max_steps=4, save_every=None,
                       eval_every=None, learning_rate=1e-3)
         raw = json.loads(cfg.read_text())
@@ -157,8 +159,8 @@ def test_full_fine_tuning_under_zero3_saves_the_whole_model(tmp_path, tiny_phi3,
         cfg.write_text(json.dumps(raw))
         _run("train", cfg, *extra)
         outs[name] = tmp_path / name
-    _close(losses(outs["zero3"]), losses(outs["single"]))
-    a, b = (AutoModelForCausalLM.from_pretrained(outs[n] / "model").state_dict() for n in ("zero3", "single"))
+    _close(losses(outs[strategy]), losses(outs["single"]))
+    a, b = (AutoModelForCausalLM.from_pretrained(outs[n] / "model").state_dict() for n in (strategy, "single"))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)

@@ -17,7 +17,6 @@ def _cfg(tmp_path, tiny_phi3, chat_files, **distributed):
 
 
 @pytest.mark.parametrize("distributed, message", [
-    ({"strategy": "fsdp"}, "distributed.strategy: fsdp is not available yet"),
     ({"strategy": "deepspeed", "zero_stage": 2, "offload_params": "cpu"}, "parameter offload needs zero_stage 3"),
     ({"strategy": "deepspeed", "zero_stage": 0, "offload_optimizer": "cpu"}, "optimizer offload needs zero_stage 1, 2 or 3"),
     ({"strategy": "ddp", "offload_optimizer": "cpu"}, "only applies with distributed.strategy: deepspeed"),
@@ -30,10 +29,13 @@ def test_impossible_combinations_are_refused(tmp_path, tiny_phi3, chat_files, di
     assert message in str(exc.value)
 
 
-def test_qlora_with_zero3_is_refused(tmp_path, tiny_phi3, chat_files):
-    raw = {"model": str(tiny_phi3), "method": "qlora", "data": str(chat_files[0]),
-           "distributed": {"strategy": "deepspeed", "zero_stage": 3}}
-    with pytest.raises(PhituneError, match="qlora with ZeRO-3 is not supported"):
+@pytest.mark.parametrize("distributed, message", [
+    ({"strategy": "deepspeed", "zero_stage": 3}, "qlora with ZeRO-3 is not supported"),
+    ({"strategy": "fsdp"}, "qlora under fsdp is not supported"),
+])
+def test_qlora_with_sharded_parameters_is_refused(tmp_path, tiny_phi3, chat_files, distributed, message):
+    raw = {"model": str(tiny_phi3), "method": "qlora", "data": str(chat_files[0]), "distributed": distributed}
+    with pytest.raises(PhituneError, match=message):
         parse_config(raw)
 
 

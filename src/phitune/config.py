@@ -159,7 +159,7 @@ class TrainingConfig(_Section):
 class DistributedConfig(_Section):
     strategy: Literal["auto", "none", "ddp", "deepspeed", "fsdp"] = Field(
         "auto", description="auto: one process -> none, several -> ddp. ddp: replicated model, gradients averaged. "
-        "deepspeed: ZeRO (zero_stage) with optional CPU offload. fsdp: not yet available."
+        "deepspeed: ZeRO (zero_stage) with optional CPU offload. fsdp: PyTorch FSDP2, every decoder layer sharded."
     )
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="deepspeed: 1 shards optimizer states, 2 also gradients, 3 also parameters.")
     offload_optimizer: Literal["none", "cpu"] = Field("none", description="deepspeed: keep optimizer states in CPU memory (stage 1-3).")
@@ -330,8 +330,9 @@ def _distributed_problems(d: "DistributedConfig | None", method: "MethodConfig |
     out: list[tuple[str, str]] = []
     if d is None:
         return out
-    if d.strategy == "fsdp":
-        out.append(("distributed.strategy", "fsdp is not available yet; use deepspeed (zero_stage 3 shards parameters like FSDP)"))
+    if d.strategy == "fsdp" and method is not None and method.name in ("qlora", "prompt_tuning"):
+        out.append(("distributed.strategy", f"{method.name} under fsdp is not supported (4-bit weights and virtual tokens "
+                    "are not sharded here); use ddp or deepspeed"))
     if d.strategy != "deepspeed":
         for key, default in (("offload_optimizer", "none"), ("offload_params", "none"), ("deepspeed_config", None)):
             if getattr(d, key) != default:

@@ -7,9 +7,10 @@ processes. Each process divides its summed loss by the *global* number of traine
 multiplies by `world`, because DDP and DeepSpeed average gradients over processes: the update is
 then exactly the single-process one (up to the order of floating-point sums).
 
-Two engines with the same small surface (`forward`, `backward`, `step`, `unwrap`, `gathered`,
-checkpoint weights): `PlainEngine` (one process, or DDP through Accelerate) and `DeepSpeedEngine` (ZeRO 0-3,
-CPU offload), whose sharded weights are gathered before anything is saved.
+Three engines with the same small surface (`forward`, `backward`, `step`, `unwrap`, `gathered`,
+checkpoint weights): `PlainEngine` (one process, or plain data parallelism), `DeepSpeedEngine`
+(ZeRO 0-3, CPU offload) and `FsdpEngine` (FSDP2), whose sharded weights are gathered before
+anything is saved.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def free_port() -> int:
 
 @dataclass
 class Runtime:
-    strategy: str  # none | ddp | deepspeed
+    strategy: str  # none | ddp | deepspeed | fsdp
     rank: int = 0
     world: int = 1
 
@@ -121,17 +122,22 @@ def start(cfg, precision: str):
     rank, world, _ = env_world()
     strategy = resolve_strategy(cfg, world)
     check_batch(cfg, world)
+    if strategy == "fsdp" and precision == "fp16":
+        raise PhituneError("training.precision: fp16 is not supported with fsdp here (no sharded loss scaling); use bf16 or fp32")
     if strategy == "deepspeed":
         _deepspeed_available()
-        if world == 1:  # DeepSpeed wants a process group even for one process
-            for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                               ("MASTER_PORT", str(free_port()))):
-                os.environ.setdefault(key, value)
+    if strategy in ("deepspeed", "fsdp") and world == 1:  # both want a process group even for one process
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                           ("MASTER_PORT", str(free_port()))):
+            os.environ.setdefault(key, value)
     # Accelerate keeps one process-wide state; a second run in the same process (tests, the demo, a
     # notebook) may want another precision, which it refuses unless the state is cleared first.
     AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.distributed.timeout_minutes))])
+    if strategy == "fsdp" and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                             timeout=timedelta(minutes=cfg.distributed.timeout_minutes))
     if strategy == "deepspeed":
         import deepspeed
 
@@ -289,22 +295,14 @@ class DeepSpeedEngine:
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def adapter_state_dict(self) -> dict | None:
-        """Under ZeRO-3, the adapter's tensors gathered whole, one at a time, on every process.
-
-        Not only the trainable ones: with an embedding or the output head among the targets, PEFT
-        also saves that layer's frozen base weight, and a shard of it would be saved as an empty
-        tensor (the failure TRL #4416 / PEFT #2892 describe). Which tensors PEFT saves is asked of
-        PEFT itself, by passing it placeholders and seeing which come back.
-        """
+        """Under ZeRO-3, the adapter's tensors (see adapter_tensor_names) gathered whole, one at a
+        time, on every process."""
         if self.stage != 3:
             return None
         import deepspeed
-        from peft import get_peft_model_state_dict
 
         model = self.unwrap()
-        probes = {k: torch.empty(0) for k in model.state_dict()}
-        by_id = {id(v): k for k, v in probes.items()}
-        wanted = {by_id[id(v)] for v in get_peft_model_state_dict(model, state_dict=probes).values() if id(v) in by_id}
+        wanted = adapter_tensor_names(model)
         self.model.empty_partition_cache()
         out = {}
         for name, param in model.named_parameters():
@@ -326,6 +324,97 @@ class DeepSpeedEngine:
                                                load_optimizer_states=True, load_lr_scheduler_states=False)
         if loaded is None:
             raise PhituneError(f"{path}: DeepSpeed could not load this checkpoint; resume with the same number of processes")
+
+
+class FsdpEngine:
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`): every decoder layer, then the rest of the
+    model, sharded across processes; parameters are gathered layer by layer in forward and
+    backward, gradients reduce-scattered. The root is a `CallThrough`, so the loss's separate
+    decoder and head calls still run inside the root's forward hooks."""
+
+    def __init__(self, model, make_optimizer, runtime: Runtime, precision: str, device):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        self.runtime = runtime
+        model = model.to(device)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
+        layers = set(getattr(_transformer(model), "_no_split_modules", None) or ())
+        if not layers:
+            raise PhituneError("distributed.strategy: fsdp needs the model's decoder layer class (_no_split_modules); use deepspeed")
+        for module in model.modules():
+            if type(module).__name__ in layers:
+                fully_shard(module, mp_policy=policy)
+        self.model = fully_shard(CallThrough(model), mp_policy=policy)
+        self.optimizer = make_optimizer(self.model)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+    def forward(self, fn, *args):
+        return self.model(fn, *args)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, max_grad_norm: float | None) -> float | None:
+        norm = None
+        if max_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_grad_norm)
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def unwrap(self):
+        return self.model.inner
+
+    def gathered(self, params=None):
+        return contextlib.nullcontext()  # whole weights come from full_state_dict() instead
+
+    def full_state_dict(self, names: set[str] | None = None) -> dict:
+        """The model's weights, whole, on the main process (a collective: every process calls it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        out = {k.removeprefix("inner."): v for k, v in full.items()}
+        return {k: v for k, v in out.items() if names is None or k in names}
+
+    def adapter_state_dict(self) -> dict:
+        return self.full_state_dict(adapter_tensor_names(self.unwrap()))
+
+    def save_weights(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=StateDictOptions(ignore_frozen_params=True))
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path / "fsdp"))
+
+    def load_weights(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+        if not (path / "fsdp").is_dir():
+            raise PhituneError(f"{path}: not an FSDP checkpoint (no fsdp/); resume with the distributed settings the run started with")
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=StateDictOptions(ignore_frozen_params=True))
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=str(path / "fsdp"))
+        # Frozen base weights are not in the checkpoint (they come from the base model): not strict.
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+def _transformer(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def adapter_tensor_names(model) -> set[str]:
+    """Which of the model's tensors PEFT saves in an adapter, asked of PEFT itself: it is handed
+    placeholders and the ones that come back are the answer. Not only the trainable ones: with an
+    embedding or the output head among the targets PEFT also saves that layer's frozen base
+    weight, which a trainable-only gather would leave as an empty shard (TRL #4416, PEFT #2892)."""
+    from peft import get_peft_model_state_dict
+
+    probes = {k: torch.empty(0) for k in model.state_dict()}
+    by_id = {id(v): k for k, v in probes.items()}
+    return {by_id[id(v)] for v in get_peft_model_state_dict(model, state_dict=probes).values() if id(v) in by_id}
 
 
 def run_deepspeed_config(cfg, runtime: Runtime):

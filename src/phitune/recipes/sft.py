@@ -24,7 +24,7 @@ import torch
 from phitune.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from phitune.config import Config, dump_config
 from phitune.data.batching import epoch_batches, split_micro
-from phitune.distributed import DeepSpeedEngine, PlainEngine, peak_memory_mb, run_deepspeed_config, start
+from phitune.distributed import DeepSpeedEngine, FsdpEngine, PlainEngine, peak_memory_mb, run_deepspeed_config, start
 from phitune.data.dataset import TrainData, load_training_data, statistics_of
 from phitune.errors import PhituneError
 from phitune.models import HEADS, apply_method, load_model, load_tokenizer, num_virtual_tokens
@@ -232,10 +232,14 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     steps = total_steps(cfg, len(data.train_examples))
-    optimizer = build_optimizer(cfg, model)
+    if runtime.strategy == "fsdp":  # the optimizer is built on the sharded parameters
+        engine = FsdpEngine(model, lambda m: build_optimizer(cfg, m), runtime, precision, device)
+        optimizer = engine.optimizer
+    else:
+        optimizer = build_optimizer(cfg, model)
+        engine = (DeepSpeedEngine(model, optimizer, runtime, ds_config) if ds_config is not None
+                  else PlainEngine(accelerator, model, optimizer, runtime))
     scheduler = build_scheduler(cfg, optimizer, steps)
-    engine = (DeepSpeedEngine(model, optimizer, runtime, ds_config) if ds_config is not None
-              else PlainEngine(accelerator, model, optimizer, runtime))
     model = engine.model  # the model, or DeepSpeed's engine around it: train()/eval() switch both
     virtual = num_virtual_tokens(engine.unwrap())
     objective = build_objective(cfg, data, tokenizer, virtual, reference)
@@ -403,11 +407,16 @@ def save_final(cfg: Config, engine, tokenizer, out: Path, save_adapter, data_spe
     else:
         model = engine.unwrap()
         with engine.gathered():
+            # Sharded weights come back whole: inside ZeRO-3's gather, or from FSDP's full state dict.
+            if hasattr(engine, "full_state_dict"):
+                whole = engine.full_state_dict()
+            elif getattr(engine, "stage", 0) == 3:
+                whole = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            else:
+                whole = None
             if runtime.is_main:
                 model.config.use_cache = True
-                # Inside the gather, ZeRO-3's shards are whole again: save those, not the placeholders.
-                gathered = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if getattr(engine, "stage", 0) == 3 else None
-                model.save_pretrained(tmp, state_dict=gathered)
+                model.save_pretrained(tmp, state_dict=whole)
                 tokenizer.save_pretrained(tmp)
                 (tmp / "task.json").write_text(data_spec_json)
     if runtime.is_main:
