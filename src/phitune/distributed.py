@@ -100,7 +100,7 @@ def resolve_strategy(cfg, world: int) -> str:
     if s == "auto":
         return "ddp" if world > 1 else "none"
     if s == "none" and world > 1:
-        raise PhituneError(f"distributed.strategy: none, but {world} processes were started; use ddp or deepspeed")
+        raise PhituneError(f"distributed.strategy: none, but {world} processes were started; use ddp, deepspeed or fsdp")
     return s
 
 
