@@ -18,16 +18,37 @@ def end_of_turn_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def chat_complete(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 64, temperature: float = 0.0,
-                  seed: int = 0) -> str:
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    enc = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(model.device)
+def chat_complete_batch(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 64,
+                        temperature: float = 0.0, seed: int = 0, batch_size: int = 16) -> list[str]:
+    """One reply per conversation, several at a time: prompts left-padded (so every row's next
+    token is in the last column), KV cache on, stopping at the end-of-turn token. Prompts are
+    grouped by length to pad little; replies come back in input order."""
+    prompts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=end_of_turn_ids(model, tokenizer),
-                  pad_token_id=tokenizer.pad_token_id)
+                  pad_token_id=tokenizer.pad_token_id, use_cache=True)
     if temperature > 0:
         torch.manual_seed(seed)
         kwargs.update(do_sample=True, temperature=temperature)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    out = model.generate(**enc, **kwargs)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    replies: list[str] = [""] * len(ids)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(ids[i]) for i in rows)
+        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for r, i in enumerate(rows):
+            input_ids[r, width - len(ids[i]):] = torch.tensor(ids[i])
+            mask[r, width - len(ids[i]):] = 1
+        out = model.generate(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device), **kwargs)
+        for r, i in enumerate(rows):
+            replies[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
+    return replies
+
+
+def chat_complete(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                  seed: int = 0) -> str:
+    return chat_complete_batch(model, tokenizer, [messages], max_new_tokens=max_new_tokens, temperature=temperature,
+                               seed=seed)[0]
