@@ -165,3 +165,15 @@ def test_preference_data_needs_the_dpo_objective(tmp_path, tiny_phi3, capsys):
     cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat, tmp_path / "out", method={"name": "lora", "objective": "dpo"})
     assert run_cli("train", cfg) == 2
     assert "method.objective dpo needs preference rows" in capsys.readouterr().err
+
+
+def test_generative_classification_as_raw_text_is_validated(tmp_path, tiny_phi3, capsys):
+    """Labels of raw prompt/completion rows (data.chat_template: false) are counted like chat ones."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"model": str(tiny_phi3), "data": {"train": "unused", "chat_template": False},
+                               "task": "classification"}))
+    path = tmp_path / "c.csv"
+    path.write_text("text,label\nnice,pos\ngood,pos\nbad,neg\nbad,neg\n")
+    assert run_cli("data", "validate", path, "--config", cfg) == 0
+    out = capsys.readouterr().out
+    assert "labels: neg 2, pos 2" in out and "exact duplicate" in out

@@ -36,11 +36,11 @@ class Split:
     warnings: list[str] = field(default_factory=list)
     truncated: int = 0
     dropped: list[str] = field(default_factory=list)  # nothing left to train after truncation
-    duplicates: int = 0
+    duplicate_sources: set[str] = field(default_factory=set)  # rows repeating an earlier row exactly
 
     @property
-    def num_tokens(self) -> int:
-        return sum(len(e.input_ids) for e in self.examples)
+    def duplicates(self) -> int:
+        return len(self.duplicate_sources)
 
 
 def format_options(data_cfg) -> FormatOptions:
@@ -90,19 +90,26 @@ def _key(sample) -> str:
     return json.dumps(asdict(sample), sort_keys=True, ensure_ascii=False)
 
 
+def class_label(sample) -> str:
+    """A classification example's label: the head's label, or the answer of the generative form."""
+    if isinstance(sample, Labelled):
+        return sample.label
+    return sample.completion if isinstance(sample, Plain) else sample.messages[-1]["content"]
+
+
 def _sample_warnings(split: Split, spec: TaskSpec) -> None:
     first: dict[str, str] = {}
     for where, sample in split.samples:
         key = _key(sample)
         if key in first:
-            split.duplicates += 1
+            split.duplicate_sources.add(where)
             split.warnings.append(f"{where}: exact duplicate of {first[key]}; it is dropped from training (data.dedupe)")
         else:
             first[key] = where
         if isinstance(sample, Preference) and sample.chosen.strip() == sample.rejected.strip():
             split.warnings.append(f"{where}: preferred and non-preferred replies are identical; the pair teaches nothing")
     if spec.name == "classification" and split.samples:
-        counts = Counter(s.label if isinstance(s, Labelled) else s.messages[-1]["content"] for _, s in split.samples)
+        counts = Counter(class_label(s) for _, s in split.samples)
         once = sorted(label for label, n in counts.items() if n == 1)
         if once:
             split.warnings.append(f"{split.path}: label(s) seen only once: {', '.join(once)}; the model can hardly learn them")
@@ -147,12 +154,10 @@ def statistics_of(split: Split, spec: TaskSpec) -> dict:
             roles.update(m["role"] for m in s.messages)
         elif isinstance(s, Preference):
             roles.update(m["role"] for m in s.prompt)
-        if isinstance(s, Labelled):
-            labels[s.label] += 1
-        elif isinstance(s, Tagged):
+        if isinstance(s, Tagged):
             labels.update(t[2:] for t in s.tags if t.startswith("B-"))
-        elif spec.name == "classification" and isinstance(s, (Chat, Plain)):
-            labels[s.messages[-1]["content"] if isinstance(s, Chat) else s.completion] += 1
+        elif spec.name == "classification":
+            labels[class_label(s)] += 1
     if roles:
         stats["roles"] = dict(roles.most_common())
     if labels:
@@ -197,13 +202,7 @@ def load_training_data(cfg, tokenizer) -> TrainData:
         raise_on_errors(validation)
     _check_objective(cfg, train)
     if cfg.data.dedupe and train.duplicates:
-        seen, unique = set(), []
-        for where, sample in train.samples:
-            key = _key(sample)
-            if key not in seen:
-                seen.add(key)
-                unique.append((where, sample))
-        train.samples = unique
+        train.samples = [(where, sample) for where, sample in train.samples if where not in train.duplicate_sources]
     tokenize_split(train, tokenizer, cfg.data.max_length, spec)
     if validation:
         tokenize_split(validation, tokenizer, cfg.data.max_length, spec)
