@@ -191,22 +191,55 @@ def preference(rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
+def held_out(rng: random.Random, make, key, n_train: int, n_val: int, inputs: int) -> tuple[list[dict], list[dict]]:
+    """Train and validation rows that never share an input: the first `inputs` distinct inputs
+    drawn are kept for validation (each row once), every other draw goes to training. Scores on
+    validation then measure generalisation to unseen inputs (`phitune eval` checks for leakage)."""
+    held: set = set()
+    train: list[dict] = []
+    val: list[dict] = []
+    for _ in range(200_000):
+        if len(train) >= n_train and len(val) >= n_val:
+            break
+        row = make(rng, 1)[0]
+        k = key(row)
+        if k not in held and len(held) < inputs:
+            held.add(k)
+        if k in held:
+            if len(val) < n_val and row not in val:
+                val.append(row)
+        elif len(train) < n_train:
+            train.append(row)
+    return train, val
+
+
+def _json(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
 def main() -> None:
     rng = random.Random(0)
-    for name, make, n_train, n_val in (
-        ("ner", ner, 240, 40), ("translation", translation, 240, 40), ("chatbot", chatbot, 200, 30),
-        ("creative", creative, 200, 30), ("domain", domain, 200, 30), ("dpo", preference, 128, 24),
+    for name, make, key, n_train, n_val, inputs in (
+        ("ner", ner, lambda r: _json(r["tokens"]), 240, 40, 40),
+        ("translation", translation, lambda r: r["source"], 240, 24, 24),
+        ("chatbot", chatbot, lambda r: _json([t["value"] for t in r["conversations"] if t["from"] == "human"]), 200, 12, 12),
+        ("creative", creative, lambda r: r["prompt"], 200, 4, 4),
+        ("domain", domain, lambda r: r["text"], 200, 30, 30),
+        ("dpo", preference, lambda r: _json(r["input"]), 128, 12, 2),
     ):
-        write_jsonl(ROOT / name / "train.jsonl", make(rng, n_train))
-        write_jsonl(ROOT / name / "val.jsonl", make(rng, n_val))
+        train, val = held_out(rng, make, key, n_train, n_val, inputs)
+        write_jsonl(ROOT / name / "train.jsonl", train)
+        write_jsonl(ROOT / name / "val.jsonl", val)
     (ROOT / "classification").mkdir(exist_ok=True)
-    for split, n in (("train", 300), ("val", 60)):
+    train, val = held_out(rng, classification, lambda r: r["text"], 300, 60, 60)
+    for split, rows in (("train", train), ("val", val)):
         with open(ROOT / "classification" / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=["text", "label"])
             writer.writeheader()
-            writer.writerows(classification(rng, n))
-        (ROOT / "qa" / f"{split}.json").parent.mkdir(parents=True, exist_ok=True)
-        (ROOT / "qa" / f"{split}.json").write_text(json.dumps(qa(rng, n - 60 if split == "train" else 40), indent=1) + "\n")
+            writer.writerows(rows)
+    train, val = held_out(rng, qa, lambda r: _json([r["question"], r["context"]]), 240, 40, 40)
+    for split, rows in (("train", train), ("val", val)):
+        (ROOT / "qa" / f"{split}.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

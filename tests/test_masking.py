@@ -19,10 +19,11 @@ CONVERSATION = [
 ]
 
 GOLDEN = {
-    # The template has no {% generation %} markers; the trailing eos of the conversation is trained too.
-    "phi3": ["Hello.<|end|>\n", "Goodbye.<|end|>\n<|endoftext|>"],
+    # Up to and including the end-of-turn token: the newline and final eos the template adds after
+    # it are never generated (generation stops at <|end|>), so they are not trained.
+    "phi3": ["Hello.<|end|>", "Goodbye.<|end|>"],
     "llama": ["Hello.<|eot_id|>", "Goodbye.<|eot_id|>"],
-    "qwen2": ["Hello.<|im_end|>\n", "Goodbye.<|im_end|>\n"],
+    "qwen2": ["Hello.<|im_end|>", "Goodbye.<|im_end|>"],
     "mistral": [" Hello.</s>", " Goodbye.</s>"],
 }
 END_OF_TURN = {"phi3": "<|end|>", "llama": "<|eot_id|>", "qwen2": "<|im_end|>", "mistral": "</s>"}

@@ -31,7 +31,8 @@ class TrainState:
     batch_index: int = 0  # batches of `epoch` already consumed
     tokens_seen: int = 0
     trained_tokens: int = 0
-    best_eval_loss: float | None = None
+    best_value: float | None = None  # of training.best_metric, at best_step
+    best_step: int | None = None
     evals_without_improvement: int = 0
     elapsed_s: float = 0.0
 
@@ -89,6 +90,8 @@ def list_checkpoints(root: Path) -> list[Path]:
 def load_checkpoint(path: Path, engine, scheduler, runtime) -> TrainState:
     saved = json.loads((path / "state.json").read_text())
     world = saved.pop("world_size", 1)
+    if "best_eval_loss" in saved:  # checkpoints written before training.best_metric
+        saved["best_value"] = saved.pop("best_eval_loss")
     if world != runtime.world:
         raise PhituneError(f"{path}: saved by {world} process(es), resumed with {runtime.world}; resume with the same "
                            "number of processes (data order and optimizer shards depend on it)")

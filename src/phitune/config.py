@@ -145,8 +145,19 @@ class TrainingConfig(_Section):
     save_every: Optional[int] = Field(None, gt=0, description="Write a resumable checkpoint every N steps.")
     save_total_limit: Optional[int] = Field(3, gt=0, description="Keep only the newest N checkpoints; null keeps all.")
     early_stopping_patience: Optional[int] = Field(
-        None, gt=0, description="Stop after N evaluations without improvement of eval_loss."
+        None, gt=0, description="Stop after N evaluations without improvement of training.best_metric."
     )
+    eval_generate: int = Field(
+        64, ge=0, description="At each evaluation, answer up to N validation examples by greedy generation and score "
+        "the task metric (classification, ner, translation, qa, creative, chat); 0: loss-based metrics only."
+    )
+    best_metric: str = Field(
+        "auto", description="Metric for the best checkpoint and early stopping: loss, perplexity, or a task metric "
+        "(accuracy, macro_f1, entity_f1, chrf, bleu, exact_match, token_f1, rouge_l, reward_accuracy, ...); "
+        "auto: the task's primary metric when it is computed, else loss."
+    )
+    keep_best: bool = Field(False, description="Write the weights of the best evaluation (by best_metric) to OUT/best "
+                            "(adapter or model, with task.json and best.json).")
     tensorboard: Literal["auto", "on", "off"] = Field("auto", description="Write TensorBoard events to OUT/tensorboard (auto: when installed).")
 
     @field_validator("tensorboard", mode="before")
@@ -288,6 +299,12 @@ def parse_config(raw: Any, *, source: str = "config", text: str | None = None) -
     return Config(**sections, **({"output_dir": raw["output_dir"]} if "output_dir" in raw else {}))
 
 
+# What an evaluation during training can report (training.best_metric picks one).
+EVAL_METRICS = ("auto", "loss", "perplexity", "mean_token_accuracy", "accuracy", "macro_f1", "valid_label", "entity_f1",
+                "entity_precision", "entity_recall", "valid_json", "bleu", "chrf", "exact_match", "token_f1", "rouge_l",
+                "distinct_2", "reward_accuracy", "reward_margin")
+
+
 def semantic_problems(sections: dict[str, BaseModel]) -> list[tuple[str, str]]:
     """Checks across fields and against the file system, on whichever sections parsed; each is
     (key path, message with the fix). Running them on partial configs lets one pass report all."""
@@ -311,6 +328,12 @@ def semantic_problems(sections: dict[str, BaseModel]) -> list[tuple[str, str]]:
             out.append(("training.early_stopping_patience", "needs training.eval_every and a validation set (data.validation or data.validation_split)"))
         elif t.eval_every and not has_validation:
             out.append(("training.eval_every", "needs a validation set: set data.validation to a file or data.validation_split to e.g. 0.1"))
+        if t.keep_best and not (t.eval_every and has_validation):
+            out.append(("training.keep_best", "needs training.eval_every and a validation set (data.validation or data.validation_split)"))
+    if t.best_metric not in EVAL_METRICS:
+        close = difflib.get_close_matches(t.best_metric, EVAL_METRICS, n=1)
+        out.append(("training.best_metric", f"unknown metric {t.best_metric!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                    + f" (one of {', '.join(EVAL_METRICS)})"))
     if data is not None:
         for key in ("train", "validation"):
             path = getattr(data, key)

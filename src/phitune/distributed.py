@@ -79,6 +79,16 @@ class Runtime:
         return out
 
 
+def finish(ok: bool = True) -> None:
+    """Leave the process group before the interpreter exits: left to static destructors, gloo's
+    threads can abort a finished process ("terminate called without an active exception"). After a
+    failure there is no barrier: the other processes may never reach it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if ok:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def peak_memory_mb() -> dict:
     """This process's peak resident memory (VmHWM: ru_maxrss would carry a launcher's peak across
     fork + exec) and, on CUDA, peak allocated GPU memory."""
@@ -179,6 +189,8 @@ class PlainEngine:
     not see; one all-reduce per step is also what DDP's no_sync accumulation amounts to.
     """
 
+    sharded = False  # every process holds all the weights
+
     def __init__(self, accelerator, model, optimizer, runtime: Runtime):
         self.accelerator, self.runtime = accelerator, runtime
         self.model = model.to(accelerator.device)
@@ -265,6 +277,7 @@ class DeepSpeedEngine:
         self.runtime = runtime
         self.config = config
         self.stage = self.config["zero_optimization"]["stage"]
+        self.sharded = self.stage == 3
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=CallThrough(model), optimizer=optimizer, config=self.config)
 
     def forward(self, fn, *args):
@@ -336,6 +349,7 @@ class FsdpEngine:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         self.runtime = runtime
+        self.sharded = True
         model = model.to(device)
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
         layers = set(getattr(_transformer(model), "_no_split_modules", None) or ())

@@ -4,30 +4,43 @@ from __future__ import annotations
 
 import torch
 
+from phitune.data.chat import END_OF_TURN
+
 
 def end_of_turn_ids(model, tokenizer) -> list[int]:
     """eos plus the chat template's end-of-turn token(s), so generation stops after one reply."""
     ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
     out = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
     out.add(tokenizer.eos_token_id)
-    for tok in ("<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>"):
+    for tok in END_OF_TURN:
         tid = tokenizer.convert_tokens_to_ids(tok)
         if isinstance(tid, int) and tid != tokenizer.unk_token_id and tok in tokenizer.get_vocab():
             out.add(tid)
     return sorted(i for i in out if i is not None)
 
 
+def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """A conversation through the chat template, ready for the assistant's turn; or raw text
+    (`data.chat_template: false`, templates), tokenized as training tokenized its prompts."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 @torch.no_grad()
-def chat_complete_batch(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 64,
-                        temperature: float = 0.0, seed: int = 0, batch_size: int = 16) -> list[str]:
-    """One reply per conversation, several at a time: prompts left-padded (so every row's next
-    token is in the last column), KV cache on, stopping at the end-of-turn token. Prompts are
-    grouped by length to pad little; replies come back in input order."""
-    prompts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+def complete_batch(model, tokenizer, prompts: list[str | list[dict]], batch_size: int = 16, max_new_tokens: int = 64,
+                   synced: bool = False, *, temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """One reply per prompt, several at a time: prompts left-padded (so every row's next token is
+    in the last column), KV cache on, stopping at the end-of-turn token. Prompts are grouped by
+    length to pad little; replies come back in input order. `synced`: the model is sharded over
+    processes (ZeRO-3, FSDP), so each keeps running forwards until all have finished."""
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=end_of_turn_ids(model, tokenizer),
                   pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    if synced:
+        kwargs["synced_gpus"] = True
     if temperature > 0:
         torch.manual_seed(seed)
         kwargs.update(do_sample=True, temperature=temperature)
@@ -50,5 +63,5 @@ def chat_complete_batch(model, tokenizer, conversations: list[list[dict]], *, ma
 
 def chat_complete(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 64, temperature: float = 0.0,
                   seed: int = 0) -> str:
-    return chat_complete_batch(model, tokenizer, [messages], max_new_tokens=max_new_tokens, temperature=temperature,
-                               seed=seed)[0]
+    return complete_batch(model, tokenizer, [messages], max_new_tokens=max_new_tokens, temperature=temperature,
+                          seed=seed)[0]

@@ -296,17 +296,26 @@ def refuse_classifier(path: str) -> None:
 
 
 def load_for_inference(model_path: str, adapter: str | None = None, *, dtype: torch.dtype = torch.float32,
-                       device: str | torch.device | None = None, trust_remote_code: bool = False):
-    """Base (+ adapter) in eval mode with its tokenizer; the same path `generate` and tests use."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+                       device: str | torch.device | None = None, trust_remote_code: bool = False,
+                       head: str = "causal", labels: list[str] | None = None):
+    """Base (+ adapter) in eval mode with its tokenizer; the same path `generate`, `eval` and tests
+    use. `head`/`labels` load a classification run (or, for a base, a freshly initialised head:
+    seeded, so a baseline scores the same every time)."""
+    import transformers
+    from transformers import AutoTokenizer
 
     if adapter is None:
         model_path, adapter = resolve_trained(model_path)
-    refuse_classifier(adapter or model_path)
+    if head == "causal":
+        refuse_classifier(adapter or model_path)
     tok_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
+    kwargs: dict = {}
+    if labels is not None:
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)})
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        torch.manual_seed(0)
+        model = getattr(transformers, HEADS[head]).from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
         raise _hub_error(model_path, exc) from exc
     if adapter:
@@ -314,5 +323,6 @@ def load_for_inference(model_path: str, adapter: str | None = None, *, dtype: to
 
         model = PeftModel.from_pretrained(model, adapter)
     ensure_distinct_pad(tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id  # a sequence head finds each row's last token by it
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer

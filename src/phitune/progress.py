@@ -28,13 +28,13 @@ class Progress:
 
     def update(self, step: int, loss: float, lr: float, tps: float, record: dict | None) -> None:
         info = f"loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s"
-        if record and "eval_loss" in record:
-            info += f"  eval_loss {record['eval_loss']:.4f}"
+        evaluated = "  ".join(f"{k} {v:.4f}" for k, v in (record or {}).items() if k.startswith("eval_"))
+        if evaluated:
+            info += f"  {evaluated}"
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
-            if record and "eval_loss" in record:
-                self.bar.console.print(f"step {step}: eval_loss {record['eval_loss']:.4f} "
-                                       f"ppl {record['eval_perplexity']:.2f} acc {record['eval_mean_token_accuracy']:.3f}")
+            if evaluated:
+                self.bar.console.print(f"step {step}: {evaluated}")
         elif record and (step == 1 or step % self.every == 0 or step == self.total or "eval_loss" in record):
             print(f"step {step}  {info}", file=sys.stderr, flush=True)
 

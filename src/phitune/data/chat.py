@@ -57,8 +57,27 @@ def trained_spans(tokenizer, messages: list[dict], where: str = "") -> tuple[str
         end = _common_prefix(_render(tokenizer, messages[: i + 1], add_generation_prompt=False), full)
         if end <= len(prompt):
             raise PhituneError(f"{where}: assistant turn {i} renders to nothing with this chat template")
-        spans.append((len(prompt), end))
+        spans.append((len(prompt), _turn_end(tokenizer, full, len(prompt), end, m["content"])))
     return full, spans
+
+
+# Tokens that close an assistant turn in the common chat templates (besides eos).
+END_OF_TURN = ("<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>")
+
+
+def _turn_end(tokenizer, full: str, start: int, end: int, content: str) -> int:
+    """The turn is trained up to and including its end-of-turn token: what the template adds
+    after it (a newline, the final eos) is never generated, since generation stops at that token.
+    Trained, it would teach a small model to end a reply right where a reply should begin."""
+    after = full.find(content.strip(), start, end)
+    after = after + len(content.strip()) if after >= 0 else start
+    vocab = tokenizer.get_vocab()
+    found = [(full.find(tok, after, end), tok) for tok in (*END_OF_TURN, tokenizer.eos_token) if tok and tok in vocab]
+    found = [(pos, tok) for pos, tok in found if pos >= 0]
+    if not found:
+        return end
+    pos, tok = min(found)
+    return pos + len(tok)
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, where: str = "") -> tuple[Example, bool]:

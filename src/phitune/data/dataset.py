@@ -8,12 +8,12 @@ report; `phitune train` runs the same code first and stops on errors before load
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
+from phitune.data.leakage import Leakage, find_leakage, whole_key
 from phitune.data.formats import FORMATS, Chat, FormatOptions, Labelled, Plain, Preference, Tagged, detect_format
 from phitune.data.packing import pack_stream, pack_whole
 from phitune.data.readers import read_rows
@@ -31,6 +31,7 @@ class Split:
     format: str
     samples: list[tuple[str, object]] = field(default_factory=list)  # (where, sample)
     examples: list = field(default_factory=list)
+    kept: list[tuple[str, object]] = field(default_factory=list)  # the (where, sample) of each example
     full_lengths: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -86,10 +87,6 @@ def read_split(path: str, data_cfg, task_cfg, spec: TaskSpec | None = None) -> t
     return split, spec
 
 
-def _key(sample) -> str:
-    return json.dumps(asdict(sample), sort_keys=True, ensure_ascii=False)
-
-
 def class_label(sample) -> str:
     """A classification example's label: the head's label, or the answer of the generative form."""
     if isinstance(sample, Labelled):
@@ -100,7 +97,7 @@ def class_label(sample) -> str:
 def _sample_warnings(split: Split, spec: TaskSpec) -> None:
     first: dict[str, str] = {}
     for where, sample in split.samples:
-        key = _key(sample)
+        key = whole_key(sample)
         if key in first:
             split.duplicate_sources.add(where)
             split.warnings.append(f"{where}: exact duplicate of {first[key]}; it is dropped from training (data.dedupe)")
@@ -131,6 +128,7 @@ def tokenize_split(split: Split, tokenizer, max_length: int, spec: TaskSpec) -> 
             split.dropped.append(where)
         else:
             split.examples.append(example)
+            split.kept.append((where, sample))
     split.warnings += over[:MAX_SHOWN] + ([f"... and {len(over) - MAX_SHOWN} more over data.max_length"] if len(over) > MAX_SHOWN else [])
     if split.dropped:
         split.warnings.append(f"{split.path}: {len(split.dropped)} example(s) have nothing left to train within "
@@ -184,6 +182,8 @@ class TrainData:
     validation_examples: list | None
     packed: bool
     num_train_examples: int  # after the validation split and subset, before packing
+    validation_samples: list | None = None  # (where, sample) of each validation example, for generated answers
+    leakage: Leakage | None = None  # validation examples also in the training file
 
 
 def use_packing(data_cfg, split: Split) -> bool:
@@ -196,10 +196,11 @@ def load_training_data(cfg, tokenizer) -> TrainData:
     """Everything `train` needs from the data, or one PhituneError listing every problem."""
     train, spec = read_split(cfg.data.train, cfg.data, cfg.task)
     raise_on_errors(train)
-    validation = None
+    validation, leakage = None, None
     if cfg.data.validation:
         validation, _ = read_split(cfg.data.validation, cfg.data, cfg.task, spec)
         raise_on_errors(validation)
+        leakage = find_leakage(validation.samples, train.samples)
     _check_objective(cfg, train)
     if cfg.data.dedupe and train.duplicates:
         train.samples = [(where, sample) for where, sample in train.samples if where not in train.duplicate_sources]
@@ -210,12 +211,14 @@ def load_training_data(cfg, tokenizer) -> TrainData:
         raise PhituneError(f"{train.path}: no example has tokens left to train within data.max_length={cfg.data.max_length}; raise data.max_length")
     examples = train.examples
     val_examples = validation.examples if validation else None
+    val_samples = validation.kept if validation else None
     rng = random.Random(cfg.training.seed)
     if val_examples is None and cfg.data.validation_split:
         order = list(range(len(examples)))
         rng.shuffle(order)
         held = set(order[: max(1, round(len(order) * cfg.data.validation_split))])
         val_examples = [e for i, e in enumerate(examples) if i in held]
+        val_samples = [s for i, s in enumerate(train.kept) if i in held]
         examples = [e for i, e in enumerate(examples) if i not in held]
     if cfg.data.subset < 1.0:
         keep = sorted(rng.sample(range(len(examples)), max(1, round(len(examples) * cfg.data.subset))))
@@ -228,7 +231,7 @@ def load_training_data(cfg, tokenizer) -> TrainData:
                                "classification heads and DPO")
         pack = pack_stream if train.format == "text" else pack_whole
         examples = pack(examples, cfg.data.max_length)
-    return TrainData(train, validation, spec, examples, val_examples, packed, num_train)
+    return TrainData(train, validation, spec, examples, val_examples, packed, num_train, val_samples, leakage)
 
 
 def _check_objective(cfg, train: Split) -> None:

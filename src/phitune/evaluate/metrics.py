@@ -8,6 +8,7 @@ sacrebleu (the reference implementation: our numbers are comparable with publish
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 from collections import Counter
@@ -124,6 +125,35 @@ def rouge_l(predictions: list[str], references: list[str]) -> dict:
             precision, recall = lcs / len(p), lcs / len(r)
             total += 2 * precision * recall / (precision + recall)
     return {"rouge_l": total / len(predictions) if predictions else 0.0}
+
+
+def distinct_n(predictions: list[str], n: int = 2) -> dict:
+    """Distinct-n (Li et al. 2016): unique word n-grams over all n-grams of all outputs; 0 when
+    there are none. Repetitive or copied generations score low."""
+    grams = [tuple(words[i : i + n]) for p in predictions for words in [p.lower().split()] for i in range(len(words) - n + 1)]
+    return {f"distinct_{n}": len(set(grams)) / len(grams) if grams else 0.0}
+
+
+def multiple_choice(logliks: list[list[float]], correct: list[set[int]], lengths: list[list[int]] | None = None) -> dict:
+    """Log-likelihood scoring of choices, as lm-evaluation-harness does it.
+
+    accuracy: the most likely choice is a correct one (TruthfulQA's MC1 when one is correct);
+    accuracy_norm: the same with log-likelihood per character of the choice (`lengths`);
+    mc2: the probability mass on correct choices, normalised over the choices (TruthfulQA MC2)."""
+    _same_length(logliks, correct)
+    acc = acc_norm = mc2 = 0.0
+    for i, (ll, good) in enumerate(zip(logliks, correct)):
+        acc += float(max(range(len(ll)), key=lambda k: ll[k]) in good)
+        if lengths is not None:
+            acc_norm += float(max(range(len(ll)), key=lambda k: ll[k] / max(lengths[i][k], 1)) in good)
+        top = max(ll)
+        probs = [math.exp(x - top) for x in ll]
+        mc2 += sum(probs[k] for k in good) / sum(probs)
+    n = len(logliks) or 1
+    out = {"accuracy": acc / n, "mc2": mc2 / n}
+    if lengths is not None:
+        out["accuracy_norm"] = acc_norm / n
+    return out
 
 
 def translation(predictions: list[str], references: list[str]) -> dict:

@@ -58,15 +58,22 @@ class SequenceClassification:
     def count(self, examples) -> int:
         return len(examples)
 
-    def loss(self, model, examples, device) -> tuple[torch.Tensor, dict]:
+    def logits(self, model, examples, device) -> torch.Tensor:
         width = max(len(e.input_ids) for e in examples)
         ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, e in enumerate(examples):
             ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
             mask[row, : len(e.input_ids)] = 1
+        return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+
+    def predict(self, model, examples, device) -> list[int]:
+        """The predicted class of each example."""
+        return self.logits(model, examples, device).argmax(-1).tolist()
+
+    def loss(self, model, examples, device) -> tuple[torch.Tensor, dict]:
         target = torch.tensor([e.label for e in examples], device=device)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logits = self.logits(model, examples, device)
         loss = F.cross_entropy(logits, target, reduction="sum")
         pred = logits.argmax(-1)
         k = len(self.labels)
@@ -113,6 +120,13 @@ class TokenClassification:
 
     def count(self, examples) -> int:
         return sum(e.num_trained for e in examples)
+
+    def predict(self, model, examples, device) -> list[list[int]]:
+        """The predicted tag of each labelled position (each word's first token), per example."""
+        batch = _to(collate(examples, self.pad_id), device)
+        pred = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+        keep = batch["labels"] != IGNORE_INDEX
+        return [pred[row][keep[row]].tolist() for row in range(len(examples))]
 
     def loss(self, model, examples, device) -> tuple[torch.Tensor, dict]:
         batch = _to(collate(examples, self.pad_id), device)

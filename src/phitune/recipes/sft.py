@@ -27,6 +27,8 @@ from phitune.data.batching import epoch_batches, split_micro
 from phitune.distributed import DeepSpeedEngine, FsdpEngine, PlainEngine, peak_memory_mb, run_deepspeed_config, start
 from phitune.data.dataset import TrainData, load_training_data, statistics_of
 from phitune.errors import PhituneError
+from phitune.evaluate import scoring
+from phitune.generate import complete_batch
 from phitune.models import HEADS, apply_method, load_model, load_tokenizer, num_virtual_tokens
 from phitune.recipes.objectives import DPO, SFT, SequenceClassification, TokenClassification, adapter_disabled, add_sums, evaluate, frozen_copy
 from phitune.progress import Progress
@@ -107,6 +109,8 @@ def load_data(cfg: Config, tokenizer) -> TrainData:
             log.warning("%s: %d example(s) truncated to data.max_length=%d, %d dropped with nothing left to train, "
                         "%d exact duplicate(s)%s", name, split.truncated, cfg.data.max_length, len(split.dropped),
                         split.duplicates, " removed" if name == "train" and cfg.data.dedupe else "")
+    if data.leakage and (warning := data.leakage.warning(data.train.path)):
+        log.warning("%s", warning)
     if data.packed:
         log.info("packing: %d examples in %d sequences of up to %d tokens", data.num_train_examples,
                  len(data.train_examples), cfg.data.max_length)
@@ -271,9 +275,18 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
             tokenizer.save_pretrained(path)
             (path / "task.json").write_text(data.spec.to_json())
 
+    answers_scored = (not data.spec.head and cfg.method.objective == "sft" and data.spec.name in scoring.GENERATIVE
+                      and t.eval_generate > 0 and bool(data.validation_samples))
+
     def run_eval() -> dict:
-        return evaluate(objective, model, data.validation_examples, batch_size=t.batch_size, device=device,
-                        autocast=accelerator.autocast, runtime=runtime, forward=engine.forward)
+        values = evaluate(objective, model, data.validation_examples, batch_size=t.batch_size, device=device,
+                          autocast=accelerator.autocast, runtime=runtime, forward=engine.forward)
+        if answers_scored:
+            values |= generated_metrics(engine, tokenizer, data.spec, data.validation_samples[: t.eval_generate], runtime,
+                                        batch_size=t.batch_size, autocast=accelerator.autocast)
+        return values
+
+    best_metric = resolve_best_metric(cfg, data.spec, answers_scored)
 
     train_examples = data.train_examples
     lengths = [len(e.input_ids) for e in train_examples]
@@ -334,7 +347,13 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                 if data.validation_examples and t.eval_every and (state.step % t.eval_every == 0 or state.step == steps):
                     eval_metrics = run_eval()
                     record = (record or {"step": state.step}) | {f"eval_{k}": v for k, v in eval_metrics.items()}
-                    stop_early = update_early_stopping(state, eval_metrics["loss"], t.early_stopping_patience)
+                    improved = update_best(state, eval_metrics, best_metric)
+                    stop_early = bool(t.early_stopping_patience) and state.evals_without_improvement >= t.early_stopping_patience
+                    if improved and t.keep_best:
+                        save_final(cfg, engine, tokenizer, out, save_adapter, data.spec.to_json(), runtime, name="best")
+                        if runtime.is_main:
+                            (out / "best" / "best.json").write_text(json.dumps(
+                                {"step": state.step, "metric": best_metric, "value": state.best_value}) + "\n")
                 if record and metrics:
                     metrics.write(record)
                 if progress:
@@ -343,8 +362,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                     save_checkpoint(out / "checkpoints", engine, scheduler, state, runtime,
                                     save_adapter=save_adapter if cfg.is_adapter else None, keep=t.save_total_limit)
                 if stop_early:
-                    log.info("early stopping at step %d: eval_loss did not improve for %d evaluations",
-                             state.step, t.early_stopping_patience)
+                    log.info("early stopping at step %d: eval %s did not improve for %d evaluations (best %.4f at step %d)",
+                             state.step, best_metric, t.early_stopping_patience, state.best_value, state.best_step)
                     steps = state.step
             if state.batch_index >= len(batches):
                 state.epoch, state.batch_index = state.epoch + 1, 0
@@ -367,6 +386,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                "model_class": HEADS[head], "num_labels": len(labels) if labels else None,
                "processes": runtime.world, "strategy": runtime.strategy, "peak_memory_per_process": runtime.gather(peak_memory_mb()),
                **weights, "final_train_loss": last_loss, "eval": eval_metrics, "elapsed_s": round(state.elapsed_s, 2),
+               "best": {"metric": best_metric, "value": state.best_value, "step": state.best_step,
+                        "saved": str(out / "best") if t.keep_best and state.best_step else None},
+               "leakage": data.leakage.as_dict() if data.leakage else None,
                "artifact": str(artifact)}
     if runtime.is_main:
         (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -387,18 +409,60 @@ def reduce_sums(runtime, loss_sum: float, sums: dict) -> tuple[float, dict]:
     return total[0], dict(zip(keys, total[1:]))
 
 
-def update_early_stopping(state: TrainState, eval_loss: float, patience: int | None) -> bool:
-    if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
-        state.best_eval_loss, state.evals_without_improvement = eval_loss, 0
-        return False
-    state.evals_without_improvement += 1
-    return bool(patience) and state.evals_without_improvement >= patience
+def resolve_best_metric(cfg: Config, spec, answers_scored: bool) -> str:
+    """training.best_metric, with auto resolved: the task's primary metric when this run computes
+    it (a head's, or one scored on generated answers), else the loss."""
+    if cfg.training.best_metric != "auto":
+        return cfg.training.best_metric
+    return scoring.primary_metric(spec) if spec.head or answers_scored else "loss"
 
 
-def save_final(cfg: Config, engine, tokenizer, out: Path, save_adapter, data_spec_json: str, runtime) -> Path:
-    """OUT/adapter (PEFT format) or OUT/model (transformers format), tokenizer beside; sharded
-    weights are gathered first, and only the main process writes."""
-    target = out / ("adapter" if cfg.is_adapter else "model")
+def update_best(state: TrainState, values: dict, metric: str) -> bool:
+    """Record this evaluation against the best so far; True when it is the new best."""
+    if metric not in values:
+        raise PhituneError(f"training.best_metric: {metric} is not computed by this run's evaluation (it gives "
+                           f"{', '.join(sorted(scoring.headline(values)))}); choose one of those")
+    value = values[metric]
+    better = (value < state.best_value if metric in scoring.LOWER_IS_BETTER else value > state.best_value) \
+        if state.best_value is not None else True
+    if better:
+        state.best_value, state.best_step, state.evals_without_improvement = value, state.step, 0
+    else:
+        state.evals_without_improvement += 1
+    return better
+
+
+def generated_metrics(engine, tokenizer, spec, samples: list, runtime, *, batch_size: int, autocast) -> dict:
+    """The task metric on greedy answers to validation examples. Each process answers every
+    world-th one; when the weights are sharded (ZeRO-3, FSDP) the processes generate in step
+    (synced) and each makes as many calls as the others, padding with a repeat of a prompt."""
+    asked = [s for _, s in samples if scoring.generative(s)]
+    if not asked:
+        return {}
+    prompts, references = map(list, zip(*(scoring.prompt_and_reference(s) for s in asked)))
+    mine = list(range(runtime.rank, len(asked), runtime.world))
+    share = -(-len(asked) // runtime.world)
+    padded = mine + [mine[0] if mine else 0] * (share - len(mine))
+    model = engine.model  # DeepSpeed's engine or FSDP's root: generation runs inside their forward
+    was_training = model.training
+    model.eval()
+    with autocast():
+        # Through the engine's forward, as every other computation: under FSDP the root's weights
+        # (embeddings, head) are only gathered there.
+        answers = engine.forward(complete_batch, tokenizer, [prompts[i] for i in padded], batch_size,
+                                 scoring.answer_budget(tokenizer, references), runtime.parallel and engine.sharded)
+    model.train(was_training)
+    by_index: dict[int, str] = {}
+    for part in runtime.gather(list(zip(mine, answers[: len(mine)]))):
+        by_index.update(part)
+    return scoring.headline(scoring.score(spec, [by_index[i] for i in range(len(asked))], references))
+
+
+def save_final(cfg: Config, engine, tokenizer, out: Path, save_adapter, data_spec_json: str, runtime,
+               name: str | None = None) -> Path:
+    """OUT/adapter (PEFT format) or OUT/model (transformers format), or OUT/<name>, tokenizer
+    beside; sharded weights are gathered first, and only the main process writes."""
+    target = out / (name or ("adapter" if cfg.is_adapter else "model"))
     tmp = out / (target.name + ".tmp")
     if runtime.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
