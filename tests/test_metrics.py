@@ -66,3 +66,27 @@ def test_translation_bleu_and_chrf_bounds():
     assert same["bleu"] == pytest.approx(100.0) and same["chrf"] == pytest.approx(100.0)
     disjoint = metrics.translation(["xyz"], ["le chat est noir ."])
     assert disjoint["bleu"] == 0.0 and disjoint["chrf"] < 5
+
+
+def test_distinct_2_golden():
+    # bigrams: (a b) (b a) (a b) | (a b) ; unique 2 of 4. Unicode words count like any other.
+    assert metrics.distinct_n(["a b a b", "A B"], 2) == {"distinct_2": 0.5}
+    assert metrics.distinct_n(["café au lait", "thé"], 2) == {"distinct_2": 1.0}
+    assert metrics.distinct_n(["one", ""], 2) == {"distinct_2": 0.0}  # no bigram at all
+
+
+def test_multiple_choice_golden():
+    import math
+
+    logliks = [[-1.0, -2.0, -3.0], [-4.0, -1.0]]
+    correct = [{0}, {0}]
+    lengths = [[1, 1, 1], [1, 10]]  # per character: -4 vs -0.1 -> still choice 1
+    out = metrics.multiple_choice(logliks, correct, lengths)
+    assert out["accuracy"] == 0.5 and out["accuracy_norm"] == 0.5
+    p1 = math.exp(-1) / (math.exp(-1) + math.exp(-2) + math.exp(-3))
+    p2 = math.exp(-4) / (math.exp(-4) + math.exp(-1))
+    assert out["mc2"] == pytest.approx((p1 + p2) / 2)
+    # Length normalisation flips a choice: -6 over 6 characters beats -2 over 1.
+    assert metrics.multiple_choice([[-2.0, -6.0]], [{1}], [[1, 6]])["accuracy_norm"] == 1.0
+    # Several correct choices (MC2): the mass on all of them.
+    assert metrics.multiple_choice([[0.0, 0.0, 0.0, 0.0]], [{0, 1, 2}])["mc2"] == pytest.approx(0.75)
