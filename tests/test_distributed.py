@@ -194,3 +194,24 @@ def test_qlora_under_zero2_matches_one_process(tmp_path, tiny_phi3, chat_files):
         _run("train", cfg, "--set", "method.name=qlora", *extra)
         outs[name] = losses(tmp_path / name)
     _close(outs["zero2"], outs["single"])
+
+
+def test_task_metric_on_generated_answers_is_the_same_with_sharded_weights(tiny_phi3, tmp_path, monkeypatch):
+    """Under ZeRO-3 and FSDP every process answers its share of the validation set, generating in
+    step with the others (the weights are gathered layer by layer): the metric equals one process's."""
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    scores = {}
+    for name, extra in (("single", []), ("zero3", ["--nproc", "2", *STRATEGIES["zero3"]]),
+                        ("fsdp", ["--nproc", "2", *STRATEGIES["fsdp"]])):
+        out = tmp_path / name
+        _run("train", REPO / "examples" / "translation" / "config.yaml", "--set", f"model.name_or_path={tiny_phi3}",
+             "--set", f"output_dir={out}", "--set", "training.precision=fp32", "--set", "training.eval_every=10",
+             "--set", "training.eval_generate=13", "--max-steps", "20", *extra)
+        evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_chrf" in line]
+        scores[name] = [(r["eval_chrf"], r["eval_bleu"]) for r in evals]
+    assert len(scores["single"]) == 2
+    for name in ("zero3", "fsdp"):
+        for (c, b), (c1, b1) in zip(scores[name], scores["single"]):
+            assert abs(c - c1) < 1e-6 and abs(b - b1) < 1e-6, (name, scores)

@@ -39,7 +39,8 @@ log = logging.getLogger("phitune")
 
 # Keys that may change between a run and its resumption without breaking exactness.
 RESUMABLE_CHANGES = {"training.max_steps", "training.epochs", "training.save_every", "training.save_total_limit",
-                     "training.eval_every", "training.log_every", "training.tensorboard", "training.early_stopping_patience"}
+                     "training.eval_every", "training.log_every", "training.tensorboard", "training.early_stopping_patience",
+                     "training.eval_generate", "training.keep_best"}
 
 
 @dataclass
