@@ -188,3 +188,21 @@ def test_score_by_task():
     assert got["valid_json"] == 0.5
     qa = scoring.score(TaskSpec(name="qa"), ["The Mill Road", "7"], ["Mill Road", "7 am"])
     assert qa["exact_match"] == 0.5 and qa["token_f1"] == pytest.approx((1.0 + 2 / 3) / 2)
+
+
+@pytest.mark.parametrize("task", sorted(scoring.SCORED))
+def test_scored_names_are_what_score_returns(task):
+    spec = TaskSpec(name=task, labels=["a", "b"])
+    ref = json.dumps([{"text": "x", "type": "a"}]) if task == "ner" else "a"
+    assert tuple(scoring.headline(scoring.score(spec, ["a b"], [ref]))) == scoring.SCORED[task]
+
+
+def test_best_metric_errors(tiny_phi3, chat_files, tmp_path, capsys):
+    train, val = chat_files
+    cfg = write_config(tmp_path / "c.json", tiny_phi3, train, tmp_path / "out", validation=val, max_steps=2, eval_every=1)
+    assert run_cli("train", cfg, "--set", "training.best_metric=acuracy") == 2
+    assert "did you mean 'accuracy'?" in capsys.readouterr().err
+    # A chat run without a task scores no accuracy: refused before the first step.
+    assert run_cli("train", cfg, "--set", "training.best_metric=chrf") == 2
+    err = capsys.readouterr().err
+    assert "chrf is not computed" in err and "perplexity" in err and not (tmp_path / "out" / "metrics.jsonl").exists()

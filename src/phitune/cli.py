@@ -248,6 +248,12 @@ def cmd_config_reference(args) -> int:
     return 0
 
 
+def _scoring_options(parser) -> None:
+    parser.add_argument("--limit", type=int, help="score only the first N examples")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per forward / generate call (default 16)")
+    parser.add_argument("--max-new-tokens", type=int, help="answer length limit (default: longest reference + room)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phitune", description="Fine-tune small language models (Phi-3 family first).")
     p.add_argument("--debug", action="store_true", help="show library logs and full tracebacks")
@@ -329,9 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--base", help="base model for an adapter, when not the one in adapter_config.json")
     e.add_argument("--train-file", help="training data to check the held-out file against (default: the run's)")
     e.add_argument("--output", help="directory for metrics.json and predictions.jsonl (default: MODEL/eval)")
-    e.add_argument("--limit", type=int, help="score only the first N examples")
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--max-new-tokens", type=int, help="answer length limit (default: longest reference + room)")
+    _scoring_options(e)
     e.add_argument("--json", action="store_true", help="print metrics.json instead of the table")
     e.add_argument("--harness", metavar="TASKS", help="run lm-evaluation-harness tasks (comma-separated) instead")
     e.add_argument("--harness-include", metavar="DIR", help="directory of your own lm-evaluation-harness task YAMLs")
@@ -343,9 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--task", choices=EVAL_TASKS, help="task to score with (default: the first fine-tune's task.json)")
     k.add_argument("--names", help="comma-separated names for the models (default: their directory names)")
     k.add_argument("--output", default="compare", help="report directory (default: compare)")
-    k.add_argument("--limit", type=int, help="score only the first N examples")
-    k.add_argument("--batch-size", type=int, default=16)
-    k.add_argument("--max-new-tokens", type=int, help="answer length limit (default: longest reference + room)")
+    _scoring_options(k)
     k.set_defaults(func=cmd_compare)
 
     r = sub.add_parser("config-reference", help="print every config key as a markdown table")

@@ -16,6 +16,13 @@ GENERATIVE = ("classification", "ner", "translation", "qa", "creative", "chat")
 LOWER_IS_BETTER = {"loss", "perplexity"}
 
 
+# What `score` returns for each task (the plain numbers).
+SCORED = {"classification": ("accuracy", "macro_f1", "valid_label"),
+          "ner": ("entity_f1", "entity_precision", "entity_recall", "valid_json"),
+          "translation": ("bleu", "chrf"), "qa": ("exact_match", "token_f1"), "creative": ("rouge_l", "distinct_2"),
+          "chat": ("rouge_l", "exact_match")}
+
+
 def primary_metric(spec: TaskSpec) -> str:
     """The metric a task is judged by (best checkpoint, the headline of a report)."""
     if spec.head:

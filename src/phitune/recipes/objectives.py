@@ -31,6 +31,7 @@ class SFT:
     virtual_tokens: int = 0
     name: str = "sft"
     head: str = "causal"
+    eval_names = ("loss", "perplexity", "mean_token_accuracy")
 
     def count(self, examples) -> int:
         return sum(e.num_trained for e in examples)
@@ -54,6 +55,7 @@ class SequenceClassification:
     labels: list[str]
     name: str = "classification"
     head: str = "sequence"
+    eval_names = ("loss", "accuracy", "macro_f1")
 
     def count(self, examples) -> int:
         return len(examples)
@@ -117,6 +119,7 @@ class TokenClassification:
     tags: list[str]
     name: str = "ner"
     head: str = "token"
+    eval_names = ("loss", "accuracy", "entity_f1")
 
     def count(self, examples) -> int:
         return sum(e.num_trained for e in examples)
@@ -165,6 +168,7 @@ class DPO:
     reference: Callable  # -> context manager in which `model` computes reference log-probs, or a model
     name: str = "dpo"
     head: str = "causal"
+    eval_names = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")
 
     def count(self, examples) -> int:
         return len(examples)

@@ -248,6 +248,15 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     model = engine.model  # the model, or DeepSpeed's engine around it: train()/eval() switch both
     virtual = num_virtual_tokens(engine.unwrap())
     objective = build_objective(cfg, data, tokenizer, virtual, reference)
+    answers_scored = (not data.spec.head and cfg.method.objective == "sft" and data.spec.name in scoring.GENERATIVE
+                      and t.eval_generate > 0 and bool(data.validation_samples))
+    best_metric = resolve_best_metric(cfg, data.spec, answers_scored)
+    if data.validation_examples and t.eval_every:
+        computed = set(objective.eval_names) | set(scoring.SCORED.get(data.spec.name, ()) if answers_scored else ())
+        if best_metric not in computed:
+            raise PhituneError(f"training.best_metric: {best_metric} is not computed by this run's evaluation (it gives "
+                               f"{', '.join(sorted(computed))}); choose one of those"
+                               + ("" if answers_scored or data.spec.head else " or set task.name and training.eval_generate"))
 
     state = TrainState()
     if resume_from is not None:
@@ -276,9 +285,6 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
             tokenizer.save_pretrained(path)
             (path / "task.json").write_text(data.spec.to_json())
 
-    answers_scored = (not data.spec.head and cfg.method.objective == "sft" and data.spec.name in scoring.GENERATIVE
-                      and t.eval_generate > 0 and bool(data.validation_samples))
-
     def run_eval() -> dict:
         values = evaluate(objective, model, data.validation_examples, batch_size=t.batch_size, device=device,
                           autocast=accelerator.autocast, runtime=runtime, forward=engine.forward)
@@ -286,8 +292,6 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
             values |= generated_metrics(engine, tokenizer, data.spec, data.validation_samples[: t.eval_generate], runtime,
                                         batch_size=t.batch_size, autocast=accelerator.autocast)
         return values
-
-    best_metric = resolve_best_metric(cfg, data.spec, answers_scored)
 
     train_examples = data.train_examples
     lengths = [len(e.input_ids) for e in train_examples]
@@ -420,9 +424,6 @@ def resolve_best_metric(cfg: Config, spec, answers_scored: bool) -> str:
 
 def update_best(state: TrainState, values: dict, metric: str) -> bool:
     """Record this evaluation against the best so far; True when it is the new best."""
-    if metric not in values:
-        raise PhituneError(f"training.best_metric: {metric} is not computed by this run's evaluation (it gives "
-                           f"{', '.join(sorted(scoring.headline(values)))}); choose one of those")
     value = values[metric]
     better = (value < state.best_value if metric in scoring.LOWER_IS_BETTER else value > state.best_value) \
         if state.best_value is not None else True
