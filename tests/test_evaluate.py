@@ -206,3 +206,32 @@ def test_best_metric_errors(tiny_phi3, chat_files, tmp_path, capsys):
     assert run_cli("train", cfg, "--set", "training.best_metric=chrf") == 2
     err = capsys.readouterr().err
     assert "chrf is not computed" in err and "perplexity" in err and not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_preference_pairs_compare_without_a_reference_model(tiny_phi3, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    run = tmp_path / "dpo"
+    _train_example("dpo", tiny_phi3, run, "--max-steps", "20")
+    assert run_cli("compare", tiny_phi3, run, "--names", "base,dpo", "--output", tmp_path / "r") == 0
+    comparison = json.loads((tmp_path / "r" / "comparison.json").read_text())
+    base, tuned = (m["metrics"] for m in comparison["models"])
+    assert comparison["primary_metric"] == "preference_accuracy"
+    # Raw log-probabilities, no reference: a long preferred reply can still be the less likely one.
+    assert tuned["preference_accuracy"] > base["preference_accuracy"] + 0.25 and tuned["logp_margin"] > 10
+
+
+def test_raw_text_template_runs_are_asked_their_raw_prompt(tiny_phi3, tmp_path, monkeypatch):
+    """data.format template (no chat template): eval answers the raw "### Text: ...\\n### Tone:" prompt."""
+    monkeypatch.chdir(REPO)
+    run = tmp_path / "tpl"
+    assert run_cli("train", REPO / "examples" / "classification" / "template.yaml", "--set",
+                   f"model.name_or_path={tiny_phi3}", "--set", f"output_dir={run}", "--max-steps", "5") == 0
+    assert run_cli("eval", run, "--task", "none", "--limit", "4") == 0
+    predictions = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert predictions == []  # task none: loss-based metrics only
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())["metrics"]
+    assert metrics["loss"] > 0 and "perplexity" in metrics
+    assert run_cli("eval", run, "--task", "chat", "--limit", "4") == 0
+    predictions = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4 and predictions[0]["prompt"].startswith("### Text: ")
+    assert predictions[0]["prompt"].endswith("### Tone: ") and predictions[0]["reference"] in ("negative", "neutral", "positive")

@@ -32,6 +32,8 @@ def compare(subjects: list[Subject], names: list[str], data_file: str, output: P
                for s, n in zip(subjects, names)]
     output.mkdir(parents=True, exist_ok=True)
     primary = scoring.primary_metric(spec)
+    if primary not in results[0].metrics:  # e.g. preference pairs: scored by preference_accuracy
+        primary = next(iter(chart_metrics(spec, results)), "loss")
     comparison = {"data": str(data_file), "task": spec.name, "primary_metric": primary, "baseline": names[0],
                   "models": [r.as_json() for r in results], "deltas": deltas(results)}
     (output / "comparison.json").write_text(json.dumps(comparison, indent=2, ensure_ascii=False) + "\n")
@@ -56,7 +58,9 @@ def chart_metrics(spec, results: list[Evaluated]) -> list[str]:
                                                                                        "entity_recall", "mc1", "mc2",
                                                                                        "accuracy", "accuracy_norm"]))
     scores = [k for k in wanted if k in present and k not in scoring.LOWER_IS_BETTER]
-    return scores or [k for k in ("perplexity",) if k in present]
+    others = [k for r in results[:1] for k in scoring.headline(r.metrics)
+              if k in present and k not in scoring.LOWER_IS_BETTER and k not in scores and k != "logp_margin"]
+    return scores or others or [k for k in ("perplexity",) if k in present]
 
 
 def chart(results: list[Evaluated], keys: list[str], path: Path, title: str) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from phitune.data.leakage import Leakage, find_leakage
+from phitune.data.tokenize import PairExample
 from phitune.data.tasks import TaskSpec, make_spec
 from phitune.errors import PhituneError
 from phitune.evaluate import scoring
@@ -153,6 +154,8 @@ def evaluate_model(subject: Subject, data_file: str, *, name: str | None = None,
             log.warning("%s", warning)
     if spec.head:
         values, predictions = score_head(model, tokenizer, spec, examples, kept, batch_size)
+    elif isinstance(examples[0], PairExample):
+        values, predictions = score_preferences(model, tokenizer, examples, batch_size), []
     else:
         values, predictions = score_generative(model, tokenizer, spec, examples, kept, batch_size=batch_size,
                                                max_new_tokens=max_new_tokens)
@@ -183,6 +186,23 @@ def score_head(model, tokenizer, spec: TaskSpec, examples: list, kept: list, bat
     predictions = [{"where": w, "prompt": text, "reference": ref, "prediction": pred}
                    for (w, _), (text, ref, pred) in zip(kept, shown)]
     return values | {"loss": loss}, predictions
+
+
+@torch.no_grad()
+def score_preferences(model, tokenizer, examples: list, batch_size: int) -> dict:
+    """Preference pairs, without a reference model (so a base and its fine-tune compare): how
+    often the preferred reply is the more likely one, and by how much (summed log-probabilities)."""
+    from phitune.data.batching import collate
+    from phitune.loss import sequence_logps
+
+    margins: list[float] = []
+    for i in range(0, len(examples), batch_size):
+        part = examples[i : i + batch_size]
+        batch = {k: v.to(model.device) for k, v in
+                 collate([e.chosen for e in part] + [e.rejected for e in part], tokenizer.pad_token_id).items()}
+        logps = sequence_logps(model, batch).float()
+        margins += (logps[: len(part)] - logps[len(part):]).tolist()
+    return {"preference_accuracy": sum(m > 0 for m in margins) / len(margins), "logp_margin": sum(margins) / len(margins)}
 
 
 def score_generative(model, tokenizer, spec: TaskSpec, examples: list, kept: list, *, batch_size: int,
