@@ -235,3 +235,19 @@ def test_raw_text_template_runs_are_asked_their_raw_prompt(tiny_phi3, tmp_path, 
     predictions = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 4 and predictions[0]["prompt"].startswith("### Text: ")
     assert predictions[0]["prompt"].endswith("### Tone: ") and predictions[0]["reference"] in ("negative", "neutral", "positive")
+
+
+def test_live_progress_shows_whatever_eval_metrics_a_run_has(monkeypatch):
+    """On a terminal the bar printed eval_perplexity, which head runs do not have (KeyError)."""
+    import io
+
+    from rich.console import Console
+
+    from phitune import progress
+
+    out = io.StringIO()
+    monkeypatch.setattr(progress, "console", Console(file=out, force_terminal=True, width=200))
+    bar = progress.Progress(total=2)
+    bar.update(1, 0.5, 1e-3, 100.0, {"step": 1, "eval_loss": 0.25, "eval_accuracy": 0.75, "eval_macro_f1": 0.5})
+    bar.close()
+    assert "eval_accuracy 0.7500" in out.getvalue() and "eval_macro_f1 0.5000" in out.getvalue()
