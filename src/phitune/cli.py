@@ -118,13 +118,58 @@ def cmd_merge(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from phitune.generate import chat_complete
-    from phitune.models import load_for_inference
+    from phitune.backends import complete, open_backend
 
-    model, tokenizer = load_for_inference(args.model, args.adapter)
+    backend = open_backend(args.model, backend=args.backend, adapter=args.adapter)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
-    print(chat_complete(model, tokenizer, messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature))
+    print(complete(backend, messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature))
     return 0
+
+
+def cmd_export_onnx(args) -> int:
+    from phitune.export.onnx import check_export, export_onnx
+
+    out = export_onnx(args.source, args.output, precision=args.precision, device=args.device, base=args.base,
+                      overwrite=args.overwrite)
+    print(f"wrote {args.precision} ONNX Runtime GenAI model to {out} (run it: phitune chat {out})")
+    if args.check:
+        report = check_export(out, args.source, data=args.check_data)
+        (out / "check.json").write_text(json.dumps(report, indent=2) + "\n")
+        print("check: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    """Read a message per line from stdin (a typed \\n is a line break), stream the reply; /reset
+    forgets the conversation, /exit or end of input ends."""
+    from phitune.backends import open_backend
+
+    backend = open_backend(args.model, backend=args.backend, adapter=args.adapter)
+    interactive = sys.stdin.isatty()
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    if interactive:
+        print(f"phitune chat ({backend.name}): type a message; /reset clears the conversation, /exit quits")
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return 0
+        text = line.strip().replace("\\n", "\n")  # a typed \n is a line break inside the message
+        if not text:
+            continue
+        if text == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": text})
+        print("assistant> " if interactive else "", end="", flush=True)
+        reply = ""
+        for piece in backend.stream(system + history, max_new_tokens=args.max_new_tokens, temperature=args.temperature):
+            reply += piece
+            print(piece, end="", flush=True)
+        print(flush=True)
+        history.append({"role": "assistant", "content": reply.strip()})
 
 
 def cmd_demo(args) -> int:
@@ -300,7 +345,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", help="optional system message")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--backend", choices=["torch", "onnx"], help="default: onnx for an exported model, else torch")
     g.set_defaults(func=cmd_generate)
+
+    ch = sub.add_parser("chat", help="interactive chat in the terminal, streaming (torch or ONNX Runtime)")
+    ch.add_argument("model", help="base model, training output, adapter dir, merged model, or an ONNX export")
+    ch.add_argument("--adapter", help="PEFT adapter dir to apply to MODEL (torch)")
+    ch.add_argument("--backend", choices=["torch", "onnx"], help="default: onnx for an exported model, else torch")
+    ch.add_argument("--system", help="system message")
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ch.set_defaults(func=cmd_chat)
+
+    x = sub.add_parser("export", help="export a model: onnx (ONNX Runtime GenAI, int4/fp16/fp32)")
+    xsub = x.add_subparsers(dest="export_command", metavar="FORMAT")
+    xo = xsub.add_parser("onnx", help="merge if needed, then build an ONNX Runtime GenAI model")
+    xo.add_argument("source", help="training output dir, adapter dir or merged model")
+    xo.add_argument("--output", required=True, help="directory for the ONNX model")
+    xo.add_argument("--precision", default="int4", choices=["int4", "fp16", "fp32"], help="default int4")
+    xo.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="execution target (default cpu)")
+    xo.add_argument("--base", help="base model, when not the one in adapter_config.json")
+    xo.add_argument("--overwrite", action="store_true")
+    xo.add_argument("--check", action="store_true", help="compare greedy tokens and perplexity with PyTorch (check.json)")
+    xo.add_argument("--check-data", help="held-out file for --check (default: the run's validation file)")
+    xo.set_defaults(func=cmd_export_onnx)
+    x.set_defaults(func=lambda a: (x.print_help(), EXIT_USAGE)[1])
 
     d = sub.add_parser("demo", help="create a tiny model, fine-tune it with LoRA, show before/after")
     d.add_argument("--output", default="runs/demo")

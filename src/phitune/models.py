@@ -288,8 +288,9 @@ def refuse_classifier(path: str) -> None:
     causal LM would silently drop the trained head."""
     import json
 
-    spec = Path(path) / "task.json"
-    if spec.is_file() and json.loads(spec.read_text()).get("head"):
+    specs = [Path(path) / "task.json", Path(path).parent / "task.json"]  # OUT/adapter, or OUT beside it
+    spec = next((p for p in specs if p.is_file()), None)
+    if spec is not None and json.loads(spec.read_text()).get("head"):
         raise PhituneError(f"{path}: a classification-head run (task.json: head true) cannot generate text or be merged "
                            "into a causal LM; load it with AutoModelForSequenceClassification / "
                            "AutoModelForTokenClassification + PeftModel (see the README's Objectives)")

@@ -1,0 +1,123 @@
+"""Where chat and generate run: PyTorch (a base, an adapter, a training output, a merged model)
+or ONNX Runtime GenAI (a `phitune export onnx` output). Both stream a reply piece by piece,
+render the conversation with the model's own chat template and stop at its end-of-turn token."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Iterator
+
+BACKENDS = ("torch", "onnx")
+
+
+def open_backend(model: str, *, backend: str | None = None, adapter: str | None = None):
+    """`backend` None: onnx for an exported model (genai_config.json), else torch."""
+    exported = (Path(model) / "genai_config.json").is_file()
+    backend = backend or ("onnx" if exported else "torch")
+    if backend == "onnx":
+        from phitune.errors import PhituneError
+
+        if not exported:
+            raise PhituneError(f"{model}: not an ONNX Runtime GenAI model (no genai_config.json); "
+                               f"export it first: phitune export onnx {model} --output {model}-onnx")
+        if adapter:
+            raise PhituneError("--adapter with --backend onnx: export the fine-tune with `phitune export onnx` "
+                               "(or its adapter with --adapter-only) and pass that directory")
+        return OnnxBackend(model)
+    from phitune.models import load_for_inference
+
+    return TorchBackend(*load_for_inference(model, adapter))
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def stream(self, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
+               seed: int = 0) -> Iterator[str]:
+        import torch
+        from transformers import TextIteratorStreamer
+
+        from phitune.generate import end_of_turn_ids, prompt_ids
+
+        ids = torch.tensor([prompt_ids(self.tokenizer, messages)], device=self.model.device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                      eos_token_id=end_of_turn_ids(self.model, self.tokenizer), pad_token_id=self.tokenizer.pad_token_id,
+                      streamer=streamer, use_cache=True)
+        if temperature > 0:
+            torch.manual_seed(seed)
+            kwargs.update(do_sample=True, temperature=temperature)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        worker = threading.Thread(target=self._generate, kwargs=kwargs, daemon=True)
+        worker.start()
+        yield from streamer
+        worker.join()
+
+    def _generate(self, **kwargs) -> None:
+        import torch
+
+        with torch.no_grad():
+            self.model.generate(**kwargs)
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    def __init__(self, path: str):
+        from phitune.export.onnx import require_genai
+
+        og = require_genai()
+        self.og = og
+        self.path = path
+        self.model = og.Model(str(path))
+        self.tokenizer = og.Tokenizer(self.model)
+        self.adapters = None
+
+    def load_adapter(self, file: str, name: str) -> None:
+        """An ONNX Runtime adapter (`.onnx_adapter`) to switch to per request by name."""
+        if self.adapters is None:
+            self.adapters = self.og.Adapters(self.model)
+        self.adapters.load(str(file), name)
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+        return [int(t) for t in self.tokenizer.encode(text)]
+
+    def generate_ids(self, ids: list[int], *, max_new_tokens: int = 256, temperature: float = 0.0,
+                     adapter: str | None = None) -> Iterator[int]:
+        params = self.og.GeneratorParams(self.model)
+        options = dict(max_length=len(ids) + max_new_tokens, do_sample=temperature > 0)
+        if temperature > 0:
+            options["temperature"] = temperature
+        params.set_search_options(**options)
+        generator = self.og.Generator(self.model, params)
+        if adapter:
+            generator.set_active_adapter(self.adapters, adapter)
+        generator.append_tokens([ids])
+        while not generator.is_done():
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            if token in self.stop_ids:
+                break
+            yield token
+
+    @property
+    def stop_ids(self) -> set[int]:
+        return {int(t) for t in self.tokenizer.eos_token_ids}
+
+    def stream(self, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
+               adapter: str | None = None) -> Iterator[str]:
+        decoder = self.tokenizer.create_stream()
+        for token in self.generate_ids(self.prompt_ids(messages), max_new_tokens=max_new_tokens,
+                                       temperature=temperature, adapter=adapter):
+            yield decoder.decode(token)
+
+
+def complete(backend, messages: list[dict], **kwargs) -> str:
+    return "".join(backend.stream(messages, **kwargs)).strip()

@@ -1,0 +1,171 @@
+"""`phitune export onnx`: a fine-tune as an ONNX Runtime GenAI model (int4 / fp16 / fp32).
+
+The model builder of onnxruntime-genai does the conversion (graph, quantization, genai_config,
+tokenizer files); we give it a plain transformers model: an adapter is merged first, exactly as
+`phitune merge` does. The builder runs in its own process: it prints progress freely and keeps
+large temporary state that should not outlive the export. The output dir appears whole or not
+at all.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from phitune.errors import PhituneError
+
+PRECISIONS = ("int4", "fp16", "fp32")
+DEVICES = ("cpu", "cuda")
+
+
+def require_genai():
+    try:
+        import onnxruntime_genai as og
+    except ImportError as exc:
+        raise PhituneError("ONNX export and the onnx backend need onnxruntime-genai: pip install 'phitune[onnx]'") from exc
+    return og
+
+
+def export_onnx(source: str | Path, output: str | Path, *, precision: str = "int4", device: str = "cpu",
+                base: str | None = None, overwrite: bool = False) -> Path:
+    from phitune.export.merge import merge
+    from phitune.models import refuse_classifier, resolve_trained
+
+    source, output = Path(source), Path(output)
+    if precision not in PRECISIONS:
+        raise PhituneError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
+    if device not in DEVICES:
+        raise PhituneError(f"--device {device}: use one of {', '.join(DEVICES)}")
+    if precision == "fp16" and device == "cpu":
+        raise PhituneError("--precision fp16 runs on cuda; on cpu use int4 (fast) or fp32 (exact)")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise PhituneError(f"{output}: exists and is not empty; pass --overwrite or choose another --output")
+    require_genai()
+    try:
+        import onnx_ir  # noqa: F401 - the builder's dependency, not declared by its wheel
+    except ImportError as exc:
+        raise PhituneError("the ONNX model builder needs onnx-ir: pip install 'phitune[onnx]'") from exc
+    model_path, adapter = resolve_trained(source)
+    base_model = base or model_path
+    refuse_classifier(adapter or model_path)
+    with tempfile.TemporaryDirectory(prefix="phitune-export-") as work:
+        if adapter:
+            merged = Path(work) / "merged"
+            merge(source, merged, base=base)
+            model_path = str(merged)
+        tmp = output.with_name(output.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", model_path, "-o", str(tmp),
+               "-p", precision, "-e", device, "-c", str(Path(work) / "cache")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not (tmp / "genai_config.json").is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()][-1:] or ["no output"]
+            raise PhituneError(f"{source}: the onnxruntime-genai model builder failed ({last[0].strip()[:300]}); "
+                               "rerun with --debug, or run `python -m onnxruntime_genai.models.builder` yourself")
+    for folder in (Path(adapter) if adapter else None, source, Path(model_path)):
+        if folder and (folder / "task.json").is_file():
+            shutil.copy(folder / "task.json", tmp / "task.json")
+            break
+    (tmp / "phitune_export.json").write_text(json.dumps({
+        "source": str(source), "base": base_model, "adapter": adapter,
+        "precision": precision, "device": device}, indent=2) + "\n")
+    if output.exists():
+        shutil.rmtree(output)
+    tmp.rename(output)
+    return output
+
+
+DEFAULT_PROMPTS = ["Hello! Who are you?", "What is the capital of France?", "Write one sentence about coffee.",
+                   "Translate to French: the cup is hot.", "List three colours."]
+
+
+def _held_out(source: Path, data: str | None, tokenizer):
+    """The run's validation file (or `data`), read and tokenized as the run was trained; None
+    when there is neither."""
+    from phitune.evaluate.runner import locate, read_eval_split, resolve_spec
+
+    subject = locate(str(source))
+    data = data or subject.validation_file
+    if not data:
+        return None
+    spec = resolve_spec(subject, data, None if subject.spec else "chat")
+    return read_eval_split(data, spec, subject.data_options, tokenizer)
+
+
+def check_export(output: str | Path, source: str | Path, *, data: str | None = None, prompts: int = 16,
+                 max_new_tokens: int = 32) -> dict:
+    """Greedy tokens of the ONNX model against the PyTorch (merged) model on the same prompt
+    ids, the ONNX tokenizer's prompt ids against transformers', and perplexity on held-out text."""
+    import torch
+
+    from phitune.backends import OnnxBackend
+    from phitune.evaluate import scoring
+    from phitune.evaluate.lm import lm_metrics
+    from phitune.generate import end_of_turn_ids, prompt_ids
+    from phitune.models import load_for_inference
+
+    onnx = OnnxBackend(str(output))
+    model, tokenizer = load_for_inference(str(source))
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()  # the weights the export was built from
+    split = _held_out(Path(source), data, tokenizer)
+    asked = [scoring.prompt_and_reference(s)[0] for _, s in (split.kept if split else []) if scoring.generative(s)][:prompts]
+    asked = asked or [[{"role": "user", "content": p}] for p in DEFAULT_PROMPTS]
+    same_prompt = exact = 0
+    agreement = 0.0
+    stops = set(end_of_turn_ids(model, tokenizer))
+    for prompt in asked:
+        ids = prompt_ids(tokenizer, prompt)
+        if not isinstance(prompt, str):
+            same_prompt += onnx.prompt_ids(prompt) == ids
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                                 eos_token_id=sorted(stops), pad_token_id=tokenizer.pad_token_id)
+        reference = [t for t in out[0, len(ids):].tolist()]
+        reference = reference[: next((i for i, t in enumerate(reference) if t in stops), len(reference))]
+        got = list(onnx.generate_ids(ids, max_new_tokens=max_new_tokens))
+        exact += got == reference
+        longest = max(len(got), len(reference), 1)
+        agreement += next((i for i, (a, b) in enumerate(zip(got, reference)) if a != b), min(len(got), len(reference))) / longest
+    report = {"prompts": len(asked), "greedy_exact": exact / len(asked), "token_agreement": agreement / len(asked),
+              "chat_prompt_ids_equal": same_prompt / max(1, sum(not isinstance(p, str) for p in asked))}
+    if split and split.examples:
+        examples = split.examples[:64]
+        torch_ppl = lm_metrics(model, examples, batch_size=8, pad_id=tokenizer.pad_token_id, device=model.device)["perplexity"]
+        report |= {"perplexity_torch": torch_ppl, "perplexity_onnx": _onnx_perplexity(Path(output), examples),
+                   "held_out_examples": len(examples)}
+        report["perplexity_change"] = report["perplexity_onnx"] / torch_ppl - 1.0
+    return report
+
+
+def _onnx_perplexity(output: Path, examples: list) -> float:
+    """exp(mean cross-entropy) over the trained tokens, by ONNX Runtime (one full forward each)."""
+    import math
+
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(output / "model.onnx"), providers=["CPUExecutionProvider"])
+    config = json.loads((output / "genai_config.json").read_text())["model"]["decoder"]
+    past = {i.name: i for i in session.get_inputs() if i.name.startswith("past_key_values")}
+    total, count = 0.0, 0
+    for e in examples:
+        ids = np.array([e.input_ids], dtype=np.int64)
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        for name, meta in past.items():
+            dtype = np.float16 if "float16" in meta.type else np.float32
+            feed[name] = np.zeros((1, config["num_key_value_heads"], 0, config["head_size"]), dtype=dtype)
+        logits = session.run(["logits"], feed)[0][0].astype(np.float64)
+        labels = np.array(e.labels)
+        for pos in np.nonzero(labels[1:] != -100)[0]:
+            row = logits[pos]
+            top = row.max()
+            total += top + math.log(np.exp(row - top).sum()) - row[labels[pos + 1]]
+            count += 1
+    return math.exp(total / max(count, 1))

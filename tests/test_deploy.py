@@ -1,0 +1,92 @@
+"""Deployment: ONNX Runtime GenAI export (fp32 parity with PyTorch, int4 close), the terminal chat
+on both backends driven through stdin, and the errors that guard them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, run_cli
+
+og = pytest.importorskip("onnxruntime_genai")
+pytest.importorskip("onnx_ir")
+
+ASK = "Translate from English to French.\\n\\nThe milk is good."  # a typed \n is a line break
+
+
+@pytest.fixture(scope="module")
+def translator(tiny_phi3, tmp_path_factory):
+    """The shipped translation example, trained in full (200 steps, ~10 s)."""
+    out = tmp_path_factory.mktemp("deploy") / "translation"
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        assert run_cli("train", REPO / "examples" / "translation" / "config.yaml", "--set", f"model.name_or_path={tiny_phi3}",
+                       "--set", f"output_dir={out}", "--set", "training.precision=fp32", "--set", "training.eval_every=200") == 0
+    finally:
+        os.chdir(cwd)
+    return out
+
+
+def _chat(*args, stdin: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "phitune", "chat", *map(str, args)], input=stdin, capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+
+
+def test_fp32_export_matches_pytorch_greedy_tokens_and_perplexity(translator, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "fp32"
+    assert run_cli("export", "onnx", translator, "--output", out, "--precision", "fp32", "--check") == 0
+    assert {"model.onnx", "genai_config.json", "tokenizer.json", "chat_template.jinja", "task.json"} <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "check.json").read_text())
+    assert report["prompts"] == 16 and report["greedy_exact"] == 1.0 and report["token_agreement"] == 1.0
+    assert report["chat_prompt_ids_equal"] == 1.0  # onnxruntime-genai's template + tokenizer = transformers'
+    assert abs(report["perplexity_change"]) < 1e-4 and report["held_out_examples"] == 24
+    assert json.loads((out / "phitune_export.json").read_text())["adapter"].endswith("adapter")
+
+
+def test_int4_export_stays_close_and_chats_with_the_fine_tuned_behaviour(translator, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "int4"
+    assert run_cli("export", "onnx", translator, "--output", out, "--check") == 0
+    report = json.loads((out / "check.json").read_text())
+    assert report["token_agreement"] > 0.5 and abs(report["perplexity_change"]) < 0.1, report
+    onnx = _chat(out, stdin=ASK + "\n")
+    torch_run = _chat(translator, stdin=ASK + "\n")
+    assert onnx.returncode == 0 and torch_run.returncode == 0, onnx.stderr + torch_run.stderr
+    assert torch_run.stdout.strip() == "Le lait est bon."  # a training pair: the fine-tuned answer
+    assert onnx.stdout.strip() == "Le lait est bon."
+
+
+def test_chat_keeps_the_conversation_and_resets(translator):
+    run = _chat(translator, "--backend", "torch", stdin=f"{ASK}\n/reset\n\n{ASK}\n/exit\nnever read\n")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["Le lait est bon.", "Le lait est bon."]
+
+
+def test_generate_with_the_onnx_backend(translator, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "fp32"
+    assert run_cli("export", "onnx", translator, "--output", out, "--precision", "fp32") == 0
+    capsys.readouterr()
+    assert run_cli("generate", out, "--prompt", "Translate from English to French.\n\nThe milk is good.") == 0
+    assert capsys.readouterr().out.strip() == "Le lait est bon."
+
+
+def test_export_and_chat_errors(translator, tmp_path, tiny_phi3, capsys):
+    assert run_cli("chat", translator, "--backend", "onnx") == 2
+    assert "phitune export onnx" in capsys.readouterr().err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("keep me")
+    assert run_cli("export", "onnx", translator, "--output", tmp_path / "busy") == 2
+    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "busy" / "x").read_text() == "keep me"
+    assert run_cli("export", "onnx", translator, "--output", tmp_path / "o", "--precision", "fp16") == 2
+    assert "fp16 runs on cuda" in capsys.readouterr().err
+    head = tmp_path / "head"
+    (head / "adapter").mkdir(parents=True)
+    (head / "task.json").write_text(json.dumps({"name": "classification", "head": True}))
+    (head / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_phi3)}))
+    assert run_cli("export", "onnx", head, "--output", tmp_path / "o") == 2
+    assert "classification-head run" in capsys.readouterr().err and not (tmp_path / "o").exists()
