@@ -1,0 +1,1 @@
+"""Manifests for running phitune on Kubernetes: KAITO (kaito.py) and Kubeflow PyTorchJob (kubernetes.py)."""
