@@ -90,3 +90,68 @@ def test_export_and_chat_errors(translator, tmp_path, tiny_phi3, capsys):
     (head / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_phi3)}))
     assert run_cli("export", "onnx", head, "--output", tmp_path / "o") == 2
     assert "classification-head run" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_phi3, tmp_path_factory):
+    """Two fine-tunes of one base, LoRA on the linear layers (not lm_head), for multi-LoRA."""
+    root = tmp_path_factory.mktemp("multilora")
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        for name in ("translation", "chatbot"):
+            assert run_cli("train", REPO / "examples" / name / "config.yaml", "--set", f"model.name_or_path={tiny_phi3}",
+                           "--set", f"output_dir={root / name}", "--set", "training.precision=fp32",
+                           "--set", "method.target_modules=all-linear", "--set", "training.eval_every=1000") == 0
+    finally:
+        os.chdir(cwd)
+    return root / "translation", root / "chatbot"
+
+
+def test_multi_lora_adapters_change_outputs_exactly_as_in_pytorch(two_adapters, tiny_phi3, tmp_path):
+    import torch
+
+    from phitune.backends import OnnxBackend
+    from phitune.generate import end_of_turn_ids, prompt_ids
+    from phitune.models import load_for_inference
+
+    fr, chat = two_adapters
+    out = tmp_path / "multi"
+    assert run_cli("export", "onnx", tiny_phi3, "--output", out, "--precision", "fp32",
+                   "--adapter", f"fr={fr}", "--adapter", f"chat={chat}") == 0
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == ["chat.onnx_adapter", "fr.onnx_adapter"]
+    onnx = OnnxBackend(str(out))
+    for name in ("fr", "chat"):
+        onnx.load_adapter(str(out / "adapters" / f"{name}.onnx_adapter"), name)
+    prompts = [[{"role": "user", "content": "Translate from English to French.\n\nThe milk is good."}],
+               [{"role": "system", "content": "You take orders at PhiCafe."}, {"role": "user", "content": "Can I have a latte?"}],
+               [{"role": "user", "content": "Hello there"}]]
+    seen = {}
+    # Interleaved on one loaded model: the adapter switches per request.
+    for name, source in (("fr", fr), ("chat", chat), (None, tiny_phi3), ("fr", fr)):
+        model, tok = load_for_inference(str(source))
+        stops = end_of_turn_ids(model, tok)
+        for messages in prompts:
+            ids = prompt_ids(tok, messages)
+            ref = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=16, do_sample=False, temperature=None, top_p=None, top_k=None,
+                                 eos_token_id=stops, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+            ref = ref[: next((i for i, t in enumerate(ref) if t in stops), len(ref))]
+            got = list(onnx.generate_ids(ids, max_new_tokens=16, adapter=name))
+            assert got == ref, (name, messages)
+            seen[(name, messages[-1]["content"])] = got
+    assert seen[("fr", "Can I have a latte?")] != seen[("chat", "Can I have a latte?")] != seen[(None, "Can I have a latte?")]
+    run = _chat(out, "--adapter", "chat", "--system", "You take orders at PhiCafe.", stdin="Can I have a latte?\n")
+    assert run.returncode == 0 and run.stdout.strip() == "One latte, coming up. Anything else?", run.stderr
+
+
+def test_multi_lora_refusals(translator, two_adapters, tiny_phi3, tmp_path, capsys):
+    fr, _ = two_adapters
+    assert run_cli("export", "onnx", tiny_phi3, "--output", tmp_path / "a", "--adapter", f"fr={fr}") == 2  # int4 default
+    assert "quantize the LoRA weights" in capsys.readouterr().err
+    assert run_cli("export", "onnx", tiny_phi3, "--output", tmp_path / "b", "--precision", "fp32",
+                   "--adapter", f"fr={translator}") == 2
+    assert "targets lm_head" in capsys.readouterr().err
+    assert run_cli("export", "onnx", tiny_phi3, "--output", tmp_path / "c", "--precision", "fp32", "--adapter", str(fr)) == 2
+    assert "NAME=PATH" in capsys.readouterr().err
+    assert not any((tmp_path / n).exists() for n in "abc")

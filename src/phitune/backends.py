@@ -22,10 +22,17 @@ def open_backend(model: str, *, backend: str | None = None, adapter: str | None 
         if not exported:
             raise PhituneError(f"{model}: not an ONNX Runtime GenAI model (no genai_config.json); "
                                f"export it first: phitune export onnx {model} --output {model}-onnx")
+        backend = OnnxBackend(model)
         if adapter:
-            raise PhituneError("--adapter with --backend onnx: export the fine-tune with `phitune export onnx` "
-                               "(or its adapter with --adapter-only) and pass that directory")
-        return OnnxBackend(model)
+            # A name from `phitune export onnx BASE --adapter NAME=...`, or an .onnx_adapter file.
+            file = Path(adapter) if adapter.endswith(".onnx_adapter") else Path(model) / "adapters" / f"{adapter}.onnx_adapter"
+            if not file.is_file():
+                known = sorted(p.stem for p in (Path(model) / "adapters").glob("*.onnx_adapter"))
+                raise PhituneError(f"--adapter {adapter}: no {file}; this export has "
+                                   + (f"the adapters {', '.join(known)}" if known else "no adapters"))
+            backend.load_adapter(str(file), file.stem)
+            backend.active = file.stem
+        return backend
     from phitune.models import load_for_inference
 
     return TorchBackend(*load_for_inference(model, adapter))
@@ -78,6 +85,7 @@ class OnnxBackend:
         self.model = og.Model(str(path))
         self.tokenizer = og.Tokenizer(self.model)
         self.adapters = None
+        self.active: str | None = None  # the adapter used when a call names none
 
     def load_adapter(self, file: str, name: str) -> None:
         """An ONNX Runtime adapter (`.onnx_adapter`) to switch to per request by name."""
@@ -97,6 +105,7 @@ class OnnxBackend:
             options["temperature"] = temperature
         params.set_search_options(**options)
         generator = self.og.Generator(self.model, params)
+        adapter = adapter or self.active
         if adapter:
             generator.set_active_adapter(self.adapters, adapter)
         generator.append_tokens([ids])

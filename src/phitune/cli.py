@@ -133,8 +133,21 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export_onnx(args) -> int:
-    from phitune.export.onnx import check_export, export_onnx
+    from phitune.export.onnx import check_export, export_multi_lora, export_onnx
 
+    if args.adapter:
+        pairs = [a.partition("=") for a in args.adapter]
+        bad = [a for a, (n, eq, p) in zip(args.adapter, pairs) if not (n and eq and p)]
+        if bad:
+            raise PhituneError(f"--adapter {bad[0]}: give NAME=PATH (an adapter dir or training output)")
+        if len({n for n, _, _ in pairs}) != len(pairs):
+            raise PhituneError("--adapter: each adapter needs its own NAME")
+        out = export_multi_lora(args.source, {n: p for n, _, p in pairs}, args.output, precision=args.precision,
+                                device=args.device, overwrite=args.overwrite)
+        names = ", ".join(n for n, _, _ in pairs)
+        print(f"wrote the base {out} with LoRA inputs and adapters/{{{names}}}.onnx_adapter "
+              f"(chat with one: phitune chat {out} --adapter {pairs[0][0]})")
+        return 0
     out = export_onnx(args.source, args.output, precision=args.precision, device=args.device, base=args.base,
                       overwrite=args.overwrite)
     print(f"wrote {args.precision} ONNX Runtime GenAI model to {out} (run it: phitune chat {out})")
@@ -392,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="print a chat completion from a model (with or without an adapter)")
     g.add_argument("model", help="base model dir/hub id, training output dir, adapter dir or merged model")
-    g.add_argument("--adapter", help="PEFT adapter dir to apply to MODEL")
+    g.add_argument("--adapter", help="torch: a PEFT adapter dir to apply; onnx: an adapter NAME of a multi-LoRA export")
     g.add_argument("--prompt", required=True, help="the user message")
     g.add_argument("--system", help="optional system message")
     g.add_argument("--max-new-tokens", type=int, default=64)
@@ -402,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ch = sub.add_parser("chat", help="interactive chat in the terminal, streaming (torch or ONNX Runtime)")
     ch.add_argument("model", help="base model, training output, adapter dir, merged model, or an ONNX export")
-    ch.add_argument("--adapter", help="PEFT adapter dir to apply to MODEL (torch)")
+    ch.add_argument("--adapter", help="torch: a PEFT adapter dir to apply; onnx: an adapter NAME of a multi-LoRA export")
     ch.add_argument("--backend", choices=["torch", "onnx"], help="default: onnx for an exported model, else torch")
     ch.add_argument("--system", help="system message")
     ch.add_argument("--max-new-tokens", type=int, default=256)
@@ -449,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     xo.add_argument("--overwrite", action="store_true")
     xo.add_argument("--check", action="store_true", help="compare greedy tokens and perplexity with PyTorch (check.json)")
     xo.add_argument("--check-data", help="held-out file for --check (default: the run's validation file)")
+    xo.add_argument("--adapter", action="append", metavar="NAME=PATH",
+                    help="multi-LoRA: SOURCE is the base; export each LoRA fine-tune as adapters/NAME.onnx_adapter "
+                         "(repeatable; fp32 or fp16)")
     xo.set_defaults(func=cmd_export_onnx)
     x.set_defaults(func=lambda a: (x.print_help(), EXIT_USAGE)[1])
 

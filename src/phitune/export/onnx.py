@@ -10,6 +10,8 @@ at all.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 from phitune.errors import PhituneError
+
+log = logging.getLogger("phitune")
 
 PRECISIONS = ("int4", "fp16", "fp32")
 DEVICES = ("cpu", "cuda")
@@ -169,3 +173,109 @@ def _onnx_perplexity(output: Path, examples: list) -> float:
             total += top + math.log(np.exp(row - top).sum()) - row[labels[pos + 1]]
             count += 1
     return math.exp(total / max(count, 1))
+
+
+# --- multi-LoRA: one base graph with LoRA inputs, one .onnx_adapter per fine-tune ---------------
+
+
+def _build(model_path: str, out: Path, precision: str, device: str, cache: Path, adapter: str | None = None) -> None:
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", model_path, "-o", str(out), "-p", precision,
+           "-e", device, "-c", str(cache)]
+    if adapter:
+        cmd += ["--extra_options", f"adapter_path={adapter}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not (out / "genai_config.json").is_file():
+        last = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()][-1:] or ["no output"]
+        raise PhituneError(f"{adapter or model_path}: the onnxruntime-genai model builder failed ({last[0].strip()[:300]})")
+
+
+def _lora_tensors(model_file: Path) -> dict:
+    """The LoRA weights of a built graph, by initializer name, as numpy arrays."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_file), load_external_data=True)
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if ".lora_A." in t.name or ".lora_B." in t.name}
+
+
+def export_multi_lora(base: str, adapters: dict[str, str], output: str | Path, *, precision: str = "fp32",
+                      device: str = "cpu", overwrite: bool = False) -> Path:
+    """The base once, with every LoRA weight a graph input defaulting to zero (the base model),
+    and each adapter as adapters/NAME.onnx_adapter holding those inputs' values. The builder makes
+    each adapter's weights (its split of fused projections, transposes and scaling), so they are
+    laid out exactly as the graph reads them."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from phitune.models import resolve_trained
+
+    output = Path(output)
+    if precision == "int4":
+        raise PhituneError("--adapter with --precision int4: the builder would quantize the LoRA weights into the graph, "
+                           "so they could not be swapped; use fp32 (cpu) or fp16 (cuda), or export each fine-tune merged in int4")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise PhituneError(f"{output}: exists and is not empty; pass --overwrite or choose another --output")
+    require_genai()
+    resolved = {}
+    for name, path in adapters.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise PhituneError(f"--adapter {name}={path}: the name may hold letters, digits, '_', '.', '-' only")
+        base_of, adapter = resolve_trained(path)
+        if adapter is None:
+            raise PhituneError(f"--adapter {name}={path}: holds no LoRA adapter")
+        kind = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("peft_type")
+        if kind != "LORA" or json.loads((Path(adapter) / "adapter_config.json").read_text()).get("use_dora"):
+            raise PhituneError(f"--adapter {name}={path}: a {kind} adapter{' with DoRA' if kind == 'LORA' else ''}; "
+                               "ONNX Runtime adapters carry plain LoRA weights only (merge it and export it alone)")
+        targets = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("target_modules") or []
+        if "lm_head" in targets:
+            # onnxruntime-genai 0.18's builder overwrites lm_head's weight with the LoRA's and wires the
+            # sum nowhere: the graph does not load. Seen here; refused until the builder handles it.
+            raise PhituneError(f"--adapter {name}={path}: its LoRA targets lm_head, which the onnxruntime-genai "
+                               "builder cannot export as an adapter; train without lm_head in method.target_modules, "
+                               "or export this fine-tune merged on its own")
+        resolved[name] = adapter
+    with tempfile.TemporaryDirectory(prefix="phitune-multilora-") as work:
+        work = Path(work)
+        tmp = output.with_name(output.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        first = next(iter(resolved.values()))
+        _build(base, tmp, precision, device, work / "cache", adapter=first)
+        graph_file = tmp / "model.onnx"
+        model = onnx.load(str(graph_file), load_external_data=True)
+        slots = {t.name: t for t in model.graph.initializer if ".lora_A." in t.name or ".lora_B." in t.name}
+        (tmp / "adapters").mkdir()
+        for i, (name, adapter) in enumerate(resolved.items()):
+            built = work / f"a{i}"
+            _build(base, built, precision, device, work / "cache", adapter=adapter)
+            tensors = _lora_tensors(built / "model.onnx")
+            shutil.rmtree(built)
+            if set(tensors) != set(slots) or any(tuple(tensors[k].shape) != tuple(slots[k].dims) for k in slots):
+                raise PhituneError(f"--adapter {name}: its LoRA targets or rank differ from {next(iter(resolved))}'s; "
+                                   "adapters served together need the same target_modules and r")
+            fmt = ort.AdapterFormat()
+            fmt.set_adapter_version(1)
+            fmt.set_model_version(1)
+            fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()})
+            fmt.export_adapter(str(tmp / "adapters" / f"{name}.onnx_adapter"))
+        # Each LoRA weight becomes an input whose default (the initializer) is zero: no adapter = the base.
+        for name, tensor in slots.items():
+            zeros = numpy_helper.from_array(np.zeros(tuple(tensor.dims), dtype=numpy_helper.to_array(tensor).dtype), name)
+            tensor.CopyFrom(zeros)
+            model.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+        graph_file.unlink()
+        (tmp / "model.onnx.data").unlink(missing_ok=True)
+        onnx.save(model, str(graph_file), save_as_external_data=True, location="model.onnx.data")
+        (tmp / "phitune_export.json").write_text(json.dumps({
+            "base": base, "adapters": {n: str(a) for n, a in resolved.items()}, "precision": precision,
+            "device": device}, indent=2) + "\n")
+        for name, adapter in resolved.items():
+            base_of, _ = resolve_trained(adapter)
+            if Path(base_of).resolve() != Path(base).resolve() and base_of != base:
+                log.warning("--adapter %s was trained on %s, exported on %s", name, base_of, base)
+    if output.exists():
+        shutil.rmtree(output)
+    tmp.rename(output)
+    return output
