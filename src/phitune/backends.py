@@ -97,12 +97,12 @@ class OnnxBackend:
         text = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
         return [int(t) for t in self.tokenizer.encode(text)]
 
-    def generate_ids(self, ids: list[int], *, max_new_tokens: int = 256, temperature: float = 0.0,
+    def generate_ids(self, ids: list[int], *, max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
                      adapter: str | None = None) -> Iterator[int]:
         params = self.og.GeneratorParams(self.model)
         options = dict(max_length=len(ids) + max_new_tokens, do_sample=temperature > 0)
         if temperature > 0:
-            options["temperature"] = temperature
+            options |= {"temperature": temperature, "random_seed": seed}
         params.set_search_options(**options)
         generator = self.og.Generator(self.model, params)
         adapter = adapter or self.active
@@ -124,7 +124,7 @@ class OnnxBackend:
                adapter: str | None = None) -> Iterator[str]:
         decoder = self.tokenizer.create_stream()
         for token in self.generate_ids(self.prompt_ids(messages), max_new_tokens=max_new_tokens,
-                                       temperature=temperature, adapter=adapter):
+                                       temperature=temperature, seed=seed, adapter=adapter):
             yield decoder.decode(token)
 
 
