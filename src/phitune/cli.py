@@ -238,7 +238,8 @@ def cmd_k8s(args) -> int:
 def _serve_settings(args):
     from phitune.serve.settings import Settings, parse_models
 
-    return Settings(storage=Path(args.storage), db_url=args.db or "", models=parse_models(args.model))
+    return Settings(storage=Path(args.storage), db_url=args.db or "", models=parse_models(args.model),
+                    max_upload_bytes=int(args.max_upload_mb * 2**20), stale_seconds=args.stale_seconds)
 
 
 def cmd_serve(args) -> int:
@@ -522,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--storage", default="serve-data", help="directory for the database, files and job runs")
         parser.add_argument("--db", help="database URL (default: SQLite in --storage), e.g. postgresql://user:pw@host/db")
         parser.add_argument("--model", action="append", metavar="NAME=PATH", help="a base model to serve (repeatable)")
+        parser.add_argument("--max-upload-mb", type=float, default=512, help="largest accepted upload (default 512)")
+        parser.add_argument("--stale-seconds", type=float, default=30,
+                            help="re-queue a running job whose worker sent no heartbeat for this long (default 30)")
 
     sv = sub.add_parser("serve", help="the OpenAI-compatible fine-tuning service (FastAPI) with a built-in worker")
     storage_options(sv)
@@ -610,7 +614,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _die_with_parent() -> None:
+    """A run started by a service worker (PHITUNE_PARENT_PID) is killed when that worker dies
+    (Linux): a crashed worker never leaves a run writing where its successor resumes."""
+    parent = os.environ.get("PHITUNE_PARENT_PID")
+    if not parent:
+        return
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # it died before the line above
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _die_with_parent()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

@@ -17,6 +17,7 @@ class Settings:
     models: dict[str, str] = field(default_factory=dict)  # served base model id -> local path or hub id
     max_upload_bytes: int = 512 * 2**20
     poll_seconds: float = 0.5  # how often a worker looks for work and at its running job
+    stale_seconds: float = 30.0  # a running job whose worker sent no heartbeat for this long is re-queued
 
     def __post_init__(self) -> None:
         self.storage = Path(self.storage)

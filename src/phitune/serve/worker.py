@@ -32,7 +32,6 @@ from phitune.serve.jobconfig import build_config, choose_hyperparameters, fine_t
 from phitune.serve.settings import Settings
 
 log = logging.getLogger("phitune")
-STALE_SECONDS = 30.0  # a running job whose heartbeat is older than this has lost its worker
 
 
 class Worker:
@@ -77,7 +76,7 @@ class Worker:
         return None
 
     def requeue_stale(self) -> None:
-        limit = time.time() - STALE_SECONDS
+        limit = time.time() - self.settings.stale_seconds
         with self.sessions() as db:
             stale = list(db.scalars(select(Job).where(Job.status.in_(("running", "validating_files")),
                                                       Job.worker.is_not(None), Job.heartbeat < limit)))
@@ -152,7 +151,8 @@ class Worker:
             db.commit()
         logf = (folder / "train.log").open("ab")
         proc = subprocess.Popen([sys.executable, "-m", "phitune", "train", str(folder / "config.yaml"), "--auto-resume"],
-                                stdout=logf, stderr=subprocess.STDOUT, cwd=os.getcwd(), start_new_session=True)
+                                stdout=logf, stderr=subprocess.STDOUT, cwd=os.getcwd(), start_new_session=True,
+                                env={**os.environ, "PHITUNE_PARENT_PID": str(os.getpid())})
         seen_steps = self._seen_steps(job.id)
         requested = None
         started = time.time()
