@@ -25,16 +25,32 @@ def _free_port() -> int:
     return free_port()
 
 
+POSTGRES = os.environ.get("PHITUNE_TEST_POSTGRES")  # e.g. postgresql://postgres@127.0.0.1:5432/postgres (CI sets it)
+
+
+def database(storage) -> list[str]:
+    """--db for a fresh database: SQLite in the storage dir, or a new PostgreSQL database."""
+    if not POSTGRES:
+        return []
+    import psycopg
+
+    name = "phitune_" + os.urandom(6).hex()
+    with psycopg.connect(POSTGRES, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return ["--db", POSTGRES.rsplit("/", 1)[0] + "/" + name]
+
+
 class Server:
     def __init__(self, storage, model, *extra):
         self.storage, self.model, self.extra = storage, model, extra
+        self.db = database(storage)
         self.proc = None
 
     def start(self) -> "Server":
         self.port = _free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", "phitune", "serve", "--storage", str(self.storage),
                                       "--model", f"tiny={self.model}", "--port", str(self.port), "--stale-seconds", "3",
-                                      *self.extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      *self.db, *self.extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -209,13 +225,15 @@ def test_sigkill_of_server_and_worker_loses_nothing(tiny_phi3, tmp_path, train_f
 
 def test_organizations_are_isolated_and_keys_required(tiny_phi3, tmp_path, train_file):
     store = tmp_path / "store"
+    server = Server(store, tiny_phi3)
     keys = {}
     for org in ("alpha", "beta"):
-        out = subprocess.run([sys.executable, "-m", "phitune", "keys", "create", "--org", org, "--storage", str(store)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-m", "phitune", "keys", "create", "--org", org, "--storage", str(store),
+                              *server.db], capture_output=True, text=True, check=True)
         keys[org] = out.stdout.strip()
-    assert keys["alpha"].startswith("sk-phitune-") and keys["alpha"] not in (store / "phitune.db").read_bytes().decode(errors="ignore")
-    server = Server(store, tiny_phi3).start()
+    if not POSTGRES:
+        assert keys["alpha"].startswith("sk-phitune-") and keys["alpha"] not in (store / "phitune.db").read_bytes().decode(errors="ignore")
+    server.start()
     a, b = server.client(keys["alpha"]), server.client(keys["beta"])
     with pytest.raises(openai.AuthenticationError):
         server.client("sk-wrong").models.list()
@@ -286,3 +304,30 @@ def test_upload_limit_and_open_server_refused(tiny_phi3, tmp_path):
     out = subprocess.run([sys.executable, "-m", "phitune", "serve", "--storage", str(tmp_path / "s2"), "--host", "0.0.0.0"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "no API key exists" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_several_workers_never_run_one_job(tiny_phi3, tmp_path, train_file):
+    """The API without its worker, and two `phitune worker` processes on the same database and
+    storage: every job runs exactly once."""
+    server = Server(tmp_path / "store", tiny_phi3, "--no-worker").start()
+    workers = [subprocess.Popen([sys.executable, "-m", "phitune", "worker", "--storage", str(tmp_path / "store"),
+                                 "--model", f"tiny={tiny_phi3}", *server.db], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True) for _ in range(2)]
+    try:
+        c = server.client()
+        f = c.files.create(file=train_file.open("rb"), purpose="fine-tune")
+        jobs = [c.fine_tuning.jobs.create(model="tiny", training_file=f.id, extra_body=FAST, method={
+            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}}) for _ in range(4)]
+        done = [_wait(c, j.id) for j in jobs]
+        assert all(j.status == "succeeded" for j in done), [j.error for j in done]
+        runners = []
+        for j in jobs:
+            started = [e.message for e in c.fine_tuning.jobs.list_events(j.id, limit=1000).data if "started on" in e.message]
+            assert len(started) == 1, started
+            runners.append(started[0].split(" on ")[1])
+        assert len(set(runners)) == 2  # both workers took jobs
+    finally:
+        for w in workers:
+            os.killpg(w.pid, signal.SIGKILL)
+            w.wait()
+        server.stop()

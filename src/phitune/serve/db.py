@@ -106,15 +106,25 @@ class Checkpoint(Base):
 def connect(url: str):
     """An engine and a session factory; tables created when missing."""
     kwargs: dict = {}
+    if url.startswith("postgresql://"):  # psycopg 3 (phitune[serve]) rather than SQLAlchemy's default psycopg2
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     engine = create_engine(url, **kwargs)
     if url.startswith("sqlite"):
         @event.listens_for(engine, "connect")
-        def _wal(dbapi_connection, _record):  # readers never wait for the writer
+        def _wal(dbapi_connection, _record):
+            dbapi_connection.isolation_level = None  # transactions begin below, not in the driver
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _immediate(conn):
+            # Take the write lock at the start: a transaction that reads and then writes would
+            # otherwise fail at once (SQLITE_BUSY) when another process wrote in between,
+            # instead of waiting its turn. Several workers share one file.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
     Base.metadata.create_all(engine)
     return engine, sessionmaker(engine, expire_on_commit=False)

@@ -147,24 +147,27 @@ class Worker:
         (folder / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
         name = fine_tuned_name(job, job.org)
         with self.sessions() as db:
-            self.event(db, job.id, "Fine-tuning job started")
+            self.event(db, job.id, f"Fine-tuning job started on {self.name}")
             db.commit()
         logf = (folder / "train.log").open("ab")
         proc = subprocess.Popen([sys.executable, "-m", "phitune", "train", str(folder / "config.yaml"), "--auto-resume"],
                                 stdout=logf, stderr=subprocess.STDOUT, cwd=os.getcwd(), start_new_session=True,
                                 env={**os.environ, "PHITUNE_PARENT_PID": str(os.getpid())})
-        seen_steps = self._seen_steps(job.id)
         requested = None
         started = time.time()
         while proc.poll() is None:
             time.sleep(self.settings.poll_seconds)
-            requested = self.sync(job, name, folder, seen_steps, started)
+            try:
+                requested = self.sync(job, name, folder, started)
+            except Exception:  # noqa: BLE001 - a database hiccup must not orphan a running job
+                log.exception("job %s: syncing progress failed; retrying", job.id)
+                continue
             if requested or (stop is not None and stop.is_set()):
                 _terminate(proc)
                 break
         proc.wait()
         logf.close()
-        self.sync(job, name, folder, seen_steps, started)
+        self.sync(job, name, folder, started)
         if requested == "cancel":
             return self.finish(job.id, "cancelled", message="The job was cancelled")
         if requested == "pause":
@@ -184,16 +187,14 @@ class Worker:
         self.finish(job.id, "succeeded", message="The job has successfully completed", fine_tuned_model=name,
                     trained_tokens=run.get("trained_tokens"), result_files=[result], estimated_finish=None)
 
-    def _seen_steps(self, job_id: str) -> set[int]:
-        with self.sessions() as db:
-            return set(db.scalars(select(Event.step).where(Event.job_id == job_id, Event.step.is_not(None))))
-
-    def sync(self, job: Job, name: str, folder: Path, seen: set[int], started: float) -> str | None:
+    def sync(self, job: Job, name: str, folder: Path, started: float) -> str | None:
         """Metrics -> events, checkpoints -> objects, heartbeat; returns a cancel / pause request."""
         records = _records(folder / "run" / "metrics.jsonl")
         with self.sessions() as db:
             current = db.scalar(select(Job).where(Job.id == job.id))
             total = current.total_steps
+            # The database is the record of what was emitted (a failed commit emitted nothing).
+            seen = set(db.scalars(select(Event.step).where(Event.job_id == job.id, Event.step.is_not(None))))
             for r in records:
                 if r["step"] in seen:
                     continue

@@ -122,6 +122,7 @@ async def create_job(request: Request, org: Org) -> dict:
             detail = "; ".join([str(exc)] + list(getattr(exc, "problems", []) or []))
             raise ApiError(400, f"phitune options: {detail}", param="phitune") from None
         db.add(job)
+        db.flush()  # the job row first: the event refers to it (PostgreSQL checks the key at once)
         db.add(Event(id=new_id("ftevent"), job_id=job.id, message=f"Validating training file: {job.training_file}"))
         db.commit()
         return render(job)
