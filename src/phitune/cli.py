@@ -253,7 +253,7 @@ def cmd_serve(args) -> int:
 
     settings = _serve_settings(args)
     settings.storage.mkdir(parents=True, exist_ok=True)
-    engine, sessions = connect(settings.db_url)
+    engine, sessions, _ = connect(settings.db_url)
     with sessions() as db:
         has_keys = db.scalar(select(ApiKey.seq).limit(1)) is not None
     engine.dispose()
@@ -277,7 +277,7 @@ def cmd_worker(args) -> int:
     from phitune.serve.worker import Worker
 
     settings = _serve_settings(args)
-    _, sessions = connect(settings.db_url)
+    _, sessions, _ = connect(settings.db_url)
     print(f"phitune worker: {settings.db_url.split('@')[-1]}, storage {settings.storage}", flush=True)
     Worker(settings, sessions, name="worker").run(threading.Event())
     return 0
@@ -293,7 +293,7 @@ def cmd_keys_create(args) -> int:
         raise PhituneError(f"--org {args.org!r}: letters, digits, '-' and '_' (at most 64)")
     settings = _serve_settings(args)
     settings.storage.mkdir(parents=True, exist_ok=True)
-    _, sessions = connect(settings.db_url)
+    _, sessions, _ = connect(settings.db_url)
     key = "sk-phitune-" + secrets.token_urlsafe(32)
     with sessions() as db:
         db.add(ApiKey(org=args.org, key_hash=hash_key(key)))
@@ -629,6 +629,7 @@ def _die_with_parent() -> None:
         return
     if os.getppid() != int(parent):  # it died before the line above
         os._exit(1)
+    os.nice(10)  # the service's API answers first; training takes the CPU that is left
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ def organization(request: Request) -> str:
     state = request.app.state
     header = request.headers.get("authorization", "")
     key = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    with state.sessions() as db:
+    with state.reads() as db:
         if db.scalar(select(ApiKey.seq).limit(1)) is None:
             return "local"
         row = db.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key))) if key else None
@@ -48,7 +48,7 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
 
     settings.files_dir.mkdir(parents=True, exist_ok=True)
     settings.jobs_dir.mkdir(parents=True, exist_ok=True)
-    engine, sessions = connect(settings.db_url)
+    engine, sessions, reads = connect(settings.db_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -68,7 +68,7 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
 
     app = FastAPI(title="phitune fine-tuning service", version="1", lifespan=lifespan,
                   description="OpenAI-compatible fine-tuning API: files, fine_tuning.jobs, models, chat.completions.")
-    app.state.settings, app.state.sessions, app.state.engine = settings, sessions, engine
+    app.state.settings, app.state.sessions, app.state.reads, app.state.engine = settings, sessions, reads, engine
     app.state.chat_cache = {}
 
     @app.exception_handler(ApiError)

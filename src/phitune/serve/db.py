@@ -103,11 +103,8 @@ class Checkpoint(Base):
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
-def connect(url: str):
-    """An engine and a session factory; tables created when missing."""
+def _engine(url: str, *, immediate: bool):
     kwargs: dict = {}
-    if url.startswith("postgresql://"):  # psycopg 3 (phitune[serve]) rather than SQLAlchemy's default psycopg2
-        url = "postgresql+psycopg://" + url[len("postgresql://"):]
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     engine = create_engine(url, **kwargs)
@@ -121,10 +118,20 @@ def connect(url: str):
             cursor.close()
 
         @event.listens_for(engine, "begin")
-        def _immediate(conn):
-            # Take the write lock at the start: a transaction that reads and then writes would
-            # otherwise fail at once (SQLITE_BUSY) when another process wrote in between,
-            # instead of waiting its turn. Several workers share one file.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        def _begin(conn):
+            # Writers take the write lock at the start: a transaction that reads and then writes
+            # would otherwise fail at once (SQLITE_BUSY) when another process wrote in between,
+            # instead of waiting its turn. Readers never wait (WAL).
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    return engine
+
+
+def connect(url: str):
+    """(engine, sessions for writing, sessions for reading only); tables created when missing.
+    On PostgreSQL both session kinds share one engine."""
+    if url.startswith("postgresql://"):  # psycopg 3 (phitune[serve]) rather than SQLAlchemy's default psycopg2
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    engine = _engine(url, immediate=True)
     Base.metadata.create_all(engine)
-    return engine, sessionmaker(engine, expire_on_commit=False)
+    reader = _engine(url, immediate=False) if url.startswith("sqlite") else engine
+    return engine, sessionmaker(engine, expire_on_commit=False), sessionmaker(reader, expire_on_commit=False)

@@ -30,7 +30,7 @@ def resolve(request: Request, org: str, model: str) -> tuple[str, str | None]:
     if model in settings.models:
         return settings.models[model], None
     if model.startswith("ft:"):
-        with request.app.state.sessions() as db:
+        with request.app.state.reads() as db:
             job = db.scalar(select(Job).where(Job.org == org, Job.fine_tuned_model == model, Job.model_deleted.is_(False)))
             if job is not None:
                 run = settings.jobs_dir / job.id / "run"

@@ -61,19 +61,19 @@ def list_files(request: Request, org: Org, purpose: str | None = None, after: st
     if order not in ("asc", "desc"):
         raise ApiError(400, f"order '{order}': use asc or desc", param="order")
     where = [File.org == org, File.deleted.is_(False)] + ([File.purpose == purpose] if purpose else [])
-    with request.app.state.sessions() as db:
+    with request.app.state.reads() as db:
         return page(db, File, where, after=after, limit=limit, newest_first=order == "desc", render=render)
 
 
 @router.get("/files/{file_id}")
 def retrieve_file(request: Request, org: Org, file_id: str) -> dict:
-    with request.app.state.sessions() as db:
+    with request.app.state.reads() as db:
         return render(get_file(db, org, file_id))
 
 
 @router.get("/files/{file_id}/content")
 def file_content(request: Request, org: Org, file_id: str):
-    with request.app.state.sessions() as db:
+    with request.app.state.reads() as db:
         f = get_file(db, org, file_id)
     return FileResponse(request.app.state.settings.file_path(f.id, f.purpose), media_type="application/octet-stream")
 

@@ -134,13 +134,13 @@ def list_jobs(request: Request, org: Org, after: str | None = None, limit: int =
     for key, value in request.query_params.multi_items():  # metadata[key]=value filters
         if key.startswith("metadata[") and key.endswith("]"):
             where.append(Job.meta[key[9:-1]].as_string() == value)
-    with request.app.state.sessions() as db:
+    with request.app.state.reads() as db:
         return page(db, Job, where, after=after, limit=limit, newest_first=True, render=render)
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
 def retrieve_job(request: Request, org: Org, job_id: str) -> dict:
-    with request.app.state.sessions() as db:
+    with request.app.state.reads() as db:
         return render(get_job(db, org, job_id))
 
 
@@ -196,7 +196,7 @@ def render_event(e: Event) -> dict:
 
 @router.get("/fine_tuning/jobs/{job_id}/events")
 def list_events(request: Request, org: Org, job_id: str, after: str | None = None, limit: int = 20) -> dict:
-    with request.app.state.sessions() as db:
+    with request.app.state.reads() as db:
         get_job(db, org, job_id)
         return page(db, Event, [Event.job_id == job_id], after=after, limit=limit, newest_first=True, render=render_event)
 
@@ -209,7 +209,7 @@ def render_checkpoint(c: Checkpoint) -> dict:
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
 def list_checkpoints(request: Request, org: Org, job_id: str, after: str | None = None, limit: int = 10) -> dict:
-    with request.app.state.sessions() as db:
+    with request.app.state.reads() as db:
         get_job(db, org, job_id)
         return page(db, Checkpoint, [Checkpoint.job_id == job_id, Checkpoint.deleted.is_(False)], after=after,
                     limit=limit, newest_first=True, render=render_checkpoint)

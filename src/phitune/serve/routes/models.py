@@ -16,7 +16,7 @@ router = APIRouter(tags=["models"])
 def catalogue(request: Request, org: str) -> list[dict]:
     settings = request.app.state.settings
     out = [{"id": name, "object": "model", "created": 0, "owned_by": "system"} for name in sorted(settings.models)]
-    with request.app.state.sessions() as db:
+    with request.app.state.reads() as db:
         jobs = list(db.scalars(select(Job).where(Job.org == org, Job.status == "succeeded", Job.model_deleted.is_(False))
                                .order_by(Job.seq)))
         for job in jobs:
