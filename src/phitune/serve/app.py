@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from contextlib import asynccontextmanager
 
 from typing import Annotated
@@ -30,14 +31,25 @@ def organization(request: Request) -> str:
     state = request.app.state
     header = request.headers.get("authorization", "")
     key = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    with state.reads() as db:
-        if db.scalar(select(ApiKey.seq).limit(1)) is None:
-            return "local"
-        row = db.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key))) if key else None
-    if row is None:
+    org = _key_orgs(state).get(hash_key(key)) if key else None
+    if org is None and not state.key_orgs:
+        return "local"
+    if org is None:
         raise ApiError(401, "Incorrect API key provided." if key else "Missing API key: send Authorization: Bearer <key>.",
                        code="invalid_api_key")
-    return row.org
+    return org
+
+
+KEYS_TTL = 5.0  # seconds a key table read is reused: keys created by `phitune keys create` count within this
+
+
+def _key_orgs(state) -> dict[str, str]:
+    """key hash -> organization, re-read at most every KEYS_TTL seconds (not once per request)."""
+    if time.monotonic() - state.keys_read_at > KEYS_TTL:
+        with state.reads() as db:
+            state.key_orgs = {k.key_hash: k.org for k in db.scalars(select(ApiKey))}
+        state.keys_read_at = time.monotonic()
+    return state.key_orgs
 
 
 Org = Annotated[str, Depends(organization)]
@@ -70,6 +82,7 @@ def create_app(settings: Settings, *, embedded_worker: bool = True) -> FastAPI:
                   description="OpenAI-compatible fine-tuning API: files, fine_tuning.jobs, models, chat.completions.")
     app.state.settings, app.state.sessions, app.state.reads, app.state.engine = settings, sessions, reads, engine
     app.state.chat_cache = {}
+    app.state.key_orgs, app.state.keys_read_at = {}, float("-inf")
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
