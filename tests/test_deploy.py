@@ -109,10 +109,8 @@ def two_adapters(tiny_phi3, tmp_path_factory):
 
 
 def test_multi_lora_adapters_change_outputs_exactly_as_in_pytorch(two_adapters, tiny_phi3, tmp_path):
-    import torch
-
     from phitune.backends import OnnxBackend
-    from phitune.generate import end_of_turn_ids, prompt_ids
+    from phitune.generate import greedy_ids, prompt_ids
     from phitune.models import load_for_inference
 
     fr, chat = two_adapters
@@ -130,13 +128,9 @@ def test_multi_lora_adapters_change_outputs_exactly_as_in_pytorch(two_adapters, 
     # Interleaved on one loaded model: the adapter switches per request.
     for name, source in (("fr", fr), ("chat", chat), (None, tiny_phi3), ("fr", fr)):
         model, tok = load_for_inference(str(source))
-        stops = end_of_turn_ids(model, tok)
         for messages in prompts:
             ids = prompt_ids(tok, messages)
-            ref = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=16, do_sample=False, temperature=None, top_p=None, top_k=None,
-                                 eos_token_id=stops, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
-            ref = ref[: next((i for i, t in enumerate(ref) if t in stops), len(ref))]
+            ref = greedy_ids(model, tok, ids, max_new_tokens=16)
             got = list(onnx.generate_ids(ids, max_new_tokens=16, adapter=name))
             assert got == ref, (name, messages)
             seen[(name, messages[-1]["content"])] = got

@@ -194,8 +194,9 @@ def cmd_chat(args) -> int:
 def _write_manifests(output: Path, docs: dict[str, dict], overwrite: bool) -> None:
     import yaml
 
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise PhituneError(f"{output}: exists and is not empty; pass --overwrite or choose another --output")
+    from phitune.errors import refuse_non_empty
+
+    refuse_non_empty(output, overwrite)
     class Dumper(yaml.SafeDumper):
         def ignore_aliases(self, data) -> bool:  # kubectl reads anchors, people reading the file should not need to
             return True

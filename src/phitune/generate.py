@@ -61,6 +61,18 @@ def complete_batch(model, tokenizer, prompts: list[str | list[dict]], batch_size
     return replies
 
 
+@torch.no_grad()
+def greedy_ids(model, tokenizer, ids: list[int], *, max_new_tokens: int) -> list[int]:
+    """The greedy reply to prompt `ids` as token ids, without the end-of-turn token: the reference
+    other runtimes (ONNX) are checked against."""
+    stops = end_of_turn_ids(model, tokenizer)
+    x = torch.tensor([ids], device=model.device)
+    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
+                         temperature=None, top_p=None, top_k=None, eos_token_id=stops,
+                         pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+    return out[: next((i for i, t in enumerate(out) if t in stops), len(out))]
+
+
 def chat_complete(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 64, temperature: float = 0.0,
                   seed: int = 0) -> str:
     return complete_batch(model, tokenizer, [messages], max_new_tokens=max_new_tokens, temperature=temperature,

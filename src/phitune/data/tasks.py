@@ -60,6 +60,13 @@ class TaskSpec:
     def head_labels(self) -> list[str]:
         return self.tag_labels if self.name == "ner" else self.labels
 
+    @property
+    def model_head(self) -> tuple[str, list[str] | None]:
+        """(causal | sequence | token, the head's labels or None): what model class to load."""
+        if not self.head:
+            return "causal", None
+        return ("token" if self.name == "ner" else "sequence"), self.head_labels
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
 

@@ -11,8 +11,8 @@ Checked against KAITO at commit 056b828 (v0.12): its CRD, tuning templates and w
 
 from __future__ import annotations
 
+import posixpath
 import re
-from pathlib import Path
 
 import yaml
 
@@ -182,7 +182,8 @@ def kaito_rules(workspace: dict, configmap: dict) -> list[str]:
         problems.append("method qlora: load_in_4bit or load_in_8bit must be true")
     out_dir = (config.get("TrainingArguments") or {}).get("output_dir")
     if out_dir is not None:
-        clean = str(Path("/mnt", out_dir).resolve()) if not str(out_dir).startswith("/") else str(Path(out_dir))
+        # KAITO: filepath.Clean(filepath.Join("/mnt", dir)); Go's Join keeps an absolute dir under /mnt too.
+        clean = posixpath.normpath(f"/mnt/{out_dir}")
         if clean == "/mnt" or not clean.startswith("/mnt/"):
             problems.append(f"TrainingArguments.output_dir {out_dir!r}: must be a directory under /mnt")
     sources = [k for k in ("urls", "image", "volumeSource") if tuning.get("input", {}).get(k)]

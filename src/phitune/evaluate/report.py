@@ -15,7 +15,7 @@ from pathlib import Path
 
 from phitune.errors import PhituneError
 from phitune.evaluate import scoring
-from phitune.evaluate.runner import Evaluated, Subject, evaluate_model, resolve_spec
+from phitune.evaluate.runner import Evaluated, Subject, evaluate_model, metric_keys, resolve_spec
 
 # Scores reported as fractions (0..1); the chart shows them in percent. BLEU and chrF are 0..100 already.
 HUNDRED_SCALE = {"bleu", "chrf"}
@@ -98,7 +98,7 @@ def _cell(v) -> str:
 
 
 def _rows(comparison: dict, results: list[Evaluated]) -> tuple[list[str], list[list[str]]]:
-    keys = list(dict.fromkeys(k for r in results for k in scoring.headline(r.metrics)))
+    keys = metric_keys(results)
     header = ["metric"] + [r.name for r in results] + [f"Δ {r.name}" for r in results[1:]]
     rows = []
     for k in keys:

@@ -138,7 +138,7 @@ def evaluate_model(subject: Subject, data_file: str, *, name: str | None = None,
         values, n = evaluate_choices(model, tokenizer, data_file, batch_size=batch_size, limit=limit)
         return Evaluated(name, subject.path, spec.name, n, values)
     options = data_options if data_options is not None else subject.data_options
-    head, labels = ("causal", None) if not spec.head else ("token" if spec.name == "ner" else "sequence", spec.head_labels)
+    head, labels = spec.model_head
     model, tokenizer = load_for_inference(subject.base, subject.adapter, dtype=_dtype(), device=_device(), head=head, labels=labels)
     split = read_eval_split(data_file, spec, options, tokenizer)
     kept = split.kept[:limit] if limit else split.kept
@@ -206,7 +206,7 @@ def score_preferences(model, tokenizer, examples: list, batch_size: int) -> dict
 
 
 def score_generative(model, tokenizer, spec: TaskSpec, examples: list, kept: list, *, batch_size: int,
-                     max_new_tokens: int | None, synced: bool = False) -> tuple[dict, list[dict]]:
+                     max_new_tokens: int | None) -> tuple[dict, list[dict]]:
     """Loss and perplexity on the references (teacher forcing), then the task metric on greedy
     answers when the task has one."""
     from phitune.evaluate.lm import lm_metrics
@@ -221,8 +221,7 @@ def score_generative(model, tokenizer, spec: TaskSpec, examples: list, kept: lis
     prompts, references = zip(*(scoring.prompt_and_reference(s) for _, s in asked))
     if max_new_tokens is None:
         max_new_tokens = scoring.answer_budget(tokenizer, references)
-    answers = complete_batch(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             synced=synced)
+    answers = complete_batch(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size)
     values = values | scoring.score(spec, answers, list(references))
     predictions = [{"where": w, "prompt": p if isinstance(p, str) else p[-1]["content"], "reference": r, "prediction": a}
                    for (w, _), p, r, a in zip(asked, prompts, references, answers)]
@@ -239,7 +238,7 @@ def write_outputs(result: Evaluated, output: Path) -> None:
 
 def table(results: list[Evaluated]) -> list[str]:
     """Plain-text table: one row per metric, one column per model."""
-    keys = [k for k in _ordered_keys(results)]
+    keys = metric_keys(results)
     names = [r.name for r in results]
     width = max([len(k) for k in keys] + [6])
     cols = [max(len(n), 9) for n in names]
@@ -250,13 +249,9 @@ def table(results: list[Evaluated]) -> list[str]:
     return lines
 
 
-def _ordered_keys(results: list[Evaluated]) -> list[str]:
-    seen: list[str] = []
-    for r in results:
-        for k in scoring.headline(r.metrics):
-            if k not in seen:
-                seen.append(k)
-    return seen
+def metric_keys(results: list[Evaluated]) -> list[str]:
+    """Every plain metric of the results, in first-seen order (the rows of a table)."""
+    return list(dict.fromkeys(k for r in results for k in scoring.headline(r.metrics)))
 
 
 def _fmt(v) -> str:

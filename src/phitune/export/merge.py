@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from phitune.errors import PhituneError
+from phitune.errors import PhituneError, refuse_non_empty
 from phitune.models import DTYPES, load_for_inference, resolve_trained
 
 
@@ -21,8 +21,7 @@ def merge(source: str | Path, output: str | Path, *, dtype: str = "float32", bas
         base_path = base
     if adapter is None:
         raise PhituneError(f"{source}: holds no adapter (a full fine-tune is already a complete model in {base_path}); nothing to merge")
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise PhituneError(f"{output}: exists and is not empty; pass --overwrite or choose another --output")
+    refuse_non_empty(output, overwrite)
     # QLoRA adapters are merged into the unquantised base: the result is a normal model.
     model, tokenizer = load_for_inference(base_path, adapter, dtype=DTYPES[dtype], device="cpu")
     if not hasattr(model, "merge_and_unload"):

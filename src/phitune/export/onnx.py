@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from phitune.errors import PhituneError
+from phitune.errors import PhituneError, refuse_non_empty
 
 log = logging.getLogger("phitune")
 
@@ -34,6 +34,14 @@ def require_genai():
     return og
 
 
+def require_builder() -> None:
+    require_genai()
+    try:
+        import onnx_ir  # noqa: F401 - the builder's dependency, not declared by its wheel
+    except ImportError as exc:
+        raise PhituneError("the ONNX model builder needs onnx-ir: pip install 'phitune[onnx]'") from exc
+
+
 def export_onnx(source: str | Path, output: str | Path, *, precision: str = "int4", device: str = "cpu",
                 base: str | None = None, overwrite: bool = False) -> Path:
     from phitune.export.merge import merge
@@ -46,13 +54,8 @@ def export_onnx(source: str | Path, output: str | Path, *, precision: str = "int
         raise PhituneError(f"--device {device}: use one of {', '.join(DEVICES)}")
     if precision == "fp16" and device == "cpu":
         raise PhituneError("--precision fp16 runs on cuda; on cpu use int4 (fast) or fp32 (exact)")
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise PhituneError(f"{output}: exists and is not empty; pass --overwrite or choose another --output")
-    require_genai()
-    try:
-        import onnx_ir  # noqa: F401 - the builder's dependency, not declared by its wheel
-    except ImportError as exc:
-        raise PhituneError("the ONNX model builder needs onnx-ir: pip install 'phitune[onnx]'") from exc
+    refuse_non_empty(output, overwrite)
+    require_builder()
     model_path, adapter = resolve_trained(source)
     base_model = base or model_path
     refuse_classifier(adapter or model_path)
@@ -63,14 +66,7 @@ def export_onnx(source: str | Path, output: str | Path, *, precision: str = "int
             model_path = str(merged)
         tmp = output.with_name(output.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", model_path, "-o", str(tmp),
-               "-p", precision, "-e", device, "-c", str(Path(work) / "cache")]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not (tmp / "genai_config.json").is_file():
-            shutil.rmtree(tmp, ignore_errors=True)
-            last = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()][-1:] or ["no output"]
-            raise PhituneError(f"{source}: the onnxruntime-genai model builder failed ({last[0].strip()[:300]}); "
-                               "rerun with --debug, or run `python -m onnxruntime_genai.models.builder` yourself")
+        _build(model_path, tmp, precision, device, Path(work) / "cache", name=str(source))
     for folder in (Path(adapter) if adapter else None, source, Path(model_path)):
         if folder and (folder / "task.json").is_file():
             shutil.copy(folder / "task.json", tmp / "task.json")
@@ -105,12 +101,10 @@ def check_export(output: str | Path, source: str | Path, *, data: str | None = N
                  max_new_tokens: int = 32) -> dict:
     """Greedy tokens of the ONNX model against the PyTorch (merged) model on the same prompt
     ids, the ONNX tokenizer's prompt ids against transformers', and perplexity on held-out text."""
-    import torch
-
     from phitune.backends import OnnxBackend
     from phitune.evaluate import scoring
     from phitune.evaluate.lm import lm_metrics
-    from phitune.generate import end_of_turn_ids, prompt_ids
+    from phitune.generate import greedy_ids, prompt_ids
     from phitune.models import load_for_inference
 
     onnx = OnnxBackend(str(output))
@@ -122,17 +116,11 @@ def check_export(output: str | Path, source: str | Path, *, data: str | None = N
     asked = asked or [[{"role": "user", "content": p}] for p in DEFAULT_PROMPTS]
     same_prompt = exact = 0
     agreement = 0.0
-    stops = set(end_of_turn_ids(model, tokenizer))
     for prompt in asked:
         ids = prompt_ids(tokenizer, prompt)
         if not isinstance(prompt, str):
             same_prompt += onnx.prompt_ids(prompt) == ids
-        with torch.no_grad():
-            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                                 eos_token_id=sorted(stops), pad_token_id=tokenizer.pad_token_id)
-        reference = [t for t in out[0, len(ids):].tolist()]
-        reference = reference[: next((i for i, t in enumerate(reference) if t in stops), len(reference))]
+        reference = greedy_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens)
         got = list(onnx.generate_ids(ids, max_new_tokens=max_new_tokens))
         exact += got == reference
         longest = max(len(got), len(reference), 1)
@@ -178,15 +166,23 @@ def _onnx_perplexity(output: Path, examples: list) -> float:
 # --- multi-LoRA: one base graph with LoRA inputs, one .onnx_adapter per fine-tune ---------------
 
 
-def _build(model_path: str, out: Path, precision: str, device: str, cache: Path, adapter: str | None = None) -> None:
+def _build(model_path: str, out: Path, precision: str, device: str, cache: Path, *, adapter: str | None = None,
+           name: str | None = None) -> None:
+    """onnxruntime-genai's model builder in its own process; `out` is removed again when it fails."""
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", model_path, "-o", str(out), "-p", precision,
            "-e", device, "-c", str(cache)]
     if adapter:
         cmd += ["--extra_options", f"adapter_path={adapter}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not (out / "genai_config.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
         last = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()][-1:] or ["no output"]
-        raise PhituneError(f"{adapter or model_path}: the onnxruntime-genai model builder failed ({last[0].strip()[:300]})")
+        raise PhituneError(f"{name or adapter or model_path}: the onnxruntime-genai model builder failed "
+                           f"({last[0].strip()[:300]}); run `python -m onnxruntime_genai.models.builder` yourself to see why")
+
+
+def _is_lora(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
 
 
 def _lora_tensors(model_file: Path) -> dict:
@@ -195,7 +191,7 @@ def _lora_tensors(model_file: Path) -> dict:
     from onnx import numpy_helper
 
     model = onnx.load(str(model_file), load_external_data=True)
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if ".lora_A." in t.name or ".lora_B." in t.name}
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if _is_lora(t.name)}
 
 
 def export_multi_lora(base: str, adapters: dict[str, str], output: str | Path, *, precision: str = "fp32",
@@ -215,9 +211,8 @@ def export_multi_lora(base: str, adapters: dict[str, str], output: str | Path, *
     if precision == "int4":
         raise PhituneError("--adapter with --precision int4: the builder would quantize the LoRA weights into the graph, "
                            "so they could not be swapped; use fp32 (cpu) or fp16 (cuda), or export each fine-tune merged in int4")
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise PhituneError(f"{output}: exists and is not empty; pass --overwrite or choose another --output")
-    require_genai()
+    refuse_non_empty(output, overwrite)
+    require_builder()
     resolved = {}
     for name, path in adapters.items():
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
@@ -225,17 +220,19 @@ def export_multi_lora(base: str, adapters: dict[str, str], output: str | Path, *
         base_of, adapter = resolve_trained(path)
         if adapter is None:
             raise PhituneError(f"--adapter {name}={path}: holds no LoRA adapter")
-        kind = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("peft_type")
-        if kind != "LORA" or json.loads((Path(adapter) / "adapter_config.json").read_text()).get("use_dora"):
+        config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+        kind = config.get("peft_type")
+        if kind != "LORA" or config.get("use_dora"):
             raise PhituneError(f"--adapter {name}={path}: a {kind} adapter{' with DoRA' if kind == 'LORA' else ''}; "
                                "ONNX Runtime adapters carry plain LoRA weights only (merge it and export it alone)")
-        targets = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("target_modules") or []
-        if "lm_head" in targets:
+        if "lm_head" in (config.get("target_modules") or []):
             # onnxruntime-genai 0.18's builder overwrites lm_head's weight with the LoRA's and wires the
             # sum nowhere: the graph does not load. Seen here; refused until the builder handles it.
             raise PhituneError(f"--adapter {name}={path}: its LoRA targets lm_head, which the onnxruntime-genai "
                                "builder cannot export as an adapter; train without lm_head in method.target_modules, "
                                "or export this fine-tune merged on its own")
+        if Path(base_of).resolve() != Path(base).resolve() and base_of != base:
+            log.warning("--adapter %s was trained on %s, exported on %s", name, base_of, base)
         resolved[name] = adapter
     with tempfile.TemporaryDirectory(prefix="phitune-multilora-") as work:
         work = Path(work)
@@ -245,7 +242,7 @@ def export_multi_lora(base: str, adapters: dict[str, str], output: str | Path, *
         _build(base, tmp, precision, device, work / "cache", adapter=first)
         graph_file = tmp / "model.onnx"
         model = onnx.load(str(graph_file), load_external_data=True)
-        slots = {t.name: t for t in model.graph.initializer if ".lora_A." in t.name or ".lora_B." in t.name}
+        slots = {t.name: t for t in model.graph.initializer if _is_lora(t.name)}
         (tmp / "adapters").mkdir()
         for i, (name, adapter) in enumerate(resolved.items()):
             built = work / f"a{i}"
@@ -271,10 +268,6 @@ def export_multi_lora(base: str, adapters: dict[str, str], output: str | Path, *
         (tmp / "phitune_export.json").write_text(json.dumps({
             "base": base, "adapters": {n: str(a) for n, a in resolved.items()}, "precision": precision,
             "device": device}, indent=2) + "\n")
-        for name, adapter in resolved.items():
-            base_of, _ = resolve_trained(adapter)
-            if Path(base_of).resolve() != Path(base).resolve() and base_of != base:
-                log.warning("--adapter %s was trained on %s, exported on %s", name, base_of, base)
     if output.exists():
         shutil.rmtree(output)
     tmp.rename(output)

@@ -129,12 +129,6 @@ def build_objective(cfg: Config, data: TrainData, tokenizer, virtual: int, refer
     return SFT(pad, virtual)
 
 
-def head_of(data: TrainData) -> tuple[str, list[str] | None]:
-    if not data.spec.head:
-        return "causal", None
-    return ("token" if data.spec.name == "ner" else "sequence"), data.spec.head_labels
-
-
 def cpu_has_native_bf16() -> bool:
     """AVX-512 BF16 or AMX: bf16 matmuls at ~2x fp32 speed. Elsewhere bf16 is emulated and slower."""
     try:
@@ -222,7 +216,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
         (out / "task.json").write_text(data.spec.to_json())
 
     seed_everything(t.seed)  # the same initial weights in every process
-    head, labels = head_of(data)
+    head, labels = data.spec.model_head
     ds_config, zero3_loading = run_deepspeed_config(cfg, runtime)  # the second must live while the model loads
     model = load_model(cfg, device, precision, head=head, labels=labels)
     model.config.use_cache = False
