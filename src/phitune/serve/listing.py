@@ -9,6 +9,7 @@ from phitune.serve.errors import ApiError
 
 
 def page(db, model, where: list, *, after: str | None, limit: int, newest_first: bool, render) -> dict:
+    """One page of `model` rows on a read connection, rendered."""
     if not 1 <= limit <= 10000:
         raise ApiError(400, f"limit {limit}: must be between 1 and 10000", param="limit")
     stmt = select(model).where(*where)
@@ -18,7 +19,7 @@ def page(db, model, where: list, *, after: str | None, limit: int, newest_first:
             raise ApiError(400, f"after '{after}': no such item in this list", param="after")
         stmt = stmt.where(model.seq < anchor if newest_first else model.seq > anchor)
     stmt = stmt.order_by(model.seq.desc() if newest_first else model.seq.asc()).limit(limit + 1)
-    rows = list(db.scalars(stmt))
+    rows = db.execute(stmt).all()
     data = [render(r) for r in rows[:limit]]
     return {"object": "list", "data": data, "has_more": len(rows) > limit,
             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}

@@ -3,7 +3,9 @@ it serves, the limits. One object, built from the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,13 @@ class Settings:
     def __post_init__(self) -> None:
         self.storage = Path(self.storage)
         self.db_url = self.db_url or f"sqlite:///{self.storage / 'phitune.db'}"
+
+    def to_json(self) -> str:
+        return json.dumps({**dataclasses.asdict(self), "storage": str(self.storage)})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Settings":
+        return cls(**json.loads(text))
 
     @property
     def files_dir(self) -> Path:

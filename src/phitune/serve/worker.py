@@ -252,10 +252,14 @@ def _records(path: Path) -> list[dict]:
 
 
 def _metric_data(r: dict, total: int | None) -> dict:
+    """OpenAI's metric keys, plus DPO's rewards (train_reward_margin, valid_reward_accuracy, ...)."""
+    rewards = {("valid_" + k[5:] if k.startswith("eval_") else "train_" + k): v for k, v in r.items()
+               if k.startswith(("reward_", "eval_reward_"))}
     return {"step": r["step"], "total_steps": total, "train_loss": r.get("loss"),
             "train_mean_token_accuracy": r.get("mean_token_accuracy", r.get("accuracy")),
             "valid_loss": r.get("eval_loss"), "valid_mean_token_accuracy": r.get("eval_mean_token_accuracy"),
-            "full_valid_loss": r.get("eval_loss"), "full_valid_mean_token_accuracy": r.get("eval_mean_token_accuracy")}
+            "full_valid_loss": r.get("eval_loss"), "full_valid_mean_token_accuracy": r.get("eval_mean_token_accuracy"),
+            **rewards}
 
 
 def _total_steps(folder: Path) -> int | None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Form, Request, UploadFile
 from fastapi.responses import FileResponse
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from phitune.serve.app import Org
-from phitune.serve.db import File, new_id
+from phitune.serve.db import File, first, new_id
 from phitune.serve.errors import ApiError, not_found
 from phitune.serve.listing import page
 
@@ -22,8 +22,11 @@ def render(f: File) -> dict:
             "purpose": f.purpose, "status": f.status, "status_details": f.status_details, "expires_at": None}
 
 
+FILE = select(File).where(File.id == bindparam("id"), File.org == bindparam("org"), File.deleted.is_(False))
+
+
 def get_file(db, org: str, file_id: str, param: str | None = None) -> File:
-    f = db.scalar(select(File).where(File.id == file_id, File.org == org, File.deleted.is_(False)))
+    f = first(db, FILE, id=file_id, org=org)
     if f is None:
         raise not_found("file", file_id, param)
     return f
@@ -56,7 +59,7 @@ async def create_file(request: Request, org: Org, file: UploadFile, purpose: str
 
 
 @router.get("/files")
-def list_files(request: Request, org: Org, purpose: str | None = None, after: str | None = None, limit: int = 10000,
+async def list_files(request: Request, org: Org, purpose: str | None = None, after: str | None = None, limit: int = 10000,
                order: str = "desc") -> dict:
     if order not in ("asc", "desc"):
         raise ApiError(400, f"order '{order}': use asc or desc", param="order")
@@ -66,13 +69,13 @@ def list_files(request: Request, org: Org, purpose: str | None = None, after: st
 
 
 @router.get("/files/{file_id}")
-def retrieve_file(request: Request, org: Org, file_id: str) -> dict:
+async def retrieve_file(request: Request, org: Org, file_id: str) -> dict:
     with request.app.state.reads() as db:
         return render(get_file(db, org, file_id))
 
 
 @router.get("/files/{file_id}/content")
-def file_content(request: Request, org: Org, file_id: str):
+async def file_content(request: Request, org: Org, file_id: str):
     with request.app.state.reads() as db:
         f = get_file(db, org, file_id)
     return FileResponse(request.app.state.settings.file_path(f.id, f.purpose), media_type="application/octet-stream")

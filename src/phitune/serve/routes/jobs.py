@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from phitune.errors import PhituneError
 from phitune.serve.app import Org
-from phitune.serve.db import Checkpoint, Event, Job, new_id
+from phitune.serve.db import Checkpoint, Event, Job, first, new_id
 from phitune.serve.errors import ApiError, not_found
 from phitune.serve.listing import page
 from phitune.serve.routes.files import get_file
@@ -38,8 +38,11 @@ def render(job: Job) -> dict:
             "integrations": [], "metadata": job.meta, "method": method, "user_provided_suffix": job.suffix}
 
 
+JOB = select(Job).where(Job.id == bindparam("id"), Job.org == bindparam("org"))
+
+
 def get_job(db, org: str, job_id: str) -> Job:
-    job = db.scalar(select(Job).where(Job.id == job_id, Job.org == org))
+    job = first(db, JOB, id=job_id, org=org)
     if job is None:
         raise not_found("fine-tuning job", job_id)
     return job
@@ -129,7 +132,7 @@ async def create_job(request: Request, org: Org) -> dict:
 
 
 @router.get("/fine_tuning/jobs")
-def list_jobs(request: Request, org: Org, after: str | None = None, limit: int = 20) -> dict:
+async def list_jobs(request: Request, org: Org, after: str | None = None, limit: int = 20) -> dict:
     where = [Job.org == org]
     for key, value in request.query_params.multi_items():  # metadata[key]=value filters
         if key.startswith("metadata[") and key.endswith("]"):
@@ -139,7 +142,7 @@ def list_jobs(request: Request, org: Org, after: str | None = None, limit: int =
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
-def retrieve_job(request: Request, org: Org, job_id: str) -> dict:
+async def retrieve_job(request: Request, org: Org, job_id: str) -> dict:
     with request.app.state.reads() as db:
         return render(get_job(db, org, job_id))
 
@@ -195,7 +198,7 @@ def render_event(e: Event) -> dict:
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events")
-def list_events(request: Request, org: Org, job_id: str, after: str | None = None, limit: int = 20) -> dict:
+async def list_events(request: Request, org: Org, job_id: str, after: str | None = None, limit: int = 20) -> dict:
     with request.app.state.reads() as db:
         get_job(db, org, job_id)
         return page(db, Event, [Event.job_id == job_id], after=after, limit=limit, newest_first=True, render=render_event)
@@ -208,7 +211,7 @@ def render_checkpoint(c: Checkpoint) -> dict:
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
-def list_checkpoints(request: Request, org: Org, job_id: str, after: str | None = None, limit: int = 10) -> dict:
+async def list_checkpoints(request: Request, org: Org, job_id: str, after: str | None = None, limit: int = 10) -> dict:
     with request.app.state.reads() as db:
         get_job(db, org, job_id)
         return page(db, Checkpoint, [Checkpoint.job_id == job_id, Checkpoint.deleted.is_(False)], after=after,

@@ -4,37 +4,37 @@ and checkpoint of the caller's organization; a fine-tuned model can be deleted."
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from sqlalchemy import select
+from sqlalchemy import bindparam, func, select
 
 from phitune.serve.app import Org
 from phitune.serve.db import Checkpoint, Job
 from phitune.serve.errors import ApiError, not_found
 
 router = APIRouter(tags=["models"])
+FINE_TUNES = (select(Job.fine_tuned_model, func.coalesce(Job.finished_at, Job.created_at))
+              .where(Job.org == bindparam("org"), Job.status == "succeeded", Job.model_deleted.is_(False)).order_by(Job.seq))
+CHECKPOINTS = (select(Checkpoint.model_name, Checkpoint.created_at).join(Job, Job.id == Checkpoint.job_id)
+               .where(Job.org == bindparam("org"), Checkpoint.deleted.is_(False)).order_by(Checkpoint.seq))
 
 
 def catalogue(request: Request, org: str) -> list[dict]:
     settings = request.app.state.settings
     out = [{"id": name, "object": "model", "created": 0, "owned_by": "system"} for name in sorted(settings.models)]
     with request.app.state.reads() as db:
-        jobs = list(db.scalars(select(Job).where(Job.org == org, Job.status == "succeeded", Job.model_deleted.is_(False))
-                               .order_by(Job.seq)))
-        for job in jobs:
-            out.append({"id": job.fine_tuned_model, "object": "model", "created": job.finished_at or job.created_at,
-                        "owned_by": org})
-        for ck in db.scalars(select(Checkpoint).join(Job, Job.id == Checkpoint.job_id)
-                             .where(Job.org == org, Checkpoint.deleted.is_(False)).order_by(Checkpoint.seq)):
-            out.append({"id": ck.model_name, "object": "model", "created": ck.created_at, "owned_by": org})
+        for name, created in db.execute(FINE_TUNES, {"org": org}):
+            out.append({"id": name, "object": "model", "created": created, "owned_by": org})
+        for name, created in db.execute(CHECKPOINTS, {"org": org}):
+            out.append({"id": name, "object": "model", "created": created, "owned_by": org})
     return out
 
 
 @router.get("/models")
-def list_models(request: Request, org: Org) -> dict:
+async def list_models(request: Request, org: Org) -> dict:
     return {"object": "list", "data": catalogue(request, org)}
 
 
 @router.get("/models/{model:path}")
-def retrieve_model(request: Request, org: Org, model: str) -> dict:
+async def retrieve_model(request: Request, org: Org, model: str) -> dict:
     for m in catalogue(request, org):
         if m["id"] == model:
             return m
