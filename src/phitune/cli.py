@@ -248,10 +248,9 @@ def cmd_serve(args) -> int:
     import signal
     import threading
 
-    import uvicorn
     from sqlalchemy import select
 
-    from phitune.serve.app import SETTINGS_ENV, create_app
+    from phitune.serve.app import serve_api
     from phitune.serve.db import ApiKey, connect
     from phitune.serve.settings import is_loopback
     from phitune.serve.worker import Worker
@@ -281,15 +280,8 @@ def cmd_serve(args) -> int:
         thread = threading.Thread(target=Worker(settings, worker_sessions, name="embedded").run, args=(stop,),
                                   daemon=True, name="phitune-worker")
         thread.start()
-    # asyncio's own loop even where uvloop is installed: saturated by 32 clients, uvloop answered
-    # some connections late (p99 152 ms against 21 ms, same server and load, benchmarks/serve_latency.py).
-    options = {"host": args.host, "port": args.port, "log_level": "warning", "loop": "asyncio"}
     try:
-        if args.api_processes == 1:
-            uvicorn.run(create_app(settings), **options)
-        else:
-            os.environ[SETTINGS_ENV] = settings.to_json()
-            uvicorn.run("phitune.serve.app:app_from_env", factory=True, workers=args.api_processes, **options)
+        serve_api(settings, host=args.host, port=args.port, processes=args.api_processes)
     finally:
         stop.set()  # a running job is stopped and re-queued; it continues from its checkpoint
         if thread:

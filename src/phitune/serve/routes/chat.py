@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
+from phitune.errors import PhituneError
 from phitune.serve.app import Org
 from phitune.serve.db import Checkpoint, Job, new_id
 from phitune.serve.errors import ApiError, not_found
@@ -52,7 +53,7 @@ class Served:
     def __init__(self, base: str):
         from phitune.models import load_for_inference
 
-        self.model, self.tokenizer = load_for_inference(base)
+        self.model, self.tokenizer = load_for_inference(base, safetensors_only=True)
         self.lock = threading.Lock()
         self.adapters: set[str] = set()
 
@@ -78,7 +79,10 @@ def served(request: Request, base: str) -> Served:
     cache = request.app.state.chat_cache
     with _LOAD_LOCK:
         if base not in cache:
-            cache[base] = Served(base)
+            try:
+                cache[base] = Served(base)
+            except PhituneError as exc:  # the server's own --model is broken: say which and why
+                raise ApiError(500, str(exc), code="model_load_failed") from None
         return cache[base]
 
 
@@ -113,16 +117,16 @@ async def chat_completions(request: Request, org: Org):
         raise ApiError(400, "model: required", param="model")
     messages, limit, temperature = _check(body)
     base, adapter = resolve(request, org, model_id)
-    if adapter and not Path(adapter).is_dir():
+    if adapter and not (Path(adapter) / "adapter_model.safetensors").is_file():  # never a pickle (.bin) on this path
         raise ApiError(404, f"model '{model_id}': its weights are gone from storage", param="model")
-    target = served(request, base)
+    import anyio
+
+    target = await anyio.to_thread.run_sync(served, request, base)  # the first request loads the base: seconds
     seed = body.get("seed") if isinstance(body.get("seed"), int) else 0
     completion_id, created = new_id("chatcmpl"), int(time.time())
     if body.get("stream"):
         return StreamingResponse(_stream(target, adapter, messages, limit, temperature, seed, model_id, completion_id,
                                          created), media_type="text/event-stream")
-    import anyio
-
     text, prompt_tokens, completion_tokens, finish = await anyio.to_thread.run_sync(
         _generate, target, adapter, messages, limit, temperature, seed)
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
