@@ -245,12 +245,11 @@ def _serve_settings(args):
 
 def cmd_serve(args) -> int:
     """The API (and, unless --no-worker, a worker thread) in one process."""
-    import signal
     import threading
 
     from sqlalchemy import select
 
-    from phitune.serve.app import serve_api
+    from phitune.serve.app import listen, serve_api
     from phitune.serve.db import ApiKey, connect
     from phitune.serve.settings import is_loopback
     from phitune.serve.worker import Worker
@@ -268,20 +267,18 @@ def cmd_serve(args) -> int:
         log.warning("no --model given: jobs and chat need at least one base model (--model NAME=PATH)")
     if args.api_processes < 1:
         raise PhituneError(f"--api-processes {args.api_processes}: at least 1")
+    sock = listen(args.host, args.port)
     print(f"phitune serve: http://{args.host}:{args.port}/v1 (docs at /docs); models: {', '.join(settings.models) or 'none'}; "
           f"keys: {'required' if has_keys else 'none (loopback only, any key accepted)'}", flush=True)
-    # The job worker is a thread of this process; with --api-processes N this process only
-    # supervises the N API processes, so jobs are never claimed by the API's own processes.
+    # The job worker is a thread of this process, which also supervises the API processes.
     stop, thread = threading.Event(), None
-    # uvicorn re-raises SIGTERM once it has shut down; leave through `finally` rather than die there.
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     if not args.no_worker:
         _, worker_sessions, _ = connect(settings.db_url)
         thread = threading.Thread(target=Worker(settings, worker_sessions, name="embedded").run, args=(stop,),
                                   daemon=True, name="phitune-worker")
         thread.start()
     try:
-        serve_api(settings, host=args.host, port=args.port, processes=args.api_processes)
+        serve_api(settings, sock, processes=args.api_processes)
     finally:
         stop.set()  # a running job is stopped and re-queued; it continues from its checkpoint
         if thread:

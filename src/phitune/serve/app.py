@@ -4,8 +4,8 @@ OpenAI error shape for every failure, API keys checked on every request.
 Read endpoints are `async def` and query inline on the event loop: an indexed read takes a few
 hundred microseconds, less than handing the request to a thread, and 40 threadpool threads
 trading the GIL under 32 clients cost more than the queries (p99 150 -> 80 ms while training).
-Writes stay in the threadpool: on SQLite they may wait for the write lock. For more throughput,
-`phitune serve --api-processes N` runs N copies of this app (`app_from_env`)."""
+Writes stay in the threadpool: on SQLite they may wait for the write lock. `serve_api` runs one
+or more copies of this app (`app_from_env`) in processes of their own."""
 
 from __future__ import annotations
 
@@ -106,29 +106,34 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def serve_api(settings: Settings, *, host: str, port: int, processes: int) -> None:
-    """uvicorn, on asyncio's own loop even where uvloop is installed: saturated by 32 clients,
-    uvloop answered some connections late (p99 152 ms against 21 ms, same server and load).
-    Several processes share one listening socket made here: the one uvicorn makes has protocol
-    0, so asyncio leaves Nagle on for its connections and every response waits for a delayed ACK
-    (p50 44 ms whatever the load)."""
+def listen(host: str, port: int):
+    """The listening socket the API processes share. Made here, not by uvicorn: uvicorn's has
+    protocol 0, so asyncio leaves Nagle on for its connections and every response waits for a
+    delayed ACK (p50 44 ms whatever the load)."""
     import socket
 
-    import uvicorn
-    from uvicorn.supervisors import Multiprocess
-
-    options = {"host": host, "port": port, "log_level": "warning", "loop": "asyncio"}
-    if processes == 1:
-        uvicorn.run(create_app(settings), **options)
-        return
-    os.environ[SETTINGS_ENV] = settings.to_json()
-    config = uvicorn.Config("phitune.serve.app:app_from_env", factory=True, workers=processes, **options)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
+        sock.close()
         raise PhituneError(f"--host {host} --port {port}: cannot listen there ({exc.strerror}); choose another port") from None
     sock.set_inheritable(True)
+    return sock
+
+
+def serve_api(settings: Settings, sock, *, processes: int) -> None:
+    """The API in `processes` child processes of this one, which keeps them alive (and, in
+    `phitune serve`, runs the job worker: the API never shares its GIL with the worker, whose
+    syncing otherwise put p99 at 37-57 ms instead of 20 under 32 clients). uvicorn runs on
+    asyncio's own loop even where uvloop is installed: saturated by 32 clients, uvloop answered
+    some connections late (p99 152 ms against 21 ms, same server and load)."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    os.environ[SETTINGS_ENV] = settings.to_json()
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config("phitune.serve.app:app_from_env", factory=True, workers=processes, host=host, port=port,
+                            log_level="warning", loop="asyncio")
     Multiprocess(config, sockets=[sock]).run()
