@@ -182,7 +182,8 @@ def test_dpo_job_uses_the_preference_trainer(server, tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(rows) + "\n")
     f = c.files.create(file=data.open("rb"), purpose="fine-tune")
-    job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, extra_body=FAST, method={
+    val = c.files.create(file=(REPO / "examples" / "dpo" / "val.jsonl").open("rb"), purpose="fine-tune")
+    job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, validation_file=val.id, extra_body=FAST, method={
         "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 3, "batch_size": 16}}})
     assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
     job = _wait(c, job.id)
@@ -195,6 +196,8 @@ def test_dpo_job_uses_the_preference_trainer(server, tmp_path):
     assert [d["step"] for d in metrics] == list(range(1, -(-len(rows) // 16) * 3 + 1))  # 3 epochs of batches of 16
     assert metrics[0]["train_reward_margin"] == pytest.approx(0, abs=1e-3)  # the policy starts as the reference
     assert metrics[-1]["train_reward_margin"] > 0.1 and metrics[-1]["train_reward_accuracy"] == 1.0
+    # The validation file is evaluated at the last step (unseen questions): the preference holds there too.
+    assert metrics[-1]["valid_loss"] < 0.69 and metrics[-1]["valid_reward_accuracy"] >= 0.75
 
 
 def test_cancel_pause_and_resume(server, train_file):

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import yaml
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from phitune.errors import PhituneError
 from phitune.serve.db import Checkpoint, Event, File, Job, new_id, now
@@ -193,12 +193,13 @@ class Worker:
         with self.sessions() as db:
             current = db.scalar(select(Job).where(Job.id == job.id))
             total = current.total_steps
-            # The database is the record of what was emitted (a failed commit emitted nothing).
-            seen = set(db.scalars(select(Event.step).where(Event.job_id == job.id, Event.step.is_not(None))))
+            # The database is the record of what was emitted (a failed commit emitted nothing). A
+            # resumed run logs the steps after its checkpoint again: those are skipped.
+            last = db.scalar(select(func.max(Event.step)).where(Event.job_id == job.id)) or 0
             for r in records:
-                if r["step"] in seen:
+                if r["step"] <= last:
                     continue
-                seen.add(r["step"])
+                last = r["step"]
                 data = _metric_data(r, total)
                 self.event(db, job.id, f"Step {r['step']}" + (f"/{total}" if total else "") + f": training loss={r['loss']:.4f}"
                            if "loss" in r else f"Step {r['step']}: validation loss={r.get('eval_loss', float('nan')):.4f}",
