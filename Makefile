@@ -22,6 +22,7 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q -m "not gpu"
+	PYTHON=$(BIN)/python scripts/postgres-tests.sh
 
 test-all: venv
 	$(BIN)/python -m pytest -q

@@ -236,6 +236,90 @@ def cmd_k8s(args) -> int:
     return 0
 
 
+def _serve_settings(args):
+    from phitune.serve.settings import Settings, parse_models
+
+    return Settings(storage=Path(args.storage), db_url=args.db or "", models=parse_models(args.model),
+                    max_upload_bytes=int(args.max_upload_mb * 2**20), stale_seconds=args.stale_seconds)
+
+
+def cmd_serve(args) -> int:
+    """The API (and, unless --no-worker, a worker thread) in one process."""
+    import threading
+
+    from sqlalchemy import select
+
+    from phitune.serve.app import listen, serve_api
+    from phitune.serve.db import ApiKey, connect
+    from phitune.serve.settings import is_loopback
+    from phitune.serve.worker import Worker
+
+    settings = _serve_settings(args)
+    settings.storage.mkdir(parents=True, exist_ok=True)
+    engine, sessions, _ = connect(settings.db_url)
+    with sessions() as db:
+        has_keys = db.scalar(select(ApiKey.seq).limit(1)) is not None
+    engine.dispose()
+    if not has_keys and not is_loopback(args.host):
+        raise PhituneError(f"--host {args.host}: no API key exists, so the server would be open to anyone; create one "
+                           f"with `phitune keys create --org ORG --storage {args.storage}` or listen on 127.0.0.1")
+    if not settings.models:
+        log.warning("no --model given: jobs and chat need at least one base model (--model NAME=PATH)")
+    if args.api_processes < 1:
+        raise PhituneError(f"--api-processes {args.api_processes}: at least 1")
+    sock = listen(args.host, args.port)
+    print(f"phitune serve: http://{args.host}:{args.port}/v1 (docs at /docs); models: {', '.join(settings.models) or 'none'}; "
+          f"keys: {'required' if has_keys else 'none (loopback only, any key accepted)'}", flush=True)
+    # The job worker is a thread of this process, which also supervises the API processes.
+    stop, thread = threading.Event(), None
+    if not args.no_worker:
+        _, worker_sessions, _ = connect(settings.db_url)
+        thread = threading.Thread(target=Worker(settings, worker_sessions, name="embedded").run, args=(stop,),
+                                  daemon=True, name="phitune-worker")
+        thread.start()
+    try:
+        serve_api(settings, sock, processes=args.api_processes)
+    finally:
+        stop.set()  # a running job is stopped and re-queued; it continues from its checkpoint
+        if thread:
+            thread.join(timeout=30)
+    return 0
+
+
+def cmd_worker(args) -> int:
+    """A worker on its own: claims jobs from the shared database until interrupted."""
+    import threading
+
+    from phitune.serve.db import connect
+    from phitune.serve.worker import Worker
+
+    settings = _serve_settings(args)
+    _, sessions, _ = connect(settings.db_url)
+    print(f"phitune worker: {settings.db_url.split('@')[-1]}, storage {settings.storage}", flush=True)
+    Worker(settings, sessions, name="worker").run(threading.Event())
+    return 0
+
+
+def cmd_keys_create(args) -> int:
+    import secrets
+
+    from phitune.serve.app import hash_key
+    from phitune.serve.db import ApiKey, connect
+
+    if not args.org or not all(c.isalnum() or c in "-_" for c in args.org) or len(args.org) > 64:
+        raise PhituneError(f"--org {args.org!r}: letters, digits, '-' and '_' (at most 64)")
+    settings = _serve_settings(args)
+    settings.storage.mkdir(parents=True, exist_ok=True)
+    _, sessions, _ = connect(settings.db_url)
+    key = "sk-phitune-" + secrets.token_urlsafe(32)
+    with sessions() as db:
+        db.add(ApiKey(org=args.org, key_hash=hash_key(key)))
+        db.commit()
+    print(key)
+    print(f"(organization {args.org}; only its hash is stored: keep the key now)", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from phitune.demo import run_demo
 
@@ -452,6 +536,34 @@ def build_parser() -> argparse.ArgumentParser:
     ks.add_argument("--overwrite", action="store_true")
     ks.set_defaults(func=cmd_k8s)
 
+    def storage_options(parser) -> None:
+        parser.add_argument("--storage", default="serve-data", help="directory for the database, files and job runs")
+        parser.add_argument("--db", help="database URL (default: SQLite in --storage), e.g. postgresql://user:pw@host/db")
+        parser.add_argument("--model", action="append", metavar="NAME=PATH", help="a base model to serve (repeatable)")
+        parser.add_argument("--max-upload-mb", type=float, default=512, help="largest accepted upload (default 512)")
+        parser.add_argument("--stale-seconds", type=float, default=30,
+                            help="re-queue a running job whose worker sent no heartbeat for this long (default 30)")
+
+    sv = sub.add_parser("serve", help="the OpenAI-compatible fine-tuning service (FastAPI) with a built-in worker")
+    storage_options(sv)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--no-worker", action="store_true", help="API only; run `phitune worker` processes instead")
+    sv.add_argument("--api-processes", type=int, default=1,
+                    help="API processes sharing the port (default 1); more serve more clients at once, and each "
+                         "loads its own copy of a model it chats with")
+    sv.set_defaults(func=cmd_serve)
+    wk = sub.add_parser("worker", help="run fine-tuning jobs from the service's database")
+    storage_options(wk)
+    wk.set_defaults(func=cmd_worker)
+    kp = sub.add_parser("keys", help="API keys of the service")
+    ksub = kp.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND")
+    kc = ksub.add_parser("create", help="create an API key for an organization (printed once)")
+    kc.add_argument("--org", required=True)
+    storage_options(kc)
+    kc.set_defaults(func=cmd_keys_create)
+    kp.set_defaults(func=lambda a: (kp.print_help(), EXIT_USAGE)[1])
+
     x = sub.add_parser("export", help="export a model: onnx (ONNX Runtime GenAI, int4/fp16/fp32)")
     xsub = x.add_subparsers(dest="export_command", metavar="FORMAT")
     xo = xsub.add_parser("onnx", help="merge if needed, then build an ONNX Runtime GenAI model")
@@ -522,7 +634,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _die_with_parent() -> None:
+    """A run started by a service worker (PHITUNE_PARENT_PID) is killed when that worker dies
+    (Linux): a crashed worker never leaves a run writing where its successor resumes."""
+    parent = os.environ.get("PHITUNE_PARENT_PID")
+    if not parent:
+        return
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # it died before the line above
+        os._exit(1)
+    # The service's API answers first; training takes the CPU that is left. The run leads its own
+    # session, and with autogroup scheduling (most Linux desktops and servers) nice only ranks
+    # processes within a session: the session's group is niced too.
+    os.nice(10)
+    try:
+        Path("/proc/self/autogroup").write_text("10")
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _die_with_parent()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

@@ -298,10 +298,11 @@ def refuse_classifier(path: str) -> None:
 
 def load_for_inference(model_path: str, adapter: str | None = None, *, dtype: torch.dtype = torch.float32,
                        device: str | torch.device | None = None, trust_remote_code: bool = False,
-                       head: str = "causal", labels: list[str] | None = None):
+                       head: str = "causal", labels: list[str] | None = None, safetensors_only: bool = False):
     """Base (+ adapter) in eval mode with its tokenizer; the same path `generate`, `eval` and tests
     use. `head`/`labels` load a classification run (or, for a base, a freshly initialised head:
-    seeded, so a baseline scores the same every time)."""
+    seeded, so a baseline scores the same every time). `safetensors_only` (the service) refuses
+    pickled weights (.bin) rather than unpickle them."""
     import transformers
     from transformers import AutoTokenizer
 
@@ -310,7 +311,7 @@ def load_for_inference(model_path: str, adapter: str | None = None, *, dtype: to
     if head == "causal":
         refuse_classifier(adapter or model_path)
     tok_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
-    kwargs: dict = {}
+    kwargs: dict = {"use_safetensors": True} if safetensors_only else {}
     if labels is not None:
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)})
     try:

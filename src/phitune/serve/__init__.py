@@ -1,0 +1,1 @@
+"""The OpenAI-compatible fine-tuning service: `phitune serve` (FastAPI), `phitune worker`."""

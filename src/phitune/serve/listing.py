@@ -1,0 +1,25 @@
+"""OpenAI list pages: `{"object": "list", "data", "has_more", "first_id", "last_id"}`, paged with
+`after=<id>` by the table's `seq`, so ids are stable and pages never shift."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from phitune.serve.errors import ApiError
+
+
+def page(db, model, where: list, *, after: str | None, limit: int, newest_first: bool, render) -> dict:
+    """One page of `model` rows on a read connection, rendered."""
+    if not 1 <= limit <= 10000:
+        raise ApiError(400, f"limit {limit}: must be between 1 and 10000", param="limit")
+    stmt = select(model).where(*where)
+    if after:
+        anchor = db.scalar(select(model.seq).where(model.id == after, *where))
+        if anchor is None:
+            raise ApiError(400, f"after '{after}': no such item in this list", param="after")
+        stmt = stmt.where(model.seq < anchor if newest_first else model.seq > anchor)
+    stmt = stmt.order_by(model.seq.desc() if newest_first else model.seq.asc()).limit(limit + 1)
+    rows = db.execute(stmt).all()
+    data = [render(r) for r in rows[:limit]]
+    return {"object": "list", "data": data, "has_more": len(rows) > limit,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}

@@ -1,0 +1,168 @@
+"""/v1/chat/completions on base models, fine-tunes and checkpoints, streaming or not.
+
+Each base model is loaded once; fine-tunes are PEFT adapters loaded onto it by name and switched
+per request (`set_adapter`, or the adapter disabled for the base itself). One generation at a
+time per base (a lock): adapters are state of the shared model.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+
+from phitune.errors import PhituneError
+from phitune.serve.app import Org
+from phitune.serve.db import Checkpoint, Job, new_id
+from phitune.serve.errors import ApiError, not_found
+
+router = APIRouter(tags=["chat"])
+_LOAD_LOCK = threading.Lock()
+
+
+def resolve(request: Request, org: str, model: str) -> tuple[str, str | None]:
+    """(base model path, adapter dir or None) for a model id the caller may use."""
+    settings = request.app.state.settings
+    if model in settings.models:
+        return settings.models[model], None
+    if model.startswith("ft:"):
+        with request.app.state.reads() as db:
+            job = db.execute(select(Job.id, Job.model).where(Job.org == org, Job.fine_tuned_model == model,
+                                                             Job.model_deleted.is_(False))).first()
+            if job is not None:
+                run = settings.jobs_dir / job.id / "run"
+                if (run / "model").is_dir():
+                    return str(run / "model"), None
+                return settings.models[job.model], str(run / "adapter")
+            ck = db.execute(select(Job.id, Job.model, Checkpoint.step).join(Job, Job.id == Checkpoint.job_id)
+                            .where(Job.org == org, Checkpoint.model_name == model, Checkpoint.deleted.is_(False))).first()
+            if ck is not None:
+                adapter = settings.jobs_dir / ck.id / "run" / "checkpoints" / f"step-{ck.step:06d}" / "adapter"
+                return settings.models[ck.model], str(adapter)
+    raise not_found("model", model, "model")
+
+
+class Served:
+    """A base model in memory with the adapters loaded onto it so far."""
+
+    def __init__(self, base: str):
+        from phitune.models import load_for_inference
+
+        self.model, self.tokenizer = load_for_inference(base, safetensors_only=True)
+        self.lock = threading.Lock()
+        self.adapters: set[str] = set()
+
+    def select(self, adapter: str | None):
+        """The model to run, with `adapter` active (None: the base); call under self.lock."""
+        import contextlib
+
+        from peft import PeftModel
+
+        if adapter is None:
+            return self.model.disable_adapter() if isinstance(self.model, PeftModel) else contextlib.nullcontext()
+        name = "a" + str(abs(hash(adapter)))
+        if not isinstance(self.model, PeftModel):
+            self.model = PeftModel.from_pretrained(self.model, adapter, adapter_name=name).eval()
+        elif name not in self.adapters:
+            self.model.load_adapter(adapter, adapter_name=name)
+        self.adapters.add(name)
+        self.model.set_adapter(name)
+        return contextlib.nullcontext()
+
+
+def served(request: Request, base: str) -> Served:
+    cache = request.app.state.chat_cache
+    with _LOAD_LOCK:
+        if base not in cache:
+            try:
+                cache[base] = Served(base)
+            except PhituneError as exc:  # the server's own --model is broken: say which and why
+                raise ApiError(500, str(exc), code="model_load_failed") from None
+        return cache[base]
+
+
+def _check(body: dict) -> tuple[list[dict], int, float]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant", "developer")
+            and isinstance(m.get("content"), str) for m in messages):
+        raise ApiError(400, "messages: a non-empty list of {role: system|user|assistant, content: string}", param="messages")
+    limit = body.get("max_completion_tokens", body.get("max_tokens")) or 256
+    if not isinstance(limit, int) or not 1 <= limit <= 4096:
+        raise ApiError(400, "max_tokens: an integer in 1..4096", param="max_tokens")
+    temperature = body.get("temperature", 1.0)
+    if temperature is None:
+        temperature = 1.0
+    if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+        raise ApiError(400, "temperature: a number in 0..2", param="temperature")
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "n: only 1 is supported", param="n")
+    clean = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
+    return clean, limit, float(temperature)
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request, org: Org):
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, "the request body must be JSON") from None
+    model_id = body.get("model") if isinstance(body, dict) else None
+    if not isinstance(model_id, str):
+        raise ApiError(400, "model: required", param="model")
+    messages, limit, temperature = _check(body)
+    base, adapter = resolve(request, org, model_id)
+    if adapter and not (Path(adapter) / "adapter_model.safetensors").is_file():  # never a pickle (.bin) on this path
+        raise ApiError(404, f"model '{model_id}': its weights are gone from storage", param="model")
+    import anyio
+
+    target = await anyio.to_thread.run_sync(served, request, base)  # the first request loads the base: seconds
+    seed = body.get("seed") if isinstance(body.get("seed"), int) else 0
+    completion_id, created = new_id("chatcmpl"), int(time.time())
+    if body.get("stream"):
+        return StreamingResponse(_stream(target, adapter, messages, limit, temperature, seed, model_id, completion_id,
+                                         created), media_type="text/event-stream")
+    text, prompt_tokens, completion_tokens, finish = await anyio.to_thread.run_sync(
+        _generate, target, adapter, messages, limit, temperature, seed)
+    return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                         "logprobs": None}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
+def _generate(target: Served, adapter, messages, limit, temperature, seed):
+    from phitune.generate import prompt_ids
+
+    with target.lock, target.select(adapter):
+        from phitune.backends import TorchBackend
+
+        backend = TorchBackend(target.model, target.tokenizer)
+        text = "".join(backend.stream(messages, max_new_tokens=limit, temperature=temperature, seed=seed)).strip()
+    produced = len(target.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return text, len(prompt_ids(target.tokenizer, messages)), produced, "length" if produced >= limit else "stop"
+
+
+def _stream(target: Served, adapter, messages, limit, temperature, seed, model_id, completion_id, created):
+    def chunk(delta: dict, finish=None) -> str:
+        return "data: " + json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                      "model": model_id, "choices": [{"index": 0, "delta": delta,
+                                                                      "finish_reason": finish, "logprobs": None}]}) + "\n\n"
+
+    from phitune.backends import TorchBackend
+
+    yield chunk({"role": "assistant", "content": ""})
+    pieces = 0
+    with target.lock, target.select(adapter):
+        for piece in TorchBackend(target.model, target.tokenizer).stream(messages, max_new_tokens=limit,
+                                                                         temperature=temperature, seed=seed):
+            if piece:
+                pieces += 1
+                yield chunk({"content": piece})
+    yield chunk({}, finish="stop")
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,59 @@
+"""/v1/models: the base models this server is configured with, then every succeeded fine-tune
+and checkpoint of the caller's organization; a fine-tuned model can be deleted."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from sqlalchemy import bindparam, func, select
+
+from phitune.serve.app import Org
+from phitune.serve.db import Checkpoint, Job
+from phitune.serve.errors import ApiError, not_found
+
+router = APIRouter(tags=["models"])
+FINE_TUNES = (select(Job.fine_tuned_model, func.coalesce(Job.finished_at, Job.created_at))
+              .where(Job.org == bindparam("org"), Job.status == "succeeded", Job.model_deleted.is_(False)).order_by(Job.seq))
+CHECKPOINTS = (select(Checkpoint.model_name, Checkpoint.created_at).join(Job, Job.id == Checkpoint.job_id)
+               .where(Job.org == bindparam("org"), Checkpoint.deleted.is_(False)).order_by(Checkpoint.seq))
+
+
+def catalogue(request: Request, org: str) -> list[dict]:
+    settings = request.app.state.settings
+    out = [{"id": name, "object": "model", "created": 0, "owned_by": "system"} for name in sorted(settings.models)]
+    with request.app.state.reads() as db:
+        for name, created in db.execute(FINE_TUNES, {"org": org}):
+            out.append({"id": name, "object": "model", "created": created, "owned_by": org})
+        for name, created in db.execute(CHECKPOINTS, {"org": org}):
+            out.append({"id": name, "object": "model", "created": created, "owned_by": org})
+    return out
+
+
+@router.get("/models")
+async def list_models(request: Request, org: Org) -> dict:
+    return {"object": "list", "data": catalogue(request, org)}
+
+
+@router.get("/models/{model:path}")
+async def retrieve_model(request: Request, org: Org, model: str) -> dict:
+    for m in catalogue(request, org):
+        if m["id"] == model:
+            return m
+    raise not_found("model", model)
+
+
+@router.delete("/models/{model:path}")
+def delete_model(request: Request, org: Org, model: str) -> dict:
+    if not model.startswith("ft:"):
+        if model in request.app.state.settings.models:
+            raise ApiError(400, f"model '{model}' is a base model of this server; only fine-tuned models can be deleted")
+        raise not_found("model", model)
+    with request.app.state.sessions() as db:
+        job = db.scalar(select(Job).where(Job.org == org, Job.fine_tuned_model == model, Job.model_deleted.is_(False)))
+        if job is None:
+            raise not_found("model", model)
+        job.model_deleted = True
+        for ck in db.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id)):
+            ck.deleted = True
+        db.commit()
+    request.app.state.chat_cache.pop(model, None)
+    return {"id": model, "object": "model", "deleted": True}

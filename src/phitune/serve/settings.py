@@ -1,0 +1,68 @@
+"""What a server or worker needs to know: where the database and files live, which base models
+it serves, the limits. One object, built from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from phitune.errors import PhituneError
+
+
+@dataclass
+class Settings:
+    storage: Path
+    db_url: str = ""
+    models: dict[str, str] = field(default_factory=dict)  # served base model id -> local path or hub id
+    max_upload_bytes: int = 512 * 2**20
+    poll_seconds: float = 0.5  # how often a worker looks for work and at its running job
+    stale_seconds: float = 30.0  # a running job whose worker sent no heartbeat for this long is re-queued
+
+    def __post_init__(self) -> None:
+        self.storage = Path(self.storage)
+        self.db_url = self.db_url or f"sqlite:///{self.storage / 'phitune.db'}"
+
+    def to_json(self) -> str:
+        return json.dumps({**dataclasses.asdict(self), "storage": str(self.storage)})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Settings":
+        return cls(**json.loads(text))
+
+    @property
+    def files_dir(self) -> Path:
+        return self.storage / "files"
+
+    def file_path(self, file_id: str, purpose: str = "fine-tune") -> Path:
+        """Where a file's bytes live: named by id (never by the uploaded name); fine-tuning data is
+        JSONL (the extension tells phitune's reader the format)."""
+        return self.files_dir / (file_id + (".csv" if purpose == "fine-tune-results" else ".jsonl"))
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.storage / "jobs"
+
+
+def parse_models(specs: list[str] | None) -> dict[str, str]:
+    """`--model NAME=PATH` (repeatable); a bare PATH is served under its directory name."""
+    out: dict[str, str] = {}
+    for spec in specs or []:
+        name, eq, path = spec.partition("=")
+        if not eq:
+            name, path = Path(spec.rstrip("/")).name, spec
+        if not name or "/" in name or name.startswith("ft:"):
+            raise PhituneError(f"--model {spec}: the model id must be a plain name (no '/', not ft:...), e.g. phi3=models/phi3")
+        out[name] = path
+    return out
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,293 @@
+"""The worker: claims jobs from the database and runs the training recipe in a subprocess.
+
+Claiming is one conditional UPDATE (`... WHERE id = ? AND status = ?`): of several workers on one
+database exactly one gets each job. A running job has a heartbeat; a job whose worker vanished
+(SIGKILL, a lost machine) goes back to the queue and continues from its last checkpoint
+(`phitune train --auto-resume`). While the subprocess runs, its metrics.jsonl becomes metric
+events (one per step, never twice) and its checkpoints become checkpoint objects; cancel and
+pause stop it within a poll interval.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+from sqlalchemy import func, select, update
+
+from phitune.errors import PhituneError
+from phitune.serve.db import Checkpoint, Event, File, Job, new_id, now
+from phitune.serve.jobconfig import build_config, choose_hyperparameters, fine_tuned_name, job_dir, raw_config
+from phitune.serve.settings import Settings
+
+log = logging.getLogger("phitune")
+
+
+class Worker:
+    def __init__(self, settings: Settings, sessions, name: str | None = None):
+        self.settings, self.sessions = settings, sessions
+        self.name = f"{name or 'worker'}@{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                busy = self.step(stop)
+            except Exception:  # noqa: BLE001 - a worker outlives one bad job; the job records why
+                log.exception("worker step failed")
+                busy = False
+            if not busy:
+                stop.wait(self.settings.poll_seconds)
+
+    def step(self, stop: threading.Event | None = None) -> bool:
+        self.requeue_stale()
+        job = self.claim("validating_files", "validating_files")
+        if job is not None:
+            self.validate(job)
+            return True
+        job = self.claim("queued", "running")
+        if job is not None:
+            self.execute(job, stop)
+            return True
+        return False
+
+    def claim(self, status: str, to: str) -> Job | None:
+        """Take one unowned job in `status`; the conditional UPDATE makes it one worker's only."""
+        with self.sessions() as db:
+            ids = list(db.scalars(select(Job.id).where(Job.status == status, Job.worker.is_(None)).order_by(Job.seq).limit(5)))
+            for job_id in ids:
+                claimed = db.execute(update(Job).where(Job.id == job_id, Job.status == status, Job.worker.is_(None))
+                                     .values(status=to, worker=self.name, heartbeat=time.time()))
+                db.commit()
+                if claimed.rowcount == 1:
+                    return db.scalar(select(Job).where(Job.id == job_id))
+        return None
+
+    def requeue_stale(self) -> None:
+        limit = time.time() - self.settings.stale_seconds
+        with self.sessions() as db:
+            stale = list(db.scalars(select(Job).where(Job.status.in_(("running", "validating_files")),
+                                                      Job.worker.is_not(None), Job.heartbeat < limit)))
+            for job in stale:
+                moved = db.execute(update(Job).where(Job.id == job.id, Job.heartbeat == job.heartbeat)
+                                   .values(status="queued" if job.status == "running" else "validating_files",
+                                           worker=None, requested=None))
+                if moved.rowcount == 1:
+                    self.event(db, job.id, "The worker running this job stopped; it was re-queued and continues from "
+                               "its last checkpoint", level="warn")
+            db.commit()
+
+    @staticmethod
+    def event(db, job_id: str, message: str, *, level: str = "info", type: str = "message", data: dict | None = None,
+              step: int | None = None) -> None:
+        db.add(Event(id=new_id("ftevent"), job_id=job_id, message=message, level=level, type=type, data=data, step=step))
+
+    def finish(self, job_id: str, status: str, *, error: dict | None = None, message: str, **values) -> None:
+        with self.sessions() as db:
+            db.execute(update(Job).where(Job.id == job_id).values(status=status, error=error, finished_at=now()
+                                                                  if status != "paused" else None,
+                                                                  worker=None, requested=None, **values))
+            self.event(db, job_id, message, level="error" if status == "failed" else "info")
+            db.commit()
+
+    # --- validating_files -----------------------------------------------------------------------
+
+    def validate(self, job: Job) -> None:
+        from phitune.data.dataset import read_split
+
+        files = self.settings.files_dir
+        shown = lambda text: text.replace(str(files) + "/", "").replace(".jsonl", "")  # noqa: E731 - file-id:line
+        try:
+            cfg = build_config(self.settings, job, choose_hyperparameters(job.hyperparameters, 100))
+            counts = {}
+            for param, file_id in (("training_file", job.training_file), ("validation_file", job.validation_file)):
+                if not file_id:
+                    continue
+                split, _ = read_split(str(self.settings.file_path(file_id)), cfg.data, cfg.task)
+                if split.errors or not split.samples:
+                    problems = [shown(p) for p in split.errors[:5]] or [f"{file_id}: no examples"]
+                    more = f" (and {len(split.errors) - 5} more)" if len(split.errors) > 5 else ""
+                    code = "invalid_training_file" if param == "training_file" else "invalid_validation_file"
+                    return self.finish(job.id, "failed", error={"code": code, "message": "; ".join(problems) + more,
+                                                                "param": param},
+                                       message=f"{param} {file_id} is invalid: {problems[0]}")
+                counts[param] = len(split.samples)
+        except PhituneError as exc:
+            message = shown("; ".join([str(exc)] + list(getattr(exc, "problems", []) or [])))
+            return self.finish(job.id, "failed", error={"code": "invalid_training_file", "message": message,
+                                                        "param": "training_file"}, message=message)
+        chosen = choose_hyperparameters(job.hyperparameters, counts["training_file"])
+        with self.sessions() as db:
+            db.execute(update(Job).where(Job.id == job.id, Job.status == "validating_files")
+                       .values(status="queued", hyperparameters=chosen, worker=None))
+            self.event(db, job.id, f"Files validated: {counts['training_file']} training examples"
+                       + (f", {counts['validation_file']} validation" if "validation_file" in counts else "")
+                       + f"; hyperparameters: {json.dumps(chosen)}")
+            self.event(db, job.id, "Fine-tuning job queued")
+            db.commit()
+
+    # --- running ---------------------------------------------------------------------------------
+
+    def execute(self, job: Job, stop: threading.Event | None) -> None:
+        folder = job_dir(self.settings, job.id)
+        folder.mkdir(parents=True, exist_ok=True)
+        raw = raw_config(self.settings, job, job.hyperparameters)
+        (folder / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        name = fine_tuned_name(job, job.org)
+        with self.sessions() as db:
+            self.event(db, job.id, f"Fine-tuning job started on {self.name}")
+            db.commit()
+        logf = (folder / "train.log").open("ab")
+        proc = subprocess.Popen([sys.executable, "-m", "phitune", "train", str(folder / "config.yaml"), "--auto-resume"],
+                                stdout=logf, stderr=subprocess.STDOUT, cwd=os.getcwd(), start_new_session=True,
+                                env={**os.environ, "PHITUNE_PARENT_PID": str(os.getpid())})
+        requested = None
+        started = time.time()
+        while proc.poll() is None:
+            time.sleep(self.settings.poll_seconds)
+            try:
+                requested = self.sync(job, name, folder, started)
+            except Exception:  # noqa: BLE001 - a database hiccup must not orphan a running job
+                log.exception("job %s: syncing progress failed; retrying", job.id)
+                continue
+            if requested or (stop is not None and stop.is_set()):
+                _terminate(proc)
+                break
+        proc.wait()
+        logf.close()
+        self.sync(job, name, folder, started)
+        if requested == "cancel":
+            return self.finish(job.id, "cancelled", message="The job was cancelled")
+        if requested == "pause":
+            return self.finish(job.id, "paused", message="The job was paused; resume continues from its last checkpoint")
+        if stop is not None and stop.is_set() and proc.returncode != 0:
+            # The server is shutting down: leave the job for the next worker (it resumes from a checkpoint).
+            with self.sessions() as db:
+                db.execute(update(Job).where(Job.id == job.id).values(status="queued", worker=None))
+                db.commit()
+            return None
+        if proc.returncode != 0:
+            reason = _last_error(folder / "train.log")
+            return self.finish(job.id, "failed", error={"code": "training_failed", "message": reason, "param": None},
+                               message=f"Training failed: {reason}")
+        run = json.loads((folder / "run" / "run.json").read_text())
+        result = self.result_file(job, folder)
+        self.finish(job.id, "succeeded", message="The job has successfully completed", fine_tuned_model=name,
+                    trained_tokens=run.get("trained_tokens"), result_files=[result], estimated_finish=None)
+
+    def sync(self, job: Job, name: str, folder: Path, started: float) -> str | None:
+        """Metrics -> events, checkpoints -> objects, heartbeat; returns a cancel / pause request."""
+        records = _records(folder / "run" / "metrics.jsonl")
+        with self.sessions() as db:
+            current = db.scalar(select(Job).where(Job.id == job.id))
+            total = current.total_steps
+            # The database is the record of what was emitted (a failed commit emitted nothing). A
+            # resumed run logs the steps after its checkpoint again: those are skipped.
+            last = db.scalar(select(func.max(Event.step)).where(Event.job_id == job.id)) or 0
+            for r in records:
+                if r["step"] <= last:
+                    continue
+                last = r["step"]
+                data = _metric_data(r, total)
+                self.event(db, job.id, f"Step {r['step']}" + (f"/{total}" if total else "") + f": training loss={r['loss']:.4f}"
+                           if "loss" in r else f"Step {r['step']}: validation loss={r.get('eval_loss', float('nan')):.4f}",
+                           type="metrics", data=data, step=r["step"])
+            known = set(db.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job.id)))
+            for ck in sorted((folder / "run" / "checkpoints").glob("step-*")):
+                step = int(ck.name.split("-")[1])
+                if step in known or ck.name.endswith(".tmp") or not (ck / "adapter").is_dir():
+                    continue
+                metrics = _metric_data(next((r for r in records if r["step"] == step), {"step": step}), total)
+                db.add(Checkpoint(id=new_id("ftckpt"), job_id=job.id, step=step, metrics=metrics,
+                                  model_name=f"{name}:ckpt-step-{step}"))
+            values: dict = {"heartbeat": time.time()}
+            if total is None and (folder / "run" / "config.yaml").is_file():
+                values["total_steps"] = total = _total_steps(folder)
+            if records and total:
+                done = max(r["step"] for r in records)
+                rate = (time.time() - started) / max(done - min(r["step"] for r in records) + 1, 1)
+                values["estimated_finish"] = int(time.time() + rate * max(total - done, 0))
+            db.execute(update(Job).where(Job.id == job.id).values(**values))
+            db.commit()
+            return current.requested
+
+    def result_file(self, job: Job, folder: Path) -> str:
+        """step_metrics.csv as a file of purpose fine-tune-results."""
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"])
+        for r in _records(folder / "run" / "metrics.jsonl"):
+            writer.writerow([r["step"], r.get("loss", ""), r.get("mean_token_accuracy", r.get("accuracy", "")),
+                             r.get("eval_loss", ""), r.get("eval_mean_token_accuracy", "")])
+        file_id = new_id("file")
+        data = out.getvalue().encode()
+        self.settings.file_path(file_id, "fine-tune-results").write_bytes(data)
+        with self.sessions() as db:
+            db.add(File(id=file_id, org=job.org, filename="step_metrics.csv", purpose="fine-tune-results", bytes=len(data)))
+            db.commit()
+        return file_id
+
+
+def _records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line being written
+            break
+    return out
+
+
+def _metric_data(r: dict, total: int | None) -> dict:
+    """OpenAI's metric keys, plus DPO's rewards (train_reward_margin, valid_reward_accuracy, ...)."""
+    rewards = {("valid_" + k[5:] if k.startswith("eval_") else "train_" + k): v for k, v in r.items()
+               if k.startswith(("reward_", "eval_reward_"))}
+    return {"step": r["step"], "total_steps": total, "train_loss": r.get("loss"),
+            "train_mean_token_accuracy": r.get("mean_token_accuracy", r.get("accuracy")),
+            "valid_loss": r.get("eval_loss"), "valid_mean_token_accuracy": r.get("eval_mean_token_accuracy"),
+            "full_valid_loss": r.get("eval_loss"), "full_valid_mean_token_accuracy": r.get("eval_mean_token_accuracy"),
+            **rewards}
+
+
+def _total_steps(folder: Path) -> int | None:
+    """From the progress the run logged: steps per epoch x epochs (metrics' fractional epoch)."""
+    records = _records(folder / "run" / "metrics.jsonl")
+    cfg = yaml.safe_load((folder / "run" / "config.yaml").read_text())
+    if cfg["training"].get("max_steps"):
+        return cfg["training"]["max_steps"]
+    with_epoch = [r for r in records if r.get("epoch") and "loss" in r]
+    if not with_epoch:
+        return None
+    r = with_epoch[-1]
+    return round(r["step"] / r["epoch"] * (cfg["training"].get("epochs") or 1))
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM to the run's process group, SIGKILL after 10 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _last_error(log_file: Path) -> str:
+    lines = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()] if log_file.is_file() else []
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or ["the training process exited without output"])[-1].replace("phitune: error: ", "")[:500]

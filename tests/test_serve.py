@@ -1,0 +1,364 @@
+"""The fine-tuning service driven by the official `openai` SDK against a real `phitune serve`
+process: upload, jobs to success, events and checkpoints with pagination, chat (also streamed),
+cancel, pause and resume, SIGKILL of the server mid-job, organization isolation, bad requests."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+import yaml
+from conftest import DEMO_TRAIN, REPO
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    from phitune.distributed import free_port
+
+    return free_port()
+
+
+POSTGRES = os.environ.get("PHITUNE_TEST_POSTGRES")  # e.g. postgresql://postgres@127.0.0.1:5432/postgres (CI sets it)
+
+
+def database(storage) -> list[str]:
+    """--db for a fresh database: SQLite in the storage dir, or a new PostgreSQL database."""
+    if not POSTGRES:
+        return []
+    import psycopg
+
+    name = "phitune_" + os.urandom(6).hex()
+    with psycopg.connect(POSTGRES, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return ["--db", POSTGRES.rsplit("/", 1)[0] + "/" + name]
+
+
+class Server:
+    def __init__(self, storage, model, *extra):
+        self.storage, self.model, self.extra = storage, model, extra
+        self.db = database(storage)
+        self.proc = None
+
+    def start(self) -> "Server":
+        self.port = _free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "phitune", "serve", "--storage", str(self.storage),
+                                      "--model", f"tiny={self.model}", "--port", str(self.port), "--stale-seconds", "3",
+                                      *self.db, *self.extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/docs", timeout=1)
+                return self
+            except OSError:
+                assert self.proc.poll() is None, self.proc.stdout.read()
+                time.sleep(0.3)
+        raise AssertionError("server did not start")
+
+    def client(self, key: str = "local") -> "openai.OpenAI":
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=120)
+
+    def kill(self) -> None:
+        """SIGKILL the server and everything it started (its training runs die with it)."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_phi3, tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("serve"), tiny_phi3).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("upload") / "train.jsonl"
+    path.write_text("\n".join(DEMO_TRAIN.read_text().splitlines()[:40]) + "\n")
+    return path
+
+
+FAST = {"phitune": {"training": {"learning_rate": 3e-3}}}
+
+
+def _wait(client, job_id, statuses=("succeeded", "failed", "cancelled"), timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} still {job.status}")
+
+
+def _until(predicate, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    raise AssertionError("timed out")
+
+
+def test_fine_tune_end_to_end_with_the_openai_sdk(server, train_file):
+    c = server.client()
+    f = c.files.create(file=train_file.open("rb"), purpose="fine-tune")
+    assert f.status == "processed" and f.filename == "train.jsonl" and f.bytes == train_file.stat().st_size
+    assert c.files.content(f.id).content == train_file.read_bytes()
+    job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, suffix="cafe", seed=7, metadata={"team": "a"},
+                                    method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}},
+                                    extra_body=FAST)
+    assert job.status == "validating_files" and job.organization_id == "local"
+    job = _wait(c, job.id)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft:tiny:local:cafe:{job.id.split('-')[1][:8]}" and job.trained_tokens > 0
+    assert job.hyperparameters.n_epochs == 3 and job.hyperparameters.batch_size == 2  # auto from 40 examples
+    # Events: newest first, paged with after=, ids stable and unique, one metrics event per step.
+    pages, after = [], None
+    while True:
+        page = c.fine_tuning.jobs.list_events(job.id, limit=7, **({"after": after} if after else {}))
+        pages.append(page.data)
+        if not page.has_more:
+            break
+        after = page.data[-1].id
+    events = [e for p in pages for e in p]
+    assert [e.id for e in events] == [e.id for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data]
+    assert events[0].message == "The job has successfully completed" and events[-1].message.startswith("Validating")
+    steps = [e.data["step"] for e in events if e.type == "metrics"]
+    assert sorted(steps) == list(range(1, 61)) and all(e.data["train_loss"] is not None for e in events if e.type == "metrics")
+    # Checkpoints every 10 steps, newest first, paged.
+    checkpoints = list(c.fine_tuning.jobs.checkpoints.list(job.id, limit=2))
+    assert [k.step_number for k in checkpoints] == [60, 50, 40, 30, 20, 10]
+    assert checkpoints[0].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-60"
+    csv = c.files.content(job.result_files[0]).text.splitlines()
+    assert csv[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy" and len(csv) == 61
+    assert job.id in [j.id for j in c.fine_tuning.jobs.list(metadata={"team": "a"})]
+    assert job.id not in [j.id for j in c.fine_tuning.jobs.list(metadata={"team": "b"})]
+    # Chat with the fine-tune, its checkpoint and the base, streamed and not.
+    ask = [{"role": "user", "content": "what is the wifi password?"}]
+    tuned = c.chat.completions.create(model=job.fine_tuned_model, messages=ask, temperature=0)
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in
+                       c.chat.completions.create(model=job.fine_tuned_model, messages=ask, temperature=0, stream=True))
+    base = c.chat.completions.create(model="tiny", messages=ask, temperature=0, max_tokens=20)
+    ckpt = c.chat.completions.create(model=checkpoints[-1].fine_tuned_model_checkpoint, messages=ask, temperature=0, max_tokens=20)
+    replies = {m["content"] for line in train_file.read_text().splitlines() for m in json.loads(line)["messages"]
+               if m["role"] == "assistant"}
+    assert tuned.choices[0].message.content == streamed.strip() and streamed.strip() in replies  # answers like the bot
+    assert base.choices[0].message.content != tuned.choices[0].message.content != ckpt.choices[0].message.content
+    assert tuned.usage.prompt_tokens > 0 and tuned.usage.completion_tokens > 0
+    models = [m.id for m in c.models.list()]
+    assert {"tiny", job.fine_tuned_model, checkpoints[0].fine_tuned_model_checkpoint} <= set(models)
+    # Delete: the model is gone from the list and from chat; the job stays.
+    assert c.models.delete(job.fine_tuned_model).deleted
+    assert job.fine_tuned_model not in [m.id for m in c.models.list()]
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model=job.fine_tuned_model, messages=ask)
+    assert c.files.delete(f.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        c.files.retrieve(f.id)
+
+
+def test_dpo_job_uses_the_preference_trainer(server, tmp_path):
+    """method.type dpo with OpenAI's preference rows: the DPO objective with the asked beta,
+    reward metrics in the events, and the policy learns to prefer the preferred replies."""
+    c = server.client()
+    rows = list(dict.fromkeys((REPO / "examples" / "dpo" / "train.jsonl").read_text().splitlines()))  # distinct pairs
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    f = c.files.create(file=data.open("rb"), purpose="fine-tune")
+    val = c.files.create(file=(REPO / "examples" / "dpo" / "val.jsonl").open("rb"), purpose="fine-tune")
+    job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, validation_file=val.id, extra_body=FAST, method={
+        "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 3, "batch_size": 16}}})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    job = _wait(c, job.id)
+    assert job.status == "succeeded", job.error
+    assert job.method.dpo.hyperparameters.n_epochs == 3 and job.fine_tuned_model.startswith("ft:tiny:local::")
+    run = yaml.safe_load((server.storage / "jobs" / job.id / "run" / "config.yaml").read_text())
+    assert run["method"]["objective"] == "dpo" and run["method"]["beta"] == 0.2
+    metrics = sorted((e.data for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data if e.type == "metrics"),
+                     key=lambda d: d["step"])
+    assert [d["step"] for d in metrics] == list(range(1, -(-len(rows) // 16) * 3 + 1))  # 3 epochs of batches of 16
+    assert metrics[0]["train_reward_margin"] == pytest.approx(0, abs=1e-3)  # the policy starts as the reference
+    assert metrics[-1]["train_reward_margin"] > 0.1 and metrics[-1]["train_reward_accuracy"] == 1.0
+    # The validation file is evaluated at the last step (unseen questions): the preference holds there too.
+    assert metrics[-1]["valid_loss"] < 0.69 and metrics[-1]["valid_reward_accuracy"] >= 0.75
+
+
+def test_cancel_pause_and_resume(server, train_file):
+    c = server.client()
+    f = c.files.create(file=train_file.open("rb"), purpose="fine-tune")
+    long = {"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50}}}, "extra_body": FAST}
+    doomed = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, **long)
+    _until(lambda: c.fine_tuning.jobs.retrieve(doomed.id).status == "running"
+           and any(e.type == "metrics" for e in c.fine_tuning.jobs.list_events(doomed.id, limit=5).data))
+    # While it runs: an estimate of when it ends, from the steps done so far (50 epochs: minutes away).
+    _until(lambda: c.fine_tuning.jobs.retrieve(doomed.id).estimated_finish is not None, timeout=30)
+    running = c.fine_tuning.jobs.retrieve(doomed.id)
+    assert time.time() + 5 < running.estimated_finish < time.time() + 3600 and running.finished_at is None
+    asked = time.time()
+    c.fine_tuning.jobs.cancel(doomed.id)
+    assert _wait(c, doomed.id, timeout=30).status == "cancelled" and time.time() - asked < 15
+    with pytest.raises(openai.BadRequestError):
+        c.fine_tuning.jobs.cancel(doomed.id)
+
+    job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={"type": "supervised", "supervised": {
+        "hyperparameters": {"n_epochs": 4}}}, extra_body=FAST)
+    _until(lambda: len(c.fine_tuning.jobs.checkpoints.list(job.id).data) >= 2)
+    c.fine_tuning.jobs.pause(job.id)
+    paused = _wait(c, job.id, statuses=("paused",), timeout=30)
+    kept = [k.step_number for k in c.fine_tuning.jobs.checkpoints.list(job.id)]
+    assert paused.status == "paused" and kept
+    c.fine_tuning.jobs.resume(job.id)
+    done = _wait(c, job.id)
+    assert done.status == "succeeded", done.error
+    steps = [e.data["step"] for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data if e.type == "metrics"]
+    assert sorted(steps) == list(range(1, 81))  # every step once, across the pause
+
+
+def test_sigkill_of_server_and_worker_loses_nothing(tiny_phi3, tmp_path, train_file):
+    server = Server(tmp_path / "store", tiny_phi3).start()
+    c = server.client()
+    f = c.files.create(file=train_file.open("rb"), purpose="fine-tune")
+    job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={"type": "supervised", "supervised": {
+        "hyperparameters": {"n_epochs": 4}}}, extra_body=FAST)
+    _until(lambda: len(c.fine_tuning.jobs.checkpoints.list(job.id).data) >= 2)
+    before = [e.id for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data]
+    server.kill()
+    server.start()  # same storage, new process
+    c = server.client()
+    assert c.files.retrieve(f.id).id == f.id
+    done = _wait(c, job.id)
+    assert done.status == "succeeded", done.error
+    events = c.fine_tuning.jobs.list_events(job.id, limit=1000).data
+    ids = [e.id for e in events]
+    assert set(before) <= set(ids) and len(ids) == len(set(ids))
+    assert any("re-queued" in e.message for e in events)
+    steps = [e.data["step"] for e in events if e.type == "metrics"]
+    assert sorted(steps) == list(range(1, 81))
+    server.stop()
+
+
+def test_organizations_are_isolated_and_keys_required(tiny_phi3, tmp_path, train_file):
+    store = tmp_path / "store"
+    server = Server(store, tiny_phi3, "--api-processes", "2")  # also: several API processes on one port
+    keys = {}
+    for org in ("alpha", "beta"):
+        out = subprocess.run([sys.executable, "-m", "phitune", "keys", "create", "--org", org, "--storage", str(store),
+                              *server.db], capture_output=True, text=True, check=True)
+        keys[org] = out.stdout.strip()
+    if not POSTGRES:
+        assert keys["alpha"].startswith("sk-phitune-") and keys["alpha"] not in (store / "phitune.db").read_bytes().decode(errors="ignore")
+    server.start()
+    a, b = server.client(keys["alpha"]), server.client(keys["beta"])
+    with pytest.raises(openai.AuthenticationError):
+        server.client("sk-wrong").models.list()
+    f = a.files.create(file=train_file.open("rb"), purpose="fine-tune")
+    job = a.fine_tuning.jobs.create(model="tiny", training_file=f.id, extra_body=FAST,
+                                    method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}})
+    job = _wait(a, job.id)
+    assert job.status == "succeeded" and job.organization_id == "alpha"
+    ckpt = a.fine_tuning.jobs.checkpoints.list(job.id).data[0].fine_tuned_model_checkpoint
+    calls = [lambda: b.files.retrieve(f.id), lambda: b.files.content(f.id), lambda: b.files.delete(f.id),
+             lambda: b.fine_tuning.jobs.retrieve(job.id), lambda: b.fine_tuning.jobs.cancel(job.id),
+             lambda: b.fine_tuning.jobs.pause(job.id), lambda: b.fine_tuning.jobs.resume(job.id),
+             lambda: b.fine_tuning.jobs.list_events(job.id), lambda: b.fine_tuning.jobs.checkpoints.list(job.id),
+             lambda: b.models.retrieve(job.fine_tuned_model), lambda: b.models.delete(job.fine_tuned_model),
+             lambda: b.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "hi"}]),
+             lambda: b.chat.completions.create(model=ckpt, messages=[{"role": "user", "content": "hi"}]),
+             lambda: b.fine_tuning.jobs.create(model="tiny", training_file=f.id),
+             lambda: b.files.content(job.result_files[0])]
+    for call in calls:
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert b.files.list().data == [] and b.fine_tuning.jobs.list().data == []
+    assert [m.id for m in b.models.list()] == ["tiny"]
+    server.stop()
+
+
+def test_bad_requests(server, train_file, tmp_path):
+    c = server.client()
+    f = c.files.create(file=train_file.open("rb"), purpose="fine-tune")
+
+    def bad(status, **kwargs):
+        with pytest.raises(status) as err:
+            c.fine_tuning.jobs.create(**{"model": "tiny", "training_file": f.id, **kwargs})
+        return err.value.body
+
+    assert bad(openai.NotFoundError, training_file="file-nope")["code"] == "file_not_found"
+    assert bad(openai.BadRequestError, model="gpt-9")["param"] == "model"
+    assert "n_epochs" in bad(openai.BadRequestError, hyperparameters={"n_epochs": 0})["message"]
+    assert "beta" in bad(openai.BadRequestError, method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 5}}})["message"]
+    assert "suffix" in bad(openai.BadRequestError, suffix="x" * 65)["message"]
+    err = bad(openai.BadRequestError, extra_body={"phitune": {"method": {"nmae": "qlora"}}})
+    assert "nmae" in err["message"] and "name" in err["message"]
+    assert "extra_body" in bad(openai.BadRequestError, extra_body={"lora_rank": 4})["message"]
+    with pytest.raises(openai.BadRequestError):
+        c.files.create(file=train_file.open("rb"), purpose="assistants")
+    # A malformed file: the job fails fast, the error names the file and line.
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(train_file.read_text().splitlines()[0] + "\n{not json\n" + '{"messages": []}\n')
+    bf = c.files.create(file=broken.open("rb"), purpose="fine-tune")
+    job = _wait(c, c.fine_tuning.jobs.create(model="tiny", training_file=bf.id).id, timeout=60)
+    assert job.status == "failed" and job.error.code == "invalid_training_file"
+    assert f"{bf.id}:2" in job.error.message and f"{bf.id}:3" in job.error.message and "/" not in job.error.message
+    # Wrong purpose: a result file cannot train.
+    done = [j for j in c.fine_tuning.jobs.list(limit=100).data if j.result_files]
+    if done:
+        with pytest.raises(openai.BadRequestError):
+            c.fine_tuning.jobs.create(model="tiny", training_file=done[0].result_files[0])
+
+
+def test_upload_limit_and_open_server_refused(tiny_phi3, tmp_path):
+    server = Server(tmp_path / "s", tiny_phi3, "--max-upload-mb", "0.001").start()
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"messages": [{"role": "user", "content": "x" * 4000}]}) + "\n")
+    with pytest.raises(openai.APIStatusError) as err:
+        server.client().files.create(file=big.open("rb"), purpose="fine-tune")
+    assert err.value.status_code == 413 and server.client().files.list().data == []
+    server.stop()
+    out = subprocess.run([sys.executable, "-m", "phitune", "serve", "--storage", str(tmp_path / "s2"), "--host", "0.0.0.0"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "no API key exists" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_several_workers_never_run_one_job(tiny_phi3, tmp_path, train_file):
+    """The API without its worker, and two `phitune worker` processes on the same database and
+    storage: every job runs exactly once."""
+    server = Server(tmp_path / "store", tiny_phi3, "--no-worker").start()
+    workers = [subprocess.Popen([sys.executable, "-m", "phitune", "worker", "--storage", str(tmp_path / "store"),
+                                 "--model", f"tiny={tiny_phi3}", *server.db], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True) for _ in range(2)]
+    try:
+        c = server.client()
+        f = c.files.create(file=train_file.open("rb"), purpose="fine-tune")
+        jobs = [c.fine_tuning.jobs.create(model="tiny", training_file=f.id, extra_body=FAST, method={
+            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}}) for _ in range(4)]
+        done = [_wait(c, j.id) for j in jobs]
+        assert all(j.status == "succeeded" for j in done), [j.error for j in done]
+        runners = []
+        for j in jobs:
+            started = [e.message for e in c.fine_tuning.jobs.list_events(j.id, limit=1000).data if "started on" in e.message]
+            assert len(started) == 1, started
+            runners.append(started[0].split(" on ")[1])
+        assert len(set(runners)) == 2  # both workers took jobs
+    finally:
+        for w in workers:
+            os.killpg(w.pid, signal.SIGKILL)
+            w.wait()
+        server.stop()
