@@ -162,6 +162,17 @@ def test_fine_tune_end_to_end_with_the_openai_sdk(server, train_file):
     assert tuned.choices[0].message.content == streamed.strip() and streamed.strip() in replies  # answers like the bot
     assert base.choices[0].message.content != tuned.choices[0].message.content != ckpt.choices[0].message.content
     assert tuned.usage.prompt_tokens > 0 and tuned.usage.completion_tokens > 0
+    # stop: the reply ends before the first stop string, streamed or not.
+    reply = tuned.choices[0].message.content
+    word = reply.split()[len(reply.split()) // 2]
+    stopped = c.chat.completions.create(model=job.fine_tuned_model, messages=ask, temperature=0, stop=["@@", word])
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model=job.fine_tuned_model, messages=ask, temperature=0, stop=word, stream=True))
+    assert stopped.choices[0].message.content == reply[:reply.index(word)].strip() == streamed.strip()
+    assert stopped.choices[0].finish_reason == "stop"
+    for bad in ({"stop": ["a", "b", "c", "d", "e"]}, {"stop": [""]}, {"top_p": 0}, {"temperature": 3}):
+        with pytest.raises(openai.BadRequestError):
+            c.chat.completions.create(model=job.fine_tuned_model, messages=ask, **bad)
     models = [m.id for m in c.models.list()]
     assert {"tiny", job.fine_tuned_model, checkpoints[0].fine_tuned_model_checkpoint} <= set(models)
     # Delete: the model is gone from the list and from chat; the job stays.

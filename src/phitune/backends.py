@@ -45,26 +45,36 @@ class TorchBackend:
         self.model, self.tokenizer = model, tokenizer
 
     def stream(self, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
-               seed: int = 0) -> Iterator[str]:
+               seed: int = 0, top_p: float = 1.0) -> Iterator[str]:
+        """Text pieces as they are generated. Closing the iterator early (a stop string, a client
+        that went away) stops the generation too, before this returns: the model is free again."""
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         from phitune.generate import end_of_turn_ids, prompt_ids
 
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        cancel = threading.Event()
         ids = torch.tensor([prompt_ids(self.tokenizer, messages)], device=self.model.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                       eos_token_id=end_of_turn_ids(self.model, self.tokenizer), pad_token_id=self.tokenizer.pad_token_id,
-                      streamer=streamer, use_cache=True)
+                      streamer=streamer, use_cache=True, stopping_criteria=StoppingCriteriaList([Cancelled()]))
         if temperature > 0:
             torch.manual_seed(seed)
-            kwargs.update(do_sample=True, temperature=temperature)
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         worker = threading.Thread(target=self._generate, kwargs=kwargs, daemon=True)
         worker.start()
-        yield from streamer
-        worker.join()
+        try:
+            yield from streamer
+        finally:
+            cancel.set()
+            worker.join()
 
     def _generate(self, **kwargs) -> None:
         import torch

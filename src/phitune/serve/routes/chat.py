@@ -86,7 +86,9 @@ def served(request: Request, base: str) -> Served:
         return cache[base]
 
 
-def _check(body: dict) -> tuple[list[dict], int, float]:
+def _check(body: dict) -> dict:
+    """The generation options of a chat request, checked: messages, max_tokens, temperature,
+    top_p, stop, seed."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and m.get("role") in ("system", "user", "assistant", "developer")
@@ -95,15 +97,52 @@ def _check(body: dict) -> tuple[list[dict], int, float]:
     limit = body.get("max_completion_tokens", body.get("max_tokens")) or 256
     if not isinstance(limit, int) or not 1 <= limit <= 4096:
         raise ApiError(400, "max_tokens: an integer in 1..4096", param="max_tokens")
-    temperature = body.get("temperature", 1.0)
-    if temperature is None:
-        temperature = 1.0
-    if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-        raise ApiError(400, "temperature: a number in 0..2", param="temperature")
+    temperature, top_p = _number(body, "temperature", 0, 2), _number(body, "top_p", 0, 1)
+    if top_p == 0:
+        raise ApiError(400, "top_p: a number in (0, 1]", param="top_p")
     if body.get("n", 1) != 1:
         raise ApiError(400, "n: only 1 is supported", param="n")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop or []
+    if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
+        raise ApiError(400, "stop: a string or a list of at most 4 non-empty strings", param="stop")
     clean = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
-    return clean, limit, float(temperature)
+    seed = body.get("seed") if isinstance(body.get("seed"), int) else 0
+    return {"messages": clean, "max_new_tokens": limit, "temperature": temperature, "top_p": top_p, "seed": seed,
+            "stop": stop}
+
+
+def _number(body: dict, key: str, lo: float, hi: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return 1.0
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ApiError(400, f"{key}: a number in {lo}..{hi}", param=key)
+    return float(value)
+
+
+def until_stop(pieces, stops: list[str]):
+    """The text pieces up to (not including) the first stop string. The tail that could still be
+    the start of one is held back; returning early closes `pieces`, which ends the generation."""
+    if not stops:
+        yield from pieces
+        return
+    keep, held = max(map(len, stops)) - 1, ""
+    try:
+        for piece in pieces:
+            held += piece
+            cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                if held[:cut]:
+                    yield held[:cut]
+                return
+            if len(held) > keep:
+                yield held[:len(held) - keep]
+                held = held[len(held) - keep:]
+        if held:
+            yield held
+    finally:
+        pieces.close()
 
 
 @router.post("/chat/completions")
@@ -115,20 +154,18 @@ async def chat_completions(request: Request, org: Org):
     model_id = body.get("model") if isinstance(body, dict) else None
     if not isinstance(model_id, str):
         raise ApiError(400, "model: required", param="model")
-    messages, limit, temperature = _check(body)
+    options = _check(body)
     base, adapter = resolve(request, org, model_id)
     if adapter and not (Path(adapter) / "adapter_model.safetensors").is_file():  # never a pickle (.bin) on this path
         raise ApiError(404, f"model '{model_id}': its weights are gone from storage", param="model")
     import anyio
 
     target = await anyio.to_thread.run_sync(served, request, base)  # the first request loads the base: seconds
-    seed = body.get("seed") if isinstance(body.get("seed"), int) else 0
     completion_id, created = new_id("chatcmpl"), int(time.time())
     if body.get("stream"):
-        return StreamingResponse(_stream(target, adapter, messages, limit, temperature, seed, model_id, completion_id,
-                                         created), media_type="text/event-stream")
-    text, prompt_tokens, completion_tokens, finish = await anyio.to_thread.run_sync(
-        _generate, target, adapter, messages, limit, temperature, seed)
+        return StreamingResponse(_stream(target, adapter, options, model_id, completion_id, created),
+                                 media_type="text/event-stream")
+    text, prompt_tokens, completion_tokens, finish = await anyio.to_thread.run_sync(_generate, target, adapter, options)
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                          "logprobs": None}],
@@ -136,33 +173,33 @@ async def chat_completions(request: Request, org: Org):
                       "total_tokens": prompt_tokens + completion_tokens}}
 
 
-def _generate(target: Served, adapter, messages, limit, temperature, seed):
+def _pieces(target: "Served", options: dict):
+    from phitune.backends import TorchBackend
+
+    generation = {k: v for k, v in options.items() if k != "stop"}
+    return until_stop(TorchBackend(target.model, target.tokenizer).stream(**generation), options["stop"])
+
+
+def _generate(target: "Served", adapter, options: dict):
     from phitune.generate import prompt_ids
 
     with target.lock, target.select(adapter):
-        from phitune.backends import TorchBackend
-
-        backend = TorchBackend(target.model, target.tokenizer)
-        text = "".join(backend.stream(messages, max_new_tokens=limit, temperature=temperature, seed=seed)).strip()
+        text = "".join(_pieces(target, options)).strip()
     produced = len(target.tokenizer(text, add_special_tokens=False)["input_ids"])
-    return text, len(prompt_ids(target.tokenizer, messages)), produced, "length" if produced >= limit else "stop"
+    finish = "length" if produced >= options["max_new_tokens"] else "stop"
+    return text, len(prompt_ids(target.tokenizer, options["messages"])), produced, finish
 
 
-def _stream(target: Served, adapter, messages, limit, temperature, seed, model_id, completion_id, created):
+def _stream(target: "Served", adapter, options: dict, model_id, completion_id, created):
     def chunk(delta: dict, finish=None) -> str:
         return "data: " + json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
                                       "model": model_id, "choices": [{"index": 0, "delta": delta,
                                                                       "finish_reason": finish, "logprobs": None}]}) + "\n\n"
 
-    from phitune.backends import TorchBackend
-
     yield chunk({"role": "assistant", "content": ""})
-    pieces = 0
     with target.lock, target.select(adapter):
-        for piece in TorchBackend(target.model, target.tokenizer).stream(messages, max_new_tokens=limit,
-                                                                         temperature=temperature, seed=seed):
+        for piece in _pieces(target, options):
             if piece:
-                pieces += 1
                 yield chunk({"content": piece})
     yield chunk({}, finish="stop")
     yield "data: [DONE]\n\n"
