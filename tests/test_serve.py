@@ -299,7 +299,28 @@ def test_organizations_are_isolated_and_keys_required(tiny_phi3, tmp_path, train
             call()
     assert b.files.list().data == [] and b.fine_tuning.jobs.list().data == []
     assert [m.id for m in b.models.list()] == ["tiny"]
+    # Keys are listed by id (never the key) and revoked: the server refuses a revoked key within 5 s.
+    keys_cmd = [sys.executable, "-m", "phitune", "keys"]
+    listed = subprocess.run([*keys_cmd, "list", "--storage", str(store), *server.db], capture_output=True, text=True,
+                            check=True).stdout
+    assert "alpha" in listed and "beta" in listed and keys["alpha"] not in listed
+    out = subprocess.run([*keys_cmd, "revoke", keys["beta"], "--storage", str(store), *server.db], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "revoked" in out.stdout
+    _until(lambda: _refused(b), timeout=15)
+    assert a.files.retrieve(f.id).id == f.id  # the other key still works
+    again = subprocess.run([*keys_cmd, "revoke", keys["beta"], "--storage", str(store), *server.db], capture_output=True,
+                           text=True)
+    assert again.returncode == 2 and "no key has this id" in again.stderr and "Traceback" not in again.stderr
     server.stop()
+
+
+def _refused(client) -> bool:
+    try:
+        client.models.list()
+        return False
+    except openai.AuthenticationError:
+        return True
 
 
 def test_bad_requests(server, train_file, tmp_path):
@@ -346,6 +367,20 @@ def test_upload_limit_and_open_server_refused(tiny_phi3, tmp_path):
     out = subprocess.run([sys.executable, "-m", "phitune", "serve", "--storage", str(tmp_path / "s2"), "--host", "0.0.0.0"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "no API key exists" in out.stderr and "Traceback" not in out.stderr
+    # With a key it starts on 0.0.0.0; once its last key is revoked it lets nobody in (not `local`).
+    keys = [sys.executable, "-m", "phitune", "keys"]
+    key = subprocess.run([*keys, "create", "--org", "ops", "--storage", str(tmp_path / "s2")], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    exposed = Server(tmp_path / "s2", tiny_phi3, "--host", "0.0.0.0")
+    exposed.db = []  # the key was created in this storage's SQLite database
+    exposed.start()
+    try:
+        assert [m.id for m in exposed.client(key).models.list()] == ["tiny"]
+        subprocess.run([*keys, "revoke", key, "--storage", str(tmp_path / "s2")], capture_output=True, check=True)
+        _until(lambda: _refused(exposed.client(key)), timeout=15)
+        assert _refused(exposed.client("anything"))
+    finally:
+        exposed.stop()
 
 
 def test_several_workers_never_run_one_job(tiny_phi3, tmp_path, train_file):

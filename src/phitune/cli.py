@@ -244,7 +244,7 @@ def _serve_settings(args):
 
 
 def cmd_serve(args) -> int:
-    """The API (and, unless --no-worker, a worker thread) in one process."""
+    """The job worker (unless --no-worker) in this process, the API in --api-processes children."""
     import threading
 
     from sqlalchemy import select
@@ -255,6 +255,7 @@ def cmd_serve(args) -> int:
     from phitune.serve.worker import Worker
 
     settings = _serve_settings(args)
+    settings.open_when_keyless = is_loopback(args.host)
     settings.storage.mkdir(parents=True, exist_ok=True)
     engine, sessions, _ = connect(settings.db_url)
     with sessions() as db:
@@ -316,7 +317,48 @@ def cmd_keys_create(args) -> int:
         db.add(ApiKey(org=args.org, key_hash=hash_key(key)))
         db.commit()
     print(key)
-    print(f"(organization {args.org}; only its hash is stored: keep the key now)", file=sys.stderr)
+    print(f"(organization {args.org}, key id {hash_key(key)[:12]}; only its hash is stored: keep the key now)",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_keys_list(args) -> int:
+    """Key ids (the first 12 hex digits of the key's SHA-256), organizations, creation times."""
+    import time
+
+    from sqlalchemy import select
+
+    from phitune.serve.db import ApiKey, connect
+
+    _, sessions, _ = connect(_serve_settings(args).db_url)
+    with sessions() as db:
+        keys = list(db.scalars(select(ApiKey).order_by(ApiKey.seq)))
+    for k in keys:
+        if args.org in (None, k.org):
+            print(f"{k.key_hash[:12]}  {k.org}  {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(k.created_at))} UTC")
+    return 0
+
+
+def cmd_keys_revoke(args) -> int:
+    """Delete a key by its id (from `keys list`) or the key itself; servers stop accepting it
+    within 5 s."""
+    from sqlalchemy import delete, select
+
+    from phitune.serve.app import hash_key
+    from phitune.serve.db import ApiKey, connect
+
+    ident = hash_key(args.key)[:12] if args.key.startswith("sk-") else args.key.lower()
+    if len(ident) < 8:
+        raise PhituneError(f"{args.key!r}: give a key id from `phitune keys list` (12 hex digits) or the key itself")
+    _, sessions, _ = connect(_serve_settings(args).db_url)
+    with sessions() as db:
+        hashes = list(db.scalars(select(ApiKey.key_hash).where(ApiKey.key_hash.startswith(ident))))
+        if len(hashes) != 1:
+            raise PhituneError(f"{args.key!r}: {'no key has' if not hashes else f'{len(hashes)} keys have'} this id; "
+                               "see `phitune keys list`")
+        db.execute(delete(ApiKey).where(ApiKey.key_hash == hashes[0]))
+        db.commit()
+    print(f"revoked key {hashes[0][:12]}")
     return 0
 
 
@@ -562,6 +604,14 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--org", required=True)
     storage_options(kc)
     kc.set_defaults(func=cmd_keys_create)
+    kl = ksub.add_parser("list", help="key ids, organizations and creation times (never the keys)")
+    kl.add_argument("--org")
+    storage_options(kl)
+    kl.set_defaults(func=cmd_keys_list)
+    kr = ksub.add_parser("revoke", help="delete a key by its id from `keys list` (or the key itself)")
+    kr.add_argument("key", help="key id (12 hex digits) or the key")
+    storage_options(kr)
+    kr.set_defaults(func=cmd_keys_revoke)
     kp.set_defaults(func=lambda a: (kp.print_help(), EXIT_USAGE)[1])
 
     x = sub.add_parser("export", help="export a model: onnx (ONNX Runtime GenAI, int4/fp16/fp32)")

@@ -31,13 +31,14 @@ def hash_key(key: str) -> str:
 
 
 async def organization(request: Request) -> str:
-    """The caller's organization from `Authorization: Bearer <key>`. With no key created at all
-    (a loopback-only server, checked at start) every caller is the organization `local`."""
+    """The caller's organization from `Authorization: Bearer <key>`. With no key at all, a
+    loopback server lets every caller in as the organization `local`; a server on another
+    address never does (its last key may have been revoked)."""
     state = request.app.state
     header = request.headers.get("authorization", "")
     key = header[7:].strip() if header.lower().startswith("bearer ") else ""
     org = _key_orgs(state).get(hash_key(key)) if key else None
-    if org is None and not state.key_orgs:
+    if org is None and not state.key_orgs and state.settings.open_when_keyless:
         return "local"
     if org is None:
         raise ApiError(401, "Incorrect API key provided." if key else "Missing API key: send Authorization: Bearer <key>.",

@@ -20,6 +20,7 @@ class Settings:
     max_upload_bytes: int = 512 * 2**20
     poll_seconds: float = 0.5  # how often a worker looks for work and at its running job
     stale_seconds: float = 30.0  # a running job whose worker sent no heartbeat for this long is re-queued
+    open_when_keyless: bool = True  # with no API key, let anyone in as `local`: loopback servers only
 
     def __post_init__(self) -> None:
         self.storage = Path(self.storage)
