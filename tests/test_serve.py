@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -276,6 +277,9 @@ def test_organizations_are_isolated_and_keys_required(tiny_phi3, tmp_path, train
     if not POSTGRES:
         assert keys["alpha"].startswith("sk-phitune-") and keys["alpha"] not in (store / "phitune.db").read_bytes().decode(errors="ignore")
     server.start()
+    with pytest.raises(urllib.error.HTTPError) as no_key:  # the very first request, without a key
+        urllib.request.urlopen(f"http://127.0.0.1:{server.port}/v1/files", timeout=10)
+    assert no_key.value.code == 401 and json.loads(no_key.value.read())["error"]["code"] == "invalid_api_key"
     a, b = server.client(keys["alpha"]), server.client(keys["beta"])
     with pytest.raises(openai.AuthenticationError):
         server.client("sk-wrong").models.list()
