@@ -261,7 +261,7 @@ def cmd_serve(args) -> int:
     with sessions() as db:
         has_keys = db.scalar(select(ApiKey.seq).limit(1)) is not None
     engine.dispose()
-    if not has_keys and not is_loopback(args.host):
+    if not has_keys and not settings.open_when_keyless:
         raise PhituneError(f"--host {args.host}: no API key exists, so the server would be open to anyone; create one "
                            f"with `phitune keys create --org ORG --storage {args.storage}` or listen on 127.0.0.1")
     if not settings.models:
@@ -304,7 +304,7 @@ def cmd_worker(args) -> int:
 def cmd_keys_create(args) -> int:
     import secrets
 
-    from phitune.serve.app import hash_key
+    from phitune.serve.app import hash_key, key_id
     from phitune.serve.db import ApiKey, connect
 
     if not args.org or not all(c.isalnum() or c in "-_" for c in args.org) or len(args.org) > 64:
@@ -317,7 +317,7 @@ def cmd_keys_create(args) -> int:
         db.add(ApiKey(org=args.org, key_hash=hash_key(key)))
         db.commit()
     print(key)
-    print(f"(organization {args.org}, key id {hash_key(key)[:12]}; only its hash is stored: keep the key now)",
+    print(f"(organization {args.org}, key id {key_id(hash_key(key))}; only its hash is stored: keep the key now)",
           file=sys.stderr)
     return 0
 
@@ -328,6 +328,7 @@ def cmd_keys_list(args) -> int:
 
     from sqlalchemy import select
 
+    from phitune.serve.app import key_id
     from phitune.serve.db import ApiKey, connect
 
     _, sessions, _ = connect(_serve_settings(args).db_url)
@@ -335,7 +336,7 @@ def cmd_keys_list(args) -> int:
         keys = list(db.scalars(select(ApiKey).order_by(ApiKey.seq)))
     for k in keys:
         if args.org in (None, k.org):
-            print(f"{k.key_hash[:12]}  {k.org}  {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(k.created_at))} UTC")
+            print(f"{key_id(k.key_hash)}  {k.org}  {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(k.created_at))} UTC")
     return 0
 
 
@@ -344,10 +345,10 @@ def cmd_keys_revoke(args) -> int:
     within 5 s."""
     from sqlalchemy import delete, select
 
-    from phitune.serve.app import hash_key
+    from phitune.serve.app import hash_key, key_id
     from phitune.serve.db import ApiKey, connect
 
-    ident = hash_key(args.key)[:12] if args.key.startswith("sk-") else args.key.lower()
+    ident = key_id(hash_key(args.key)) if args.key.startswith("sk-") else args.key.lower()
     if len(ident) < 8:
         raise PhituneError(f"{args.key!r}: give a key id from `phitune keys list` (12 hex digits) or the key itself")
     _, sessions, _ = connect(_serve_settings(args).db_url)
@@ -358,7 +359,7 @@ def cmd_keys_revoke(args) -> int:
                                "see `phitune keys list`")
         db.execute(delete(ApiKey).where(ApiKey.key_hash == hashes[0]))
         db.commit()
-    print(f"revoked key {hashes[0][:12]}")
+    print(f"revoked key {key_id(hashes[0])}")
     return 0
 
 

@@ -31,6 +31,11 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def key_id(key_hash: str) -> str:
+    """How `phitune keys` names a key without showing it: the start of its hash."""
+    return key_hash[:12]
+
+
 async def organization(request: Request) -> str:
     """The caller's organization from `Authorization: Bearer <key>`. With no key at all, a
     loopback server lets every caller in as the organization `local`; a server on another
@@ -48,7 +53,7 @@ async def organization(request: Request) -> str:
     return org
 
 
-KEYS_TTL = 5.0  # seconds a key table read is reused: keys created by `phitune keys create` count within this
+KEYS_TTL = 5.0  # seconds a key table read is reused: keys created or revoked by `phitune keys` count within this
 
 
 def _key_orgs(state) -> dict[str, str]:
@@ -63,11 +68,11 @@ def _key_orgs(state) -> dict[str, str]:
 Org = Annotated[str, Depends(organization)]
 
 
-SETTINGS_ENV = "PHITUNE_SERVE_SETTINGS"  # how `--api-processes N` hands the settings to its processes
+SETTINGS_ENV = "PHITUNE_SERVE_SETTINGS"  # how `serve_api` hands the settings to its API processes
 
 
 def app_from_env() -> FastAPI:
-    """The app factory each of uvicorn's processes calls (`--api-processes N`)."""
+    """The app factory each of uvicorn's API processes calls (`serve_api`)."""
     return create_app(Settings.from_json(os.environ[SETTINGS_ENV]))
 
 
@@ -85,7 +90,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="phitune fine-tuning service", version="1", lifespan=lifespan,
                   description="OpenAI-compatible fine-tuning API: files, fine_tuning.jobs, models, chat.completions.")
-    app.state.settings, app.state.sessions, app.state.reads, app.state.engine = settings, sessions, reads, engine
+    app.state.settings, app.state.sessions, app.state.reads = settings, sessions, reads
     app.state.chat_cache = {}
     app.state.key_orgs, app.state.keys_read_at = {}, float("-inf")
 

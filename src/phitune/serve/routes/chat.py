@@ -173,14 +173,14 @@ async def chat_completions(request: Request, org: Org):
                       "total_tokens": prompt_tokens + completion_tokens}}
 
 
-def _pieces(target: "Served", options: dict):
+def _pieces(target: Served, options: dict):
     from phitune.backends import TorchBackend
 
     generation = {k: v for k, v in options.items() if k != "stop"}
     return until_stop(TorchBackend(target.model, target.tokenizer).stream(**generation), options["stop"])
 
 
-def _generate(target: "Served", adapter, options: dict):
+def _generate(target: Served, adapter, options: dict):
     from phitune.generate import prompt_ids
 
     with target.lock, target.select(adapter):
@@ -190,7 +190,7 @@ def _generate(target: "Served", adapter, options: dict):
     return text, len(prompt_ids(target.tokenizer, options["messages"])), produced, finish
 
 
-def _stream(target: "Served", adapter, options: dict, model_id, completion_id, created):
+def _stream(target: Served, adapter, options: dict, model_id, completion_id, created):
     def chunk(delta: dict, finish=None) -> str:
         return "data: " + json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
                                       "model": model_id, "choices": [{"index": 0, "delta": delta,
