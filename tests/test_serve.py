@@ -243,6 +243,20 @@ def test_cancel_pause_and_resume(server, train_file):
     assert sorted(steps) == list(range(1, 81))  # every step once, across the pause
 
 
+def test_estimated_finish_counts_steps_not_start_up():
+    from phitune.serve.worker import _estimated_finish
+
+    # 1000 steps at 0.1 s each, after 30 s of start-up (imports, model loading) and a resumed run's
+    # older steps: the estimate follows the steps this subprocess has logged, nothing else.
+    started = 1000.0
+    older = [{"step": s, "loss": 1.0, "time": 500.0 + s} for s in range(1, 11)]
+    steps = [{"step": s, "loss": 1.0, "time": started + 30 + 0.1 * (s - 10)} for s in range(11, 21)]
+    evals = [{"step": 20, "eval_loss": 1.0}]
+    assert abs(_estimated_finish(older + steps + evals, 1000, started) - (started + 31 + 0.1 * 980)) <= 1
+    assert _estimated_finish(older + steps[:1], 1000, started) is None  # one step: no rate yet
+    assert _estimated_finish(steps, None, started) is None
+
+
 def test_sigkill_of_server_and_worker_loses_nothing(tiny_phi3, tmp_path, train_file):
     server = Server(tmp_path / "store", tiny_phi3).start()
     c = server.client()

@@ -215,10 +215,9 @@ class Worker:
             values: dict = {"heartbeat": time.time()}
             if total is None and (folder / "run" / "config.yaml").is_file():
                 values["total_steps"] = total = _total_steps(folder)
-            if records and total:
-                done = max(r["step"] for r in records)
-                rate = (time.time() - started) / max(done - min(r["step"] for r in records) + 1, 1)
-                values["estimated_finish"] = int(time.time() + rate * max(total - done, 0))
+            finish = _estimated_finish(records, total, started)
+            if finish is not None:
+                values["estimated_finish"] = finish
             db.execute(update(Job).where(Job.id == job.id).values(**values))
             db.commit()
             return current.requested
@@ -238,6 +237,20 @@ class Worker:
             db.add(File(id=file_id, org=job.org, filename="step_metrics.csv", purpose="fine-tune-results", bytes=len(data)))
             db.commit()
         return file_id
+
+
+def _estimated_finish(records: list[dict], total: int | None, started: float) -> int | None:
+    """When the run ends at the step rate this subprocess has shown so far.
+
+    Only steps logged after `started` count, timed from the first of them: a resumed run's earlier
+    steps and the subprocess's start-up (imports, model loading; seconds, on a slow machine more than
+    the steps) would otherwise make the first estimates of a long job far too late.
+    """
+    timed = [r for r in records if "loss" in r and r.get("time", 0) >= started]
+    if not total or len(timed) < 2 or timed[-1]["step"] <= timed[0]["step"]:
+        return None
+    rate = (timed[-1]["time"] - timed[0]["time"]) / (timed[-1]["step"] - timed[0]["step"])
+    return int(timed[-1]["time"] + rate * max(total - timed[-1]["step"], 0))
 
 
 def _records(path: Path) -> list[dict]:
