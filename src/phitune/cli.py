@@ -194,7 +194,7 @@ def cmd_chat(args) -> int:
 def _write_manifests(output: Path, docs: dict[str, dict], overwrite: bool) -> None:
     import yaml
 
-    from phitune.errors import refuse_non_empty
+    from phitune.outputs import refuse_non_empty
 
     refuse_non_empty(output, overwrite)
     class Dumper(yaml.SafeDumper):
@@ -257,10 +257,9 @@ def cmd_serve(args) -> int:
     settings = _serve_settings(args)
     settings.open_when_keyless = is_loopback(args.host)
     settings.storage.mkdir(parents=True, exist_ok=True)
-    engine, sessions, _ = connect(settings.db_url)
+    _, sessions, _ = connect(settings.db_url)  # the worker's too
     with sessions() as db:
         has_keys = db.scalar(select(ApiKey.seq).limit(1)) is not None
-    engine.dispose()
     if not has_keys and not settings.open_when_keyless:
         raise PhituneError(f"--host {args.host}: no API key exists, so the server would be open to anyone; create one "
                            f"with `phitune keys create --org ORG --storage {args.storage}` or listen on 127.0.0.1")
@@ -274,8 +273,7 @@ def cmd_serve(args) -> int:
     # The job worker is a thread of this process, which also supervises the API processes.
     stop, thread = threading.Event(), None
     if not args.no_worker:
-        _, worker_sessions, _ = connect(settings.db_url)
-        thread = threading.Thread(target=Worker(settings, worker_sessions, name="embedded").run, args=(stop,),
+        thread = threading.Thread(target=Worker(settings, sessions, name="embedded").run, args=(stop,),
                                   daemon=True, name="phitune-worker")
         thread.start()
     try:

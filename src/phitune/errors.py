@@ -13,12 +13,3 @@ class PhituneError(Exception):
         if not self.problems:
             return head
         return head + "\n" + "\n".join(f"  - {p}" for p in self.problems)
-
-
-def refuse_non_empty(output, overwrite: bool) -> None:
-    """Commands that write a directory never write over a non-empty one unless told to."""
-    from pathlib import Path
-
-    output = Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise PhituneError(f"{output}: exists and is not empty; pass --overwrite or choose another --output")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
-from phitune.errors import PhituneError, refuse_non_empty
+from phitune.errors import PhituneError
 from phitune.models import DTYPES, load_for_inference, resolve_trained
+from phitune.outputs import refuse_non_empty, staged
 
 
 def merge(source: str | Path, output: str | Path, *, dtype: str = "float32", base: str | None = None,
@@ -28,12 +28,8 @@ def merge(source: str | Path, output: str | Path, *, dtype: str = "float32", bas
         raise PhituneError(f"{adapter}: this adapter type ({type(model.peft_config['default']).__name__}) cannot be merged; "
                            "serve it with the base model instead")
     merged = model.merge_and_unload()
-    tmp = output.with_name(output.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     merged.config.use_cache = True
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if output.exists():
-        shutil.rmtree(output)
-    tmp.rename(output)
+    with staged(output) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return output

@@ -18,7 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from phitune.errors import PhituneError, refuse_non_empty
+from phitune.errors import PhituneError
+from phitune.outputs import refuse_non_empty, staged
 
 log = logging.getLogger("phitune")
 
@@ -59,24 +60,19 @@ def export_onnx(source: str | Path, output: str | Path, *, precision: str = "int
     model_path, adapter = resolve_trained(source)
     base_model = base or model_path
     refuse_classifier(adapter or model_path)
-    with tempfile.TemporaryDirectory(prefix="phitune-export-") as work:
+    with tempfile.TemporaryDirectory(prefix="phitune-export-") as work, staged(output) as tmp:
         if adapter:
             merged = Path(work) / "merged"
             merge(source, merged, base=base)
             model_path = str(merged)
-        tmp = output.with_name(output.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         _build(model_path, tmp, precision, device, Path(work) / "cache", name=str(source))
-    for folder in (Path(adapter) if adapter else None, source, Path(model_path)):
-        if folder and (folder / "task.json").is_file():
-            shutil.copy(folder / "task.json", tmp / "task.json")
-            break
-    (tmp / "phitune_export.json").write_text(json.dumps({
-        "source": str(source), "base": base_model, "adapter": adapter,
-        "precision": precision, "device": device}, indent=2) + "\n")
-    if output.exists():
-        shutil.rmtree(output)
-    tmp.rename(output)
+        for folder in (Path(adapter) if adapter else None, source, Path(model_path)):
+            if folder and (folder / "task.json").is_file():
+                shutil.copy(folder / "task.json", tmp / "task.json")
+                break
+        (tmp / "phitune_export.json").write_text(json.dumps({
+            "source": str(source), "base": base_model, "adapter": adapter,
+            "precision": precision, "device": device}, indent=2) + "\n")
     return output
 
 
@@ -234,10 +230,8 @@ def export_multi_lora(base: str, adapters: dict[str, str], output: str | Path, *
         if Path(base_of).resolve() != Path(base).resolve() and base_of != base:
             log.warning("--adapter %s was trained on %s, exported on %s", name, base_of, base)
         resolved[name] = adapter
-    with tempfile.TemporaryDirectory(prefix="phitune-multilora-") as work:
+    with tempfile.TemporaryDirectory(prefix="phitune-multilora-") as work, staged(output) as tmp:
         work = Path(work)
-        tmp = output.with_name(output.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         first = next(iter(resolved.values()))
         _build(base, tmp, precision, device, work / "cache", adapter=first)
         graph_file = tmp / "model.onnx"
@@ -268,7 +262,4 @@ def export_multi_lora(base: str, adapters: dict[str, str], output: str | Path, *
         (tmp / "phitune_export.json").write_text(json.dumps({
             "base": base, "adapters": {n: str(a) for n, a in resolved.items()}, "precision": precision,
             "device": device}, indent=2) + "\n")
-    if output.exists():
-        shutil.rmtree(output)
-    tmp.rename(output)
     return output

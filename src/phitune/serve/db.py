@@ -103,6 +103,12 @@ class Checkpoint(Base):
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+def add_event(db, job_id: str, message: str, *, level: str = "info", type: str = "message", data: dict | None = None,
+              step: int | None = None) -> None:
+    """A job event in the caller's transaction (the API's state changes, the worker's progress)."""
+    db.add(Event(id=new_id("ftevent"), job_id=job_id, message=message, level=level, type=type, data=data, step=step))
+
+
 def _engine(url: str, *, immediate: bool):
     kwargs: dict = {}
     if url.startswith("sqlite"):

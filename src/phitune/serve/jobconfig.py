@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from phitune.serve.settings import Settings
 
@@ -37,7 +36,7 @@ def raw_config(settings: Settings, job, hyper: dict) -> dict:
            "training": {"epochs": hyper["n_epochs"], "batch_size": hyper["batch_size"], "seed": job.seed,
                         "learning_rate": BASE_LR.get(method, 2e-4) * hyper["learning_rate_multiplier"],
                         "log_every": 1, "save_every": 10, "save_total_limit": None},
-           "output_dir": str(settings.jobs_dir / job.id / "run")}
+           "output_dir": str(settings.run_dir(job.id))}
     if job.validation_file:
         raw["data"]["validation"] = str(settings.file_path(job.validation_file))
         raw["training"]["eval_every"] = 10
@@ -58,7 +57,3 @@ def build_config(settings: Settings, job, hyper: dict):
 
 def fine_tuned_name(job, org: str) -> str:
     return f"ft:{job.model}:{org}:{job.suffix or ''}:{job.id.split('-', 1)[1][:8]}"
-
-
-def job_dir(settings: Settings, job_id: str) -> Path:
-    return settings.jobs_dir / job_id

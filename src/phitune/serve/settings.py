@@ -46,6 +46,13 @@ class Settings:
     def jobs_dir(self) -> Path:
         return self.storage / "jobs"
 
+    def job_dir(self, job_id: str) -> Path:
+        """A job's config.yaml and train.log; its training output is run_dir."""
+        return self.jobs_dir / job_id
+
+    def run_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "run"
+
 
 def parse_models(specs: list[str] | None) -> dict[str, str]:
     """`--model NAME=PATH` (repeatable); a bare PATH is served under its directory name."""

@@ -27,8 +27,8 @@ import yaml
 from sqlalchemy import func, select, update
 
 from phitune.errors import PhituneError
-from phitune.serve.db import Checkpoint, Event, File, Job, new_id, now
-from phitune.serve.jobconfig import build_config, choose_hyperparameters, fine_tuned_name, job_dir, raw_config
+from phitune.serve.db import Checkpoint, Event, File, Job, add_event, new_id, now
+from phitune.serve.jobconfig import build_config, choose_hyperparameters, fine_tuned_name, raw_config
 from phitune.serve.settings import Settings
 
 log = logging.getLogger("phitune")
@@ -85,21 +85,16 @@ class Worker:
                                    .values(status="queued" if job.status == "running" else "validating_files",
                                            worker=None, requested=None))
                 if moved.rowcount == 1:
-                    self.event(db, job.id, "The worker running this job stopped; it was re-queued and continues from "
+                    add_event(db, job.id, "The worker running this job stopped; it was re-queued and continues from "
                                "its last checkpoint", level="warn")
             db.commit()
-
-    @staticmethod
-    def event(db, job_id: str, message: str, *, level: str = "info", type: str = "message", data: dict | None = None,
-              step: int | None = None) -> None:
-        db.add(Event(id=new_id("ftevent"), job_id=job_id, message=message, level=level, type=type, data=data, step=step))
 
     def finish(self, job_id: str, status: str, *, error: dict | None = None, message: str, **values) -> None:
         with self.sessions() as db:
             db.execute(update(Job).where(Job.id == job_id).values(status=status, error=error, finished_at=now()
                                                                   if status != "paused" else None,
                                                                   worker=None, requested=None, **values))
-            self.event(db, job_id, message, level="error" if status == "failed" else "info")
+            add_event(db, job_id, message, level="error" if status == "failed" else "info")
             db.commit()
 
     # --- validating_files -----------------------------------------------------------------------
@@ -132,22 +127,22 @@ class Worker:
         with self.sessions() as db:
             db.execute(update(Job).where(Job.id == job.id, Job.status == "validating_files")
                        .values(status="queued", hyperparameters=chosen, worker=None))
-            self.event(db, job.id, f"Files validated: {counts['training_file']} training examples"
+            add_event(db, job.id, f"Files validated: {counts['training_file']} training examples"
                        + (f", {counts['validation_file']} validation" if "validation_file" in counts else "")
                        + f"; hyperparameters: {json.dumps(chosen)}")
-            self.event(db, job.id, "Fine-tuning job queued")
+            add_event(db, job.id, "Fine-tuning job queued")
             db.commit()
 
     # --- running ---------------------------------------------------------------------------------
 
     def execute(self, job: Job, stop: threading.Event | None) -> None:
-        folder = job_dir(self.settings, job.id)
+        folder = self.settings.job_dir(job.id)
         folder.mkdir(parents=True, exist_ok=True)
         raw = raw_config(self.settings, job, job.hyperparameters)
         (folder / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
         name = fine_tuned_name(job, job.org)
         with self.sessions() as db:
-            self.event(db, job.id, f"Fine-tuning job started on {self.name}")
+            add_event(db, job.id, f"Fine-tuning job started on {self.name}")
             db.commit()
         logf = (folder / "train.log").open("ab")
         proc = subprocess.Popen([sys.executable, "-m", "phitune", "train", str(folder / "config.yaml"), "--auto-resume"],
@@ -201,7 +196,7 @@ class Worker:
                     continue
                 last = r["step"]
                 data = _metric_data(r, total)
-                self.event(db, job.id, f"Step {r['step']}" + (f"/{total}" if total else "") + f": training loss={r['loss']:.4f}"
+                add_event(db, job.id, f"Step {r['step']}" + (f"/{total}" if total else "") + f": training loss={r['loss']:.4f}"
                            if "loss" in r else f"Step {r['step']}: validation loss={r.get('eval_loss', float('nan')):.4f}",
                            type="metrics", data=data, step=r["step"])
             known = set(db.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job.id)))
@@ -214,7 +209,7 @@ class Worker:
                                   model_name=f"{name}:ckpt-step-{step}"))
             values: dict = {"heartbeat": time.time()}
             if total is None and (folder / "run" / "config.yaml").is_file():
-                values["total_steps"] = total = _total_steps(folder)
+                values["total_steps"] = total = _total_steps(folder, records)
             finish = _estimated_finish(records, total, started)
             if finish is not None:
                 values["estimated_finish"] = finish
@@ -276,9 +271,8 @@ def _metric_data(r: dict, total: int | None) -> dict:
             **rewards}
 
 
-def _total_steps(folder: Path) -> int | None:
+def _total_steps(folder: Path, records: list[dict]) -> int | None:
     """From the progress the run logged: steps per epoch x epochs (metrics' fractional epoch)."""
-    records = _records(folder / "run" / "metrics.jsonl")
     cfg = yaml.safe_load((folder / "run" / "config.yaml").read_text())
     if cfg["training"].get("max_steps"):
         return cfg["training"]["max_steps"]

@@ -35,14 +35,14 @@ def resolve(request: Request, org: str, model: str) -> tuple[str, str | None]:
             job = db.execute(select(Job.id, Job.model).where(Job.org == org, Job.fine_tuned_model == model,
                                                              Job.model_deleted.is_(False))).first()
             if job is not None:
-                run = settings.jobs_dir / job.id / "run"
+                run = settings.run_dir(job.id)
                 if (run / "model").is_dir():
                     return str(run / "model"), None
                 return settings.models[job.model], str(run / "adapter")
             ck = db.execute(select(Job.id, Job.model, Checkpoint.step).join(Job, Job.id == Checkpoint.job_id)
                             .where(Job.org == org, Checkpoint.model_name == model, Checkpoint.deleted.is_(False))).first()
             if ck is not None:
-                adapter = settings.jobs_dir / ck.id / "run" / "checkpoints" / f"step-{ck.step:06d}" / "adapter"
+                adapter = settings.run_dir(ck.id) / "checkpoints" / f"step-{ck.step:06d}" / "adapter"
                 return settings.models[ck.model], str(adapter)
     raise not_found("model", model, "model")
 

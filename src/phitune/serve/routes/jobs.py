@@ -14,7 +14,7 @@ from sqlalchemy import bindparam, select
 
 from phitune.errors import PhituneError
 from phitune.serve.app import Org
-from phitune.serve.db import Checkpoint, Event, Job, first, new_id
+from phitune.serve.db import Checkpoint, Event, Job, add_event, first, new_id, now
 from phitune.serve.errors import ApiError, not_found
 from phitune.serve.listing import page
 from phitune.serve.routes.files import get_file
@@ -126,7 +126,7 @@ async def create_job(request: Request, org: Org) -> dict:
             raise ApiError(400, f"phitune options: {detail}", param="phitune") from None
         db.add(job)
         db.flush()  # the job row first: the event refers to it (PostgreSQL checks the key at once)
-        db.add(Event(id=new_id("ftevent"), job_id=job.id, message=f"Validating training file: {job.training_file}"))
+        add_event(db, job.id, f"Validating training file: {job.training_file}")
         db.commit()
         return render(job)
 
@@ -157,8 +157,8 @@ def cancel_job(request: Request, org: Org, job_id: str) -> dict:
         if job.status in FINAL:
             raise ApiError(400, f"job {job_id} is already {job.status}", code="job_not_cancellable")
         if job.status in ("validating_files", "queued", "paused"):  # nothing runs: cancelled now
-            job.status, job.finished_at = "cancelled", _now()
-            db.add(Event(id=new_id("ftevent"), job_id=job.id, message="The job was cancelled"))
+            job.status, job.finished_at = "cancelled", now()
+            add_event(db, job.id, "The job was cancelled")
         else:
             job.requested = "cancel"  # the worker stops the run within a poll interval
         db.commit()
@@ -173,7 +173,7 @@ def pause_job(request: Request, org: Org, job_id: str) -> dict:
             raise ApiError(400, f"job {job_id} is {job.status}; only a queued or running job can be paused")
         if job.status == "queued":
             job.status = "paused"
-            db.add(Event(id=new_id("ftevent"), job_id=job.id, message="The job was paused"))
+            add_event(db, job.id, "The job was paused")
         else:
             job.requested = "pause"
         db.commit()
@@ -187,7 +187,7 @@ def resume_job(request: Request, org: Org, job_id: str) -> dict:
         if job.status != "paused":
             raise ApiError(400, f"job {job_id} is {job.status}; only a paused job can be resumed")
         job.status, job.requested = "queued", None
-        db.add(Event(id=new_id("ftevent"), job_id=job.id, message="The job was resumed; it continues from its last checkpoint"))
+        add_event(db, job.id, "The job was resumed; it continues from its last checkpoint")
         db.commit()
         return render(job)
 
@@ -216,9 +216,3 @@ async def list_checkpoints(request: Request, org: Org, job_id: str, after: str |
         get_job(db, org, job_id)
         return page(db, Checkpoint, [Checkpoint.job_id == job_id, Checkpoint.deleted.is_(False)], after=after,
                     limit=limit, newest_first=True, render=render_checkpoint)
-
-
-def _now() -> int:
-    from phitune.serve.db import now
-
-    return now()

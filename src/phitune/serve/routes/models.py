@@ -55,5 +55,4 @@ def delete_model(request: Request, org: Org, model: str) -> dict:
         for ck in db.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id)):
             ck.deleted = True
         db.commit()
-    request.app.state.chat_cache.pop(model, None)
     return {"id": model, "object": "model", "deleted": True}
