@@ -62,8 +62,13 @@ def cmd_train(args) -> int:
     try:
         if args.auto_resume:  # a restarted pod: continue when there is a checkpoint, else start over
             from phitune.checkpoint import list_checkpoints
+            from phitune.recipes.sft import replaceable
 
             has = bool(list_checkpoints(Path(cfg.output_dir) / "checkpoints"))
+            if not has and not replaceable(Path(cfg.output_dir)):
+                raise PhituneError(f"{cfg.output_dir}: --auto-resume found no checkpoint there, and the directory holds "
+                                   "files that are not a phitune run of this output_dir, so it is left alone; choose "
+                                   "another output_dir or empty this one")
             result = train(cfg, resume=has, overwrite=not has)
         else:
             result = train(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -239,7 +244,14 @@ def cmd_k8s(args) -> int:
 def _serve_settings(args):
     from phitune.serve.settings import Settings, parse_models
 
-    return Settings(storage=Path(args.storage), db_url=args.db or "", models=parse_models(args.model),
+    models = parse_models(args.model)
+    for name in args.trust_remote_code or []:
+        if name not in models:
+            raise PhituneError(f"--trust-remote-code {name}: not a served model; give the NAME of a --model NAME=PATH "
+                               f"(served: {', '.join(models) or 'none'})")
+    if args.max_upload_mb <= 0:
+        raise PhituneError(f"--max-upload-mb {args.max_upload_mb}: must be > 0")
+    return Settings(storage=Path(args.storage), db_url=args.db or "", models=models, trusted=list(args.trust_remote_code or []),
                     max_upload_bytes=int(args.max_upload_mb * 2**20), stale_seconds=args.stale_seconds)
 
 
@@ -302,7 +314,7 @@ def cmd_worker(args) -> int:
 def cmd_keys_create(args) -> int:
     import secrets
 
-    from phitune.serve.app import hash_key, key_id
+    from phitune.serve.deps import hash_key, key_id
     from phitune.serve.db import ApiKey, connect
 
     if not args.org or not all(c.isalnum() or c in "-_" for c in args.org) or len(args.org) > 64:
@@ -326,7 +338,7 @@ def cmd_keys_list(args) -> int:
 
     from sqlalchemy import select
 
-    from phitune.serve.app import key_id
+    from phitune.serve.deps import key_id
     from phitune.serve.db import ApiKey, connect
 
     _, sessions, _ = connect(_serve_settings(args).db_url)
@@ -343,7 +355,7 @@ def cmd_keys_revoke(args) -> int:
     within 5 s."""
     from sqlalchemy import delete, select
 
-    from phitune.serve.app import hash_key, key_id
+    from phitune.serve.deps import hash_key, key_id
     from phitune.serve.db import ApiKey, connect
 
     ident = key_id(hash_key(args.key)) if args.key.startswith("sk-") else args.key.lower()
@@ -581,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--storage", default="serve-data", help="directory for the database, files and job runs")
         parser.add_argument("--db", help="database URL (default: SQLite in --storage), e.g. postgresql://user:pw@host/db")
         parser.add_argument("--model", action="append", metavar="NAME=PATH", help="a base model to serve (repeatable)")
+        parser.add_argument("--trust-remote-code", action="append", metavar="NAME",
+                            help="let served model NAME run the modelling code in its directory, for training and chat "
+                                 "(repeatable; a job can never ask for it)")
         parser.add_argument("--max-upload-mb", type=float, default=512, help="largest accepted upload (default 512)")
         parser.add_argument("--stale-seconds", type=float, default=30,
                             help="re-queue a running job whose worker sent no heartbeat for this long (default 30)")

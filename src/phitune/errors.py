@@ -13,3 +13,7 @@ class PhituneError(Exception):
         if not self.problems:
             return head
         return head + "\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+    def one_line(self) -> str:
+        """The message and its problems on one line (for an API error or a job's error)."""
+        return "; ".join([super().__str__(), *self.problems])

@@ -50,7 +50,7 @@ def read_rows(path: str | Path) -> tuple[list[Row], list[str]]:
 
 def _jsonl(path: Path) -> tuple[list[Row], list[str]]:
     rows, problems = [], []
-    with open(path, encoding="utf-8", errors="strict") as f:
+    with open(path, encoding="utf-8-sig", errors="strict") as f:  # -sig: a byte-order mark (Windows editors) is not data
         try:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -66,7 +66,7 @@ def _jsonl(path: Path) -> tuple[list[Row], list[str]]:
 
 def _json(path: Path) -> tuple[list[Row], list[str]]:
     """A JSON array of objects (or {"data": [...]}); each element keeps the line it starts on."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     try:
         whole = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -96,7 +96,7 @@ def _json(path: Path) -> tuple[list[Row], list[str]]:
 def _csv(path: Path) -> tuple[list[Row], list[str]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     rows, problems = [], []
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
         try:
             header = next(reader)

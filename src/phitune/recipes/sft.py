@@ -84,6 +84,21 @@ def prepare_output_dir(cfg: Config, *, resume: bool, overwrite: bool, is_main: b
     return None
 
 
+def replaceable(out: Path) -> bool:
+    """Whether `--auto-resume` may start `out` over: it is missing or empty, or it holds a phitune
+    run whose saved config names this same output_dir. Anything else is somebody's data."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return True
+    saved = out / "config.yaml"
+    try:
+        import yaml
+
+        named = yaml.safe_load(saved.read_text()).get("output_dir")
+        return Path(named).resolve() == out.resolve()
+    except (OSError, AttributeError, TypeError, ValueError):
+        return False
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     flat = {}
     for k, v in d.items():

@@ -10,64 +10,26 @@ or more copies of this app (`app_from_env`) in processes of their own."""
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import os
-import time
 from contextlib import asynccontextmanager
-from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from sqlalchemy import select
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from phitune.errors import PhituneError
-from phitune.serve.db import ApiKey, connect
-from phitune.serve.errors import ApiError
+from phitune.serve.db import connect
+from phitune.serve.errors import ApiError, validation_message
 from phitune.serve.settings import Settings
 
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+log = logging.getLogger("phitune.serve")
 
 
-def key_id(key_hash: str) -> str:
-    """How `phitune keys` names a key without showing it: the start of its hash."""
-    return key_hash[:12]
-
-
-async def organization(request: Request) -> str:
-    """The caller's organization from `Authorization: Bearer <key>`. With no key at all, a
-    loopback server lets every caller in as the organization `local`; a server on another
-    address never does (its last key may have been revoked)."""
-    state = request.app.state
-    header = request.headers.get("authorization", "")
-    key = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    orgs = _key_orgs(state)  # read first: a request without a key must not meet an empty cache
-    org = orgs.get(hash_key(key)) if key else None
-    if org is None and not orgs and state.settings.open_when_keyless:
-        return "local"
-    if org is None:
-        raise ApiError(401, "Incorrect API key provided." if key else "Missing API key: send Authorization: Bearer <key>.",
-                       code="invalid_api_key")
-    return org
-
-
-KEYS_TTL = 5.0  # seconds a key table read is reused: keys created or revoked by `phitune keys` count within this
-
-
-def _key_orgs(state) -> dict[str, str]:
-    """key hash -> organization, re-read at most every KEYS_TTL seconds (not once per request)."""
-    if time.monotonic() - state.keys_read_at > KEYS_TTL:
-        with state.reads() as db:
-            state.key_orgs = dict(db.execute(select(ApiKey.key_hash, ApiKey.org)).all())
-        state.keys_read_at = time.monotonic()
-    return state.key_orgs
-
-
-Org = Annotated[str, Depends(organization)]
-
-
+API_PREFIX = "/v1"
 SETTINGS_ENV = "PHITUNE_SERVE_SETTINGS"  # how `serve_api` hands the settings to its API processes
 
 
@@ -94,24 +56,84 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.chat_cache = {}
     app.state.key_orgs, app.state.keys_read_at = {}, float("-inf")
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception):  # a bug: still OpenAI's shape (uvicorn logs the traceback)
-        return JSONResponse(ApiError(500, f"internal error ({type(exc).__name__}); the server log has the details").body(),
-                            status_code=500)
+    @app.exception_handler(StarletteHTTPException)  # ApiError, and Starlette's own 404 / 405
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc, ApiError):
+            return JSONResponse(exc.body(), status_code=exc.status_code)
+        headers = {}
+        if exc.status_code == 405:
+            allowed = _allowed_methods(routers, request.url.path)
+            headers["Allow"] = ", ".join(allowed)
+            message = f"{request.method} is not allowed on {request.url.path}; use {' or '.join(allowed)}"
+        elif exc.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path} (the API is under /v1; see /docs)"
+        else:
+            message = str(exc.detail)
+        return JSONResponse(ApiError(exc.status_code, message).body(), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return JSONResponse(ApiError(400, f"{param}: {first.get('msg', 'invalid request')}", param=param).body(), status_code=400)
+        param, message = validation_message(exc.errors())
+        return JSONResponse(ApiError(400, message, param=param).body(), status_code=400)
 
-    for module in (files, jobs, models, chat):
-        app.include_router(module.router, prefix="/v1")
+    app.add_middleware(_Unexpected)
+    routers = [module.router for module in (files, jobs, models, chat)]
+    for router in routers:
+        app.include_router(router, prefix=API_PREFIX)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+class _Unexpected:
+    """A bug answered as a 500 in OpenAI's shape, logged, and not raised further: uvicorn closes
+    the connection of a request whose app raised, so the client's next request on that keep-alive
+    connection would be reset (Starlette's catch-all handler re-raises)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:  # noqa: BLE001 - the one place a bug becomes a response
+            log.exception("unexpected error in %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            body = ApiError(500, f"internal error ({type(exc).__name__}); the server log has the details").body()
+            await JSONResponse(body, status_code=500)(scope, receive, send)
+
+
+def _allowed_methods(routers, path: str) -> list[str]:
+    """Every method some route takes on this path (Starlette's 405 names only the first route's)."""
+    methods: set[str] = set()
+    scope = {"type": "http", "path": path.removeprefix(API_PREFIX), "root_path": "", "method": "GET"}
+    for router in routers:
+        for route in router.routes:
+            if route.matches(scope)[0] != Match.NONE:
+                methods |= set(route.methods)
+    return sorted(methods - {"HEAD"})
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema without its 422 (this API answers a bad request with 400 in OpenAI's shape)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path in schema["paths"].values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def listen(host: str, port: int):

@@ -1,10 +1,19 @@
 """A job's request -> a phitune training config (the same strict schema as the CLI), and the
-"auto" hyperparameters chosen from the dataset size."""
+"auto" hyperparameters chosen from the dataset size.
+
+The server builds every path and trust decision itself; a tenant's options (`serve/options.py`)
+only fill in training choices. `build_config` checks the result once more against the server's
+own values before anything runs, whatever the job row holds."""
 
 from __future__ import annotations
 
 import math
 
+from pydantic import ValidationError
+
+from phitune.errors import PhituneError
+from phitune.serve.errors import validation_message
+from phitune.serve.options import tenant_options
 from phitune.serve.settings import Settings
 
 BASE_LR = {"full": 2e-5}  # the learning rate a multiplier of 1.0 means; adapters: 2e-4
@@ -28,31 +37,63 @@ def choose_hyperparameters(asked: dict, n_examples: int) -> dict:
     return out
 
 
+def options(job) -> dict:
+    """The job's phitune options, checked against the allow-list again (a row may predate it)."""
+    try:
+        return tenant_options(job.phitune)
+    except ValidationError as exc:
+        raise PhituneError(validation_message([{**e, "loc": ("body", "phitune", *e["loc"])} for e in exc.errors()])[1]) from None
+
+
+def server_owned(settings: Settings, job) -> dict:
+    """The config keys only the server sets, for this job."""
+    return {"model": {"name_or_path": settings.models[job.model], "trust_remote_code": job.model in settings.trusted},
+            "data": {"train": str(settings.file_path(job.training_file)),
+                     "validation": str(settings.file_path(job.validation_file)) if job.validation_file else None},
+            "output_dir": str(settings.run_dir(job.id))}
+
+
 def raw_config(settings: Settings, job, hyper: dict) -> dict:
-    method = (job.phitune or {}).get("method", {}).get("name", "lora")
-    raw = {"model": settings.models[job.model],
-           "method": {"name": "lora"},
-           "data": {"train": str(settings.file_path(job.training_file)), "format": "auto"},
+    asked = options(job)
+    method = asked.get("method", {}).get("name", "lora")
+    owned = server_owned(settings, job)
+    raw = {"model": owned["model"], "method": {"name": "lora"},
+           "data": {"train": owned["data"]["train"], "format": "auto"},
            "training": {"epochs": hyper["n_epochs"], "batch_size": hyper["batch_size"], "seed": job.seed,
                         "learning_rate": BASE_LR.get(method, 2e-4) * hyper["learning_rate_multiplier"],
                         "log_every": 1, "save_every": 10, "save_total_limit": None},
-           "output_dir": str(settings.run_dir(job.id))}
+           "output_dir": owned["output_dir"]}
     if job.validation_file:
-        raw["data"]["validation"] = str(settings.file_path(job.validation_file))
+        raw["data"]["validation"] = owned["data"]["validation"]
         raw["training"]["eval_every"] = 10
     if job.method.get("type") == "dpo":
         raw["method"] |= {"objective": "dpo", "beta": hyper.get("beta", 0.1)}
-    raw = merge(raw, dict(job.phitune or {}))
-    lr = (job.phitune or {}).get("training", {}).get("learning_rate")
+    raw = merge(raw, asked)
+    lr = asked.get("training", {}).get("learning_rate")
     if lr is not None:  # phitune's own learning rate is the base the multiplier scales
         raw["training"]["learning_rate"] = lr * hyper["learning_rate_multiplier"]
     return raw
 
 
 def build_config(settings: Settings, job, hyper: dict):
-    from phitune.config import parse_config
+    """The checked config a job runs with; a PhituneError if it cannot run (or if anything the
+    server owns came out different from what the server set)."""
+    from phitune.config import DistributedConfig, parse_config
 
-    return parse_config(raw_config(settings, job, hyper))
+    cfg = parse_config(raw_config(settings, job, hyper), source="job")
+    owned = server_owned(settings, job)
+    found = {"model.name_or_path": cfg.model.name_or_path, "model.trust_remote_code": cfg.model.trust_remote_code,
+             "model.tokenizer": cfg.model.tokenizer, "model.revision": cfg.model.revision,
+             "data.train": cfg.data.train, "data.validation": cfg.data.validation, "output_dir": cfg.output_dir,
+             "distributed": cfg.distributed.model_dump()}
+    expected = {"model.name_or_path": owned["model"]["name_or_path"], "model.trust_remote_code": owned["model"]["trust_remote_code"],
+                "model.tokenizer": None, "model.revision": None, "data.train": owned["data"]["train"],
+                "data.validation": owned["data"]["validation"], "output_dir": owned["output_dir"],
+                "distributed": DistributedConfig().model_dump()}
+    wrong = [key for key in expected if found[key] != expected[key]]
+    if wrong:
+        raise PhituneError(f"job {job.id}: {', '.join(wrong)} differ from what the server sets; the job is refused")
+    return cfg
 
 
 def fine_tuned_name(job, org: str) -> str:

@@ -17,6 +17,7 @@ class Settings:
     storage: Path
     db_url: str = ""
     models: dict[str, str] = field(default_factory=dict)  # served base model id -> local path or hub id
+    trusted: list[str] = field(default_factory=list)  # served model ids whose own modelling code may run
     max_upload_bytes: int = 512 * 2**20
     poll_seconds: float = 0.5  # how often a worker looks for work and at its running job
     stale_seconds: float = 30.0  # a running job whose worker sent no heartbeat for this long is re-queued

@@ -28,7 +28,8 @@ from sqlalchemy import func, select, update
 
 from phitune.errors import PhituneError
 from phitune.serve.db import Checkpoint, Event, File, Job, add_event, new_id, now
-from phitune.serve.jobconfig import build_config, choose_hyperparameters, fine_tuned_name, raw_config
+from phitune.config import dump_config
+from phitune.serve.jobconfig import build_config, choose_hyperparameters, fine_tuned_name
 from phitune.serve.settings import Settings
 
 log = logging.getLogger("phitune")
@@ -59,7 +60,13 @@ class Worker:
             return True
         job = self.claim("queued", "running")
         if job is not None:
-            self.execute(job, stop)
+            try:
+                self.execute(job, stop)
+            except Exception as exc:  # noqa: BLE001 - whatever went wrong, the job ends failed with the reason
+                log.exception("job %s failed in the worker", job.id)
+                reason = exc.one_line() if isinstance(exc, PhituneError) else f"{type(exc).__name__}: {exc}"
+                self.finish(job.id, "failed", error={"code": "training_failed", "message": reason[:500], "param": None},
+                            message=f"Training failed: {reason[:500]}")
             return True
         return False
 
@@ -81,6 +88,14 @@ class Worker:
             stale = list(db.scalars(select(Job).where(Job.status.in_(("running", "validating_files")),
                                                       Job.worker.is_not(None), Job.heartbeat < limit)))
             for job in stale:
+                if job.requested in ("cancel", "pause"):  # what the caller asked for wins over a re-queue
+                    status = "cancelled" if job.requested == "cancel" else "paused"
+                    moved = db.execute(update(Job).where(Job.id == job.id, Job.heartbeat == job.heartbeat).values(
+                        status=status, worker=None, requested=None, finished_at=now() if status == "cancelled" else None))
+                    if moved.rowcount == 1:
+                        add_event(db, job.id, "The job was cancelled" if status == "cancelled" else
+                                  "The job was paused; resume continues from its last checkpoint")
+                    continue
                 moved = db.execute(update(Job).where(Job.id == job.id, Job.heartbeat == job.heartbeat)
                                    .values(status="queued" if job.status == "running" else "validating_files",
                                            worker=None, requested=None))
@@ -120,7 +135,7 @@ class Worker:
                                        message=f"{param} {file_id} is invalid: {problems[0]}")
                 counts[param] = len(split.samples)
         except PhituneError as exc:
-            message = shown("; ".join([str(exc)] + list(getattr(exc, "problems", []) or [])))
+            message = shown(exc.one_line())
             return self.finish(job.id, "failed", error={"code": "invalid_training_file", "message": message,
                                                         "param": "training_file"}, message=message)
         chosen = choose_hyperparameters(job.hyperparameters, counts["training_file"])
@@ -138,8 +153,8 @@ class Worker:
     def execute(self, job: Job, stop: threading.Event | None) -> None:
         folder = self.settings.job_dir(job.id)
         folder.mkdir(parents=True, exist_ok=True)
-        raw = raw_config(self.settings, job, job.hyperparameters)
-        (folder / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        cfg = build_config(self.settings, job, job.hyperparameters)  # checked against the server's paths again
+        (folder / "config.yaml").write_text(dump_config(cfg))
         name = fine_tuned_name(job, job.org)
         with self.sessions() as db:
             add_event(db, job.id, f"Fine-tuning job started on {self.name}")
@@ -177,7 +192,10 @@ class Worker:
             reason = _last_error(folder / "train.log")
             return self.finish(job.id, "failed", error={"code": "training_failed", "message": reason, "param": None},
                                message=f"Training failed: {reason}")
-        run = json.loads((folder / "run" / "run.json").read_text())
+        summary = self.settings.run_dir(job.id) / "run.json"
+        if not summary.is_file():
+            raise PhituneError(f"the training run ended without writing {summary.name}")
+        run = json.loads(summary.read_text())
         result = self.result_file(job, folder)
         self.finish(job.id, "succeeded", message="The job has successfully completed", fine_tuned_model=name,
                     trained_tokens=run.get("trained_tokens"), result_files=[result], estimated_finish=None)

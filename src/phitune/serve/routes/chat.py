@@ -17,43 +17,47 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from phitune.errors import PhituneError
-from phitune.serve.app import Org
+from phitune.serve import schemas
 from phitune.serve.db import Checkpoint, Job, new_id
+from phitune.serve.deps import Org
 from phitune.serve.errors import ApiError, not_found
+from phitune.serve.schemas import ChatRequest
 
 router = APIRouter(tags=["chat"])
 _LOAD_LOCK = threading.Lock()
 
 
-def resolve(request: Request, org: str, model: str) -> tuple[str, str | None]:
-    """(base model path, adapter dir or None) for a model id the caller may use."""
+def resolve(request: Request, org: str, model: str) -> tuple[str, str | None, bool]:
+    """(base model path, adapter dir or None, whether the base's own code may run) for a model id
+    the caller may use."""
     settings = request.app.state.settings
     if model in settings.models:
-        return settings.models[model], None
+        return settings.models[model], None, model in settings.trusted
     if model.startswith("ft:"):
         with request.app.state.reads() as db:
             job = db.execute(select(Job.id, Job.model).where(Job.org == org, Job.fine_tuned_model == model,
                                                              Job.model_deleted.is_(False))).first()
             if job is not None:
                 run = settings.run_dir(job.id)
+                trusted = job.model in settings.trusted
                 if (run / "model").is_dir():
-                    return str(run / "model"), None
-                return settings.models[job.model], str(run / "adapter")
+                    return str(run / "model"), None, trusted
+                return settings.models[job.model], str(run / "adapter"), trusted
             ck = db.execute(select(Job.id, Job.model, Checkpoint.step).join(Job, Job.id == Checkpoint.job_id)
                             .where(Job.org == org, Checkpoint.model_name == model, Checkpoint.deleted.is_(False))).first()
             if ck is not None:
                 adapter = settings.run_dir(ck.id) / "checkpoints" / f"step-{ck.step:06d}" / "adapter"
-                return settings.models[ck.model], str(adapter)
+                return settings.models[ck.model], str(adapter), ck.model in settings.trusted
     raise not_found("model", model, "model")
 
 
 class Served:
     """A base model in memory with the adapters loaded onto it so far."""
 
-    def __init__(self, base: str):
+    def __init__(self, base: str, trusted: bool = False):
         from phitune.models import load_for_inference
 
-        self.model, self.tokenizer = load_for_inference(base, safetensors_only=True)
+        self.model, self.tokenizer = load_for_inference(base, safetensors_only=True, trust_remote_code=trusted)
         self.lock = threading.Lock()
         self.adapters: set[str] = set()
 
@@ -75,50 +79,38 @@ class Served:
         return contextlib.nullcontext()
 
 
-def served(request: Request, base: str) -> Served:
+def served(request: Request, base: str, trusted: bool) -> Served:
     cache = request.app.state.chat_cache
     with _LOAD_LOCK:
         if base not in cache:
             try:
-                cache[base] = Served(base)
+                cache[base] = Served(base, trusted)
             except PhituneError as exc:  # the server's own --model is broken: say which and why
                 raise ApiError(500, str(exc), code="model_load_failed") from None
         return cache[base]
 
 
-def _check(body: dict) -> dict:
-    """The generation options of a chat request, checked: messages, max_tokens, temperature,
-    top_p, stop, seed."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant", "developer")
-            and isinstance(m.get("content"), str) for m in messages):
-        raise ApiError(400, "messages: a non-empty list of {role: system|user|assistant, content: string}", param="messages")
-    limit = body.get("max_completion_tokens", body.get("max_tokens")) or 256
-    if not isinstance(limit, int) or not 1 <= limit <= 4096:
-        raise ApiError(400, "max_tokens: an integer in 1..4096", param="max_tokens")
-    temperature, top_p = _number(body, "temperature", 0, 2), _number(body, "top_p", 0, 1)
-    if top_p == 0:
-        raise ApiError(400, "top_p: a number in (0, 1]", param="top_p")
-    if body.get("n", 1) != 1:
-        raise ApiError(400, "n: only 1 is supported", param="n")
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop or []
-    if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
-        raise ApiError(400, "stop: a string or a list of at most 4 non-empty strings", param="stop")
-    clean = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
-    seed = body.get("seed") if isinstance(body.get("seed"), int) else 0
-    return {"messages": clean, "max_new_tokens": limit, "temperature": temperature, "top_p": top_p, "seed": seed,
-            "stop": stop}
+def _options(body: ChatRequest) -> dict:
+    """The generation options of a checked chat request."""
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    clean = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
+    limit = body.max_completion_tokens or body.max_tokens or 256
+    return {"messages": clean, "max_new_tokens": limit, "temperature": 1.0 if body.temperature is None else body.temperature,
+            "top_p": 1.0 if body.top_p is None else body.top_p, "seed": body.seed or 0, "stop": stop}
 
 
-def _number(body: dict, key: str, lo: float, hi: float) -> float:
-    value = body.get(key)
-    if value is None:
-        return 1.0
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ApiError(400, f"{key}: a number in {lo}..{hi}", param=key)
-    return float(value)
+def _fit(target: "Served", options: dict, model_id: str) -> None:
+    """Refuse a prompt the model has no positions for; shorten max_tokens to what is left."""
+    from phitune.generate import prompt_ids
+
+    positions = getattr(target.model.config, "max_position_embeddings", None)
+    n = len(prompt_ids(target.tokenizer, options["messages"]))
+    if positions and n >= positions:
+        raise ApiError(400, f"messages: the prompt is {n} tokens; model '{model_id}' takes at most {positions} "
+                       "(prompt and reply together); shorten the conversation", param="messages",
+                       code="context_length_exceeded")
+    if positions:
+        options["max_new_tokens"] = min(options["max_new_tokens"], positions - n)
 
 
 def until_stop(pieces, stops: list[str]):
@@ -145,28 +137,27 @@ def until_stop(pieces, stops: list[str]):
         pieces.close()
 
 
-@router.post("/chat/completions")
-async def chat_completions(request: Request, org: Org):
-    try:
-        body = await request.json()
-    except ValueError:
-        raise ApiError(400, "the request body must be JSON") from None
-    model_id = body.get("model") if isinstance(body, dict) else None
-    if not isinstance(model_id, str):
-        raise ApiError(400, "model: required", param="model")
-    options = _check(body)
-    base, adapter = resolve(request, org, model_id)
+CHAT_RESPONSES = {200: {"description": "a chat.completion, or with `stream: true` server-sent chat.completion.chunk "
+                        "events ending in `data: [DONE]`",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}}}, **schemas.errors(400, 401, 404, 500)}
+
+
+@router.post("/chat/completions", response_model=schemas.ChatCompletion, responses=CHAT_RESPONSES)
+async def chat_completions(body: ChatRequest, request: Request, org: Org):
+    options = _options(body)
+    base, adapter, trusted = resolve(request, org, body.model)
     if adapter and not (Path(adapter) / "adapter_model.safetensors").is_file():  # never a pickle (.bin) on this path
-        raise ApiError(404, f"model '{model_id}': its weights are gone from storage", param="model")
+        raise ApiError(404, f"model '{body.model}': its weights are gone from storage", param="model")
     import anyio
 
-    target = await anyio.to_thread.run_sync(served, request, base)  # the first request loads the base: seconds
+    target = await anyio.to_thread.run_sync(served, request, base, trusted)  # the first request loads the base: seconds
+    _fit(target, options, body.model)
     completion_id, created = new_id("chatcmpl"), int(time.time())
-    if body.get("stream"):
-        return StreamingResponse(_stream(target, adapter, options, model_id, completion_id, created),
+    if body.stream:
+        return StreamingResponse(_stream(target, adapter, options, body.model, completion_id, created),
                                  media_type="text/event-stream")
     text, prompt_tokens, completion_tokens, finish = await anyio.to_thread.run_sync(_generate, target, adapter, options)
-    return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
+    return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                          "logprobs": None}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

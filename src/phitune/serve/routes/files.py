@@ -3,14 +3,18 @@ the uploaded name is shown back but never becomes a path."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Form, Request, UploadFile
+from typing import Literal
+
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 from sqlalchemy import bindparam, select
 
-from phitune.serve.app import Org
+from phitune.serve import schemas
 from phitune.serve.db import File, first, new_id
+from phitune.serve.deps import Org, Reads, ServerSettings, Sessions
 from phitune.serve.errors import ApiError, not_found
 from phitune.serve.listing import page
+from phitune.serve.upload import Upload
 
 router = APIRouter(tags=["files"])
 PURPOSES = ("fine-tune", "fine-tune-results")
@@ -32,60 +36,55 @@ def get_file(db, org: str, file_id: str, param: str | None = None) -> File:
     return f
 
 
-@router.post("/files")
-async def create_file(request: Request, org: Org, file: UploadFile, purpose: str = Form(...)) -> dict:
-    settings = request.app.state.settings
-    if purpose not in UPLOADABLE:
-        raise ApiError(400, f"purpose '{purpose}': this server accepts {', '.join(UPLOADABLE)}", param="purpose")
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": list(UPLOADABLE)}}}}}}}
+
+
+@router.post("/files", response_model=schemas.FileObject, responses=schemas.errors(400, 401, 413), openapi_extra=UPLOAD_BODY)
+async def create_file(request: Request, org: Org, settings: ServerSettings) -> dict:
+    """Upload a file (multipart: `file`, `purpose`). Read as it arrives: refused at the limit."""
     file_id = new_id("file")
-    path = settings.file_path(file_id, purpose)
-    size = 0
-    try:
-        with path.open("wb") as out:
-            while chunk := await file.read(1 << 20):
-                size += len(chunk)
-                if size > settings.max_upload_bytes:
-                    raise ApiError(413, f"file larger than the limit of {settings.max_upload_bytes} bytes", param="file")
-                out.write(chunk)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    name = (file.filename or "upload.jsonl").replace("\\", "/").rsplit("/", 1)[-1][:255] or "upload.jsonl"
+    upload = await Upload(settings.file_path(file_id, "fine-tune"), settings.max_upload_bytes).read(request)
+    purpose = upload.fields.get("purpose")
+    if purpose not in UPLOADABLE:
+        upload.path.unlink(missing_ok=True)
+        raise ApiError(400, f"purpose {purpose!r}: this server accepts {', '.join(UPLOADABLE)}", param="purpose")
     with request.app.state.sessions() as db:
-        row = File(id=file_id, org=org, filename=name, purpose=purpose, bytes=size)
+        row = File(id=file_id, org=org, filename=upload.shown_name(), purpose=purpose, bytes=upload.size)
         db.add(row)
         db.commit()
         return render(row)
 
 
-@router.get("/files")
-async def list_files(request: Request, org: Org, purpose: str | None = None, after: str | None = None, limit: int = 10000,
-               order: str = "desc") -> dict:
-    if order not in ("asc", "desc"):
-        raise ApiError(400, f"order '{order}': use asc or desc", param="order")
+@router.get("/files", response_model=schemas.FileList, responses=schemas.errors(400, 401))
+async def list_files(org: Org, reads: Reads, purpose: str | None = None, after: str | None = None,
+                     limit: int = Query(10000, ge=1, le=10000), order: Literal["asc", "desc"] = "desc") -> dict:
     where = [File.org == org, File.deleted.is_(False)] + ([File.purpose == purpose] if purpose else [])
-    with request.app.state.reads() as db:
+    with reads() as db:
         return page(db, File, where, after=after, limit=limit, newest_first=order == "desc", render=render)
 
 
-@router.get("/files/{file_id}")
-async def retrieve_file(request: Request, org: Org, file_id: str) -> dict:
-    with request.app.state.reads() as db:
+@router.get("/files/{file_id}", response_model=schemas.FileObject, responses=schemas.errors(401, 404))
+async def retrieve_file(org: Org, reads: Reads, file_id: str) -> dict:
+    with reads() as db:
         return render(get_file(db, org, file_id))
 
 
-@router.get("/files/{file_id}/content")
-async def file_content(request: Request, org: Org, file_id: str):
-    with request.app.state.reads() as db:
+@router.get("/files/{file_id}/content", response_class=FileResponse, responses={
+    200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+          "description": "the file's bytes"}, **schemas.errors(401, 404)})
+async def file_content(org: Org, reads: Reads, settings: ServerSettings, file_id: str):
+    with reads() as db:
         f = get_file(db, org, file_id)
-    return FileResponse(request.app.state.settings.file_path(f.id, f.purpose), media_type="application/octet-stream")
+    return FileResponse(settings.file_path(f.id, f.purpose), media_type="application/octet-stream")
 
 
-@router.delete("/files/{file_id}")
-def delete_file(request: Request, org: Org, file_id: str) -> dict:
-    with request.app.state.sessions() as db:
+@router.delete("/files/{file_id}", response_model=schemas.Deleted, responses=schemas.errors(401, 404))
+def delete_file(org: Org, sessions: Sessions, settings: ServerSettings, file_id: str) -> dict:
+    with sessions() as db:
         f = get_file(db, org, file_id)
         f.deleted = True
         db.commit()
-    request.app.state.settings.file_path(file_id, f.purpose).unlink(missing_ok=True)
+    settings.file_path(file_id, f.purpose).unlink(missing_ok=True)
     return {"id": file_id, "object": "file", "deleted": True}

@@ -6,7 +6,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from sqlalchemy import bindparam, func, select
 
-from phitune.serve.app import Org
+from phitune.serve import schemas
+from phitune.serve.deps import Org
 from phitune.serve.db import Checkpoint, Job
 from phitune.serve.errors import ApiError, not_found
 
@@ -28,12 +29,12 @@ def catalogue(request: Request, org: str) -> list[dict]:
     return out
 
 
-@router.get("/models")
+@router.get("/models", response_model=schemas.ModelList, responses=schemas.errors(401))
 async def list_models(request: Request, org: Org) -> dict:
     return {"object": "list", "data": catalogue(request, org)}
 
 
-@router.get("/models/{model:path}")
+@router.get("/models/{model:path}", response_model=schemas.Model, responses=schemas.errors(401, 404))
 async def retrieve_model(request: Request, org: Org, model: str) -> dict:
     for m in catalogue(request, org):
         if m["id"] == model:
@@ -41,7 +42,7 @@ async def retrieve_model(request: Request, org: Org, model: str) -> dict:
     raise not_found("model", model)
 
 
-@router.delete("/models/{model:path}")
+@router.delete("/models/{model:path}", response_model=schemas.Deleted, responses=schemas.errors(400, 401, 404))
 def delete_model(request: Request, org: Org, model: str) -> dict:
     if not model.startswith("ft:"):
         if model in request.app.state.settings.models:
