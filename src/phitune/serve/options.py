@@ -96,7 +96,7 @@ def _refuse_other_keys(section: str, allowed: tuple[str, ...]):
 
 
 class _Options(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def _section_model(section: str) -> type[BaseModel]:

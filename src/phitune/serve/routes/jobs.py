@@ -23,6 +23,7 @@ from phitune.serve.routes.files import get_file
 from phitune.serve.schemas import JobCreate, Method
 
 router = APIRouter(tags=["fine_tuning"])
+JOB_OUT = {"response_model": schemas.Job, "response_model_exclude_unset": True}  # a supervised job shows no beta
 
 
 def render(job: Job) -> dict:
@@ -64,7 +65,7 @@ def _hyperparameters(body: JobCreate) -> tuple[str, dict]:
     return kind, asked
 
 
-@router.post("/fine_tuning/jobs", response_model=schemas.Job, responses=schemas.errors(400, 401, 404))
+@router.post("/fine_tuning/jobs", **JOB_OUT, responses=schemas.errors(400, 401, 404))
 def create_job(body: JobCreate, org: Org, settings: ServerSettings, sessions: Sessions) -> dict:
     from phitune.serve.jobconfig import build_config, choose_hyperparameters
 
@@ -97,7 +98,8 @@ def create_job(body: JobCreate, org: Org, settings: ServerSettings, sessions: Se
         return render(job)
 
 
-@router.get("/fine_tuning/jobs", response_model=schemas.JobList, responses=schemas.errors(400, 401))
+@router.get("/fine_tuning/jobs", response_model=schemas.JobList, response_model_exclude_unset=True,
+            responses=schemas.errors(400, 401))
 async def list_jobs(request: Request, org: Org, reads: Reads, after: str | None = None,
                     limit: int = Query(20, ge=1, le=10000)) -> dict:
     where = [Job.org == org]
@@ -108,7 +110,7 @@ async def list_jobs(request: Request, org: Org, reads: Reads, after: str | None 
         return page(db, Job, where, after=after, limit=limit, newest_first=True, render=render)
 
 
-@router.get("/fine_tuning/jobs/{job_id}", response_model=schemas.Job, responses=schemas.errors(401, 404))
+@router.get("/fine_tuning/jobs/{job_id}", **JOB_OUT, responses=schemas.errors(401, 404))
 async def retrieve_job(org: Org, reads: Reads, job_id: str) -> dict:
     with reads() as db:
         return render(get_job(db, org, job_id))
@@ -117,7 +119,7 @@ async def retrieve_job(org: Org, reads: Reads, job_id: str) -> dict:
 FINAL = ("succeeded", "failed", "cancelled")
 
 
-@router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=schemas.Job, responses=schemas.errors(400, 401, 404))
+@router.post("/fine_tuning/jobs/{job_id}/cancel", **JOB_OUT, responses=schemas.errors(400, 401, 404))
 def cancel_job(org: Org, sessions: Sessions, job_id: str) -> dict:
     with sessions() as db:
         job = get_job(db, org, job_id)
@@ -132,7 +134,7 @@ def cancel_job(org: Org, sessions: Sessions, job_id: str) -> dict:
         return render(job)
 
 
-@router.post("/fine_tuning/jobs/{job_id}/pause", response_model=schemas.Job, responses=schemas.errors(400, 401, 404))
+@router.post("/fine_tuning/jobs/{job_id}/pause", **JOB_OUT, responses=schemas.errors(400, 401, 404))
 def pause_job(org: Org, sessions: Sessions, job_id: str) -> dict:
     with sessions() as db:
         job = get_job(db, org, job_id)
@@ -147,7 +149,7 @@ def pause_job(org: Org, sessions: Sessions, job_id: str) -> dict:
         return render(job)
 
 
-@router.post("/fine_tuning/jobs/{job_id}/resume", response_model=schemas.Job, responses=schemas.errors(400, 401, 404))
+@router.post("/fine_tuning/jobs/{job_id}/resume", **JOB_OUT, responses=schemas.errors(400, 401, 404))
 def resume_job(org: Org, sessions: Sessions, job_id: str) -> dict:
     with sessions() as db:
         job = get_job(db, org, job_id)
