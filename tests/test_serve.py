@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -43,8 +44,8 @@ def database(storage) -> list[str]:
 
 
 class Server:
-    def __init__(self, storage, model, *extra):
-        self.storage, self.model, self.extra = storage, model, extra
+    def __init__(self, storage, model, *extra, env: dict | None = None):
+        self.storage, self.model, self.extra, self.env = storage, model, extra, env
         self.db = database(storage)
         self.proc = None
 
@@ -53,7 +54,7 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "phitune", "serve", "--storage", str(self.storage),
                                       "--model", f"tiny={self.model}", "--port", str(self.port), "--stale-seconds", "3",
                                       *self.db, *self.extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
+                                     start_new_session=True, env={**os.environ, **(self.env or {})})
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
@@ -426,3 +427,153 @@ def test_several_workers_never_run_one_job(tiny_phi3, tmp_path, train_file):
             os.killpg(w.pid, signal.SIGKILL)
             w.wait()
         server.stop()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _stream_upload(port: int, total: int, *, chunked: bool) -> tuple[int, dict, float]:
+    """POST a multipart upload of `total` file bytes; (status, error body, MiB sent before the answer)."""
+    import http.client
+
+    head = (b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n--b\r\n'
+            b'Content-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n')
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.putrequest("POST", "/v1/files")
+    conn.putheader("Content-Type", "multipart/form-data; boundary=b")
+    conn.putheader(*(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(len(head) + total + 8))))
+    conn.endheaders()
+    block, sent = b"x" * 2**16, 0
+    try:
+        conn.send((b"%x\r\n%s\r\n" % (len(head), head)) if chunked else head)
+        while sent < total:
+            conn.send((b"%x\r\n%s\r\n" % (len(block), block)) if chunked else block)
+            sent += len(block)
+    except OSError:  # the server may stop reading
+        pass
+    response = conn.getresponse()
+    return response.status, json.loads(response.read()), sent / 2**20
+
+
+def test_an_upload_past_the_limit_is_never_stored(tiny_phi3, tmp_path):
+    """300 MiB against a 2 MB limit, with and without Content-Length: refused with a 413, nothing
+    past the limit is written (storage or temporary files, watched while it streams), and the API
+    process's memory stays flat."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    server = Server(tmp_path / "s", tiny_phi3, "--max-upload-mb", "2", "--no-worker", env={"TMPDIR": str(temp)}).start()
+    try:
+        api = _children(server.proc.pid)
+        assert api, "no API process found"
+        before = max(_peak_rss_mb(p) for p in api)
+        largest, watching = [0], [True]
+
+        def watch():
+            while watching[0]:
+                for folder in (temp, server.storage / "files"):
+                    for f in folder.rglob("*"):
+                        try:
+                            largest[0] = max(largest[0], f.stat().st_size)
+                        except OSError:
+                            pass
+                time.sleep(0.005)
+
+        import threading
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            for chunked in (True, False):
+                status, body, _ = _stream_upload(server.port, 300 * 2**20, chunked=chunked)
+                assert status == 413 and body["error"]["code"] == "file_too_large", body
+        finally:
+            watching[0] = False
+            watcher.join()
+        assert largest[0] <= 2 * 2**20, largest[0]
+        assert list((server.storage / "files").iterdir()) == [] and list(temp.rglob("*")) == []
+        assert max(_peak_rss_mb(p) for p in api) - before < 64  # MB: nothing of the 300 MiB was held
+        assert server.client().files.list().data == []
+        # Just under the limit is accepted, and arrives whole.
+        small = tmp_path / "ok.jsonl"
+        small.write_bytes((json.dumps({"text": "y" * 1000}) + "\n").encode() * 2000)  # ~2.0 MB, under 2 MiB
+        f = server.client().files.create(file=small.open("rb"), purpose="fine-tune")
+        assert f.bytes == small.stat().st_size and server.client().files.content(f.id).content == small.read_bytes()
+    finally:
+        server.stop()
+
+
+def test_the_connection_survives_an_error(server):
+    """Errors are answered on a keep-alive connection that stays open for the next request."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.connect()
+    local = conn.sock.getsockname()
+    requests = [("POST", "/v1/fine_tuning/jobs", b'{"model": ["tiny"]}', 400), ("GET", "/v1/models", None, 200),
+                ("POST", "/v1/fine_tuning/jobs", b'{"hyperparameters": 5}', 400), ("GET", "/v1/nowhere", None, 404),
+                ("DELETE", "/v1/fine_tuning/jobs", None, 405), ("POST", "/v1/chat/completions", b"{bad", 400),
+                ("GET", "/v1/files", None, 200)] * 3
+    for method, path, body, status in requests:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == status and "error" in json.loads(response.read()) or status == 200, (method, path)
+        assert conn.sock is not None and conn.sock.getsockname() == local, f"connection closed after {method} {path}"
+    conn.close()
+
+
+def test_an_unexpected_error_keeps_the_connection(tmp_path):
+    """A bug inside a route is a 500 in OpenAI's shape, and uvicorn keeps the connection (it closes
+    it when the app raises, which Starlette's own catch-all does)."""
+    import http.client
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    from phitune.serve.app import _Unexpected
+
+    app = FastAPI()
+    app.add_middleware(_Unexpected)
+
+    @app.get("/boom")
+    def boom():
+        raise RuntimeError("a bug")
+
+    @app.get("/fine")
+    def fine():
+        return {"ok": True}
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    _until(lambda: server.started, timeout=30)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.connect()
+        local = conn.sock.getsockname()
+        for path, status in (("/boom", 500), ("/fine", 200), ("/boom", 500), ("/fine", 200)):
+            conn.request("GET", path)
+            response = conn.getresponse()
+            body = json.loads(response.read())
+            assert response.status == status and (status == 200 or body["error"]["type"] == "server_error")
+            assert conn.sock is not None and conn.sock.getsockname() == local
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
