@@ -16,7 +16,7 @@ from pydantic import BaseModel  # noqa: E402
 
 from phitune.config import _SECTIONS, Config  # noqa: E402
 from phitune.serve.app import create_app  # noqa: E402
-from phitune.serve.db import ApiKey, Job, connect  # noqa: E402
+from phitune.serve.db import ApiKey, Job  # noqa: E402
 from phitune.serve.deps import hash_key  # noqa: E402
 from phitune.serve.options import SERVER_OWNED, TENANT, allowed_keys, classify  # noqa: E402
 from phitune.serve.settings import Settings  # noqa: E402
@@ -106,7 +106,6 @@ def test_a_tenant_key_is_accepted_and_reaches_the_config(service, tmp_path):
                                                             "data": {"max_length": 128}, "training": {"warmup_steps": 2}})
     assert r.status_code == 200, r.text
     with service["app"].state.sessions() as db:
-        job = db.get(Job, r.json()["id"]) if hasattr(db, "get") else None
         job = db.query(Job).filter(Job.id == r.json()["id"]).one()
         cfg = build_config(service["settings"], job, {"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 1.0})
     s = service["settings"]
@@ -318,3 +317,15 @@ def test_a_trusted_model_is_the_servers_choice(service):
     hyper = {"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 1.0}
     assert build_config(settings, job, hyper).model.trust_remote_code is True
     assert build_config(service["settings"], job, hyper).model.trust_remote_code is False
+
+
+def test_the_readme_lists_exactly_the_job_options():
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    table = text.split("<!-- tenant-options -->")[1].split("<!-- /tenant-options -->")[0]
+    listed = {}
+    for line in table.strip().splitlines()[2:]:
+        section, keys = [c.strip() for c in line.strip("|").split("|")]
+        listed[section.strip("`")] = tuple(k.strip() for k in keys.split(","))
+    assert listed == TENANT

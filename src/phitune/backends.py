@@ -68,19 +68,30 @@ class TorchBackend:
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        worker = threading.Thread(target=self._generate, kwargs=kwargs, daemon=True)
+        failed: list[BaseException] = []
+        worker = threading.Thread(target=self._generate, args=(failed,), kwargs=kwargs, daemon=True)
         worker.start()
         try:
             yield from streamer
         finally:
             cancel.set()
             worker.join()
+        if failed:
+            from phitune.errors import PhituneError
 
-    def _generate(self, **kwargs) -> None:
+            raise PhituneError(f"generation failed: {type(failed[0]).__name__}: {failed[0]}") from failed[0]
+
+    def _generate(self, failed: list, **kwargs) -> None:
+        """generate() in the streaming thread; an error ends the stream (else the reader waits
+        for text forever) and is raised again by `stream`."""
         import torch
 
-        with torch.no_grad():
-            self.model.generate(**kwargs)
+        try:
+            with torch.no_grad():
+                self.model.generate(**kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
+            failed.append(exc)
+            kwargs["streamer"].end()
 
 
 class OnnxBackend:

@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from phitune.argtypes import Parser, non_negative_float, positive_int
 from phitune.errors import PhituneError
 
 EXIT_USAGE = 2
@@ -42,7 +43,7 @@ def _quiet_libraries(debug: bool) -> None:
 
 def cmd_train(args) -> int:
     from phitune.config import load_config
-    from phitune.recipes.sft import train
+    from phitune.sources import check_source
 
     overrides = list(args.set or [])
     for flag, key in (("model", "model.name_or_path"), ("method", "method.name"), ("train_file", "data.train"),
@@ -51,6 +52,8 @@ def cmd_train(args) -> int:
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(args.config, overrides)  # checked here, before any process is started
+    check_source(cfg.model.name_or_path)  # in a second, not after the hub's retries
+    from phitune.recipes.sft import train
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         from phitune.distributed import check_batch, resolve_strategy
 
@@ -131,6 +134,9 @@ def cmd_merge(args) -> int:
 def cmd_generate(args) -> int:
     from phitune.backends import complete, open_backend
 
+    from phitune.sources import check_source
+
+    check_source(args.model, "model")  # before torch is imported: a typo is answered at once
     backend = open_backend(args.model, backend=args.backend, adapter=args.adapter)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
     print(complete(backend, messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature))
@@ -168,6 +174,9 @@ def cmd_chat(args) -> int:
     forgets the conversation, /exit or end of input ends."""
     from phitune.backends import open_backend
 
+    from phitune.sources import check_source
+
+    check_source(args.model, "model")  # before torch is imported: a typo is answered at once
     backend = open_backend(args.model, backend=args.backend, adapter=args.adapter)
     interactive = sys.stdin.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -495,13 +504,13 @@ def cmd_config_reference(args) -> int:
 
 
 def _scoring_options(parser) -> None:
-    parser.add_argument("--limit", type=int, help="score only the first N examples")
-    parser.add_argument("--batch-size", type=int, default=16, help="examples per forward / generate call (default 16)")
-    parser.add_argument("--max-new-tokens", type=int, help="answer length limit (default: longest reference + room)")
+    parser.add_argument("--limit", type=positive_int, help="score only the first N examples")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="examples per forward / generate call (default 16)")
+    parser.add_argument("--max-new-tokens", type=positive_int, help="answer length limit (default: longest reference + room)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="phitune", description="Fine-tune small language models (Phi-3 family first).")
+    p = Parser(prog="phitune", description="Fine-tune small language models (Phi-3 family first).")
     p.add_argument("--debug", action="store_true", help="show library logs and full tracebacks")
     # The deepspeed launcher puts --local_rank before the command; torchrun and accelerate use LOCAL_RANK.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -515,12 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-file", help="= --set data.train=...")
     t.add_argument("--validation-file", help="= --set data.validation=...")
     t.add_argument("--output-dir", help="= --set output_dir=...")
-    t.add_argument("--max-steps", type=int, help="= --set training.max_steps=...")
+    t.add_argument("--max-steps", type=positive_int, help="= --set training.max_steps=...")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     t.add_argument("--auto-resume", action="store_true",
                    help="continue from the latest checkpoint if there is one, else start over (for restarted pods)")
     t.add_argument("--overwrite", action="store_true", help="replace a previous run in output_dir")
-    t.add_argument("--nproc", type=int, help="start N processes on this machine (data parallel / DeepSpeed, see distributed.*)")
+    t.add_argument("--nproc", type=positive_int, help="start N processes on this machine (data parallel / DeepSpeed, see distributed.*)")
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("create-model", help="build a small UNTRAINED model + locally trained tokenizer")
@@ -546,8 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adapter", help="torch: a PEFT adapter dir to apply; onnx: an adapter NAME of a multi-LoRA export")
     g.add_argument("--prompt", required=True, help="the user message")
     g.add_argument("--system", help="optional system message")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=64)
+    g.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--backend", choices=["torch", "onnx"], help="default: onnx for an exported model, else torch")
     g.set_defaults(func=cmd_generate)
 
@@ -556,8 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--adapter", help="torch: a PEFT adapter dir to apply; onnx: an adapter NAME of a multi-LoRA export")
     ch.add_argument("--backend", choices=["torch", "onnx"], help="default: onnx for an exported model, else torch")
     ch.add_argument("--system", help="system message")
-    ch.add_argument("--max-new-tokens", type=int, default=256)
-    ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ch.add_argument("--max-new-tokens", type=positive_int, default=256)
+    ch.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
     ch.set_defaults(func=cmd_chat)
 
     kt = sub.add_parser("kaito", help="a KAITO Workspace + ConfigMap that fine-tune a KAITO preset with this config")
@@ -580,8 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     ks.add_argument("--output", required=True, help="directory for pytorchjob.yaml and configmap.yaml")
     ks.add_argument("--image", required=True, help="container image with phitune installed (pip install 'phitune[all]')")
     ks.add_argument("--name", default="phitune-train", help="job name (DNS label)")
-    ks.add_argument("--nodes", type=int, default=1)
-    ks.add_argument("--gpus-per-node", type=int, default=1)
+    ks.add_argument("--nodes", type=positive_int, default=1)
+    ks.add_argument("--gpus-per-node", type=positive_int, default=1)
     ks.add_argument("--data-pvc", help="PersistentVolumeClaim holding the data files (mounted at /data)")
     ks.add_argument("--output-pvc", help="PersistentVolumeClaim for output_dir (mounted at /mnt/output)")
     ks.add_argument("--namespace")
@@ -605,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--no-worker", action="store_true", help="API only; run `phitune worker` processes instead")
-    sv.add_argument("--api-processes", type=int, default=1,
+    sv.add_argument("--api-processes", type=positive_int, default=1,
                     help="API processes sharing the port (default 1); more serve more clients at once, and each "
                          "loads its own copy of a model it chats with")
     sv.set_defaults(func=cmd_serve)
@@ -650,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--arch", default="phi3")
     d.add_argument("--preset", default="tiny")
     d.add_argument("--data-dir", default="examples/data")
-    d.add_argument("--max-steps", type=int, default=None)
+    d.add_argument("--max-steps", type=positive_int, default=None)
     d.set_defaults(func=cmd_demo)
 
     dp = sub.add_parser("data", help="check data files")
@@ -660,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--format", choices=["auto", "chat", "prompt_completion", "alpaca", "sharegpt", "text", "template", "preference"])
     v.add_argument("--task", help="task preset: classification, ner, translation, qa, creative, chat, domain")
     v.add_argument("--model", help="model dir or hub id whose tokenizer counts tokens")
-    v.add_argument("--max-length", type=int, help="report examples longer than this (default 1024)")
+    v.add_argument("--max-length", type=positive_int, help="report examples longer than this (default 1024)")
     v.add_argument("--template", help="format template: the pattern, e.g. '### Text: {phrase}\\n### Tone: {tone}'")
     v.add_argument("--completion-field", help="format template: the field where the completion starts")
     v.add_argument("--config", help="take data, task and model settings from a training config")
@@ -727,6 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    Parser.argv = argv
     args = parser.parse_args(argv)
     args.argv = argv
     if not getattr(args, "func", None):

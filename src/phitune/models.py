@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from phitune.config import Config, MethodConfig, ModelConfig, looks_local
+from phitune.sources import check_source
 from phitune.errors import PhituneError
 
 log = logging.getLogger("phitune")
@@ -60,6 +61,7 @@ def load_tokenizer(model_cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     name = model_cfg.tokenizer or model_cfg.name_or_path
+    check_source(name, "model.tokenizer" if model_cfg.tokenizer else "model.name_or_path")
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -307,7 +309,11 @@ def load_for_inference(model_path: str, adapter: str | None = None, *, dtype: to
     from transformers import AutoTokenizer
 
     if adapter is None:
+        check_source(str(model_path), "model")
         model_path, adapter = resolve_trained(model_path)
+    check_source(str(model_path), "model")
+    if adapter:
+        check_source(str(adapter), "--adapter")
     if head == "causal":
         refuse_classifier(adapter or model_path)
     tok_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
