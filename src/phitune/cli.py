@@ -28,14 +28,8 @@ def _quiet_libraries(debug: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars too
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported: not imported here (1 s)
 
 
 # --- verbs --------------------------------------------------------------------------------
@@ -45,13 +39,14 @@ def cmd_train(args) -> int:
     from phitune.config import load_config
     from phitune.sources import check_source
 
-    overrides = list(args.set or [])
+    overrides, flags = list(args.set or []), {}
     for flag, key in (("model", "model.name_or_path"), ("method", "method.name"), ("train_file", "data.train"),
                       ("validation_file", "data.validation"), ("output_dir", "output_dir"), ("max_steps", "training.max_steps")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
-    cfg = load_config(args.config, overrides)  # checked here, before any process is started
+            flags[overrides[-1]] = f"--{flag.replace('_', '-')} {value}"
+    cfg = load_config(args.config, overrides, flags=flags)  # checked here, before any process is started
     check_source(cfg.model.name_or_path)  # in a second, not after the hub's retries
     from phitune.recipes.sft import train
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
@@ -401,14 +396,24 @@ def cmd_data_validate(args) -> int:
     else:
         from pydantic import ValidationError
 
+        from phitune.config import apply_overrides
+
+        flags = {"data": {k: v for k, v in {"train": args.file, "format": args.format, "max_length": args.max_length,
+                                              "template": args.template, "completion_field": args.completion_field}.items()
+                          if v is not None}, "task": {"name": args.task or "none"}}
+        raw = apply_overrides(json.loads(json.dumps(flags)), args.set or [])
+        other = sorted(set(raw) - {"data", "task"})
+        if other:
+            raise PhituneError(f"--set {other[0]}...: without --config only data.* and task.* keys apply here")
         try:
-            data_cfg = DataConfig(train=args.file, format=args.format or "auto", max_length=args.max_length or 1024,
-                                  template=args.template, completion_field=args.completion_field)
-            task_cfg = TaskConfig(name=args.task or "none")
+            data_cfg, task_cfg = DataConfig(**raw["data"]), TaskConfig(**raw["task"])
         except ValidationError as exc:
             err = exc.errors()[0]
-            flag = {"name": "task"}.get(str(err["loc"][0]), str(err["loc"][0])).replace("_", "-")
-            raise PhituneError(f"--{flag}: {err['msg'][:1].lower()}{err['msg'][1:]} (got {err.get('input')!r})") from None
+            key = ".".join(str(p) for p in err["loc"])
+            section = "task" if exc.title == "TaskConfig" else "data"
+            given = flags[section].get(key) == err.get("input") and key in flags[section]
+            source = f"--{ {'name': 'task'}.get(key, key).replace('_', '-')}" if given else f"--set {section}.{key}"
+            raise PhituneError(f"{source}: {err['msg'][:1].lower()}{err['msg'][1:]} (got {err.get('input')!r})") from None
         model_cfg = None
     if args.model:
         from phitune.config import ModelConfig

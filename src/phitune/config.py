@@ -97,6 +97,10 @@ class DataConfig(_Section):
     )
     system: Optional[str] = Field(None, description="System message added to examples that have none.")
     max_length: int = Field(1024, gt=8, description="Tokens per example (or per packed sequence); longer examples are truncated (and counted).")
+    max_dropped: float = Field(
+        0.5, ge=0, le=1, description="Refuse to train when more than this fraction of the training examples has nothing "
+        "left to train within max_length (they are dropped); 1 trains on what is left whatever the loss."
+    )
     packing: Literal["auto", "on", "off"] = Field(
         "auto", description="Pack several examples into one sequence (positions restart per example, attention never "
         "crosses examples). auto: on for raw text (format text / task domain), else length-grouped batches."
@@ -259,8 +263,10 @@ def _format_error(err: dict, section: str | None) -> tuple[str, str]:
     return path, f"{err['msg'][:1].lower()}{err['msg'][1:]} (got {shown})"
 
 
-def parse_config(raw: Any, *, source: str = "config", text: str | None = None) -> Config:
-    """Validate a raw mapping; raise one PhituneError listing every problem."""
+def parse_config(raw: Any, *, source: str = "config", text: str | None = None,
+                 given: dict[str, str] | None = None) -> Config:
+    """Validate a raw mapping; raise one PhituneError listing every problem. `given`: key path ->
+    the command-line flag that set it (`--set training.learning_rate=x`), named instead of the file."""
     if not isinstance(raw, dict):
         raise PhituneError(f"{source}: expected a mapping of sections (model, method, data, task, training, distributed, output_dir), got {type(raw).__name__}")
     raw = _expand_shorthands(raw)
@@ -268,6 +274,9 @@ def parse_config(raw: Any, *, source: str = "config", text: str | None = None) -
     problems: list[str] = []
 
     def where(path: str) -> str:
+        flag = next((given[p] for p in _prefixes(path) if p in (given or {})), None)
+        if flag:
+            return f"{flag}: {path}"
         line = lines.get(path)
         return f"{source}:{line}: {path}" if line else f"{source}: {path}"
 
@@ -297,6 +306,12 @@ def parse_config(raw: Any, *, source: str = "config", text: str | None = None) -
         n = len(problems)
         raise PhituneError(f"{source}: {n} problem{'s' if n > 1 else ''} in the configuration", problems=problems)
     return Config(**sections, **({"output_dir": raw["output_dir"]} if "output_dir" in raw else {}))
+
+
+def _prefixes(path: str) -> list[str]:
+    """training.learning_rate -> [training.learning_rate, training]: a flag may have set either."""
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
 # What an evaluation during training can report (training.best_metric picks one).
@@ -448,7 +463,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
+                flags: dict[str, str] | None = None) -> Config:
+    """The config file with `overrides` (section.key=value) applied; a problem in an override names
+    the flag it came from (`flags`: override -> how it was typed, default `--set KEY=VALUE`)."""
     raw: dict = {}
     text = None
     source = "command line"
@@ -465,7 +483,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             where = f"{p}:{mark.line + 1}" if mark else str(p)
             raise PhituneError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)}); fix the syntax at that line") from None
     raw = apply_overrides(raw, overrides or [])
-    return parse_config(raw, source=source, text=text)
+    given = {item.split("=", 1)[0].strip(): (flags or {}).get(item, f"--set {item}") for item in overrides or [] if "=" in item}
+    return parse_config(raw, source=source, text=text, given=given)
 
 
 def dump_config(cfg: Config) -> str:

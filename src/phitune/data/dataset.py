@@ -8,6 +8,8 @@ report; `phitune train` runs the same code first and stops on errors before load
 
 from __future__ import annotations
 
+import math
+
 import random
 import statistics
 from collections import Counter
@@ -17,7 +19,7 @@ from phitune.data.leakage import Leakage, find_leakage, whole_key
 from phitune.data.formats import FORMATS, Chat, FormatOptions, Labelled, Plain, Preference, Tagged, detect_format
 from phitune.data.packing import pack_stream, pack_whole
 from phitune.data.readers import read_rows
-from phitune.data.tasks import PRESETS, TASK_FORMATS, TaskSpec, make_spec
+from phitune.data.tasks import PRESETS, TASK_FORMATS, TaskSpec, make_spec, missing_columns
 from phitune.data.tokenize import tokenize_sample
 from phitune.errors import PhituneError
 
@@ -74,6 +76,10 @@ def read_split(path: str, data_cfg, task_cfg, spec: TaskSpec | None = None) -> t
     if spec is None:
         spec = make_spec(task_cfg, rows, opts)
     split = Split(str(path), name, errors=errors)
+    absent = missing_columns(name, spec, rows, str(path)) if name in PRESETS else None
+    if absent:
+        split.errors.append(absent)
+        return split, spec
     for row in rows:
         if name in PRESETS:
             sample, problems = PRESETS[name](row.value, row.where, spec, opts)
@@ -133,6 +139,27 @@ def tokenize_split(split: Split, tokenizer, max_length: int, spec: TaskSpec) -> 
     if split.dropped:
         split.warnings.append(f"{split.path}: {len(split.dropped)} example(s) have nothing left to train within "
                               f"data.max_length={max_length} and are dropped (first: {split.dropped[0]}); raise data.max_length")
+
+
+LOUD = 0.10  # truncated or dropped beyond this fraction: a warning with the numbers, not an info line
+
+
+def length_problem(split: Split, max_length: int, max_dropped: float) -> tuple[str | None, bool]:
+    """(a warning about what data.max_length cuts, whether to refuse the run) for a tokenized
+    split: loud past LOUD of the examples, refused when more than `max_dropped` are dropped."""
+    n = len(split.full_lengths)
+    if not n:
+        return None, False
+    cut, dropped = split.truncated, len(split.dropped)
+    if (cut + dropped) / n <= LOUD:
+        return None, False
+    keeps = sorted(split.full_lengths)[max(0, math.ceil(0.99 * n) - 1)]
+    message = (f"{split.path}: data.max_length={max_length} truncates {cut} of {n} examples ({cut / n:.0%}) and drops "
+               f"{dropped} ({dropped / n:.0%}) with nothing left to train; data.max_length={keeps} would keep 99% whole")
+    refuse = dropped / n > max_dropped
+    if refuse:
+        message += f" (more than data.max_dropped={max_dropped:g} dropped: raise max_length, or set data.max_dropped to train anyway)"
+    return message, refuse
 
 
 def statistics_of(split: Split, spec: TaskSpec) -> dict:

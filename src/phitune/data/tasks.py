@@ -21,6 +21,9 @@ FIELDS = {
     "qa": ("question", "context", "answer"),
     "creative": ("prompt", "text"),
 }
+# The columns a preset cannot do without (NER: either form).
+REQUIRED = {"classification": (("text", "label"),), "ner": (("tokens", "tags"), ("text", "entities")),
+            "translation": (("source", "target"),), "qa": (("question", "answer"),), "creative": (("prompt", "text"),)}
 INSTRUCTIONS = {
     "classification": "Classify the text.",
     "ner": "Extract the named entities from the text as a JSON list of {\"text\", \"type\"} objects, in order of appearance.",
@@ -231,6 +234,42 @@ def bio_entities(tokens: list[str], tags: list[str]) -> list[tuple[list[str], st
         elif tag.startswith("I-") and out:
             out[-1][0].append(tok)
     return out
+
+
+def missing_columns(name: str, spec: TaskSpec, rows: list, path: str) -> str | None:
+    """One problem for a file in which no row has a column the preset needs (instead of the same
+    error on every row), naming the file's columns and the `task.fields` mapping that fixes it."""
+    columns = list(dict.fromkeys(k for r in rows if isinstance(r.value, dict) for k in r.value))
+    if not columns:
+        return None
+    gaps = [[f for f in alt if _col(spec, f) not in columns] for alt in REQUIRED[name]]
+    if any(not gap for gap in gaps):
+        return None
+    gap = min(gaps, key=len)
+    unused = [c for c in columns if c not in {_col(spec, f) for f in FIELDS[name]}]
+    mapping = ", ".join(f"{f}: {_closest_column(f, unused)}" for f in gap)
+    missing = " and ".join(f"'{_col(spec, f)}'" for f in gap)
+    return (f"{path}: no row has the column{'s' * (len(gap) > 1)} {missing} that the {name} preset reads; the file's "
+            f"columns are {', '.join(columns)}: rename {'them' if len(gap) > 1 else 'it'} or map yours with "
+            f"task.fields: {{{mapping}}}")
+
+
+# Column names datasets use for a preset's fields (the closest column when names differ).
+SYNONYMS = {"label": ("sentiment", "class", "category", "labels", "target", "y", "intent", "topic", "rating"),
+            "text": ("sentence", "review", "content", "document", "input", "body", "comment", "tweet", "utterance"),
+            "source": ("src", "en", "english", "input"), "target": ("tgt", "translation", "output"),
+            "question": ("query", "q", "prompt"), "answer": ("answers", "a", "response", "output")}
+
+
+def _closest_column(field_name: str, columns: list[str]) -> str:
+    import difflib
+
+    lowered = {c.lower(): c for c in columns}
+    for synonym in SYNONYMS.get(field_name, ()):
+        if synonym in lowered:
+            return lowered[synonym]
+    close = difflib.get_close_matches(field_name, columns, n=1, cutoff=0.6)
+    return close[0] if close else "<column>"
 
 
 def _required(row, where: str, spec: TaskSpec, example: str, fields: tuple[str, ...]) -> list[str]:

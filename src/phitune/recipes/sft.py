@@ -25,7 +25,7 @@ from phitune.checkpoint import TrainState, list_checkpoints, load_checkpoint, sa
 from phitune.config import Config, dump_config
 from phitune.data.batching import epoch_batches, split_micro
 from phitune.distributed import DeepSpeedEngine, FsdpEngine, PlainEngine, peak_memory_mb, run_deepspeed_config, start
-from phitune.data.dataset import TrainData, load_training_data, statistics_of
+from phitune.data.dataset import TrainData, length_problem, load_training_data, statistics_of
 from phitune.errors import PhituneError
 from phitune.evaluate import scoring
 from phitune.generate import complete_batch
@@ -125,6 +125,11 @@ def load_data(cfg: Config, tokenizer) -> TrainData:
             log.warning("%s: %d example(s) truncated to data.max_length=%d, %d dropped with nothing left to train, "
                         "%d exact duplicate(s)%s", name, split.truncated, cfg.data.max_length, len(split.dropped),
                         split.duplicates, " removed" if name == "train" and cfg.data.dedupe else "")
+    message, refuse = length_problem(data.train, cfg.data.max_length, cfg.data.max_dropped)
+    if refuse:
+        raise PhituneError(message)
+    if message:
+        log.warning("WARNING: %s", message)
     if data.leakage and (warning := data.leakage.warning(data.train.path)):
         log.warning("%s", warning)
     if data.packed:

@@ -40,7 +40,7 @@ SERVER_OWNED: dict[str, str] = {
 TENANT: dict[str, tuple[str, ...]] = {
     "method": ("name", "r", "alpha", "dropout", "target_modules", "modules_to_save", "use_rslora", "init", "quant_type",
                "double_quant", "compute_dtype", "num_virtual_tokens", "prompt_init_text"),
-    "data": ("format", "template", "completion_field", "chat_template", "system", "max_length", "packing",
+    "data": ("format", "template", "completion_field", "chat_template", "system", "max_length", "max_dropped", "packing",
              "validation_split", "subset", "dedupe"),
     "task": ("name", "head", "labels", "instruction", "source_language", "target_language", "fields"),
     "training": ("learning_rate", "gradient_accumulation_steps", "lr_scheduler", "warmup_steps", "warmup_ratio",
