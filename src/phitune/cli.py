@@ -29,6 +29,8 @@ def _quiet_libraries(debug: bool) -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars too
+    if not any(Path(d).exists() for d in ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns on every import that it found no GPU
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported: not imported here (1 s)
 
 
@@ -764,7 +766,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print("phitune: interrupted; resume with --resume if checkpoints were saved", file=sys.stderr)
+        hint = "; resume with --resume if checkpoints were saved" if getattr(args, "command", None) == "train" else ""
+        print(f"phitune: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if args.debug:

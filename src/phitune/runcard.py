@@ -40,7 +40,9 @@ def write_run_card(out: Path, cfg: Config, summary: dict) -> None:
     )
     lines += ["", "## Load it", "", load, "", "## Files", "",
               f"- `{artifact}/`: the {'PEFT adapter' if artifact == 'adapter' else 'fine-tuned model'} with its tokenizer",
-              "- `metrics.jsonl`: one line per logged step", "- `checkpoints/`: resumable checkpoints (`phitune train CONFIG --resume`)",
+              "- `metrics.jsonl`: one line per logged step",
+              *(["- `checkpoints/`: resumable checkpoints (`phitune train CONFIG --resume`)"]
+                if (out / "checkpoints").is_dir() else []),
               "- `config.yaml`: the resolved configuration", "- `run.json`: the numbers above, machine-readable",
               "", "## Configuration", "", "```yaml", dump_config(cfg).rstrip(), "```", ""]
     (out / "README.md").write_text("\n".join(lines))

@@ -246,8 +246,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     model = apply_method(model, cfg, tokenizer, head=head)
     weights = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                "weight_memory_mb": round(model.get_memory_footprint() / 2**20, 1)}
-    log.info("%s: %s trainable parameters, %.0f MB of weights%s", cfg.method.name, f"{weights['trainable_parameters']:,}",
-             weights["weight_memory_mb"], f"; {runtime.world} processes, {runtime.strategy}" if runtime.parallel or runtime.strategy == "deepspeed" else "")
+    log.info("%s: %s trainable parameters, %s MB of weights%s", cfg.method.name, f"{weights['trainable_parameters']:,}",
+             f"{weights['weight_memory_mb']:.2g}" if weights["weight_memory_mb"] < 10 else f"{weights['weight_memory_mb']:.0f}", f"; {runtime.world} processes, {runtime.strategy}" if runtime.parallel or runtime.strategy == "deepspeed" else "")
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     steps = total_steps(cfg, len(data.train_examples))
