@@ -29,7 +29,8 @@ def test_unreachable_hub_id(tmp_path, chat_files):
     proc = subprocess.run([sys.executable, "-m", "phitune", "train", str(cfg)], capture_output=True, text=True,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "model.name_or_path: could not load hub id 'nobody-here/no-such-model'" in proc.stderr
+    assert "model.name_or_path: 'nobody-here/no-such-model' is not a directory here, and the hub" in proc.stderr
+    assert "HF_HUB_OFFLINE is set" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_unknown_method_and_bad_hyperparameter(tmp_path, tiny_phi3, chat_files, capsys):

@@ -50,6 +50,7 @@ class Server:
         self.proc = None
 
     def start(self) -> "Server":
+        STARTED.append(self)
         self.port = _free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", "phitune", "serve", "--storage", str(self.storage),
                                       "--model", f"tiny={self.model}", "--port", str(self.port), "--stale-seconds", "3",
@@ -82,11 +83,60 @@ class Server:
                 self.kill()
 
 
+STARTED: list[Server] = []  # every server a test started, stopped by the fixtures below whatever the outcome
+
+
 @pytest.fixture(scope="module")
 def server(tiny_phi3, tmp_path_factory):
     s = Server(tmp_path_factory.mktemp("serve"), tiny_phi3).start()
     yield s
     s.stop()
+
+
+@pytest.fixture(autouse=True)
+def _cleanup():
+    """After each test: servers it started are stopped, and jobs it left running on the shared
+    server are cancelled (a long job must not hold the only worker for the next test)."""
+    before = len(STARTED)
+    yield
+    for s in STARTED[before:]:
+        s.stop()
+    del STARTED[before:]
+    for s in STARTED:
+        if s.proc and s.proc.poll() is None:
+            c = s.client()
+            for job in c.fine_tuning.jobs.list(limit=100).data:
+                if job.status not in ("succeeded", "failed", "cancelled"):
+                    c.fine_tuning.jobs.cancel(job.id)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_leftover_processes(tmp_path_factory):
+    """At the end of the module no `phitune serve` / `phitune worker` started on this session's
+    temporary storage is still running (they are killed, and the module fails, if one is)."""
+    yield
+    for s in STARTED:
+        s.stop()
+    base = str(tmp_path_factory.getbasetemp())
+    left = [pid for pid, cmd in _phitune_processes() if base in cmd]
+    for pid in left:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    assert not left, f"processes left running after the service tests: {left}"
+
+
+def _phitune_processes() -> list[tuple[int, str]]:
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmd = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "-m phitune serve" in cmd or "-m phitune worker" in cmd or "-m phitune train" in cmd:
+            out.append((int(cmdline.parent.name), cmd))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -577,3 +627,19 @@ def test_an_unexpected_error_keeps_the_connection(tmp_path):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_broken_file_fails_while_a_long_job_trains(server, train_file, tmp_path):
+    """File validation has a lane of its own: it does not wait behind a running job."""
+    c = server.client()
+    f = c.files.create(file=train_file.open("rb"), purpose="fine-tune")
+    long = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, extra_body=FAST,
+                                     method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50}}})
+    _until(lambda: c.fine_tuning.jobs.retrieve(long.id).status == "running")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    bf = c.files.create(file=broken.open("rb"), purpose="fine-tune")
+    asked = time.time()
+    job = _wait(c, c.fine_tuning.jobs.create(model="tiny", training_file=bf.id).id, timeout=60)
+    assert job.status == "failed" and job.error.code == "invalid_training_file" and time.time() - asked < 15
+    assert c.fine_tuning.jobs.retrieve(long.id).status == "running"  # still training: cancelled by the cleanup fixture

@@ -43,20 +43,35 @@ class Worker:
     # --- the loop -------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
+        """Training jobs one at a time; file validation on a lane of its own, so a broken file
+        fails in seconds even while a long job trains."""
+        lane = threading.Thread(target=self._loop, args=(stop, self.validate_next), daemon=True, name="phitune-validate")
+        lane.start()
+        self._loop(stop, lambda: self.step(stop, validate=False))
+        lane.join(timeout=30)
+
+    def _loop(self, stop: threading.Event, work) -> None:
         while not stop.is_set():
             try:
-                busy = self.step(stop)
+                busy = work()
             except Exception:  # noqa: BLE001 - a worker outlives one bad job; the job records why
                 log.exception("worker step failed")
                 busy = False
             if not busy:
                 stop.wait(self.settings.poll_seconds)
 
-    def step(self, stop: threading.Event | None = None) -> bool:
-        self.requeue_stale()
+    def validate_next(self) -> bool:
         job = self.claim("validating_files", "validating_files")
-        if job is not None:
-            self.validate(job)
+        if job is None:
+            return False
+        self.validate(job)
+        return True
+
+    def step(self, stop: threading.Event | None = None, *, validate: bool = True) -> bool:
+        """One unit of work: re-queue stale jobs, then validate one job's files (unless the
+        validation lane does that) or run one queued job to its end."""
+        self.requeue_stale()
+        if validate and self.validate_next():
             return True
         job = self.claim("queued", "running")
         if job is not None:

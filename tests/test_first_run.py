@@ -1,0 +1,114 @@
+"""What a new user meets first (issue 18): a failing generation ends instead of hanging, nonsense
+options are refused at once, a typo'd path is answered in a second, a missing CSV column is one
+error with the fix, max_length cuts are loud, and errors name the flag a value came from."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import REPO, run_cli, write_config
+
+ONE_LINE = 1  # an error is one line on stderr
+
+
+def _phitune(*args, cwd=None, env=None, timeout=60):
+    proc = subprocess.run([sys.executable, "-m", "phitune", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})}, timeout=timeout, stdin=subprocess.DEVNULL)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def test_an_error_inside_generation_ends_the_stream(tiny_phi3):
+    """generate() raising in the streaming thread used to leave the reader waiting forever."""
+    from phitune.backends import TorchBackend
+    from phitune.errors import PhituneError
+    from phitune.models import load_for_inference
+
+    backend = TorchBackend(*load_for_inference(str(tiny_phi3)))
+    outcome = []
+
+    def read():
+        try:
+            outcome.append("".join(backend.stream([{"role": "user", "content": "hi"}], max_new_tokens=0)))
+        except PhituneError as exc:
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "the stream hangs after generate() raised"
+    assert isinstance(outcome[0], PhituneError) and "generation failed" in str(outcome[0])
+
+
+@pytest.mark.parametrize("args", [("generate", "M", "--prompt", "hi", "--max-new-tokens", "0"),
+                                  ("generate", "M", "--prompt", "hi", "--max-new-tokens", "-3"),
+                                  ("chat", "M", "--max-new-tokens", "0"), ("chat", "M", "--temperature", "-1"),
+                                  ("generate", "M", "--prompt", "hi", "--temperature", "nan"),
+                                  ("eval", "M", "--data", "x.jsonl", "--limit", "0")])
+def test_nonsense_options_are_refused_in_one_line(tiny_phi3, args):
+    proc = _phitune(*[str(tiny_phi3) if a == "M" else a for a in args], timeout=30)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == ONE_LINE and "must be" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("path,suggested", [("models/does-not-exist", None), ("./models/does-not-exist", None),
+                                            ("runs/lora-suport", "runs/lora-support")])
+def test_a_typo_in_a_model_path_is_answered_at_once(tmp_path, path, suggested):
+    (tmp_path / "models" / "tiny-phi3").mkdir(parents=True)
+    (tmp_path / "runs" / "lora-support").mkdir(parents=True)
+    for env in ({}, {"HF_HUB_OFFLINE": "1"}):
+        started = time.time()
+        proc = _phitune("generate", path, "--prompt", "hi", cwd=tmp_path, env=env, timeout=60)
+        took = time.time() - started
+        assert proc.returncode == 2 and "is not a directory here" in proc.stderr and "check the path" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and took < 2.5, (took, proc.stderr)
+        assert (suggested in proc.stderr) if suggested else "did you mean" not in proc.stderr
+
+
+def test_a_typo_in_train_is_answered_before_loading(tmp_path, chat_files):
+    (tmp_path / "models" / "tiny-phi3").mkdir(parents=True)
+    cfg = write_config(tmp_path / "c.yaml", "models/tiny-phi", chat_files[0], tmp_path / "out")
+    started = time.time()
+    proc = _phitune("train", cfg, cwd=tmp_path)
+    assert proc.returncode == 2 and "did you mean models/tiny-phi3?" in proc.stderr and time.time() - started < 10
+
+
+def test_a_missing_csv_column_is_one_error_with_the_mapping(tmp_path, capsys):
+    data = tmp_path / "reviews.csv"
+    data.write_text("review,sentiment\n" + "".join(f"text {i},{'pos' if i % 2 else 'neg'}\n" for i in range(39)))
+    assert run_cli("data", "validate", data, "--task", "classification") == 1
+    out = capsys.readouterr().out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "review, sentiment" in errors[0], out
+    assert "task.fields: {text: review, label: sentiment}" in errors[0]
+    assert run_cli("data", "validate", data, "--task", "classification", "--set", "task.fields.text=review",
+                   "--set", "task.fields.label=sentiment") == 0
+    assert "39 examples, 0 error(s)" in capsys.readouterr().out
+
+
+def test_max_length_cuts_are_loud_and_refused_past_the_limit(tiny_phi3, chat_files, tmp_path, caplog):
+    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat_files[0], tmp_path / "out", max_steps=1)
+    proc = _phitune("train", cfg, "--set", "data.max_length=16")
+    assert proc.returncode == 2 and "data.max_length=16" in proc.stderr and "would keep 99% whole" in proc.stderr
+    assert "data.max_dropped" in proc.stderr and not (tmp_path / "out" / "adapter").exists()
+    forced = _phitune("train", cfg, "--set", "data.max_length=16", "--set", "data.max_dropped=1", "--overwrite")
+    assert forced.returncode == 0 and "WARNING" in forced.stderr and "drops" in forced.stderr
+    quiet = _phitune("train", cfg, "--overwrite")  # max_length 256: nothing cut
+    assert quiet.returncode == 0 and "WARNING" not in quiet.stderr
+
+
+def test_errors_name_the_flag_a_value_came_from(tiny_phi3, chat_files, tmp_path, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat_files[0], tmp_path / "out")
+    assert run_cli("train", cfg, "--set", "training.learning_rate=-1", "--method", "lorra") == 2
+    err = capsys.readouterr().err
+    assert "--set training.learning_rate=-1: training.learning_rate" in err and "--method lorra: method.name" in err
+    assert f"{cfg}:" not in err.split("\n", 1)[1]  # no line of the file is blamed
+    for flag, hint in (("--lr", "--set training.learning_rate=VALUE"), ("--max-stepz", "did you mean --max-steps?"),
+                       ("--batch-size", "--set training.batch_size=VALUE")):
+        proc = _phitune("train", cfg, flag, "3")
+        assert proc.returncode == 2 and hint in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
