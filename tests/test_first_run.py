@@ -91,15 +91,18 @@ def test_a_missing_csv_column_is_one_error_with_the_mapping(tmp_path, capsys):
     assert "39 examples, 0 error(s)" in capsys.readouterr().out
 
 
-def test_max_length_cuts_are_loud_and_refused_past_the_limit(tiny_phi3, chat_files, tmp_path, caplog):
+def test_max_length_cuts_are_loud_and_refused_past_the_limit(tiny_phi3, chat_files, tmp_path, capsys, caplog):
     cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat_files[0], tmp_path / "out", max_steps=1)
-    proc = _phitune("train", cfg, "--set", "data.max_length=16")
-    assert proc.returncode == 2 and "data.max_length=16" in proc.stderr and "would keep 99% whole" in proc.stderr
-    assert "data.max_dropped" in proc.stderr and not (tmp_path / "out" / "adapter").exists()
-    forced = _phitune("train", cfg, "--set", "data.max_length=16", "--set", "data.max_dropped=1", "--overwrite")
-    assert forced.returncode == 0 and "WARNING" in forced.stderr and "drops" in forced.stderr
-    quiet = _phitune("train", cfg, "--overwrite")  # max_length 256: nothing cut
-    assert quiet.returncode == 0 and "WARNING" not in quiet.stderr
+    assert run_cli("train", cfg, "--set", "data.max_length=16") == 2
+    err = capsys.readouterr().err
+    assert "data.max_length=16" in err and "would keep 99% whole" in err and "data.max_dropped" in err
+    assert not (tmp_path / "out" / "adapter").exists()
+    caplog.clear()
+    assert run_cli("train", cfg, "--set", "data.max_length=16", "--set", "data.max_dropped=1", "--overwrite") == 0
+    assert any("WARNING" in r.getMessage() and "drops" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    assert run_cli("train", cfg, "--overwrite") == 0  # max_length 256: nothing cut, nothing loud
+    assert not any("WARNING" in r.getMessage() for r in caplog.records)
 
 
 def test_errors_name_the_flag_a_value_came_from(tiny_phi3, chat_files, tmp_path, capsys):

