@@ -16,8 +16,18 @@ EXAMPLES = 25
 
 @pytest.fixture(scope="module")
 def app(tiny_phi3, tmp_path_factory):
-    return create_app(Settings(storage=tmp_path_factory.mktemp("schema"), models={"tiny": str(tiny_phi3)},
-                               max_upload_bytes=64 * 1024))
+    """The app holding a file and a job, so that list pages return real objects to check."""
+    from fastapi.testclient import TestClient
+
+    app = create_app(Settings(storage=tmp_path_factory.mktemp("schema"), models={"tiny": str(tiny_phi3)},
+                              max_upload_bytes=64 * 1024))
+    client = TestClient(app)
+    row = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+    f = client.post("/v1/files", files={"file": ("t.jsonl", row * 4)}, data={"purpose": "fine-tune"}).json()
+    job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": f["id"], "metadata": {"a": "b"},
+                                                    "method": {"type": "dpo"}})
+    assert job.status_code == 200, job.text
+    return app
 
 
 @pytest.fixture(scope="module")

@@ -124,12 +124,16 @@ def _allowed_methods(routers, path: str) -> list[str]:
 
 
 def _openapi(app: FastAPI) -> dict:
-    """FastAPI's schema without its 422 (this API answers a bad request with 400 in OpenAI's shape)."""
+    """FastAPI's schema without its 422 (this API answers a bad request with 400 in OpenAI's shape),
+    each 200 body the model `schemas.documented` names."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         for path in schema["paths"].values():
             for operation in path.values():
                 operation.get("responses", {}).pop("422", None)
+                for body in operation.get("responses", {}).get("200", {}).get("content", {}).values():
+                    if "$ref" in body.get("schema", {}):  # the documented model, not the `dict` it is served as
+                        body["schema"] = {"$ref": body["schema"]["$ref"]}
         for name in ("HTTPValidationError", "ValidationError"):
             schema.get("components", {}).get("schemas", {}).pop(name, None)
         app.openapi_schema = schema

@@ -53,16 +53,18 @@ async def organization(request: Request) -> str:
     return org
 
 
-def _settings(request: Request) -> Settings:
+# async: FastAPI would run a plain `def` dependency in its threadpool, a thread hop per request
+# (more than the query it serves costs).
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _sessions(request: Request) -> Callable:
+async def _sessions(request: Request) -> Callable:
     """Read-write sessions (writes run in the threadpool: on SQLite they may wait for the lock)."""
     return request.app.state.sessions
 
 
-def _reads(request: Request) -> Callable:
+async def _reads(request: Request) -> Callable:
     """Read-only sessions on plain connections, for `async def` read endpoints."""
     return request.app.state.reads
 

@@ -252,6 +252,14 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+def documented(model: type[BaseModel], *codes: int, description: str = "success") -> dict:
+    """A route's keyword arguments: its 200 body and error statuses in /openapi.json. Documented,
+    not enforced per response (schemathesis and the SDK tests check the bodies): the route still
+    returns a plain dict, which FastAPI serialises in pydantic-core as `response_model=dict`
+    (with no response model it falls back to jsonable_encoder, 1.6x slower under load)."""
+    return {"response_model": dict, "responses": {200: {"model": model, "description": description}, **errors(*codes)}}
+
+
 def errors(*codes: int) -> dict:
     """The `responses=` of a route: its error statuses, each with OpenAI's error body."""
     meaning = {400: "invalid request", 401: "missing or wrong API key", 404: "no such object in your organization",

@@ -137,12 +137,12 @@ def until_stop(pieces, stops: list[str]):
         pieces.close()
 
 
-CHAT_RESPONSES = {200: {"description": "a chat.completion, or with `stream: true` server-sent chat.completion.chunk "
-                        "events ending in `data: [DONE]`",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}}}, **schemas.errors(400, 401, 404, 500)}
+CHAT_RESPONSES = schemas.documented(schemas.ChatCompletion, 400, 401, 404, 500, description=(
+    "a chat.completion, or with `stream: true` server-sent chat.completion.chunk events ending in `data: [DONE]`"))
+CHAT_RESPONSES["responses"][200]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
 
 
-@router.post("/chat/completions", response_model=schemas.ChatCompletion, responses=CHAT_RESPONSES)
+@router.post("/chat/completions", **CHAT_RESPONSES)
 async def chat_completions(body: ChatRequest, request: Request, org: Org):
     options = _options(body)
     base, adapter, trusted = resolve(request, org, body.model)

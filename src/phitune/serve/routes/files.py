@@ -41,7 +41,7 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
     "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": list(UPLOADABLE)}}}}}}}
 
 
-@router.post("/files", response_model=schemas.FileObject, responses=schemas.errors(400, 401, 413), openapi_extra=UPLOAD_BODY)
+@router.post("/files", **schemas.documented(schemas.FileObject, 400, 401, 413), openapi_extra=UPLOAD_BODY)
 async def create_file(request: Request, org: Org, settings: ServerSettings) -> dict:
     """Upload a file (multipart: `file`, `purpose`). Read as it arrives: refused at the limit."""
     file_id = new_id("file")
@@ -57,7 +57,7 @@ async def create_file(request: Request, org: Org, settings: ServerSettings) -> d
         return render(row)
 
 
-@router.get("/files", response_model=schemas.FileList, responses=schemas.errors(400, 401))
+@router.get("/files", **schemas.documented(schemas.FileList, 400, 401))
 async def list_files(org: Org, reads: Reads, purpose: str | None = None, after: str | None = None,
                      limit: int = Query(10000, ge=1, le=10000), order: Literal["asc", "desc"] = "desc") -> dict:
     where = [File.org == org, File.deleted.is_(False)] + ([File.purpose == purpose] if purpose else [])
@@ -65,7 +65,7 @@ async def list_files(org: Org, reads: Reads, purpose: str | None = None, after: 
         return page(db, File, where, after=after, limit=limit, newest_first=order == "desc", render=render)
 
 
-@router.get("/files/{file_id}", response_model=schemas.FileObject, responses=schemas.errors(401, 404))
+@router.get("/files/{file_id}", **schemas.documented(schemas.FileObject, 401, 404))
 async def retrieve_file(org: Org, reads: Reads, file_id: str) -> dict:
     with reads() as db:
         return render(get_file(db, org, file_id))
@@ -80,7 +80,7 @@ async def file_content(org: Org, reads: Reads, settings: ServerSettings, file_id
     return FileResponse(settings.file_path(f.id, f.purpose), media_type="application/octet-stream")
 
 
-@router.delete("/files/{file_id}", response_model=schemas.Deleted, responses=schemas.errors(401, 404))
+@router.delete("/files/{file_id}", **schemas.documented(schemas.Deleted, 401, 404))
 def delete_file(org: Org, sessions: Sessions, settings: ServerSettings, file_id: str) -> dict:
     with sessions() as db:
         f = get_file(db, org, file_id)

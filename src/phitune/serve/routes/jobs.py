@@ -23,7 +23,6 @@ from phitune.serve.routes.files import get_file
 from phitune.serve.schemas import JobCreate, Method
 
 router = APIRouter(tags=["fine_tuning"])
-JOB_OUT = {"response_model": schemas.Job, "response_model_exclude_unset": True}  # a supervised job shows no beta
 
 
 def render(job: Job) -> dict:
@@ -65,7 +64,7 @@ def _hyperparameters(body: JobCreate) -> tuple[str, dict]:
     return kind, asked
 
 
-@router.post("/fine_tuning/jobs", **JOB_OUT, responses=schemas.errors(400, 401, 404))
+@router.post("/fine_tuning/jobs", **schemas.documented(schemas.Job, 400, 401, 404))
 def create_job(body: JobCreate, org: Org, settings: ServerSettings, sessions: Sessions) -> dict:
     from phitune.serve.jobconfig import build_config, choose_hyperparameters
 
@@ -98,8 +97,7 @@ def create_job(body: JobCreate, org: Org, settings: ServerSettings, sessions: Se
         return render(job)
 
 
-@router.get("/fine_tuning/jobs", response_model=schemas.JobList, response_model_exclude_unset=True,
-            responses=schemas.errors(400, 401))
+@router.get("/fine_tuning/jobs", **schemas.documented(schemas.JobList, 400, 401))
 async def list_jobs(request: Request, org: Org, reads: Reads, after: str | None = None,
                     limit: int = Query(20, ge=1, le=10000)) -> dict:
     where = [Job.org == org]
@@ -110,7 +108,7 @@ async def list_jobs(request: Request, org: Org, reads: Reads, after: str | None 
         return page(db, Job, where, after=after, limit=limit, newest_first=True, render=render)
 
 
-@router.get("/fine_tuning/jobs/{job_id}", **JOB_OUT, responses=schemas.errors(401, 404))
+@router.get("/fine_tuning/jobs/{job_id}", **schemas.documented(schemas.Job, 401, 404))
 async def retrieve_job(org: Org, reads: Reads, job_id: str) -> dict:
     with reads() as db:
         return render(get_job(db, org, job_id))
@@ -119,7 +117,7 @@ async def retrieve_job(org: Org, reads: Reads, job_id: str) -> dict:
 FINAL = ("succeeded", "failed", "cancelled")
 
 
-@router.post("/fine_tuning/jobs/{job_id}/cancel", **JOB_OUT, responses=schemas.errors(400, 401, 404))
+@router.post("/fine_tuning/jobs/{job_id}/cancel", **schemas.documented(schemas.Job, 400, 401, 404))
 def cancel_job(org: Org, sessions: Sessions, job_id: str) -> dict:
     with sessions() as db:
         job = get_job(db, org, job_id)
@@ -134,7 +132,7 @@ def cancel_job(org: Org, sessions: Sessions, job_id: str) -> dict:
         return render(job)
 
 
-@router.post("/fine_tuning/jobs/{job_id}/pause", **JOB_OUT, responses=schemas.errors(400, 401, 404))
+@router.post("/fine_tuning/jobs/{job_id}/pause", **schemas.documented(schemas.Job, 400, 401, 404))
 def pause_job(org: Org, sessions: Sessions, job_id: str) -> dict:
     with sessions() as db:
         job = get_job(db, org, job_id)
@@ -149,7 +147,7 @@ def pause_job(org: Org, sessions: Sessions, job_id: str) -> dict:
         return render(job)
 
 
-@router.post("/fine_tuning/jobs/{job_id}/resume", **JOB_OUT, responses=schemas.errors(400, 401, 404))
+@router.post("/fine_tuning/jobs/{job_id}/resume", **schemas.documented(schemas.Job, 400, 401, 404))
 def resume_job(org: Org, sessions: Sessions, job_id: str) -> dict:
     with sessions() as db:
         job = get_job(db, org, job_id)
@@ -166,7 +164,7 @@ def render_event(e: Event) -> dict:
             "message": e.message, "type": e.type, "data": e.data}
 
 
-@router.get("/fine_tuning/jobs/{job_id}/events", response_model=schemas.EventList, responses=schemas.errors(400, 401, 404))
+@router.get("/fine_tuning/jobs/{job_id}/events", **schemas.documented(schemas.EventList, 400, 401, 404))
 async def list_events(org: Org, reads: Reads, job_id: str, after: str | None = None,
                       limit: int = Query(20, ge=1, le=10000)) -> dict:
     with reads() as db:
@@ -180,8 +178,8 @@ def render_checkpoint(c: Checkpoint) -> dict:
             "metrics": c.metrics}
 
 
-@router.get("/fine_tuning/jobs/{job_id}/checkpoints", response_model=schemas.CheckpointList,
-            responses=schemas.errors(400, 401, 404))
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints",
+            **schemas.documented(schemas.CheckpointList, 400, 401, 404))
 async def list_checkpoints(org: Org, reads: Reads, job_id: str, after: str | None = None,
                            limit: int = Query(10, ge=1, le=10000)) -> dict:
     with reads() as db:

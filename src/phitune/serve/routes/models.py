@@ -29,12 +29,12 @@ def catalogue(request: Request, org: str) -> list[dict]:
     return out
 
 
-@router.get("/models", response_model=schemas.ModelList, responses=schemas.errors(401))
+@router.get("/models", **schemas.documented(schemas.ModelList, 401))
 async def list_models(request: Request, org: Org) -> dict:
     return {"object": "list", "data": catalogue(request, org)}
 
 
-@router.get("/models/{model:path}", response_model=schemas.Model, responses=schemas.errors(401, 404))
+@router.get("/models/{model:path}", **schemas.documented(schemas.Model, 401, 404))
 async def retrieve_model(request: Request, org: Org, model: str) -> dict:
     for m in catalogue(request, org):
         if m["id"] == model:
@@ -42,7 +42,7 @@ async def retrieve_model(request: Request, org: Org, model: str) -> dict:
     raise not_found("model", model)
 
 
-@router.delete("/models/{model:path}", response_model=schemas.Deleted, responses=schemas.errors(400, 401, 404))
+@router.delete("/models/{model:path}", **schemas.documented(schemas.Deleted, 400, 401, 404))
 def delete_model(request: Request, org: Org, model: str) -> dict:
     if not model.startswith("ft:"):
         if model in request.app.state.settings.models:
