@@ -10,8 +10,6 @@ import pytest
 
 from conftest import run_cli
 
-pytest.importorskip("gguf")
-
 
 def _fake_gguf(path, arch: str):
     import gguf

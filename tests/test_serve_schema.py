@@ -3,13 +3,11 @@ every operation (valid and invalid), checked for 5xx answers and for responses t
 schema. Bounded: a fixed number of examples per operation, no shrinking."""
 
 import pytest
+import schemathesis  # in the test extra: a missing one fails here, it does not skip
+from hypothesis import HealthCheck, Phase, given, settings
 
-schemathesis = pytest.importorskip("schemathesis")
-pytest.importorskip("fastapi")
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-
-from phitune.serve.app import create_app  # noqa: E402
-from phitune.serve.settings import Settings  # noqa: E402
+from phitune.serve.app import create_app
+from phitune.serve.settings import Settings
 
 EXAMPLES = 25
 
