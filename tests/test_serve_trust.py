@@ -225,6 +225,12 @@ def test_uploads_keep_names_harmless(service):
 
     rows, problems = read_rows(stored)
     assert not problems and rows[0].value == {"text": "with a byte-order mark"}
+    other = service["alpha"].post("/v1/files", files={"upload": ("x.jsonl", b"{}")}, data={"purpose": "fine-tune"})
+    assert other.status_code == 400 and other.json()["error"]["param"] == "file"
+    twice = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n{}\r\n' * 2
+             + b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n--b--\r\n')
+    r = service["alpha"].post("/v1/files", content=twice, headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 400 and "one file" in r.json()["error"]["message"]
     big = service["alpha"].post("/v1/files", files={"file": ("big.jsonl", b"x" * 5000)}, data={"purpose": "fine-tune"})
     assert big.status_code == 413 and big.json()["error"]["code"] == "file_too_large"
     assert sorted(p.name for p in service["settings"].files_dir.iterdir()) == sorted(

@@ -46,6 +46,8 @@ class Upload:
         _, params = parse_options_header(self._headers.get("content-disposition", ""))
         self._name = params.get(b"name", b"").decode("utf-8", "replace")
         if b"filename" in params:
+            if self._name != "file":
+                raise ApiError(400, f"multipart field {self._name!r}: only the field `file` carries the upload", param="file")
             if self._out is not None:
                 raise ApiError(400, "multipart body: one file per upload", param="file")
             self.filename = params[b"filename"].decode("utf-8", "replace")
@@ -55,7 +57,7 @@ class Upload:
 
     def _part_data(self, data, start, end):
         chunk = data[start:end]
-        if self._out is not None and self._name == "file" and self.filename is not None and not self._out.closed:
+        if self._name == "file" and self._out is not None and not self._out.closed:
             self.size += len(chunk)
             if self.size > self.limit:
                 raise ApiError(413, f"file: larger than this server's limit of {self.limit} bytes", param="file",
