@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 from phitune.config import _SECTIONS, Config  # noqa: E402
+from phitune.errors import PhituneError  # noqa: E402
 from phitune.serve.app import create_app  # noqa: E402
 from phitune.serve.db import ApiKey, Job  # noqa: E402
 from phitune.serve.deps import hash_key  # noqa: E402
@@ -278,6 +279,24 @@ def test_a_stored_job_with_server_options_is_refused_before_it_runs(service, tmp
     job = _job(service, job_id)
     assert job.status == "failed" and "output_dir" in job.error["message"] and "set by the server" in job.error["message"]
     assert (victim / "precious.txt").read_text() == "keep me"
+
+
+def test_the_built_config_is_compared_with_what_the_server_sets(service, monkeypatch):
+    """The last check before a job runs: whatever produced the raw config (a bug in the merge, a
+    new option), a path or trust setting that is not the server's own refuses the job."""
+    from phitune.serve import jobconfig
+
+    job = Job(id="ftjob-y", org="alpha", model="tiny", training_file=service["file"], seed=1,
+              method={"type": "supervised"}, hyperparameters={}, phitune={})
+    hyper = {"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 1.0}
+    assert jobconfig.build_config(service["settings"], job, hyper).output_dir.endswith("ftjob-y/run")
+    honest = jobconfig.raw_config
+    for key, value in (("output_dir", "/tmp/elsewhere"), ("model", {"name_or_path": service["settings"].models["tiny"],
+                                                                    "trust_remote_code": True}),
+                       ("distributed", {"strategy": "ddp"})):
+        monkeypatch.setattr(jobconfig, "raw_config", lambda *a, key=key, value=value: {**honest(*a), key: value})
+        with pytest.raises(PhituneError, match="differ from what the server sets"):
+            jobconfig.build_config(service["settings"], job, hyper)
 
 
 def test_a_job_that_breaks_in_the_worker_ends_failed(service):

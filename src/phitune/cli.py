@@ -130,7 +130,6 @@ def cmd_merge(args) -> int:
 
 def cmd_generate(args) -> int:
     from phitune.backends import complete, open_backend
-
     from phitune.sources import check_source
 
     check_source(args.model, "model")  # before torch is imported: a typo is answered at once
@@ -191,7 +190,6 @@ def cmd_chat(args) -> int:
     """Read a message per line from stdin (a typed \\n is a line break), stream the reply; /reset
     forgets the conversation, /exit or end of input ends."""
     from phitune.backends import open_backend
-
     from phitune.sources import check_source
 
     check_source(args.model, "model")  # before torch is imported: a typo is answered at once

@@ -487,6 +487,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
     return parse_config(raw, source=source, text=text, given=given)
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: config key paths and their values."""
+    flat = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        flat.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return flat
+
+
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 

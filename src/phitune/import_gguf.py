@@ -95,9 +95,8 @@ def import_gguf(source: str | Path, output: str | Path, *, dtype: str = "float32
     # A model built from the config takes the (dequantised) weights; it saves like any other.
     config = read.config
     config.torch_dtype = torch_dtype
-    for key in ("quantization_config",):
-        if hasattr(config, key):
-            delattr(config, key)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     missing, unexpected = model.load_state_dict(read.state_dict(), strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()

@@ -9,7 +9,6 @@ report; `phitune train` runs the same code first and stops on errors before load
 from __future__ import annotations
 
 import math
-
 import random
 import statistics
 from collections import Counter

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from phitune.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
-from phitune.config import Config, dump_config
+from phitune.config import Config, dump_config, flatten
 from phitune.data.batching import epoch_batches, split_micro
 from phitune.distributed import DeepSpeedEngine, FsdpEngine, PlainEngine, peak_memory_mb, run_deepspeed_config, start
 from phitune.data.dataset import TrainData, length_problem, load_training_data, statistics_of
@@ -99,19 +99,11 @@ def replaceable(out: Path) -> bool:
         return False
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        flat.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return flat
-
-
 def _check_resumable(saved: Path, cfg: Config) -> None:
     import yaml
 
-    before = _flatten(yaml.safe_load(saved.read_text()))
-    now = _flatten(cfg.model_dump(mode="json"))
+    before = flatten(yaml.safe_load(saved.read_text()))
+    now = flatten(cfg.model_dump(mode="json"))
     changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
     if changed:
         diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
@@ -246,8 +238,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     model = apply_method(model, cfg, tokenizer, head=head)
     weights = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                "weight_memory_mb": round(model.get_memory_footprint() / 2**20, 1)}
+    mb = weights["weight_memory_mb"]
     log.info("%s: %s trainable parameters, %s MB of weights%s", cfg.method.name, f"{weights['trainable_parameters']:,}",
-             f"{weights['weight_memory_mb']:.2g}" if weights["weight_memory_mb"] < 10 else f"{weights['weight_memory_mb']:.0f}", f"; {runtime.world} processes, {runtime.strategy}" if runtime.parallel or runtime.strategy == "deepspeed" else "")
+             f"{mb:.2g}" if mb < 10 else f"{mb:.0f}",
+             f"; {runtime.world} processes, {runtime.strategy}" if runtime.parallel or runtime.strategy == "deepspeed" else "")
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     steps = total_steps(cfg, len(data.train_examples))

@@ -78,19 +78,13 @@ def raw_config(settings: Settings, job, hyper: dict) -> dict:
 def build_config(settings: Settings, job, hyper: dict):
     """The checked config a job runs with; a PhituneError if it cannot run (or if anything the
     server owns came out different from what the server set)."""
-    from phitune.config import DistributedConfig, parse_config
+    from phitune.config import DistributedConfig, flatten, parse_config
 
     cfg = parse_config(raw_config(settings, job, hyper), source="job")
-    owned = server_owned(settings, job)
-    found = {"model.name_or_path": cfg.model.name_or_path, "model.trust_remote_code": cfg.model.trust_remote_code,
-             "model.tokenizer": cfg.model.tokenizer, "model.revision": cfg.model.revision,
-             "data.train": cfg.data.train, "data.validation": cfg.data.validation, "output_dir": cfg.output_dir,
-             "distributed": cfg.distributed.model_dump()}
-    expected = {"model.name_or_path": owned["model"]["name_or_path"], "model.trust_remote_code": owned["model"]["trust_remote_code"],
-                "model.tokenizer": None, "model.revision": None, "data.train": owned["data"]["train"],
-                "data.validation": owned["data"]["validation"], "output_dir": owned["output_dir"],
-                "distributed": DistributedConfig().model_dump()}
-    wrong = [key for key in expected if found[key] != expected[key]]
+    found = flatten(cfg.model_dump(mode="json"))
+    expected = flatten(server_owned(settings, job)) | {"model.tokenizer": None, "model.revision": None}
+    expected |= flatten({"distributed": DistributedConfig().model_dump(mode="json")})
+    wrong = sorted(key for key, value in expected.items() if found.get(key) != value)
     if wrong:
         raise PhituneError(f"job {job.id}: {', '.join(wrong)} differ from what the server sets; the job is refused")
     return cfg

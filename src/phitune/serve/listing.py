@@ -3,15 +3,21 @@
 
 from __future__ import annotations
 
+from fastapi import Query
 from sqlalchemy import select
 
 from phitune.serve.errors import ApiError
 
+MAX_LIMIT = 10000
+
+
+def limit_query(default: int):
+    """The `limit` query parameter of a list route: 1..MAX_LIMIT (else a 400 from the schema)."""
+    return Query(default, ge=1, le=MAX_LIMIT, description="items per page")
+
 
 def page(db, model, where: list, *, after: str | None, limit: int, newest_first: bool, render) -> dict:
-    """One page of `model` rows on a read connection, rendered."""
-    if not 1 <= limit <= 10000:
-        raise ApiError(400, f"limit {limit}: must be between 1 and 10000", param="limit")
+    """One page of `model` rows on a read connection, rendered (`limit` checked by the route)."""
     stmt = select(model).where(*where)
     if after:
         anchor = db.scalar(select(model.seq).where(model.id == after, *where))

@@ -78,17 +78,23 @@ def _bounded(annotation, limit: float | None):
     return annotation
 
 
-def _refuse_other_keys(section: str, allowed: tuple[str, ...]):
+def _refuse_keys(section: str, allowed: tuple[str, ...]):
+    """A before-validator for `section` ("" for the top level): a key the server owns, or one the
+    allow-list does not have, is refused by its full name."""
+    kind = "option" if section else "section"
+
     def check(cls, value: Any) -> Any:
         if isinstance(value, dict):
             for key in value:
-                path = f"{section}.{key}"
+                path = f"{section}.{key}" if section else str(key)
                 if classify(path) == "server":
-                    raise ValueError(f"phitune.{path} is set by the server, not by a job: "
-                                     f"{SERVER_OWNED.get(path) or SERVER_OWNED[section]}")
+                    inner = value[key]  # name the exact key: phitune.model.tokenizer, not phitune.model
+                    shown = f"{path}.{next(iter(inner))}" if not section and isinstance(inner, dict) and inner else path
+                    raise ValueError(f"phitune.{shown} is set by the server, not by a job: "
+                                     f"{SERVER_OWNED.get(path) or SERVER_OWNED[path.split('.')[0]]}")
                 if key not in allowed:
                     close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.5)
-                    raise ValueError(f"phitune.{path}: unknown option" + (f"; did you mean '{close[0]}'?" if close else
+                    raise ValueError(f"phitune.{path}: unknown {kind}" + (f"; did you mean '{close[0]}'?" if close else
                                      f"; a job may set {', '.join(allowed)}"))
         return value
 
@@ -107,7 +113,7 @@ def _section_model(section: str) -> type[BaseModel]:
         annotation = _bounded(info.annotation, LIMITS.get(f"{section}.{name}"))
         fields[name] = (annotation, Field(info.default, description=info.description, **_metadata(info)))
     return create_model(f"{section.title()}Options", __base__=_Options, __doc__=f"The {section} options a job may set.",
-                        __validators__={"server_keys": _refuse_other_keys(section, TENANT[section])}, **fields)
+                        __validators__={"server_keys": _refuse_keys(section, TENANT[section])}, **fields)
 
 
 def _metadata(info) -> dict:
@@ -123,24 +129,10 @@ def _metadata(info) -> dict:
 _MODELS = {section: _section_model(section) for section in TENANT}
 
 
-def _refuse_top_level(cls, value: Any) -> Any:
-    if isinstance(value, dict):
-        for key in value:
-            if classify(key) == "server" and key not in TENANT:
-                inner = value[key]  # name the exact key: phitune.model.tokenizer, not phitune.model
-                path = f"{key}.{next(iter(inner))}" if isinstance(inner, dict) and inner else key
-                raise ValueError(f"phitune.{path} is set by the server, not by a job: {SERVER_OWNED[key]}")
-            if key not in TENANT:
-                close = difflib.get_close_matches(str(key), list(TENANT), n=1, cutoff=0.5)
-                raise ValueError(f"phitune.{key}: unknown section" + (f"; did you mean '{close[0]}'?" if close else
-                                 f"; a job may set {', '.join(TENANT)}"))
-    return value
-
-
 JobOptions: type[BaseModel] = create_model(
     "JobOptions", __base__=_Options,
     __doc__="phitune's own job options (`extra_body={'phitune': {...}}`): the part of the training config a job may set.",
-    __validators__={"server_keys": model_validator(mode="before")(classmethod(_refuse_top_level))},
+    __validators__={"server_keys": _refuse_keys("", tuple(TENANT))},
     **{section: (Optional[model], None) for section, model in _MODELS.items()})
 
 

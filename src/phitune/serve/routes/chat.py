@@ -99,8 +99,9 @@ def _options(body: ChatRequest) -> dict:
             "top_p": 1.0 if body.top_p is None else body.top_p, "seed": body.seed or 0, "stop": stop}
 
 
-def _fit(target: "Served", options: dict, model_id: str) -> None:
-    """Refuse a prompt the model has no positions for; shorten max_tokens to what is left."""
+def _fit(target: "Served", options: dict, model_id: str) -> int:
+    """The prompt's length in tokens. A prompt the model has no positions for is refused;
+    max_tokens is shortened to what is left."""
     from phitune.generate import prompt_ids
 
     positions = getattr(target.model.config, "max_position_embeddings", None)
@@ -111,6 +112,7 @@ def _fit(target: "Served", options: dict, model_id: str) -> None:
                        code="context_length_exceeded")
     if positions:
         options["max_new_tokens"] = min(options["max_new_tokens"], positions - n)
+    return n
 
 
 def until_stop(pieces, stops: list[str]):
@@ -151,12 +153,12 @@ async def chat_completions(body: ChatRequest, request: Request, org: Org):
     import anyio
 
     target = await anyio.to_thread.run_sync(served, request, base, trusted)  # the first request loads the base: seconds
-    _fit(target, options, body.model)
+    prompt_tokens = await anyio.to_thread.run_sync(_fit, target, options, body.model)  # tokenizing: off the event loop
     completion_id, created = new_id("chatcmpl"), int(time.time())
     if body.stream:
         return StreamingResponse(_stream(target, adapter, options, body.model, completion_id, created),
                                  media_type="text/event-stream")
-    text, prompt_tokens, completion_tokens, finish = await anyio.to_thread.run_sync(_generate, target, adapter, options)
+    text, completion_tokens, finish = await anyio.to_thread.run_sync(_generate, target, adapter, options)
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                          "logprobs": None}],
@@ -172,13 +174,11 @@ def _pieces(target: Served, options: dict):
 
 
 def _generate(target: Served, adapter, options: dict):
-    from phitune.generate import prompt_ids
-
     with target.lock, target.select(adapter):
         text = "".join(_pieces(target, options)).strip()
     produced = len(target.tokenizer(text, add_special_tokens=False)["input_ids"])
     finish = "length" if produced >= options["max_new_tokens"] else "stop"
-    return text, len(prompt_ids(target.tokenizer, options["messages"])), produced, finish
+    return text, produced, finish
 
 
 def _stream(target: Served, adapter, options: dict, model_id, completion_id, created):

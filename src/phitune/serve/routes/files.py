@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from sqlalchemy import bindparam, select
 
@@ -13,7 +13,7 @@ from phitune.serve import schemas
 from phitune.serve.db import File, first, new_id
 from phitune.serve.deps import Org, Reads, ServerSettings, Sessions
 from phitune.serve.errors import ApiError, not_found
-from phitune.serve.listing import page
+from phitune.serve.listing import limit_query, page
 from phitune.serve.upload import Upload
 
 router = APIRouter(tags=["files"])
@@ -42,7 +42,7 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
 
 
 @router.post("/files", **schemas.documented(schemas.FileObject, 400, 401, 413), openapi_extra=UPLOAD_BODY)
-async def create_file(request: Request, org: Org, settings: ServerSettings) -> dict:
+async def create_file(request: Request, org: Org, settings: ServerSettings, sessions: Sessions) -> dict:
     """Upload a file (multipart: `file`, `purpose`). Read as it arrives: refused at the limit."""
     file_id = new_id("file")
     upload = await Upload(settings.file_path(file_id, "fine-tune"), settings.max_upload_bytes).read(request)
@@ -50,7 +50,7 @@ async def create_file(request: Request, org: Org, settings: ServerSettings) -> d
     if purpose not in UPLOADABLE:
         upload.path.unlink(missing_ok=True)
         raise ApiError(400, f"purpose {purpose!r}: this server accepts {', '.join(UPLOADABLE)}", param="purpose")
-    with request.app.state.sessions() as db:
+    with sessions() as db:
         row = File(id=file_id, org=org, filename=upload.shown_name(), purpose=purpose, bytes=upload.size)
         db.add(row)
         db.commit()
@@ -59,7 +59,7 @@ async def create_file(request: Request, org: Org, settings: ServerSettings) -> d
 
 @router.get("/files", **schemas.documented(schemas.FileList, 400, 401))
 async def list_files(org: Org, reads: Reads, purpose: str | None = None, after: str | None = None,
-                     limit: int = Query(10000, ge=1, le=10000), order: Literal["asc", "desc"] = "desc") -> dict:
+                     limit: int = limit_query(10000), order: Literal["asc", "desc"] = "desc") -> dict:
     where = [File.org == org, File.deleted.is_(False)] + ([File.purpose == purpose] if purpose else [])
     with reads() as db:
         return page(db, File, where, after=after, limit=limit, newest_first=order == "desc", render=render)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from sqlalchemy import bindparam, select
 
 from phitune.errors import PhituneError
@@ -17,9 +17,8 @@ from phitune.serve import schemas
 from phitune.serve.deps import Org, Reads, ServerSettings, Sessions
 from phitune.serve.db import Checkpoint, Event, Job, add_event, first, new_id, now
 from phitune.serve.errors import ApiError, not_found
-from phitune.serve.listing import page
+from phitune.serve.listing import limit_query, page
 from phitune.serve.routes.files import get_file
-
 from phitune.serve.schemas import JobCreate, Method
 
 router = APIRouter(tags=["fine_tuning"])
@@ -99,7 +98,7 @@ def create_job(body: JobCreate, org: Org, settings: ServerSettings, sessions: Se
 
 @router.get("/fine_tuning/jobs", **schemas.documented(schemas.JobList, 400, 401))
 async def list_jobs(request: Request, org: Org, reads: Reads, after: str | None = None,
-                    limit: int = Query(20, ge=1, le=10000)) -> dict:
+                    limit: int = limit_query(20)) -> dict:
     where = [Job.org == org]
     for key, value in request.query_params.multi_items():  # metadata[key]=value filters
         if key.startswith("metadata[") and key.endswith("]"):
@@ -166,7 +165,7 @@ def render_event(e: Event) -> dict:
 
 @router.get("/fine_tuning/jobs/{job_id}/events", **schemas.documented(schemas.EventList, 400, 401, 404))
 async def list_events(org: Org, reads: Reads, job_id: str, after: str | None = None,
-                      limit: int = Query(20, ge=1, le=10000)) -> dict:
+                      limit: int = limit_query(20)) -> dict:
     with reads() as db:
         get_job(db, org, job_id)
         return page(db, Event, [Event.job_id == job_id], after=after, limit=limit, newest_first=True, render=render_event)
@@ -181,7 +180,7 @@ def render_checkpoint(c: Checkpoint) -> dict:
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints",
             **schemas.documented(schemas.CheckpointList, 400, 401, 404))
 async def list_checkpoints(org: Org, reads: Reads, job_id: str, after: str | None = None,
-                           limit: int = Query(10, ge=1, le=10000)) -> dict:
+                           limit: int = limit_query(10)) -> dict:
     with reads() as db:
         get_job(db, org, job_id)
         return page(db, Checkpoint, [Checkpoint.job_id == job_id, Checkpoint.deleted.is_(False)], after=after,
