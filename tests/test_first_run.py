@@ -115,3 +115,16 @@ def test_errors_name_the_flag_a_value_came_from(tiny_phi3, chat_files, tmp_path,
                        ("--batch-size", "--set training.batch_size=VALUE")):
         proc = _phitune("train", cfg, flag, "3")
         assert proc.returncode == 2 and hint in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_the_demo_hint_is_a_command_this_shell_can_run(monkeypatch, tmp_path):
+    import shutil as sh
+
+    from phitune.demo import phitune_command
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no phitune on PATH, as after `make demo` without activating .venv
+    command = phitune_command()
+    assert command != "phitune" and sh.which(command.split()[0]), command
+    (tmp_path / "phitune").write_text("#!/bin/sh\n")
+    (tmp_path / "phitune").chmod(0o755)
+    assert phitune_command() == "phitune"

@@ -8,6 +8,8 @@ mean token accuracy and exact match of the greedy reply.
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +19,15 @@ from rich.table import Table
 from phitune.errors import PhituneError
 
 console = Console()
+
+
+def phitune_command() -> str:
+    """How to call phitune from this shell: `phitune` when it is on PATH, else the script beside
+    this Python (`.venv/bin/phitune` after `make demo` without an activated venv)."""
+    if shutil.which("phitune"):
+        return "phitune"
+    beside = Path(sys.executable).parent / "phitune"
+    return str(beside) if beside.is_file() else f"{sys.executable} -m phitune"
 
 
 def held_out_scores(model, tokenizer, val_rows, examples, pad_id) -> dict:
@@ -99,6 +110,6 @@ def run_demo(output: str = "runs/demo", arch: str = "phi3", preset: str = "tiny"
         f"written:\n  untrained base model   {base}\n  LoRA adapter (PEFT)    {result.artifact}\n"
         f"  per-step metrics       {result.output_dir / 'metrics.jsonl'}\n  checkpoints            {result.output_dir / 'checkpoints'}\n"
         f"  run card               {result.output_dir / 'README.md'}\n  before/after report    {out / 'demo_report.json'}\n"
-        f"try: phitune generate {result.output_dir} --prompt 'what is the wifi password?'"
+        f"try: {phitune_command()} generate {result.output_dir} --prompt 'what is the wifi password?'"
     )
     return report
