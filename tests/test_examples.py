@@ -1,5 +1,7 @@
 """Every shipped example config runs (briefly) through the CLI on a locally built model."""
 
+from pathlib import Path
+
 import pytest
 
 from conftest import REPO, losses, run_cli
@@ -38,11 +40,32 @@ def test_every_scenario_has_an_example():
     assert dirs >= {"classification", "ner", "translation", "qa", "chatbot", "creative", "domain", "dpo"}
 
 
+def _generated_data(name: str, tmp_path, real_model) -> list[str]:
+    """--set flags pointing a config whose data is generated on the machine (the FreeDict
+    dictionaries: GPL, not shipped) at a fresh copy; skips where the dictionary is not installed."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = yaml.safe_load((REPO / "examples" / name).read_text())["data"]
+    if not data["train"].startswith("data/"):
+        return []
+    pair = Path(data["train"]).parent.name.removeprefix("dictionary-")
+    if not Path(f"/usr/share/dictd/freedict-{pair}.index").is_file():
+        pytest.skip(f"needs Debian's dict-freedict-{pair} (apt-get install dict-freedict-{pair})")
+    subprocess.run([sys.executable, str(REPO / "examples" / "make_dictionary_data.py"), "--pair", pair, "--output",
+                    str(tmp_path / "data"), "--tokenizer", str(real_model), "--train", "320", "--val", "32"], check=True)
+    return ["--set", f"data.train={tmp_path / 'data' / 'train.jsonl'}",
+            "--set", f"data.validation={tmp_path / 'data' / 'val.jsonl'}"]
+
+
 @pytest.mark.parametrize("name", SCENARIOS)
-def test_scenario_example_trains(name, tiny_phi3, tmp_path, monkeypatch):
+def test_scenario_example_trains(name, tiny_phi3, tmp_path, monkeypatch, request):
     monkeypatch.chdir(REPO)
     out = tmp_path / "out"
-    assert run_cli("train", REPO / "examples" / name, "--set", f"model.name_or_path={tiny_phi3}",
+    generated = _generated_data(name, tmp_path, request.getfixturevalue("real_model")) if "dictionary" in name else []
+    assert run_cli("train", REPO / "examples" / name, "--set", f"model.name_or_path={tiny_phi3}", *generated,
                    "--set", f"output_dir={out}", "--set", "training.log_every=1", "--max-steps", "20") == 0
     trace = losses(out)
     assert len(trace) == 20 and sum(trace[-3:]) / 3 < trace[0]

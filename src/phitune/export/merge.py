@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from phitune.errors import PhituneError
-from phitune.models import DTYPES, load_for_inference, resolve_trained
+from phitune.models import DTYPES, load_for_inference, merged_quantized, resolve_trained
 from phitune.outputs import refuse_non_empty, staged
 
 
@@ -22,12 +20,12 @@ def merge(source: str | Path, output: str | Path, *, dtype: str = "float32", bas
     if adapter is None:
         raise PhituneError(f"{source}: holds no adapter (a full fine-tune is already a complete model in {base_path}); nothing to merge")
     refuse_non_empty(output, overwrite)
-    # QLoRA adapters are merged into the unquantised base: the result is a normal model.
     model, tokenizer = load_for_inference(base_path, adapter, dtype=DTYPES[dtype], device="cpu")
     if not hasattr(model, "merge_and_unload"):
         raise PhituneError(f"{adapter}: this adapter type ({type(model.peft_config['default']).__name__}) cannot be merged; "
                            "serve it with the base model instead")
-    merged = model.merge_and_unload()
+    quantized = any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    merged = merged_quantized(model, DTYPES[dtype]) if quantized else model.merge_and_unload()
     merged.config.use_cache = True
     with staged(output) as tmp:
         merged.save_pretrained(tmp)

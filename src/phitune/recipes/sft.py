@@ -29,7 +29,7 @@ from phitune.data.dataset import TrainData, length_problem, load_training_data, 
 from phitune.errors import PhituneError
 from phitune.evaluate import scoring
 from phitune.generate import complete_batch
-from phitune.models import HEADS, apply_method, load_model, load_tokenizer, num_virtual_tokens
+from phitune.models import HEADS, apply_method, load_model, load_tokenizer, num_virtual_tokens, write_base_quantization
 from phitune.recipes.objectives import DPO, SFT, SequenceClassification, TokenClassification, adapter_disabled, add_sums, evaluate, frozen_copy
 from phitune.progress import Progress
 from phitune.runcard import write_run_card
@@ -292,6 +292,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                                             path_initial_model_for_weight_conversion=str(initial) if initial else None)
             tokenizer.save_pretrained(path)
             (path / "task.json").write_text(data.spec.to_json())
+            if cfg.method.name == "qlora":
+                write_base_quantization(path, cfg.method)
 
     def run_eval() -> dict:
         values = evaluate(objective, model, data.validation_examples, batch_size=t.batch_size, device=device,
