@@ -108,6 +108,7 @@ def two_adapters(tiny_phi3, tmp_path_factory):
     return root / "translation", root / "chatbot"
 
 
+@pytest.mark.slow  # 20-60 s on 2 cores: in the slow tier, to keep the default suite within budget
 def test_multi_lora_adapters_change_outputs_exactly_as_in_pytorch(two_adapters, tiny_phi3, tmp_path):
     from phitune.backends import OnnxBackend
     from phitune.generate import greedy_ids, prompt_ids

@@ -147,6 +147,7 @@ def test_bad_eval_input_gives_one_line_errors(tiny_phi3, tmp_path, capsys):
     assert "distinct names" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 20-60 s on 2 cores: in the slow tier, to keep the default suite within budget
 def test_harness_bridge_runs_a_local_task_or_says_how_to_install(tiny_phi3, tmp_path, monkeypatch, capsys):
     data = tmp_path / "cafe.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in [

@@ -109,21 +109,22 @@ def test_qlora_teaches_the_real_model_and_merges_as_trained(real_model, base_los
     # this adapter gave 70% exact replies, on its own 4-bit base 95%).
     model, tokenizer = load_for_inference(str(run))
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
-    assert _exact(model, tokenizer) >= 0.9
-    # The merge folds the adapter into the dequantised 4-bit weights: a plain model, same answers.
+    # The merge folds the adapter into the dequantised 4-bit weights: a plain model with the same
+    # logits (so the same answers, generated here on the faster plain model).
     assert run_cli("merge", run, "--output", tmp_path / "merged") == 0
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     batch = _val_batch(tokenizer)
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(_logits(merged, batch)[real], _logits(model, batch)[real].float(), atol=2e-3, rtol=1e-3)
+    assert _exact(merged, tokenizer) >= 0.9
 
 
 def test_dpo_moves_the_preference_margin(real_model, tmp_path):
     data = REPO / "examples" / "dpo"
     cfg = write_config(tmp_path / "c.yaml", real_model, data / "train.jsonl", tmp_path / "out",
-                       method=LORA | {"objective": "dpo", "beta": 0.1}, validation=data / "val.jsonl", max_steps=12,
-                       learning_rate=1e-3, warmup_steps=2, precision="auto", eval_every=12)
+                       method=LORA | {"objective": "dpo", "beta": 0.1}, validation=data / "val.jsonl", max_steps=8,
+                       learning_rate=1e-3, warmup_steps=2, precision="auto", eval_every=8)
     assert run_cli("train", cfg) == 0
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     # Step 1 is the reference itself: no margin yet.
@@ -138,7 +139,7 @@ def test_a_service_job_on_the_real_model_through_the_openai_sdk(real_model, tmp_
     from test_serve import Server, _wait
 
     rows = tmp_path / "cafe.jsonl"
-    rows.write_text("\n".join(DEMO_TRAIN.read_text().splitlines()[:96]) + "\n")
+    rows.write_text("\n".join(DEMO_TRAIN.read_text().splitlines()[:64]) + "\n")
     server = Server(tmp_path / "storage", real_model, name="smollm2").start()
     try:
         c = server.client()
@@ -150,7 +151,7 @@ def test_a_service_job_on_the_real_model_through_the_openai_sdk(real_model, tmp_
         assert job.status == "succeeded", job.error
         assert job.trained_tokens > 0 and job.hyperparameters.batch_size == 8
         steps = sorted(e.data["step"] for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data if e.type == "metrics")
-        assert steps == list(range(1, 13))
+        assert steps == list(range(1, 9))
         ask = [{"role": "user", "content": "Hello! what is the wifi password?"}]
         tuned = c.chat.completions.create(model=job.fine_tuned_model, messages=ask, temperature=0, max_tokens=32)
         base = c.chat.completions.create(model="smollm2", messages=ask, temperature=0, max_tokens=32)

@@ -27,6 +27,7 @@ def _phitune(*args):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # 20-60 s on 2 cores: in the slow tier, to keep the default suite within budget
 def test_sigkill_and_resume_matches_uninterrupted(tmp_path, tiny_phi3, chat_files):
     reference = tmp_path / "reference"
     assert run_cli("train", _config(tmp_path / "ref.yaml", tiny_phi3, chat_files[0], reference)) == 0

@@ -107,8 +107,9 @@ def run_demo(output: str = "runs/demo", model: str | None = None, toy: bool = Fa
     cfg = parse_config({
         "model": base, "method": recipe["method"],
         "data": {"train": str(train_file), "validation": str(val_file), "max_length": 512},
+        # No evaluation inside the run: the demo scores the held-out set itself, before and after.
         "training": recipe["training"] | {"max_steps": steps, "lr_scheduler": "cosine", "log_every": 1,
-                                          "eval_every": steps, "save_every": steps, "seed": 0},
+                                          "save_every": steps, "seed": 0},
         "output_dir": str(out / "run"),
     }, source="demo")
     console.print(f"[bold]3/4[/] fine-tuning with LoRA for {steps} steps of {cfg.training.batch_size} conversations {elapsed()}")

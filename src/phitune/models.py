@@ -171,6 +171,14 @@ def trained_quantization(adapter: str | None):
                               bnb_4bit_compute_dtype=getattr(torch, q["compute_dtype"]))
 
 
+def merged_model(model, dtype: torch.dtype = torch.float32):
+    """A PEFT model folded into a plain transformers model: PEFT's merge, or over a 4-bit base
+    `merged_quantized`."""
+    if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        return merged_quantized(model, dtype)
+    return model.merge_and_unload()
+
+
 def merged_quantized(model, dtype: torch.dtype):
     """A PEFT model over a 4-bit base, merged into a plain full-precision model: each adapted layer
     gets dequant(4-bit weight) + the adapter's delta, so the result computes exactly what the run
@@ -388,9 +396,10 @@ def load_for_inference(model_path: str, adapter: str | None = None, *, dtype: to
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trust_remote_code)
         torch.manual_seed(0)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         quantization = trained_quantization(adapter)
-        if quantization is not None:
-            kwargs["quantization_config"] = quantization
+        if quantization is not None:  # placed (and quantized) on the device as it loads: a 4-bit model is not moved
+            kwargs.update(quantization_config=quantization, device_map={"": str(device)})
         model = getattr(transformers, HEADS[head]).from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
         raise _hub_error(model_path, exc) from exc
@@ -400,9 +409,4 @@ def load_for_inference(model_path: str, adapter: str | None = None, *, dtype: to
         model = PeftModel.from_pretrained(model, adapter)
     ensure_distinct_pad(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id  # a sequence head finds each row's last token by it
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if quantization is not None:
-        if str(device) == "cpu":
-            return model.eval(), tokenizer
-        model = model.to(device)  # bitsandbytes quantizes the weights as they move to the GPU
-    return model.to(device).eval(), tokenizer
+    return (model if quantization is not None else model.to(device)).eval(), tokenizer

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from phitune.errors import PhituneError
-from phitune.models import DTYPES, load_for_inference, merged_quantized, resolve_trained
+from phitune.models import DTYPES, load_for_inference, merged_model, resolve_trained
 from phitune.outputs import refuse_non_empty, staged
 
 
@@ -24,8 +24,7 @@ def merge(source: str | Path, output: str | Path, *, dtype: str = "float32", bas
     if not hasattr(model, "merge_and_unload"):
         raise PhituneError(f"{adapter}: this adapter type ({type(model.peft_config['default']).__name__}) cannot be merged; "
                            "serve it with the base model instead")
-    quantized = any(type(m).__name__ == "Linear4bit" for m in model.modules())
-    merged = merged_quantized(model, DTYPES[dtype]) if quantized else model.merge_and_unload()
+    merged = merged_model(model, DTYPES[dtype])
     merged.config.use_cache = True
     with staged(output) as tmp:
         merged.save_pretrained(tmp)

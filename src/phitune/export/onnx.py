@@ -101,12 +101,12 @@ def check_export(output: str | Path, source: str | Path, *, data: str | None = N
     from phitune.evaluate import scoring
     from phitune.evaluate.lm import lm_metrics
     from phitune.generate import greedy_ids, prompt_ids
-    from phitune.models import load_for_inference
+    from phitune.models import load_for_inference, merged_model
 
     onnx = OnnxBackend(str(output))
     model, tokenizer = load_for_inference(str(source))
     if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()  # the weights the export was built from
+        model = merged_model(model)  # the weights the export was built from
     split = _held_out(Path(source), data, tokenizer)
     asked = [scoring.prompt_and_reference(s)[0] for _, s in (split.kept if split else []) if scoring.generative(s)][:prompts]
     asked = asked or [[{"role": "user", "content": p}] for p in DEFAULT_PROMPTS]
@@ -163,12 +163,14 @@ def _onnx_perplexity(output: Path, examples: list) -> float:
 
 
 def _build(model_path: str, out: Path, precision: str, device: str, cache: Path, *, adapter: str | None = None,
-           name: str | None = None) -> None:
-    """onnxruntime-genai's model builder in its own process; `out` is removed again when it fails."""
+           name: str | None = None, options: dict[str, str] | None = None) -> None:
+    """onnxruntime-genai's model builder in its own process; `out` is removed again when it fails.
+    `options`: the builder's --extra_options (KEY=VALUE)."""
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", model_path, "-o", str(out), "-p", precision,
            "-e", device, "-c", str(cache)]
-    if adapter:
-        cmd += ["--extra_options", f"adapter_path={adapter}"]
+    extra = dict(options or {}) | ({"adapter_path": adapter} if adapter else {})
+    if extra:
+        cmd += ["--extra_options", *(f"{k}={v}" for k, v in extra.items())]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not (out / "genai_config.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
