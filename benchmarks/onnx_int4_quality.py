@@ -5,7 +5,7 @@ checked as `phitune export onnx --check` checks: greedy replies against PyTorch 
 held-out prompts (exact and token agreement = the matching prefix / the longer reply) and
 perplexity on the held-out answers by ONNX Runtime against PyTorch fp32.
 
-    python benchmarks/onnx_int4_quality.py RUN [--variants default,acc1,...] [--prompts 32]
+    python benchmarks/onnx_int4_quality.py RUN [--variants default,acc1,...] [--prompts 32] [--append]
     # RUN: a training output on the real model, e.g. runs/dictionary-eng-deu
     # writes benchmarks/results/onnx_int4_quality.{md,json}
 """
@@ -34,6 +34,7 @@ VARIANTS = {
                                    "nodes_to_exclude": "/lm_head/MatMul"}, "asymmetric uint4, head unquantised"),
     "k_quant": ("int4", {"algo_config": "k_quant"}, "k-quant instead of RTN"),
     "k_quant_mixed": ("int4", {"algo_config": "k_quant_mixed"}, "k-quant; head and sensitive layers int8"),
+    "k_quant_mixed_block16": ("int4", {"algo_config": "k_quant_mixed", "block_size": "16"}, "k_quant_mixed, block size 16"),
     "block16": ("int4", {"block_size": "16"}, "block size 16"),
     "block128": ("int4", {"block_size": "128"}, "block size 128"),
     "int8": ("int8", {}, "int8 weights"),
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "onnx_int4_quality"))
+    parser.add_argument("--append", action="store_true", help="add these variants to the results already in --out")
     args = parser.parse_args()
 
     from phitune.export.merge import merge
@@ -73,21 +75,31 @@ def main() -> None:
             rows.append({"variant": name, "precision": precision, "options": options, "what": what,
                          "size_mb": round(size, 1), "build_s": round(built, 1), **report})
             print(json.dumps(rows[-1]), flush=True)
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"run": args.run, "rows": rows}, indent=2) + "\n")
+    out = Path(args.out)
+    if args.append and out.with_suffix(".json").is_file():  # a second round of variants joins the first
+        fresh = {r["variant"] for r in rows}
+        rows = [r for r in json.loads(out.with_suffix(".json").read_text())["rows"] if r["variant"] not in fresh] + rows
+    out.with_suffix(".json").write_text(json.dumps({"run": args.run, "rows": rows}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(render(rows, args.run))
+    print(render(rows, args.run))
+
+
+def render(rows: list[dict], run: str) -> str:
     ok = next(r for r in rows if "failed" not in r)
-    lines = [f"# int4 ONNX export quality on `{args.run}`", "",
-             f"`python benchmarks/onnx_int4_quality.py {args.run} --variants {args.variants} --prompts {args.prompts}`; "
-             f"{ok['prompts']} held-out prompts, perplexity on {ok.get('held_out_examples', 0)} held-out answers. "
-             f"PyTorch fp32 perplexity {ok.get('perplexity_torch', float('nan')):.3f}.", "",
+    lines = [f"# int4 ONNX export quality on `{run}`", "",
+             f"`python benchmarks/onnx_int4_quality.py {run} --variants NAMES [--append]`; {ok['prompts']} held-out "
+             f"prompts, perplexity on {ok.get('held_out_examples', 0)} held-out answers. PyTorch fp32 perplexity "
+             f"{ok.get('perplexity_torch', float('nan')):.3f}.", "",
              "| variant | builder options | size MB | greedy exact | token agreement | perplexity change |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
+        if "failed" in r:
+            lines.append(f"| {r['variant']} ({r['what']}) | `{r['precision']}` {opts} | - | failed: {r['failed']} | | |")
+            continue
         lines.append(f"| {r['variant']} ({r['what']}) | `{r['precision']}` {opts} | {r['size_mb']:.0f} | "
                      f"{r['greedy_exact']:.0%} | {r['token_agreement']:.0%} | {r.get('perplexity_change', float('nan')):+.1%} |")
-    Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     main()

@@ -60,6 +60,18 @@ def test_int4_export_stays_close_and_chats_with_the_fine_tuned_behaviour(transla
     assert onnx.stdout.strip() == "Le lait est bon."
 
 
+def test_int8_and_builder_options_reach_the_builder(translator, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "int8"
+    assert run_cli("export", "onnx", translator, "--output", out, "--precision", "int8", "--builder-option",
+                   "block_size=16", "--check") == 0
+    assert json.loads((out / "phitune_export.json").read_text())["builder_options"] == {"block_size": "16"}
+    report = json.loads((out / "check.json").read_text())
+    assert report["greedy_exact"] >= 0.9 and abs(report["perplexity_change"]) < 0.01, report
+    assert run_cli("export", "onnx", translator, "--output", tmp_path / "x", "--builder-option", "block_size") == 2
+    assert "give KEY=VALUE" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_chat_keeps_the_conversation_and_resets(translator):
     run = _chat(translator, "--backend", "torch", stdin=f"{ASK}\n/reset\n\n{ASK}\n/exit\nnever read\n")
     assert run.returncode == 0, run.stderr

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from phitune.argtypes import Parser, non_negative_float, positive_int
 from phitune.errors import PhituneError
+from phitune.export.onnx import PRECISIONS as ONNX_PRECISIONS
 
 EXIT_USAGE = 2
 log = logging.getLogger("phitune")
@@ -142,6 +143,8 @@ def cmd_generate(args) -> int:
 def cmd_export_onnx(args) -> int:
     from phitune.export.onnx import check_export, export_multi_lora, export_onnx
 
+    if args.adapter and args.builder_option:
+        raise PhituneError("--builder-option with --adapter: multi-LoRA exports use the builder's defaults; drop one")
     if args.adapter:
         pairs = [a.partition("=") for a in args.adapter]
         bad = [a for a, (n, eq, p) in zip(args.adapter, pairs) if not (n and eq and p)]
@@ -155,8 +158,12 @@ def cmd_export_onnx(args) -> int:
         print(f"wrote the base {out} with LoRA inputs and adapters/{{{names}}}.onnx_adapter "
               f"(chat with one: phitune chat {out} --adapter {pairs[0][0]})")
         return 0
+    options = dict(o.partition("=")[::2] for o in args.builder_option)
+    bad = [o for o in args.builder_option if "=" not in o or not o.partition("=")[0] or not o.partition("=")[2]]
+    if bad:
+        raise PhituneError(f"--builder-option {bad[0]}: give KEY=VALUE, e.g. --builder-option block_size=16")
     out = export_onnx(args.source, args.output, precision=args.precision, device=args.device, base=args.base,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, options=options)
     print(f"wrote {args.precision} ONNX Runtime GenAI model to {out} (run it: phitune chat {out})")
     if args.check:
         report = check_export(out, args.source, data=args.check_data)
@@ -674,12 +681,15 @@ def build_parser() -> argparse.ArgumentParser:
     ig.add_argument("--overwrite", action="store_true")
     ig.set_defaults(func=cmd_import_gguf)
 
-    x = sub.add_parser("export", help="export a model: onnx (ONNX Runtime GenAI, int4/fp16/fp32)")
+    x = sub.add_parser("export", help="export a model: onnx (ONNX Runtime GenAI, int4/int8/fp16/fp32)")
     xsub = x.add_subparsers(dest="export_command", metavar="FORMAT")
     xo = xsub.add_parser("onnx", help="merge if needed, then build an ONNX Runtime GenAI model")
     xo.add_argument("source", help="training output dir, adapter dir or merged model")
     xo.add_argument("--output", required=True, help="directory for the ONNX model")
-    xo.add_argument("--precision", default="int4", choices=["int4", "fp16", "fp32"], help="default int4")
+    xo.add_argument("--precision", default="int4", choices=ONNX_PRECISIONS,
+                    help="default int4 (smallest; int8 keeps more quality, fp32 is exact)")
+    xo.add_argument("--builder-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an onnxruntime-genai model-builder --extra_options setting, e.g. block_size=16 (repeatable)")
     xo.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="execution target (default cpu)")
     xo.add_argument("--base", help="base model, when not the one in adapter_config.json")
     xo.add_argument("--overwrite", action="store_true")

@@ -1,4 +1,4 @@
-"""`phitune export onnx`: a fine-tune as an ONNX Runtime GenAI model (int4 / fp16 / fp32).
+"""`phitune export onnx`: a fine-tune as an ONNX Runtime GenAI model (int4 / int8 / fp16 / fp32).
 
 The model builder of onnxruntime-genai does the conversion (graph, quantization, genai_config,
 tokenizer files); we give it a plain transformers model: an adapter is merged first, exactly as
@@ -23,8 +23,12 @@ from phitune.outputs import refuse_non_empty, staged
 
 log = logging.getLogger("phitune")
 
-PRECISIONS = ("int4", "fp16", "fp32")
+PRECISIONS = ("int4", "int8", "fp16", "fp32")
 DEVICES = ("cpu", "cuda")
+# The builder's int4 settings phitune uses: k-quant, the output head and the most sensitive layers
+# in int8, blocks of 16 kept the most quality of the int4 settings tried on the real model
+# (benchmarks/results/onnx_int4_quality.md); the builder's own default (RTN, block 32) lost more.
+QUANT_OPTIONS = {"int4": {"algo_config": "k_quant_mixed", "block_size": "16"}}
 
 
 def require_genai():
@@ -44,7 +48,8 @@ def require_builder() -> None:
 
 
 def export_onnx(source: str | Path, output: str | Path, *, precision: str = "int4", device: str = "cpu",
-                base: str | None = None, overwrite: bool = False) -> Path:
+                base: str | None = None, overwrite: bool = False, options: dict[str, str] | None = None) -> Path:
+    """`options`: builder --extra_options over phitune's QUANT_OPTIONS for the precision."""
     from phitune.export.merge import merge
     from phitune.models import refuse_classifier, resolve_trained
 
@@ -54,7 +59,7 @@ def export_onnx(source: str | Path, output: str | Path, *, precision: str = "int
     if device not in DEVICES:
         raise PhituneError(f"--device {device}: use one of {', '.join(DEVICES)}")
     if precision == "fp16" and device == "cpu":
-        raise PhituneError("--precision fp16 runs on cuda; on cpu use int4 (fast) or fp32 (exact)")
+        raise PhituneError("--precision fp16 runs on cuda; on cpu use int4 (smallest), int8 or fp32 (exact)")
     refuse_non_empty(output, overwrite)
     require_builder()
     model_path, adapter = resolve_trained(source)
@@ -65,14 +70,15 @@ def export_onnx(source: str | Path, output: str | Path, *, precision: str = "int
             merged = Path(work) / "merged"
             merge(source, merged, base=base)
             model_path = str(merged)
-        _build(model_path, tmp, precision, device, Path(work) / "cache", name=str(source))
+        options = QUANT_OPTIONS.get(precision, {}) | (options or {})
+        _build(model_path, tmp, precision, device, Path(work) / "cache", name=str(source), options=options)
         for folder in (Path(adapter) if adapter else None, source, Path(model_path)):
             if folder and (folder / "task.json").is_file():
                 shutil.copy(folder / "task.json", tmp / "task.json")
                 break
         (tmp / "phitune_export.json").write_text(json.dumps({
             "source": str(source), "base": base_model, "adapter": adapter,
-            "precision": precision, "device": device}, indent=2) + "\n")
+            "precision": precision, "device": device, "builder_options": options}, indent=2) + "\n")
     return output
 
 
@@ -206,8 +212,8 @@ def export_multi_lora(base: str, adapters: dict[str, str], output: str | Path, *
     from phitune.models import resolve_trained
 
     output = Path(output)
-    if precision == "int4":
-        raise PhituneError("--adapter with --precision int4: the builder would quantize the LoRA weights into the graph, "
+    if precision in ("int4", "int8"):
+        raise PhituneError(f"--adapter with --precision {precision}: the builder would quantize the LoRA weights into the graph, "
                            "so they could not be swapped; use fp32 (cpu) or fp16 (cuda), or export each fine-tune merged in int4")
     refuse_non_empty(output, overwrite)
     require_builder()
