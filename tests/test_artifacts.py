@@ -94,6 +94,7 @@ def test_full_finetune_writes_a_transformers_model(tiny_phi3, chat_files, tmp_pa
     assert run_cli("merge", tmp_path / "out", "--output", tmp_path / "m") == 2  # nothing to merge
 
 
+@pytest.mark.slow  # the real-model tier covers this path in the default suite
 def test_generate_answers_with_the_fine_tuned_behaviour(tiny_phi3, tmp_path, capsys):
     cfg = write_config(tmp_path / "c.yaml", tiny_phi3, DEMO_TRAIN, tmp_path / "out",
                        method={"name": "lora", "dropout": 0.0, "target_modules": ["all-linear", "lm_head"]},

@@ -35,6 +35,7 @@ def _chat(*args, stdin: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300, cwd=REPO)
 
 
+@pytest.mark.slow  # the real-model tier covers this path in the default suite
 def test_fp32_export_matches_pytorch_greedy_tokens_and_perplexity(translator, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     out = tmp_path / "fp32"
@@ -72,12 +73,14 @@ def test_int8_and_builder_options_reach_the_builder(translator, tmp_path, monkey
     assert "give KEY=VALUE" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # the real-model tier covers this path in the default suite
 def test_chat_keeps_the_conversation_and_resets(translator):
     run = _chat(translator, "--backend", "torch", stdin=f"{ASK}\n/reset\n\n{ASK}\n/exit\nnever read\n")
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == ["Le lait est bon.", "Le lait est bon."]
 
 
+@pytest.mark.slow  # the real-model tier covers this path in the default suite
 def test_generate_with_the_onnx_backend(translator, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     out = tmp_path / "fp32"

@@ -128,3 +128,14 @@ def test_the_demo_hint_is_a_command_this_shell_can_run(monkeypatch, tmp_path):
     (tmp_path / "phitune").write_text("#!/bin/sh\n")
     (tmp_path / "phitune").chmod(0o755)
     assert phitune_command() == "phitune"
+
+
+def test_the_toy_demo_runs_the_same_job_in_seconds(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert run_cli("demo", "--toy", "--output", out, "--max-steps", "5") == 0
+    report = json.loads((out / "demo_report.json").read_text())
+    assert report["train_loss_last"][0] == 5 and report["after"]["loss"] < report["before"]["loss"]
+    assert "held-out replies" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:  # one base model or the other, refused by the parser
+        run_cli("demo", "--toy", "--model", "x")
+    assert refused.value.code == 2 and "not allowed with argument --toy" in capsys.readouterr().err

@@ -139,7 +139,7 @@ def test_a_service_job_on_the_real_model_through_the_openai_sdk(real_model, tmp_
     from test_serve import Server, _wait
 
     rows = tmp_path / "cafe.jsonl"
-    rows.write_text("\n".join(DEMO_TRAIN.read_text().splitlines()[:64]) + "\n")
+    rows.write_text("\n".join(DEMO_TRAIN.read_text().splitlines()[:96]) + "\n")
     server = Server(tmp_path / "storage", real_model, name="smollm2").start()
     try:
         c = server.client()
@@ -151,7 +151,7 @@ def test_a_service_job_on_the_real_model_through_the_openai_sdk(real_model, tmp_
         assert job.status == "succeeded", job.error
         assert job.trained_tokens > 0 and job.hyperparameters.batch_size == 8
         steps = sorted(e.data["step"] for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data if e.type == "metrics")
-        assert steps == list(range(1, 9))
+        assert steps == list(range(1, 13))
         ask = [{"role": "user", "content": "Hello! what is the wifi password?"}]
         tuned = c.chat.completions.create(model=job.fine_tuned_model, messages=ask, temperature=0, max_tokens=32)
         base = c.chat.completions.create(model="smollm2", messages=ask, temperature=0, max_tokens=32)
