@@ -73,7 +73,7 @@ def test_int8_and_builder_options_reach_the_builder(translator, tmp_path, monkey
     assert "give KEY=VALUE" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
-@pytest.mark.slow  # the real-model tier covers this path in the default suite
+@pytest.mark.slow  # 13 s of subprocess chat: the slow tier, to keep the default suite within budget
 def test_chat_keeps_the_conversation_and_resets(translator):
     run = _chat(translator, "--backend", "torch", stdin=f"{ASK}\n/reset\n\n{ASK}\n/exit\nnever read\n")
     assert run.returncode == 0, run.stderr
