@@ -18,6 +18,7 @@ from phitune.generate import complete_batch
 from phitune.models import load_for_inference
 
 from conftest import DEMO_TRAIN, DEMO_VAL, REPO, run_cli, write_config
+from test_artifacts import _logits
 
 pytestmark = pytest.mark.real
 
@@ -44,11 +45,6 @@ def base_loss(real_model) -> float:
 def _exact(model, tokenizer) -> float:
     replies = complete_batch(model, tokenizer, [m[:-1] for m in VAL_ROWS], batch_size=len(VAL_ROWS), max_new_tokens=32)
     return sum(r == m[-1]["content"] for r, m in zip(replies, VAL_ROWS)) / len(VAL_ROWS)
-
-
-@torch.no_grad()
-def _logits(model, batch):
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 def _val_batch(tokenizer):

@@ -140,28 +140,31 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _key_values(flag: str, items: list[str], form: str) -> list[tuple[str, str]]:
+    """NAME=VALUE flag values as pairs; one with an empty side is refused, naming the form."""
+    pairs = [item.partition("=") for item in items]
+    bad = [item for item, (key, eq, value) in zip(items, pairs) if not (key and eq and value)]
+    if bad:
+        raise PhituneError(f"{flag} {bad[0]}: give {form}")
+    return [(key, value) for key, _, value in pairs]
+
+
 def cmd_export_onnx(args) -> int:
     from phitune.export.onnx import check_export, export_multi_lora, export_onnx
 
     if args.adapter and args.builder_option:
         raise PhituneError("--builder-option with --adapter: multi-LoRA exports use the builder's defaults; drop one")
     if args.adapter:
-        pairs = [a.partition("=") for a in args.adapter]
-        bad = [a for a, (n, eq, p) in zip(args.adapter, pairs) if not (n and eq and p)]
-        if bad:
-            raise PhituneError(f"--adapter {bad[0]}: give NAME=PATH (an adapter dir or training output)")
-        if len({n for n, _, _ in pairs}) != len(pairs):
+        pairs = _key_values("--adapter", args.adapter, "NAME=PATH (an adapter dir or training output)")
+        if len({n for n, _ in pairs}) != len(pairs):
             raise PhituneError("--adapter: each adapter needs its own NAME")
-        out = export_multi_lora(args.source, {n: p for n, _, p in pairs}, args.output, precision=args.precision,
+        out = export_multi_lora(args.source, dict(pairs), args.output, precision=args.precision,
                                 device=args.device, overwrite=args.overwrite)
-        names = ", ".join(n for n, _, _ in pairs)
+        names = ", ".join(n for n, _ in pairs)
         print(f"wrote the base {out} with LoRA inputs and adapters/{{{names}}}.onnx_adapter "
               f"(chat with one: phitune chat {out} --adapter {pairs[0][0]})")
         return 0
-    options = dict(o.partition("=")[::2] for o in args.builder_option)
-    bad = [o for o in args.builder_option if "=" not in o or not o.partition("=")[0] or not o.partition("=")[2]]
-    if bad:
-        raise PhituneError(f"--builder-option {bad[0]}: give KEY=VALUE, e.g. --builder-option block_size=16")
+    options = dict(_key_values("--builder-option", args.builder_option, "KEY=VALUE, e.g. --builder-option block_size=16"))
     out = export_onnx(args.source, args.output, precision=args.precision, device=args.device, base=args.base,
                       overwrite=args.overwrite, options=options)
     print(f"wrote {args.precision} ONNX Runtime GenAI model to {out} (run it: phitune chat {out})")
