@@ -111,3 +111,14 @@ def test_shipped_example_configs_parse(monkeypatch):
         except PhituneError as exc:
             others = [p for p in exc.problems if "model directory not found" not in p]
             assert not others, others
+
+
+def test_a_model_path_under_home_is_expanded(tmp_path, monkeypatch):
+    from phitune.config import parse_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    train = tmp_path / "t.jsonl"
+    train.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
+    cfg = parse_config({"model": "~/models/m", "data": str(train)}, source="t")
+    assert cfg.model.name_or_path == str(tmp_path / "models" / "m")
