@@ -22,6 +22,8 @@ def main():
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--r", type=int, default=16)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--packing", action="store_true")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=0)
@@ -41,8 +43,8 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     config = SFTConfig(
         output_dir=args.output, per_device_train_batch_size=args.batch_size, max_length=args.max_length,
-        learning_rate=args.lr, num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[],
-        use_cpu=True, bf16=False, packing=args.packing, lr_scheduler_type="linear", seed=0,
+        learning_rate=args.lr, num_train_epochs=args.epochs, logging_steps=1, save_strategy="no", report_to=[],
+        use_cpu=True, bf16=False, packing=args.packing, lr_scheduler_type="linear", seed=args.seed,
         **({"gradient_checkpointing": False} if args.no_gradient_checkpointing else {}),
     )
     peft_config = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, target_modules="all-linear",

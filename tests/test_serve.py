@@ -180,7 +180,7 @@ def test_fine_tune_end_to_end_with_the_openai_sdk(server, train_file):
     job = _wait(c, job.id)
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model == f"ft:tiny:local:cafe:{job.id.split('-')[1][:8]}" and job.trained_tokens > 0
-    assert job.hyperparameters.n_epochs == 3 and job.hyperparameters.batch_size == 2  # auto from 40 examples
+    assert job.hyperparameters.n_epochs == 3 and job.hyperparameters.batch_size == 4  # auto from 40 examples: sqrt(40) / 2 -> 4
     # Events: newest first, paged with after=, ids stable and unique, one metrics event per step.
     pages, after = [], None
     while True:

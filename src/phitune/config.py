@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
 
 from phitune.errors import PhituneError
 
@@ -133,10 +133,17 @@ class TaskConfig(_Section):
 
 class TrainingConfig(_Section):
     max_steps: Optional[int] = Field(None, gt=0, description="Optimizer steps to run (instead of epochs).")
-    epochs: Optional[float] = Field(None, gt=0, description="Passes over the training data (default 1 when max_steps is unset).")
-    batch_size: int = Field(8, gt=0, description="Examples per optimizer step (split into micro-batches by gradient_accumulation_steps).")
+    epochs: Union[Literal["auto"], PositiveFloat, None] = Field(
+        "auto", description="Passes over the training data (ignored when max_steps is set). auto: 3, more for tiny "
+        "sets (about 60 optimizer steps at least, 10 epochs at most), fewer past 25,000 examples or 20M tokens.")
+    batch_size: Union[Literal["auto"], PositiveInt] = Field(
+        "auto", description="Examples per optimizer step (split into micro-batches by gradient_accumulation_steps). "
+        "auto: about sqrt(examples) / 2, a power of two from 4 to 32 (a multiple of processes x accumulation steps).")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step; batch_size must divide by it.")
-    learning_rate: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
+    learning_rate: Union[Literal["auto"], PositiveFloat] = Field(
+        "auto", description="Peak learning rate. auto: from the model's width and the method: LoRA/DoRA/QLoRA 1e-3 x "
+        "576 / hidden_size (about 2e-4 for Phi-3-mini), full fine-tuning / 10, prompt_tuning x 10, ia3 x 3, dpo / 10. "
+        "The run's choice is logged and kept in run.json (hyperparameters).")
     lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (overrides warmup_ratio when > 0).")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warmup as a fraction of total steps.")
@@ -258,6 +265,31 @@ def _key_lines(text: str) -> dict[str, int]:
     return lines
 
 
+_UNION_TAG = re.compile(r"[\[\]()'-]|^(str|int|float|bool|list|dict|none)$")
+
+
+def _untagged(errors: list[dict]) -> list[dict]:
+    """pydantic names the union member that failed in the location (`batch_size.literal['auto']`,
+    `batch_size.constrained-int`); the user's key is the location without it."""
+    return [{**e, "loc": tuple(x for x in e["loc"] if not (isinstance(x, str) and _UNION_TAG.search(x)))} for e in errors]
+
+
+def _union_merged(found: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """One line per key: 'input should be 'auto' or greater than 0 (got -1)', not one per member."""
+    merged: dict[str, list[str]] = {}
+    for path, msg in found:
+        merged.setdefault(path, []).append(msg)
+    out = []
+    for path, msgs in merged.items():
+        if len(msgs) == 1:
+            out.append((path, msgs[0]))
+            continue
+        got = msgs[0][msgs[0].rfind(" (got "):]
+        wants = [m[: m.rfind(" (got ")].removeprefix("input should be ").split(",")[0] for m in msgs]
+        out.append((path, "input should be " + " or ".join(dict.fromkeys(wants)) + got))
+    return out
+
+
 def _format_error(err: dict, section: str | None) -> tuple[str, str]:
     loc = [str(x) for x in err["loc"]]
     path = ".".join(([section] if section else []) + loc)
@@ -303,8 +335,7 @@ def parse_config(raw: Any, *, source: str = "config", text: str | None = None,
         try:
             sections[name] = model.model_validate(value)
         except ValidationError as exc:
-            for err in exc.errors():
-                path, msg = _format_error(err, name)
+            for path, msg in _union_merged([_format_error(err, name) for err in _untagged(exc.errors())]):
                 problems.append(f"{where(path)}: {msg}")
     if "output_dir" in raw and not isinstance(raw["output_dir"], str):
         problems.append(f"{where('output_dir')}: expected a path string, got {raw['output_dir']!r}")
@@ -336,9 +367,9 @@ def semantic_problems(sections: dict[str, BaseModel]) -> list[tuple[str, str]]:
     data: DataConfig | None = sections.get("data")
     model: ModelConfig | None = sections.get("model")
     method: MethodConfig | None = sections.get("method")
-    if t.max_steps is not None and t.epochs is not None:
-        out.append(("training.epochs", f"set either training.max_steps ({t.max_steps}) or training.epochs ({t.epochs}), not both"))
-    if t.batch_size % t.gradient_accumulation_steps:
+    if t.max_steps is not None and t.epochs not in (None, "auto"):
+        out.append(("training.epochs", f"set either training.max_steps ({t.max_steps}) or training.epochs ({t.epochs:g}), not both"))
+    if t.batch_size != "auto" and t.batch_size % t.gradient_accumulation_steps:
         out.append((
             "training.gradient_accumulation_steps",
             f"batch_size {t.batch_size} is not divisible by gradient_accumulation_steps {t.gradient_accumulation_steps}; "

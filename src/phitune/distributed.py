@@ -116,7 +116,7 @@ def resolve_strategy(cfg, world: int) -> str:
 
 def check_batch(cfg, world: int) -> None:
     t = cfg.training
-    if world > 1 and t.batch_size % (world * t.gradient_accumulation_steps):
+    if world > 1 and t.batch_size != "auto" and t.batch_size % (world * t.gradient_accumulation_steps):
         raise PhituneError(
             f"training.batch_size: {t.batch_size} examples cannot be shared by {world} processes x "
             f"{t.gradient_accumulation_steps} accumulation steps; make it a multiple of {world * t.gradient_accumulation_steps}"

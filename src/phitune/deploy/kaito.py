@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import posixpath
 import re
+from pathlib import Path
 
 import yaml
 
+from phitune import hyperparameters
 from phitune.errors import PhituneError
 
 # Hugging Face id -> KAITO preset, for the presets KAITO can tune (TransformerTuningParameters).
@@ -31,6 +33,10 @@ PRESETS = {
     "qwen/qwen2.5-coder-7b-instruct": "qwen2.5-coder-7b-instruct",
     "qwen/qwen2.5-coder-32b-instruct": "qwen2.5-coder-32b-instruct",
 }
+# Their hidden sizes (config.json), for the `auto` learning rate without downloading a config.
+PRESET_WIDTHS = {"phi-4": 5120, "phi-4-mini-instruct": 3072, "phi-3-mini-4k-instruct": 3072, "phi-3-mini-128k-instruct": 3072,
+                 "phi-3-medium-4k-instruct": 5120, "phi-3-medium-128k-instruct": 5120, "phi-3.5-mini-instruct": 3072,
+                 "mistral-7b-v0.3": 4096, "qwen2.5-coder-7b-instruct": 3584, "qwen2.5-coder-32b-instruct": 5120}
 DTYPES = {"auto": "bfloat16", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
               "paged_adamw_32bit": "paged_adamw_32bit"}
@@ -88,11 +94,15 @@ def kaito_manifests(cfg, *, name: str, instance_type: str, input_urls: list[str]
         problems.append(f"model.name_or_path {cfg.model.name_or_path!r}" + (f" / --preset {preset!r}" if preset else "")
                         + f": KAITO tunes only its presets ({', '.join(sorted(PRESETS.values()))}); pass --preset "
                         "or use `phitune k8s`")
+    rows = None
+    if Path(cfg.data.train).is_file():
+        rows, _ = read_rows(cfg.data.train)
     fmt = cfg.data.format
     if fmt == "auto":
-        rows, _ = read_rows(cfg.data.train)
         fmt = detect_format(rows, cfg.data.train) if rows else "chat"
     problems += untranslatable(cfg, fmt)
+    cfg, unresolved = hyperparameters.for_manifest(cfg, len(rows) if rows else None, PRESET_WIDTHS.get(chosen or ""))
+    problems += unresolved
     if bool(input_urls) + bool(input_image) != 1:
         problems.append("input: give exactly one of --input-url (repeatable) or --input-image; KAITO cannot read "
                         f"the local file {cfg.data.train}")

@@ -26,6 +26,7 @@ from phitune.config import Config, dump_config, flatten
 from phitune.data.batching import epoch_batches, split_micro
 from phitune.distributed import DeepSpeedEngine, FsdpEngine, PlainEngine, peak_memory_mb, run_deepspeed_config, start
 from phitune.data.dataset import TrainData, length_problem, load_training_data, statistics_of
+from phitune import hyperparameters
 from phitune.errors import PhituneError
 from phitune.evaluate import scoring
 from phitune.generate import complete_batch
@@ -226,6 +227,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))
         (out / "task.json").write_text(data.spec.to_json())
+    cfg, chosen = hyperparameters.for_run(cfg, data, runtime.world)  # config.yaml keeps `auto`; run.json the choice
+    t = cfg.training
+    if chosen:
+        log.info("auto: %s (%s)", ", ".join(f"{k} {v:g}" for k, v in chosen.items() if k != "why"), chosen["why"])
 
     seed_everything(t.seed)  # the same initial weights in every process
     head, labels = data.spec.model_head
@@ -398,6 +403,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
                "duplicates_removed": data.train.duplicates if cfg.data.dedupe else 0,
                "packed_sequences": len(train_examples) if data.packed else None,
                "data": statistics_of(data.train, data.spec), "task": data.spec.name, "objective": objective.name,
+               "hyperparameters": {"epochs": t.epochs, "batch_size": t.batch_size, "learning_rate": t.learning_rate,
+                                   "max_steps": t.max_steps, "auto": chosen},
                "model_class": HEADS[head], "num_labels": len(labels) if labels else None,
                "processes": runtime.world, "strategy": runtime.strategy, "peak_memory_per_process": runtime.gather(peak_memory_mb()),
                **weights, "final_train_loss": last_loss, "eval": eval_metrics, "elapsed_s": round(state.elapsed_s, 2),

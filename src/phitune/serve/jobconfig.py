@@ -7,16 +7,13 @@ own values before anything runs, whatever the job row holds."""
 
 from __future__ import annotations
 
-import math
-
 from pydantic import ValidationError
 
+from phitune import hyperparameters as auto
 from phitune.errors import PhituneError
 from phitune.serve.errors import validation_message
 from phitune.serve.options import tenant_options
 from phitune.serve.settings import Settings
-
-BASE_LR = {"full": 2e-5}  # the learning rate a multiplier of 1.0 means; adapters: 2e-4
 
 
 def merge(into: dict, extra: dict) -> dict:
@@ -26,15 +23,22 @@ def merge(into: dict, extra: dict) -> dict:
 
 
 def choose_hyperparameters(asked: dict, n_examples: int) -> dict:
-    """OpenAI-style "auto": small sets get more epochs and small batches, large ones fewer and larger."""
-    n = max(n_examples, 1)
-    auto = {"n_epochs": min(10, max(1, round(800 / n))),
-            "batch_size": min(32, 2 ** int(math.log2(max(1, n // 16)))),
-            "learning_rate_multiplier": 1.0}
-    out = {k: (auto[k] if asked.get(k, "auto") == "auto" else asked[k]) for k in auto}
+    """OpenAI's `auto` by phitune's own rules (the ones `phitune train` uses): the batch size and
+    epochs from the example count; a learning-rate multiplier of 1 means phitune's auto rate."""
+    batch = auto.auto_batch_size(n_examples) if asked.get("batch_size", "auto") == "auto" else asked["batch_size"]
+    epochs = auto.auto_epochs(n_examples, None, batch) if asked.get("n_epochs", "auto") == "auto" else asked["n_epochs"]
+    out = {"n_epochs": epochs if not float(epochs).is_integer() else int(epochs), "batch_size": batch,
+           "learning_rate_multiplier": 1.0 if asked.get("learning_rate_multiplier", "auto") == "auto"
+           else asked["learning_rate_multiplier"]}
     if "beta" in asked:
         out["beta"] = 0.1 if asked["beta"] == "auto" else asked["beta"]
     return out
+
+
+def base_learning_rate(settings: Settings, job, method: str) -> float:
+    """What a multiplier of 1.0 means for this job: phitune's auto rate for the served model."""
+    width = auto.model_width(settings.models[job.model], trust_remote_code=job.model in settings.trusted)
+    return auto.auto_learning_rate(width, method, "dpo" if job.method.get("type") == "dpo" else "sft")
 
 
 def options(job) -> dict:
@@ -60,7 +64,7 @@ def raw_config(settings: Settings, job, hyper: dict) -> dict:
     raw = {"model": owned["model"], "method": {"name": "lora"},
            "data": {"train": owned["data"]["train"], "format": "auto"},
            "training": {"epochs": hyper["n_epochs"], "batch_size": hyper["batch_size"], "seed": job.seed,
-                        "learning_rate": BASE_LR.get(method, 2e-4) * hyper["learning_rate_multiplier"],
+                        "learning_rate": base_learning_rate(settings, job, method) * hyper["learning_rate_multiplier"],
                         "log_every": 1, "save_every": 10, "save_total_limit": None},
            "output_dir": owned["output_dir"]}
     if job.validation_file:
