@@ -76,7 +76,10 @@ def phitune_run(model: str, task: dict, data: Path, seed: int, out: Path, overri
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     sets = [a for o in overrides for a in ("--set", o)]
-    seconds = run([PYTHON, "-m", "phitune", "train", str(path), "--overwrite", *sets], out.parent / f"{out.name}.log")
+    seconds = reused(out, {"config": config, "overrides": overrides})
+    if seconds is None:
+        seconds = run([PYTHON, "-m", "phitune", "train", str(path), "--overwrite", *sets], out.parent / f"{out.name}.log")
+        done(out, {"config": config, "overrides": overrides}, seconds)
     summary = json.loads((out / "run.json").read_text())
     return {"path": str(out), "seconds": round(seconds, 1), "steps": summary["steps"],
             "hyperparameters": summary.get("hyperparameters")}
@@ -93,16 +96,34 @@ def trl_run(model: str, data: Path, seed: int, out: Path) -> dict:
     split, spec = read_split(cfg.data.train, cfg.data, cfg.task)
     out.mkdir(parents=True, exist_ok=True)
     rows = out / "messages.jsonl"
-    rows.write_text("".join(json.dumps({"messages": s.messages}, ensure_ascii=False) + "\n" for s in split.samples))
+    rows.write_text("".join(json.dumps({"messages": sample.messages}, ensure_ascii=False) + "\n" for _, sample in split.samples))
     h = TRL_HAND_SET
-    seconds = run([PYTHON, str(HERE / "_trl_child.py"), "--model", model, "--data", str(rows), "--output", str(out),
-                   "--lr", str(h["lr"]), "--epochs", str(h["epochs"]), "--batch-size", str(h["batch_size"]),
-                   "--r", str(h["r"]), "--max-length", "256", "--seed", str(seed)], out / "trl.log")
-    (out / "adapter" / "task.json").write_text(spec.to_json())
+    seconds = reused(out, {"trl": h, "seed": seed})
+    if seconds is None:
+        seconds = run([PYTHON, str(HERE / "_trl_child.py"), "--model", model, "--data", str(rows), "--output", str(out),
+                       "--lr", str(h["lr"]), "--epochs", str(h["epochs"]), "--batch-size", str(h["batch_size"]),
+                       "--r", str(h["r"]), "--max-length", "256", "--seed", str(seed)], out / "trl.log")
+        (out / "adapter" / "task.json").write_text(spec.to_json())
+        done(out, {"trl": h, "seed": seed}, seconds)
     return {"path": str(out / "adapter"), "seconds": round(seconds, 1)}
 
 
 TASKS_BY_DATA: dict[str, dict] = {}
+
+
+def reused(out: Path, recipe: dict) -> float | None:
+    """The seconds of a finished run of this very recipe in `out` (an interrupted benchmark picks
+    up where it stopped), or None."""
+    marker = out / "benchmark.json"
+    if marker.is_file():
+        saved = json.loads(marker.read_text())
+        if saved["recipe"] == recipe:
+            return saved["seconds"]
+    return None
+
+
+def done(out: Path, recipe: dict, seconds: float) -> None:
+    (out / "benchmark.json").write_text(json.dumps({"recipe": recipe, "seconds": seconds}) + "\n")
 
 
 def spread(values: list[float]) -> dict:

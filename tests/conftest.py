@@ -61,6 +61,11 @@ def write_config(path: Path, model: Path, train: Path, out: Path, *, method="lor
     return path
 
 
+# The example configs are tuned for the real model (auto learning rate, LoRA dropout). On the toy
+# model a test trains them at the rate the toy learns from in tens of steps.
+TOY_EXAMPLE_FLAGS = ("--set", "training.learning_rate=3e-3", "--set", "method.dropout=0.0")
+
+
 def run_cli(*args: str) -> int:
     return phitune_main([str(a) for a in args])
 

@@ -57,7 +57,7 @@ def test_semantic_problems_are_collected(tmp_path, chat_files):
     joined = "\n".join(exc.value.problems)
     assert "model directory not found: ./no/such/model; create one with `phitune create-model" in joined
     assert "data.train: file not found: missing.jsonl" in joined
-    assert "set either training.max_steps (5) or training.epochs (2.0), not both" in joined
+    assert "set either training.max_steps (5) or training.epochs (2), not both" in joined
     assert "batch_size 6 is not divisible by gradient_accumulation_steps 4" in joined
     assert "training.eval_every: needs a validation set" in joined
 

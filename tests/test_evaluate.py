@@ -8,21 +8,21 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_cli, write_config
+from conftest import REPO, TOY_EXAMPLE_FLAGS, run_cli, write_config
 from phitune.evaluate import scoring
 from phitune.data.tasks import TaskSpec
 
 
 def _train_example(name: str, tiny_phi3, out, *extra) -> None:
     assert run_cli("train", REPO / "examples" / name / "config.yaml", "--set", f"model.name_or_path={tiny_phi3}",
-                   "--set", f"output_dir={out}", "--set", "training.precision=fp32", *extra) == 0
+                   "--set", f"output_dir={out}", "--set", "training.precision=fp32", *TOY_EXAMPLE_FLAGS, *extra) == 0
 
 
 @pytest.mark.parametrize("example,primary", [("classification", "accuracy"), ("translation", "chrf")])
 def test_fine_tune_beats_the_untrained_base_in_compare(example, primary, tiny_phi3, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     run = tmp_path / "run"
-    _train_example(example, tiny_phi3, run)
+    _train_example(example, tiny_phi3, run, "--max-steps", "60" if example == "classification" else "200")
     report = tmp_path / "report"
     assert run_cli("compare", tiny_phi3, run, "--names", "base,tuned", "--output", report) == 0
     comparison = json.loads((report / "comparison.json").read_text())
@@ -212,7 +212,7 @@ def test_best_metric_errors(tiny_phi3, chat_files, tmp_path, capsys):
 def test_preference_pairs_compare_without_a_reference_model(tiny_phi3, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     run = tmp_path / "dpo"
-    _train_example("dpo", tiny_phi3, run, "--max-steps", "20")
+    _train_example("dpo", tiny_phi3, run, "--max-steps", "20", "--set", "method.target_modules=[all-linear,lm_head]")
     assert run_cli("compare", tiny_phi3, run, "--names", "base,dpo", "--output", tmp_path / "r") == 0
     comparison = json.loads((tmp_path / "r" / "comparison.json").read_text())
     base, tuned = (m["metrics"] for m in comparison["models"])

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, losses, run_cli
+from conftest import REPO, TOY_EXAMPLE_FLAGS, losses, run_cli
 
 # config -> the architecture its model directory stands for
 CHEAP = {"lora-support.yaml": "phi3", "full-tiny.yaml": "phi3", "dora-llama.yaml": "llama"}
@@ -40,9 +40,9 @@ def test_every_scenario_has_an_example():
     assert dirs >= {"classification", "ner", "translation", "qa", "chatbot", "creative", "domain", "dpo"}
 
 
-def _generated_data(name: str, tmp_path, real_model) -> list[str]:
-    """--set flags pointing a config whose data is generated on the machine (the FreeDict
-    dictionaries: GPL, not shipped) at a fresh copy; skips where the dictionary is not installed."""
+def _generated_data(name: str, tmp_path, request) -> list[str]:
+    """--set flags pointing a config whose data is generated on the machine (FreeDict dictionaries,
+    WordNet: Debian packages, not shipped) at a fresh copy; skips where the package is missing."""
     import subprocess
     import sys
 
@@ -51,11 +51,19 @@ def _generated_data(name: str, tmp_path, real_model) -> list[str]:
     data = yaml.safe_load((REPO / "examples" / name).read_text())["data"]
     if not data["train"].startswith("data/"):
         return []
-    pair = Path(data["train"]).parent.name.removeprefix("dictionary-")
-    if not Path(f"/usr/share/dictd/freedict-{pair}.index").is_file():
-        pytest.skip(f"needs Debian's dict-freedict-{pair} (apt-get install dict-freedict-{pair})")
-    subprocess.run([sys.executable, str(REPO / "examples" / "make_dictionary_data.py"), "--pair", pair, "--output",
-                    str(tmp_path / "data"), "--tokenizer", str(real_model), "--train", "320", "--val", "32"], check=True)
+    folder = Path(data["train"]).parent.name
+    if folder.startswith("wordnet"):
+        if not Path("/usr/share/wordnet/data.noun").is_file():
+            pytest.skip("needs Debian's wordnet-base (apt-get install wordnet-base)")
+        command = ["make_wordnet_data.py", "--train", "120", "--val", "30"]
+    else:
+        pair = folder.removeprefix("dictionary-")
+        if not Path(f"/usr/share/dictd/freedict-{pair}.index").is_file():
+            pytest.skip(f"needs Debian's dict-freedict-{pair} (apt-get install dict-freedict-{pair})")
+        command = ["make_dictionary_data.py", "--pair", pair, "--tokenizer", str(request.getfixturevalue("real_model")),
+                   "--train", "320", "--val", "32"]
+    subprocess.run([sys.executable, str(REPO / "examples" / command[0]), *command[1:], "--output", str(tmp_path / "data")],
+                   check=True)
     return ["--set", f"data.train={tmp_path / 'data' / 'train.jsonl'}",
             "--set", f"data.validation={tmp_path / 'data' / 'val.jsonl'}"]
 
@@ -64,9 +72,9 @@ def _generated_data(name: str, tmp_path, real_model) -> list[str]:
 def test_scenario_example_trains(name, tiny_phi3, tmp_path, monkeypatch, request):
     monkeypatch.chdir(REPO)
     out = tmp_path / "out"
-    generated = _generated_data(name, tmp_path, request.getfixturevalue("real_model")) if "dictionary" in name else []
+    generated = _generated_data(name, tmp_path, request)
     assert run_cli("train", REPO / "examples" / name, "--set", f"model.name_or_path={tiny_phi3}", *generated,
-                   "--set", f"output_dir={out}", "--set", "training.log_every=1", "--max-steps", "20") == 0
+                   "--set", f"output_dir={out}", "--set", "training.log_every=1", *TOY_EXAMPLE_FLAGS, "--max-steps", "20") == 0
     trace = losses(out)
     assert len(trace) == 20 and sum(trace[-3:]) / 3 < trace[0]
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "task.json").is_file()

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, TOY_EXAMPLE_FLAGS, run_cli
 
 
 def _records(out):
@@ -13,7 +13,7 @@ def _records(out):
 
 def _train(example: str, model, out, *extra):
     return run_cli("train", REPO / "examples" / example / "config.yaml", "--set", f"model.name_or_path={model}",
-                   "--set", f"output_dir={out}", *extra)
+                   "--set", f"output_dir={out}", *TOY_EXAMPLE_FLAGS, *extra)
 
 
 def test_classification_head_beats_chance_and_loads_in_plain_peft(tiny_phi3, tmp_path, monkeypatch):
@@ -55,7 +55,7 @@ def test_ner_head_finds_entities(tiny_phi3, tmp_path, monkeypatch):
 def test_dpo_margin_grows_and_preferences_are_learned(tiny_phi3, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     out = tmp_path / "dpo"
-    assert _train("dpo", tiny_phi3, out, "--set", "training.log_every=1") == 0
+    assert _train("dpo", tiny_phi3, out, "--set", "training.log_every=1", "--max-steps", "40") == 0
     records = [r for r in _records(out) if "reward_margin" in r]
     first, last = records[0], records[-1]
     # Step 1 starts at the reference: zero margin, loss log(2).
@@ -85,8 +85,7 @@ def test_head_and_dpo_runs_resume_exactly(tiny_phi3, tmp_path, monkeypatch):
         whole, parts = tmp_path / f"{example}-whole", tmp_path / f"{example}-parts"
         assert _train(example, tiny_phi3, whole, *common, "--max-steps", "16") == 0
         assert _train(example, tiny_phi3, parts, *common, "--max-steps", "8") == 0
-        assert run_cli("train", REPO / "examples" / example / "config.yaml", "--set", f"model.name_or_path={tiny_phi3}",
-                       "--set", f"output_dir={parts}", *common, "--max-steps", "16", "--resume") == 0
+        assert _train(example, tiny_phi3, parts, *common, "--max-steps", "16", "--resume") == 0
         a = [r["loss"] for r in _records(whole)]
         b = [r["loss"] for r in _records(parts)]
         assert len(a) == len(b) == 16

@@ -11,7 +11,7 @@ import difflib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
@@ -546,6 +546,8 @@ def _type_name(ann) -> str:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
     if origin is list:
         return f"list of {_type_name(args[0])}"
+    if origin is Annotated:  # PositiveInt and the like: the type, its bound is in the description
+        return f"{_type_name(args[0])} > 0"
     return getattr(ann, "__name__", str(ann))
 
 

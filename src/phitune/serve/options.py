@@ -73,6 +73,8 @@ def _bounded(annotation, limit: float | None):
         return Union[tuple(_bounded(a, limit) for a in get_args(annotation))]
     if annotation in (int, float) and limit is not None:
         return Annotated[annotation, Le(limit)]
+    if get_origin(annotation) is Annotated and get_args(annotation)[0] in (int, float) and limit is not None:
+        return Annotated[annotation, Le(limit)]  # PositiveFloat and the like: their own bound, and this one
     if annotation is str:
         return Annotated[str, Field(max_length=TEXT_LIMIT)]
     return annotation
