@@ -9,7 +9,7 @@ SFTTrainer + PEFT LoRA with the usual hand-set values (lr 2e-4, 1 epoch, batch 1
 
 Tasks (data generated on this machine by the examples' scripts, split by word / definition):
   translation     English -> German dictionary words (FreeDict eng-deu), 400 train / 200 held out, chrF
-  classification  WordNet noun definitions -> one of 6 categories, 300 train / 300 held out, accuracy
+  classification  WordNet noun definitions -> one of 6 categories, 300 train / 150 held out, accuracy
 
 Both sides train on the same rows turned into the same prompts (phitune's task presets; TRL gets
 them as conversational prompt/completion pairs, so it too trains on the answer only) and are
@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _logged import run  # noqa: E402
+
 ROOT = HERE.parent
 PYTHON = sys.executable
 TASKS = {
@@ -41,23 +42,13 @@ TASKS = {
     },
     "classification": {
         "data": "data/bench-wordnet-topics",
-        "make": ["examples/make_wordnet_data.py", "--train", "300", "--val", "300"],
+        "make": ["examples/make_wordnet_data.py", "--train", "300", "--val", "150"],
         "task": {"name": "classification"},
         "metrics": ["accuracy", "macro_f1"],
         "source": "WordNet 3.0 noun glosses, 6 lexicographer categories (Debian wordnet-base, WordNet licence)",
     },
 }
 TRL_HAND_SET = {"lr": 2e-4, "epochs": 1, "batch_size": 16, "r": 16}
-
-
-def run(cmd: list[str], log: Path) -> float:
-    """Run a command, its output into `log`; the wall seconds it took."""
-    started = time.perf_counter()
-    with log.open("w") as f:
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if done.returncode:
-        sys.exit(f"{' '.join(cmd)} failed (exit {done.returncode}); see {log}")
-    return time.perf_counter() - started
 
 
 def ensure_data(task: dict) -> Path:
@@ -140,7 +131,12 @@ def main() -> None:
                         help="override phitune's defaults (probing only; the recorded benchmark uses none)")
     parser.add_argument("--work", default="runs/bench-auto-vs-trl", help="where the runs go")
     parser.add_argument("--name", default="auto_vs_trl", help="results file name under benchmarks/results")
+    parser.add_argument("--combine", nargs="+", metavar="NAME", help="only join the results of runs made one task at a "
+                        "time (benchmarks/results/NAME.json) into --name")
     args = parser.parse_args()
+    if args.combine:
+        parts = [json.loads((HERE / "results" / f"{n}.json").read_text()) for n in args.combine]
+        return write(parts[0] | {"tasks": {k: v for part in parts for k, v in part["tasks"].items()}}, args.name)
 
     from phitune.import_gguf import cache_dir
 

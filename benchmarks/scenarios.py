@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _logged import run  # noqa: E402
+
 ROOT = HERE.parent
 PYTHON = sys.executable
 SCENARIOS = {  # name -> (config, how its data is made when it is generated on the machine)
@@ -38,15 +39,6 @@ SCENARIOS = {  # name -> (config, how its data is made when it is generated on t
     "domain": ("domain/config.yaml", None),
     "dpo": ("dpo/config.yaml", None),
 }
-
-
-def run(cmd: list[str], log: Path) -> float:
-    started = time.perf_counter()
-    with log.open("w") as f:
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if done.returncode:
-        sys.exit(f"{' '.join(cmd)} failed (exit {done.returncode}); see {log}")
-    return time.perf_counter() - started
 
 
 def scenario(name: str, model: str) -> dict:
