@@ -9,7 +9,7 @@ SFTTrainer + PEFT LoRA with the usual hand-set values (lr 2e-4, 1 epoch, batch 1
 
 Tasks (data generated on this machine by the examples' scripts, split by word / definition):
   translation     English -> German dictionary words (FreeDict eng-deu), 400 train / 200 held out, chrF
-  classification  WordNet noun definitions -> one of 6 categories, 300 train / 150 held out, accuracy
+  classification  WordNet noun definitions -> one of 6 categories, 120 train / 150 held out, accuracy
 
 Both sides train on the same rows turned into the same prompts (phitune's task presets; TRL gets
 them as conversational prompt/completion pairs, so it too trains on the answer only) and are
@@ -42,7 +42,7 @@ TASKS = {
     },
     "classification": {
         "data": "data/bench-wordnet-topics",
-        "make": ["examples/make_wordnet_data.py", "--train", "300", "--val", "150"],
+        "make": ["examples/make_wordnet_data.py", "--train", "120", "--val", "150"],
         "task": {"name": "classification"},
         "metrics": ["accuracy", "macro_f1"],
         "source": "WordNet 3.0 noun glosses, 6 lexicographer categories (Debian wordnet-base, WordNet licence)",
