@@ -37,7 +37,7 @@ TASKS = {
         "data": "data/bench-dictionary-eng-deu",
         "make": ["examples/make_dictionary_data.py", "--pair", "eng-deu", "--train", "400", "--val", "200"],
         "task": {"name": "translation", "source_language": "English", "target_language": "German"},
-        "metrics": ["chrf", "bleu"],
+        "metrics": ["chrf", "bleu", "loss", "mean_token_accuracy"],  # loss: the answer's, teacher-forced
         "source": "FreeDict English-German (Debian dict-freedict-eng-deu, GPL-3 / AGPL-3)",
     },
     "classification": {
@@ -185,7 +185,7 @@ def write(results: dict, name: str) -> None:
              "phitune chose | seconds per run (TRL / phitune) |", "|---|---|---|---|---|---|---|---|"]
     for task, e in results["tasks"].items():
         chose = e["phitune"]["hyperparameters"] or {}
-        chose_text = ", ".join(f"{k} {v}" for k, v in chose.items() if k != "why")
+        chose_text = ", ".join(f"{k} {chose[k]:g}" for k in ("epochs", "batch_size", "learning_rate") if chose.get(k))
         for i, metric in enumerate(TASKS[task]["metrics"]):
             t, p = e["trl"][metric], e["phitune"][metric]
             where = f"{e['source']}, {e['train']} / {e['held_out']}" if i == 0 else ""
