@@ -14,7 +14,9 @@ Tasks (data generated on this machine by the examples' scripts, split by word / 
 Both sides train on the same rows turned into the same prompts (phitune's task presets; TRL gets
 them as conversational prompt/completion pairs, so it too trains on the answer only) and are
 scored by the same code: one `phitune compare` per task over the base model and every run, greedy
-answers on the held-out file. Writes benchmarks/results/auto_vs_trl.{md,json}.
+answers on the held-out file. Writes benchmarks/results/auto_vs_trl.{md,json}. One task at a time
+(--tasks X --name auto_vs_trl_X), then --combine auto_vs_trl_translation auto_vs_trl_classification,
+gives the same file; an interrupted run picks up its finished runs.
 """
 
 from __future__ import annotations
