@@ -81,14 +81,12 @@ def resolve(training, choice_for) -> tuple[object, dict]:
     """A TrainingConfig with its `auto` values replaced, and {key: value} of those replaced.
     `choice_for()` is called only when something is auto (it may load a config or count tokens)."""
     wanted = [k for k in AUTO_KEYS if getattr(training, k) == AUTO and not (k == "epochs" and training.max_steps)]
+    ignored = {"epochs": None} if training.epochs == AUTO and training.max_steps else {}  # max_steps decides the length
     if not wanted:
-        return training.model_copy(update={"epochs": None} if training.epochs == AUTO else {}), {}
+        return training.model_copy(update=ignored), {}
     choice = choice_for()
     chosen = {k: getattr(choice, k) for k in wanted}
-    update = dict(chosen)
-    if training.epochs == AUTO and training.max_steps:
-        update["epochs"] = None
-    return training.model_copy(update=update), chosen | {"why": choice.why}
+    return training.model_copy(update=ignored | chosen), chosen | {"why": choice.why}
 
 
 def for_run(cfg, data, world: int = 1):
