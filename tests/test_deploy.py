@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, TOY_EXAMPLE_FLAGS, run_cli
 
 og = pytest.importorskip("onnxruntime_genai")
 pytest.importorskip("onnx_ir")
@@ -18,13 +18,15 @@ ASK = "Translate from English to French.\\n\\nThe milk is good."  # a typed \n i
 
 @pytest.fixture(scope="module")
 def translator(tiny_phi3, tmp_path_factory):
-    """The shipped translation example, trained in full (200 steps, ~10 s)."""
+    """The shipped translation example on the toy model: 200 steps at the toy rate (~10 s), LoRA on lm_head too."""
     out = tmp_path_factory.mktemp("deploy") / "translation"
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
         assert run_cli("train", REPO / "examples" / "translation" / "config.yaml", "--set", f"model.name_or_path={tiny_phi3}",
-                       "--set", f"output_dir={out}", "--set", "training.precision=fp32", "--set", "training.eval_every=200") == 0
+                       "--set", f"output_dir={out}", "--set", "training.precision=fp32", "--set", "training.eval_every=200", *TOY_EXAMPLE_FLAGS,
+                       "--set", "training.batch_size=16", "--set", "method.target_modules=[all-linear,lm_head]",
+                       "--max-steps", "200") == 0
     finally:
         os.chdir(cwd)
     return out
@@ -109,7 +111,7 @@ def test_export_and_chat_errors(translator, tmp_path, tiny_phi3, capsys):
 
 @pytest.fixture(scope="module")
 def two_adapters(tiny_phi3, tmp_path_factory):
-    """Two fine-tunes of one base, LoRA on the linear layers (not lm_head), for multi-LoRA."""
+    """Two fine-tunes of one base on the toy model, LoRA on the linear layers (not lm_head), for multi-LoRA."""
     root = tmp_path_factory.mktemp("multilora")
     cwd = os.getcwd()
     os.chdir(REPO)
@@ -117,7 +119,8 @@ def two_adapters(tiny_phi3, tmp_path_factory):
         for name in ("translation", "chatbot"):
             assert run_cli("train", REPO / "examples" / name / "config.yaml", "--set", f"model.name_or_path={tiny_phi3}",
                            "--set", f"output_dir={root / name}", "--set", "training.precision=fp32",
-                           "--set", "method.target_modules=all-linear", "--set", "training.eval_every=1000") == 0
+                           "--set", "method.target_modules=all-linear", "--set", "training.eval_every=1000", *TOY_EXAMPLE_FLAGS,
+                           "--set", "training.batch_size=16", "--max-steps", "200" if name == "translation" else "80") == 0
     finally:
         os.chdir(cwd)
     return root / "translation", root / "chatbot"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import losses, run_cli
+from conftest import TOY_EXAMPLE_FLAGS, losses, run_cli
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
@@ -172,7 +172,8 @@ def test_dpo_under_zero3_learns_the_preferences(tiny_phi3, tmp_path, monkeypatch
     monkeypatch.chdir(REPO)
     out = tmp_path / "dpo"
     _run("train", REPO / "examples" / "dpo" / "config.yaml", "--nproc", "2", "--set", f"model.name_or_path={tiny_phi3}",
-         "--set", f"output_dir={out}", "--set", "training.log_every=1", "--max-steps", "20", *STRATEGIES["zero3"])
+         "--set", f"output_dir={out}", "--set", "training.log_every=1", *TOY_EXAMPLE_FLAGS, "--set", "training.batch_size=16",
+         "--set", "method.target_modules=[all-linear,lm_head]", "--max-steps", "20", *STRATEGIES["zero3"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert abs(records[0]["reward_margin"]) < 1e-4
     assert records[-1]["reward_margin"] > 1.0 and json.loads((out / "run.json").read_text())["eval"]["reward_accuracy"] > 0.8
@@ -208,7 +209,7 @@ def test_task_metric_on_generated_answers_is_the_same_with_sharded_weights(tiny_
         out = tmp_path / name
         _run("train", REPO / "examples" / "translation" / "config.yaml", "--set", f"model.name_or_path={tiny_phi3}",
              "--set", f"output_dir={out}", "--set", "training.precision=fp32", "--set", "training.eval_every=10",
-             "--set", "training.eval_generate=13", "--max-steps", "20", *extra)
+             "--set", "training.eval_generate=13", *TOY_EXAMPLE_FLAGS, "--max-steps", "20", *extra)
         evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_chrf" in line]
         scores[name] = [(r["eval_chrf"], r["eval_bleu"]) for r in evals]
     assert len(scores["single"]) == 2
