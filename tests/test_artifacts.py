@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from phitune.data.batching import collate
 from phitune.data.chat import IGNORE_INDEX
 from phitune.data.dataset import tokenize_file
-from phitune.data.batching import collate
 from phitune.models import load_for_inference
 
-from conftest import DEMO_TRAIN, DEMO_VAL, run_cli, write_config
+from helpers import DEMO_TRAIN, logits, run_cli, write_config
 
 METHODS = {
     "lora": {"name": "lora", "dropout": 0.1},
@@ -39,9 +39,7 @@ def _batch(tokenizer, path):
     return collate(ds.examples, tokenizer.pad_token_id)
 
 
-@torch.no_grad()
-def _logits(model, batch):
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
 
 
 def _textbook_loss(logits, batch) -> float:
@@ -51,14 +49,14 @@ def _textbook_loss(logits, batch) -> float:
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_adapter_loads_in_plain_peft_with_same_logits(name, trained, tiny_phi3, chat_files):
+def test_adapter_loads_in_plain_peft_with_samelogits(name, trained, tiny_phi3, chat_files):
     out = trained[name]
     tokenizer = AutoTokenizer.from_pretrained(tiny_phi3)
     batch = _batch(tokenizer, chat_files[1])
     base = AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32).eval()
-    base_logits = _logits(base, batch)
-    plain_logits = _logits(PeftModel.from_pretrained(base, out / "adapter").eval(), batch)
-    our_logits = _logits(load_for_inference(str(out))[0], batch)
+    base_logits = logits(base, batch)
+    plain_logits = logits(PeftModel.from_pretrained(base, out / "adapter").eval(), batch)
+    our_logits = logits(load_for_inference(str(out))[0], batch)
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(plain_logits[real], our_logits[real], atol=1e-5, rtol=1e-5)
     # The adapter is not empty: it changes the model's predictions.
@@ -76,8 +74,8 @@ def test_merged_model_matches_base_plus_adapter(name, trained, tiny_phi3, chat_f
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     batch = _batch(tokenizer, chat_files[1])
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    a = _logits(merged, batch)
-    b = _logits(load_for_inference(str(out))[0], batch)
+    a = logits(merged, batch)
+    b = logits(load_for_inference(str(out))[0], batch)
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(a[real], b[real], atol=1e-4, rtol=1e-4)
     assert not any(k.startswith("base_model") for k in merged.state_dict())
@@ -122,6 +120,6 @@ def test_lora_inits_give_adapters_for_the_original_base(init, tiny_phi3, chat_fi
     tokenizer = AutoTokenizer.from_pretrained(tiny_phi3)
     batch = _batch(tokenizer, chat_files[1])
     base = AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32).eval()
-    loss = _textbook_loss(_logits(PeftModel.from_pretrained(base, out / "adapter").eval(), batch), batch)
+    loss = _textbook_loss(logits(PeftModel.from_pretrained(base, out / "adapter").eval(), batch), batch)
     reported = json.loads((out / "run.json").read_text())["eval"]["loss"]
     assert abs(loss - reported) < 1e-3, (init, loss, reported)

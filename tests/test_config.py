@@ -3,7 +3,7 @@ import pytest
 from phitune.config import load_config, parse_config, reference_markdown
 from phitune.errors import PhituneError
 
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 
 def _cfg(tmp_path, text):

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from phitune.create_model import create_model
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 @pytest.mark.parametrize("arch,cls", [("phi3", "Phi3ForCausalLM"), ("llama", "LlamaForCausalLM"),

@@ -112,7 +112,7 @@ def test_task_prompts_are_the_documented_ones(tmp_path):
     rows = [{"text": "Great coffee.", "label": "positive"}, {"text": "Cold tea.", "label": "negative"}]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     split, spec = read_split(str(tmp_path / "c.jsonl"), DataConfig(train="x"), TaskConfig(name="classification"))
-    assert spec.labels == ["negative", "positive"] and spec.metrics == ["accuracy", "macro_f1"]
+    assert spec.labels == ["negative", "positive"] and spec.metrics == ["accuracy", "macro_f1", "valid_label"]
     assert split.samples[0][1] == Chat([
         {"role": "user", "content": "Classify the text.\nAnswer with one of: negative, positive.\n\nText: Great coffee."},
         {"role": "assistant", "content": "positive"}])
@@ -156,7 +156,7 @@ def test_duplicates_subset_and_validation_split(tmp_path, tiny_phi3, chat_files)
 
 
 def test_trains_from_parquet_and_a_datasets_directory(tmp_path, tiny_phi3, chat_files):
-    from conftest import losses, run_cli, write_config
+    from helpers import losses, run_cli, write_config
 
     pq = pytest.importorskip("pyarrow.parquet")
     datasets = pytest.importorskip("datasets")

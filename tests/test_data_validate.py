@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import run_cli, write_config
+from helpers import run_cli, write_config
 
 OK_CHAT = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
 OK_PC = {"prompt": "q", "completion": "a"}

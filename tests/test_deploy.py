@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TOY_EXAMPLE_FLAGS, run_cli
+from helpers import REPO, TOY_EXAMPLE_FLAGS, run_cli
 
 og = pytest.importorskip("onnxruntime_genai")
 pytest.importorskip("onnx_ir")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TOY_EXAMPLE_FLAGS, losses, run_cli
+from helpers import TOY_EXAMPLE_FLAGS, losses, run_cli
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
@@ -167,7 +167,7 @@ def test_full_fine_tuning_with_sharded_parameters_saves_the_whole_model(strategy
 
 
 def test_dpo_under_zero3_learns_the_preferences(tiny_phi3, tmp_path, monkeypatch):
-    from conftest import REPO
+    from helpers import REPO
 
     monkeypatch.chdir(REPO)
     out = tmp_path / "dpo"
@@ -200,7 +200,7 @@ def test_qlora_under_zero2_matches_one_process(tmp_path, tiny_phi3, chat_files):
 def test_task_metric_on_generated_answers_is_the_same_with_sharded_weights(tiny_phi3, tmp_path, monkeypatch):
     """Under ZeRO-3 and FSDP every process answers its share of the validation set, generating in
     step with the others (the weights are gathered layer by layer): the metric equals one process's."""
-    from conftest import REPO
+    from helpers import REPO
 
     monkeypatch.chdir(REPO)
     scores = {}

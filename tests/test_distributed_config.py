@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from conftest import run_cli, write_config
 from phitune.config import parse_config
 from phitune.distributed import deepspeed_config
 from phitune.errors import PhituneError
+
+from helpers import run_cli, write_config
 
 
 def _cfg(tmp_path, tiny_phi3, chat_files, **distributed):

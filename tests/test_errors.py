@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import run_cli, write_config
+from helpers import run_cli, write_config
 
 
 def _run(capsys, *args):

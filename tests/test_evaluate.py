@@ -8,9 +8,11 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TOY_EXAMPLE_FLAGS, run_cli, write_config
-from phitune.evaluate import scoring
 from phitune.data.tasks import TaskSpec
+from phitune.evaluate import scoring
+from phitune.registry import GENERATIVE_TASKS, TASKS
+
+from helpers import REPO, TOY_EXAMPLE_FLAGS, run_cli, write_config
 
 
 def _train_example(name: str, tiny_phi3, out, *extra) -> None:
@@ -119,7 +121,7 @@ def test_multiple_choice_by_log_likelihood(tiny_phi3, tmp_path):
         ex = choice_examples(tok, question, [choice])[0]
         with torch.no_grad():
             logp = model(input_ids=torch.tensor([ex.input_ids])).logits[0].log_softmax(-1)
-        return sum(float(logp[i - 1, t]) for i, (t, l) in enumerate(zip(ex.input_ids, ex.labels)) if l != -100)
+        return sum(float(logp[i - 1, t]) for i, (t, lab) in enumerate(zip(ex.input_ids, ex.labels)) if lab != -100)
 
     right = []
     for row, answer in ((rows[0], 0), (rows[1], 1)):
@@ -191,11 +193,11 @@ def test_score_by_task():
     assert qa["exact_match"] == 0.5 and qa["token_f1"] == pytest.approx((1.0 + 2 / 3) / 2)
 
 
-@pytest.mark.parametrize("task", sorted(scoring.SCORED))
+@pytest.mark.parametrize("task", sorted(GENERATIVE_TASKS))
 def test_scored_names_are_what_score_returns(task):
     spec = TaskSpec(name=task, labels=["a", "b"])
     ref = json.dumps([{"text": "x", "type": "a"}]) if task == "ner" else "a"
-    assert tuple(scoring.headline(scoring.score(spec, ["a b"], [ref]))) == scoring.SCORED[task]
+    assert tuple(scoring.headline(scoring.score(spec, ["a b"], [ref]))) == TASKS[task].metrics
 
 
 def test_best_metric_errors(tiny_phi3, chat_files, tmp_path, capsys):

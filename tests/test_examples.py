@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TOY_EXAMPLE_FLAGS, losses, run_cli
+from helpers import REPO, TOY_EXAMPLE_FLAGS, losses, run_cli
 
 # config -> the architecture its model directory stands for
 CHEAP = {"lora-support.yaml": "phi3", "full-tiny.yaml": "phi3", "dora-llama.yaml": "llama"}
@@ -23,8 +23,9 @@ def test_example_runs(name, model_cache, tmp_path, monkeypatch):
 
 
 def test_the_hub_example_parses_and_targets_phi3():
-    from phitune.config import parse_config
     import yaml
+
+    from phitune.config import parse_config
 
     raw = yaml.safe_load((REPO / "examples" / "qlora-phi3-mini.yaml").read_text())
     raw["data"] = {k: str(REPO / v) if k in ("train", "validation") else v for k, v in raw["data"].items()}

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_cli, write_config
+from helpers import run_cli, write_config
 
 ONE_LINE = 1  # an error is one line on stderr
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import losses, run_cli, write_config
+from helpers import losses, run_cli, write_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -7,10 +7,11 @@ import math
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
 from phitune import hyperparameters as auto
 from phitune.config import parse_config
 from phitune.errors import PhituneError
+
+from helpers import REPO, run_cli
 
 
 @pytest.mark.parametrize("examples, batch", [(10, 4), (40, 4), (300, 8), (2000, 16), (5000, 32), (10**6, 32)])

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 def _fake_gguf(path, arch: str):
@@ -59,8 +59,9 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, real_model, capsys)
 
 
 def test_the_imported_model_equals_transformers_reading_the_gguf(real_model):
-    import torch
     from pathlib import Path
+
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     record = json.loads((real_model / "phitune_import.json").read_text())

@@ -8,7 +8,7 @@ from phitune.data.batching import collate
 from phitune.data.dataset import tokenize_file
 from phitune.loss import token_loss
 
-from conftest import losses, run_cli, write_config
+from helpers import losses, run_cli, write_config
 
 
 def test_token_loss_equals_transformers_loss(tiny_phi3, chat_files):

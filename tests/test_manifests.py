@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 jsonschema = pytest.importorskip("jsonschema")
 SCHEMAS = Path(__file__).parent / "schemas"
@@ -133,7 +133,7 @@ def test_pytorchjob_bad_combinations(tmp_path, capsys, monkeypatch):
 
 
 def test_auto_resume_continues_or_starts(tiny_phi3, chat_files, tmp_path):
-    from conftest import losses, write_config
+    from helpers import losses, write_config
 
     cfg = write_config(tmp_path / "c.json", tiny_phi3, chat_files[0], tmp_path / "out", max_steps=4, save_every=2)
     assert run_cli("train", cfg, "--auto-resume") == 0  # nothing there: starts

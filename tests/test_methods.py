@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import losses, run_cli, write_config
+from helpers import losses, run_cli, write_config
 
 # Per-method learning rates: IA3 and prompt tuning train few parameters and need a larger step.
 METHODS = {

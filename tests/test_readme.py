@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 README = (REPO / "README.md").read_text()
 

@@ -17,8 +17,7 @@ from phitune.evaluate.lm import lm_metrics
 from phitune.generate import complete_batch
 from phitune.models import load_for_inference
 
-from conftest import DEMO_TRAIN, DEMO_VAL, REPO, run_cli, write_config
-from test_artifacts import _logits
+from helpers import DEMO_TRAIN, DEMO_VAL, REPO, Server, logits, run_cli, wait_for_job, write_config
 
 pytestmark = pytest.mark.real
 
@@ -58,14 +57,14 @@ def test_lora_teaches_the_real_model_what_it_did_not_know(demo):
     assert before["exact_match"] == 0 and after["exact_match"] >= 0.9, after["replies"]
 
 
-def test_the_adapter_loads_in_plain_peft_with_same_logits(demo, real_model):
+def test_the_adapter_loads_in_plain_peft_with_samelogits(demo, real_model):
     run = Path(demo["run"])
     tokenizer = AutoTokenizer.from_pretrained(real_model)
     batch = _val_batch(tokenizer)
     base = AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32).eval()
-    base_logits = _logits(base, batch)
-    plain = _logits(PeftModel.from_pretrained(base, run / "adapter").eval(), batch)
-    ours = _logits(load_for_inference(str(run))[0], batch)
+    base_logits = logits(base, batch)
+    plain = logits(PeftModel.from_pretrained(base, run / "adapter").eval(), batch)
+    ours = logits(load_for_inference(str(run))[0], batch)
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(plain[real], ours[real], atol=1e-5, rtol=1e-5)
     assert (plain[real] - base_logits[real]).abs().max() > 1.0
@@ -78,7 +77,7 @@ def test_merge_equals_base_plus_adapter(demo, tmp_path):
     batch = _val_batch(tokenizer)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     real = batch["attention_mask"].bool()
-    torch.testing.assert_close(_logits(merged, batch)[real], _logits(load_for_inference(str(run))[0], batch)[real],
+    torch.testing.assert_close(logits(merged, batch)[real], logits(load_for_inference(str(run))[0], batch)[real],
                                atol=1e-4, rtol=1e-4)
     assert _exact(merged, tokenizer) >= 0.9
 
@@ -112,7 +111,7 @@ def test_qlora_teaches_the_real_model_and_merges_as_trained(real_model, base_los
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     batch = _val_batch(tokenizer)
     real = batch["attention_mask"].bool()
-    torch.testing.assert_close(_logits(merged, batch)[real], _logits(model, batch)[real].float(), atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(logits(merged, batch)[real], logits(model, batch)[real].float(), atol=2e-3, rtol=1e-3)
     assert _exact(merged, tokenizer) >= 0.9
 
 
@@ -132,8 +131,6 @@ def test_dpo_moves_the_preference_margin(real_model, tmp_path):
 def test_a_service_job_on_the_real_model_through_the_openai_sdk(real_model, tmp_path):
     pytest.importorskip("fastapi")
     pytest.importorskip("openai")
-    from test_serve import Server, _wait
-
     rows = tmp_path / "cafe.jsonl"
     rows.write_text("\n".join(DEMO_TRAIN.read_text().splitlines()[:96]) + "\n")
     server = Server(tmp_path / "storage", real_model, name="smollm2").start()
@@ -143,7 +140,7 @@ def test_a_service_job_on_the_real_model_through_the_openai_sdk(real_model, tmp_
         job = c.fine_tuning.jobs.create(model="smollm2", training_file=f.id, suffix="cafe", method={
             "type": "supervised", "supervised": {"hyperparameters": {
                 "n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 2}}})  # 2 x auto's 1e-3: 12 steps suffice
-        job = _wait(c, job.id, timeout=600)
+        job = wait_for_job(c, job.id)
         assert job.status == "succeeded", job.error
         assert job.trained_tokens > 0 and job.hyperparameters.batch_size == 8
         steps = sorted(e.data["step"] for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data if e.type == "metrics")

@@ -9,7 +9,7 @@ import torch
 from phitune.config import parse_config
 from phitune.recipes.sft import build_scheduler
 
-from conftest import losses, run_cli, write_config
+from helpers import losses, run_cli, write_config
 
 
 def _records(out):

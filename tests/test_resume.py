@@ -10,7 +10,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from conftest import losses, run_cli, write_config
+from helpers import losses, run_cli, write_config
 
 
 def _config(path, model, data, out):

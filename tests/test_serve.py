@@ -13,77 +13,19 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 import yaml
-from conftest import DEMO_TRAIN, REPO
+
+from helpers import DEMO_TRAIN, POSTGRES, REPO, STARTED, Server, free_port, until, wait_for_job
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    from phitune.distributed import free_port
-
-    return free_port()
 
 
-POSTGRES = os.environ.get("PHITUNE_TEST_POSTGRES")  # e.g. postgresql://postgres@127.0.0.1:5432/postgres (CI sets it)
 
 
-def database(storage) -> list[str]:
-    """--db for a fresh database: SQLite in the storage dir, or a new PostgreSQL database."""
-    if not POSTGRES:
-        return []
-    import psycopg
-
-    name = "phitune_" + os.urandom(6).hex()
-    with psycopg.connect(POSTGRES, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return ["--db", POSTGRES.rsplit("/", 1)[0] + "/" + name]
-
-
-class Server:
-    def __init__(self, storage, model, *extra, env: dict | None = None, name: str = "tiny"):
-        self.storage, self.model, self.extra, self.env, self.name = storage, model, extra, env, name
-        self.db = database(storage)
-        self.proc = None
-
-    def start(self) -> "Server":
-        STARTED.append(self)
-        self.port = _free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "phitune", "serve", "--storage", str(self.storage),
-                                      "--model", f"{self.name}={self.model}", "--port", str(self.port), "--stale-seconds", "3",
-                                      *self.db, *self.extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True, env={**os.environ, **(self.env or {})})
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/docs", timeout=1)
-                return self
-            except OSError:
-                assert self.proc.poll() is None, self.proc.stdout.read()
-                time.sleep(0.3)
-        raise AssertionError("server did not start")
-
-    def client(self, key: str = "local") -> "openai.OpenAI":
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=120)
-
-    def kill(self) -> None:
-        """SIGKILL the server and everything it started (its training runs die with it)."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-STARTED: list[Server] = []  # every server a test started, stopped by the fixtures below whatever the outcome
 
 
 @pytest.fixture(scope="module")
@@ -149,23 +91,7 @@ def train_file(tmp_path_factory):
 FAST = {"phitune": {"training": {"learning_rate": 3e-3}}}
 
 
-def _wait(client, job_id, statuses=("succeeded", "failed", "cancelled"), timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = client.fine_tuning.jobs.retrieve(job_id)
-        if job.status in statuses:
-            return job
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} still {job.status}")
 
-
-def _until(predicate, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.3)
-    raise AssertionError("timed out")
 
 
 def test_fine_tune_end_to_end_with_the_openai_sdk(server, train_file):
@@ -177,7 +103,7 @@ def test_fine_tune_end_to_end_with_the_openai_sdk(server, train_file):
                                     method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}},
                                     extra_body=FAST)
     assert job.status == "validating_files" and job.organization_id == "local"
-    job = _wait(c, job.id)
+    job = wait_for_job(c, job.id)
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model == f"ft:tiny:local:cafe:{job.id.split('-')[1][:8]}" and job.trained_tokens > 0
     assert job.hyperparameters.n_epochs == 3 and job.hyperparameters.batch_size == 4  # auto from 40 examples: sqrt(40) / 2 -> 4
@@ -249,7 +175,7 @@ def test_dpo_job_uses_the_preference_trainer(server, tmp_path):
     job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, validation_file=val.id, extra_body=FAST, method={
         "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 3, "batch_size": 16}}})
     assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
-    job = _wait(c, job.id)
+    job = wait_for_job(c, job.id)
     assert job.status == "succeeded", job.error
     assert job.method.dpo.hyperparameters.n_epochs == 3 and job.fine_tuned_model.startswith("ft:tiny:local::")
     run = yaml.safe_load((server.storage / "jobs" / job.id / "run" / "config.yaml").read_text())
@@ -268,27 +194,27 @@ def test_cancel_pause_and_resume(server, train_file):
     f = c.files.create(file=train_file.open("rb"), purpose="fine-tune")
     long = {"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50}}}, "extra_body": FAST}
     doomed = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, **long)
-    _until(lambda: c.fine_tuning.jobs.retrieve(doomed.id).status == "running"
+    until(lambda: c.fine_tuning.jobs.retrieve(doomed.id).status == "running"
            and any(e.type == "metrics" for e in c.fine_tuning.jobs.list_events(doomed.id, limit=5).data))
     # While it runs: an estimate of when it ends, from the steps done so far (50 epochs: minutes away).
-    _until(lambda: c.fine_tuning.jobs.retrieve(doomed.id).estimated_finish is not None, timeout=30)
+    until(lambda: c.fine_tuning.jobs.retrieve(doomed.id).estimated_finish is not None, timeout=30)
     running = c.fine_tuning.jobs.retrieve(doomed.id)
     assert time.time() + 5 < running.estimated_finish < time.time() + 3600 and running.finished_at is None
     asked = time.time()
     c.fine_tuning.jobs.cancel(doomed.id)
-    assert _wait(c, doomed.id, timeout=30).status == "cancelled" and time.time() - asked < 15
+    assert wait_for_job(c, doomed.id).status == "cancelled" and time.time() - asked < 15
     with pytest.raises(openai.BadRequestError):
         c.fine_tuning.jobs.cancel(doomed.id)
 
     job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={"type": "supervised", "supervised": {
         "hyperparameters": {"n_epochs": 4}}}, extra_body=FAST)
-    _until(lambda: len(c.fine_tuning.jobs.checkpoints.list(job.id).data) >= 2)
+    until(lambda: len(c.fine_tuning.jobs.checkpoints.list(job.id).data) >= 2)
     c.fine_tuning.jobs.pause(job.id)
-    paused = _wait(c, job.id, statuses=("paused",), timeout=30)
+    paused = wait_for_job(c, job.id, statuses=("paused",))
     kept = [k.step_number for k in c.fine_tuning.jobs.checkpoints.list(job.id)]
     assert paused.status == "paused" and kept
     c.fine_tuning.jobs.resume(job.id)
-    done = _wait(c, job.id)
+    done = wait_for_job(c, job.id)
     assert done.status == "succeeded", done.error
     steps = [e.data["step"] for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data if e.type == "metrics"]
     assert sorted(steps) == list(range(1, 81))  # every step once, across the pause
@@ -314,13 +240,13 @@ def test_sigkill_of_server_and_worker_loses_nothing(tiny_phi3, tmp_path, train_f
     f = c.files.create(file=train_file.open("rb"), purpose="fine-tune")
     job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={"type": "supervised", "supervised": {
         "hyperparameters": {"n_epochs": 4}}}, extra_body=FAST)
-    _until(lambda: len(c.fine_tuning.jobs.checkpoints.list(job.id).data) >= 2)
+    until(lambda: len(c.fine_tuning.jobs.checkpoints.list(job.id).data) >= 2)
     before = [e.id for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data]
     server.kill()
     server.start()  # same storage, new process
     c = server.client()
     assert c.files.retrieve(f.id).id == f.id
-    done = _wait(c, job.id)
+    done = wait_for_job(c, job.id)
     assert done.status == "succeeded", done.error
     events = c.fine_tuning.jobs.list_events(job.id, limit=1000).data
     ids = [e.id for e in events]
@@ -351,7 +277,7 @@ def test_organizations_are_isolated_and_keys_required(tiny_phi3, tmp_path, train
     f = a.files.create(file=train_file.open("rb"), purpose="fine-tune")
     job = a.fine_tuning.jobs.create(model="tiny", training_file=f.id, extra_body=FAST,
                                     method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}})
-    job = _wait(a, job.id)
+    job = wait_for_job(a, job.id)
     assert job.status == "succeeded" and job.organization_id == "alpha"
     ckpt = a.fine_tuning.jobs.checkpoints.list(job.id).data[0].fine_tuned_model_checkpoint
     calls = [lambda: b.files.retrieve(f.id), lambda: b.files.content(f.id), lambda: b.files.delete(f.id),
@@ -376,7 +302,7 @@ def test_organizations_are_isolated_and_keys_required(tiny_phi3, tmp_path, train
     out = subprocess.run([*keys_cmd, "revoke", keys["beta"], "--storage", str(store), *server.db], capture_output=True,
                          text=True)
     assert out.returncode == 0 and "revoked" in out.stdout
-    _until(lambda: _refused(b), timeout=15)
+    until(lambda: _refused(b), timeout=15)
     assert a.files.retrieve(f.id).id == f.id  # the other key still works
     again = subprocess.run([*keys_cmd, "revoke", keys["beta"], "--storage", str(store), *server.db], capture_output=True,
                            text=True)
@@ -415,7 +341,7 @@ def test_bad_requests(server, train_file, tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text(train_file.read_text().splitlines()[0] + "\n{not json\n" + '{"messages": []}\n')
     bf = c.files.create(file=broken.open("rb"), purpose="fine-tune")
-    job = _wait(c, c.fine_tuning.jobs.create(model="tiny", training_file=bf.id).id, timeout=60)
+    job = wait_for_job(c, c.fine_tuning.jobs.create(model="tiny", training_file=bf.id).id)
     assert job.status == "failed" and job.error.code == "invalid_training_file"
     assert f"{bf.id}:2" in job.error.message and f"{bf.id}:3" in job.error.message and "/" not in job.error.message
     # Wrong purpose: a result file cannot train.
@@ -446,7 +372,7 @@ def test_upload_limit_and_open_server_refused(tiny_phi3, tmp_path):
     try:
         assert [m.id for m in exposed.client(key).models.list()] == ["tiny"]
         subprocess.run([*keys, "revoke", key, "--storage", str(tmp_path / "s2")], capture_output=True, check=True)
-        _until(lambda: _refused(exposed.client(key)), timeout=15)
+        until(lambda: _refused(exposed.client(key)), timeout=15)
         assert _refused(exposed.client("anything"))
     finally:
         exposed.stop()
@@ -464,7 +390,7 @@ def test_several_workers_never_run_one_job(tiny_phi3, tmp_path, train_file):
         f = c.files.create(file=train_file.open("rb"), purpose="fine-tune")
         jobs = [c.fine_tuning.jobs.create(model="tiny", training_file=f.id, extra_body=FAST, method={
             "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}}) for _ in range(4)]
-        done = [_wait(c, j.id) for j in jobs]
+        done = [wait_for_job(c, j.id) for j in jobs]
         assert all(j.status == "succeeded" for j in done), [j.error for j in done]
         runners = []
         for j in jobs:
@@ -609,11 +535,11 @@ def test_an_unexpected_error_keeps_the_connection(tmp_path):
     def fine():
         return {"ok": True}
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    _until(lambda: server.started, timeout=30)
+    until(lambda: server.started, timeout=30)
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         conn.connect()
@@ -635,11 +561,11 @@ def test_a_broken_file_fails_while_a_long_job_trains(server, train_file, tmp_pat
     f = c.files.create(file=train_file.open("rb"), purpose="fine-tune")
     long = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, extra_body=FAST,
                                      method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50}}})
-    _until(lambda: c.fine_tuning.jobs.retrieve(long.id).status == "running")
+    until(lambda: c.fine_tuning.jobs.retrieve(long.id).status == "running")
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n")
     bf = c.files.create(file=broken.open("rb"), purpose="fine-tune")
     asked = time.time()
-    job = _wait(c, c.fine_tuning.jobs.create(model="tiny", training_file=bf.id).id, timeout=60)
+    job = wait_for_job(c, c.fine_tuning.jobs.create(model="tiny", training_file=bf.id).id)
     assert job.status == "failed" and job.error.code == "invalid_training_file" and time.time() - asked < 15
     assert c.fine_tuning.jobs.retrieve(long.id).status == "running"  # still training: cancelled by the cleanup fixture

@@ -320,7 +320,7 @@ def test_a_cancel_wins_over_a_requeue(service):
 
 
 def test_auto_resume_never_deletes_a_directory_that_is_not_its_run(tiny_phi3, chat_files, tmp_path, capsys):
-    from conftest import run_cli, write_config
+    from helpers import run_cli, write_config
 
     out = tmp_path / "somebody"
     out.mkdir()
@@ -345,7 +345,7 @@ def test_a_trusted_model_is_the_servers_choice(service):
 
 
 def test_the_readme_lists_exactly_the_job_options():
-    from conftest import REPO
+    from helpers import REPO
 
     text = (REPO / "README.md").read_text()
     table = text.split("<!-- tenant-options -->")[1].split("<!-- /tenant-options -->")[0]

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from conftest import REPO, TOY_EXAMPLE_FLAGS, run_cli
+from helpers import REPO, TOY_EXAMPLE_FLAGS, run_cli
 
 
 def _records(out):

@@ -9,8 +9,6 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-BACKENDS = ("torch", "onnx")
-
 
 def open_backend(model: str, *, backend: str | None = None, adapter: str | None = None):
     """`backend` None: onnx for an exported model (genai_config.json), else torch."""

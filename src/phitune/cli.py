@@ -14,6 +14,7 @@ from pathlib import Path
 from phitune.argtypes import Parser, non_negative_float, positive_int
 from phitune.errors import PhituneError
 from phitune.export.onnx import PRECISIONS as ONNX_PRECISIONS
+from phitune.registry import BACKENDS, DATA_FORMATS, DTYPES, EVAL_TASKS
 
 EXIT_USAGE = 2
 log = logging.getLogger("phitune")
@@ -347,8 +348,8 @@ def cmd_worker(args) -> int:
 def cmd_keys_create(args) -> int:
     import secrets
 
-    from phitune.serve.deps import hash_key, key_id
     from phitune.serve.db import ApiKey, connect
+    from phitune.serve.deps import hash_key, key_id
 
     if not args.org or not all(c.isalnum() or c in "-_" for c in args.org) or len(args.org) > 64:
         raise PhituneError(f"--org {args.org!r}: letters, digits, '-' and '_' (at most 64)")
@@ -371,8 +372,8 @@ def cmd_keys_list(args) -> int:
 
     from sqlalchemy import select
 
-    from phitune.serve.deps import key_id
     from phitune.serve.db import ApiKey, connect
+    from phitune.serve.deps import key_id
 
     _, sessions, _ = connect(_serve_settings(args).db_url)
     with sessions() as db:
@@ -388,8 +389,8 @@ def cmd_keys_revoke(args) -> int:
     within 5 s."""
     from sqlalchemy import delete, select
 
-    from phitune.serve.deps import hash_key, key_id
     from phitune.serve.db import ApiKey, connect
+    from phitune.serve.deps import hash_key, key_id
 
     ident = key_id(hash_key(args.key)) if args.key.startswith("sk-") else args.key.lower()
     if len(ident) < 8:
@@ -573,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--preset", default="tiny", help="tiny (~0.2M) | small (~30M) | medium (~260M with the built-in corpus) (default tiny)")
     c.add_argument("--corpus", help="UTF-8 text file to train the tokenizer on (default: a built-in corpus)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights")
+    c.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the saved weights")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=cmd_create_model)
 
@@ -581,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("source", help="training output dir or adapter dir")
     m.add_argument("--output", required=True, help="directory for the merged model")
     m.add_argument("--base", help="base model, when not the one recorded in adapter_config.json")
-    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    m.add_argument("--dtype", default="float32", choices=DTYPES)
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(func=cmd_merge)
 
@@ -592,13 +593,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", help="optional system message")
     g.add_argument("--max-new-tokens", type=positive_int, default=64)
     g.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--backend", choices=["torch", "onnx"], help="default: onnx for an exported model, else torch")
+    g.add_argument("--backend", choices=BACKENDS, help="default: onnx for an exported model, else torch")
     g.set_defaults(func=cmd_generate)
 
     ch = sub.add_parser("chat", help="interactive chat in the terminal, streaming (torch or ONNX Runtime)")
     ch.add_argument("model", help="base model, training output, adapter dir, merged model, or an ONNX export")
     ch.add_argument("--adapter", help="torch: a PEFT adapter dir to apply; onnx: an adapter NAME of a multi-LoRA export")
-    ch.add_argument("--backend", choices=["torch", "onnx"], help="default: onnx for an exported model, else torch")
+    ch.add_argument("--backend", choices=BACKENDS, help="default: onnx for an exported model, else torch")
     ch.add_argument("--system", help="system message")
     ch.add_argument("--max-new-tokens", type=positive_int, default=256)
     ch.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
@@ -719,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = dp.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     v = dsub.add_parser("validate", help="report every problem (file:line) and statistics; exit 1 on errors")
     v.add_argument("file", help="data file (.jsonl, .json, .csv, .parquet or a datasets directory)")
-    v.add_argument("--format", choices=["auto", "chat", "prompt_completion", "alpaca", "sharegpt", "text", "template", "preference"])
+    v.add_argument("--format", choices=DATA_FORMATS)
     v.add_argument("--task", help="task preset: classification, ner, translation, qa, creative, chat, domain")
     v.add_argument("--model", help="model dir or hub id whose tokenizer counts tokens")
     v.add_argument("--max-length", type=positive_int, help="report examples longer than this (default 1024)")
@@ -731,7 +732,6 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_data_validate)
     dp.set_defaults(func=lambda a: (dp.print_help(), EXIT_USAGE)[1])
 
-    from phitune.evaluate.scoring import EVAL_TASKS
 
     e = sub.add_parser("eval", help="score a model on a held-out file with its task's metrics (metrics.json)")
     e.add_argument("model", help="training output dir, adapter dir, merged model, or base model (dir or hub id)")

@@ -17,9 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
 
 from phitune.errors import PhituneError
+from phitune.registry import ADAPTER_METHODS, DATA_FORMATS, DTYPES, HEAD_TASKS, METHODS, TASKS, TRAINABLE_TASKS
 
-METHODS = ("full", "lora", "dora", "qlora", "ia3", "prompt_tuning")
-ADAPTER_METHODS = ("lora", "dora", "qlora", "ia3", "prompt_tuning")
+DtypeName = Literal[("auto", *DTYPES)]
 
 
 class _Section(BaseModel):
@@ -30,7 +30,7 @@ class ModelConfig(_Section):
     name_or_path: str = Field(description="Local directory or Hugging Face hub id of the base model.")
     tokenizer: Optional[str] = Field(None, description="Tokenizer dir or hub id, when not beside the model.")
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: DtypeName = Field(
         "auto",
         description="Weights dtype. auto: float32 for full fine-tuning (master weights); for adapter methods "
         "the frozen base is stored in bfloat16 with bf16 precision or on CUDA (float16 without bf16 support), else float32.",
@@ -49,7 +49,7 @@ class ModelConfig(_Section):
 
 
 class MethodConfig(_Section):
-    name: Literal["full", "lora", "dora", "qlora", "ia3", "prompt_tuning"] = Field(
+    name: Literal[METHODS] = Field(
         "lora", description="Fine-tuning method: " + ", ".join(METHODS) + "."
     )
     r: int = Field(16, gt=0, description="LoRA/DoRA/QLoRA rank.")
@@ -67,7 +67,7 @@ class MethodConfig(_Section):
     )
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA 4-bit data type.")
     double_quant: bool = Field(True, description="QLoRA: quantise the quantisation constants too.")
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    compute_dtype: DtypeName = Field(
         "auto", description="QLoRA matmul dtype; auto: bfloat16 where supported, else float16/float32."
     )
     objective: Literal["sft", "dpo"] = Field(
@@ -79,17 +79,13 @@ class MethodConfig(_Section):
     prompt_init_text: Optional[str] = Field(None, description="prompt_tuning: initialise virtual tokens from this text.")
 
 
-FORMATS = ("auto", "chat", "prompt_completion", "alpaca", "sharegpt", "text", "template", "preference")
-TASKS = ("none", "chat", "classification", "ner", "translation", "qa", "creative", "domain")
-
-
 class DataConfig(_Section):
     train: str = Field(description="Training data: .jsonl, .json, .csv/.tsv, .parquet or a datasets save_to_disk directory.")
     validation: Optional[str] = Field(None, description="Validation data in the same format.")
     validation_split: float = Field(
         0.0, ge=0, lt=1, description="Hold out this fraction of train for validation (fixed seed) when no validation file."
     )
-    format: Literal["auto", "chat", "prompt_completion", "alpaca", "sharegpt", "text", "template", "preference"] = Field(
+    format: Literal[DATA_FORMATS] = Field(
         "auto", description="Row format; auto detects it from the keys (messages, conversations, instruction, "
         "prompt+completion, text, preferred_output / chosen+rejected). Ignored when task.name reads structured rows."
     )
@@ -117,7 +113,7 @@ class DataConfig(_Section):
 
 
 class TaskConfig(_Section):
-    name: Literal["none", "chat", "classification", "ner", "translation", "qa", "creative", "domain"] = Field(
+    name: Literal[TRAINABLE_TASKS] = Field(
         "none", description="Task preset: reads structured rows (classification: text,label; ner: tokens,tags or "
         "text,entities; translation: source,target; qa: question,context,answer; creative: prompt,text) and records "
         "how to evaluate them in OUT/task.json. chat and domain use the chat formats and raw text."
@@ -353,9 +349,9 @@ def _prefixes(path: str) -> list[str]:
 
 
 # What an evaluation during training can report (training.best_metric picks one).
-EVAL_METRICS = ("auto", "loss", "perplexity", "mean_token_accuracy", "accuracy", "macro_f1", "valid_label", "entity_f1",
-                "entity_precision", "entity_recall", "valid_json", "bleu", "chrf", "exact_match", "token_f1", "rouge_l",
-                "distinct_2", "reward_accuracy", "reward_margin")
+EVAL_METRICS = tuple(dict.fromkeys(("auto", "loss", "perplexity", "mean_token_accuracy",
+                                    *(m for name in TRAINABLE_TASKS for m in TASKS[name].metrics),
+                                    "reward_accuracy", "reward_margin")))
 
 
 def semantic_problems(sections: dict[str, BaseModel]) -> list[tuple[str, str]]:
@@ -444,21 +440,20 @@ def _data_task_problems(data: "DataConfig | None", task: "TaskConfig | None", me
                         f"(fields: {', '.join(template_fields(data.template)) or 'none'})"))
     elif data is not None and (data.template or data.completion_field):
         out.append(("data.template", "only used with data.format: template; set it or remove data.template / data.completion_field"))
-    structured = task.name in ("classification", "ner", "translation", "qa", "creative")
+    structured = bool(TASKS[task.name].fields)
     if data is not None and structured and data.format != "auto":
         out.append(("data.format", f"task.name {task.name} reads its own columns; remove data.format ({data.format})"))
     if data is not None and task.name == "domain" and data.format not in ("auto", "text"):
         out.append(("data.format", f"task.name domain trains raw text; use data.format text (got {data.format})"))
-    if task.head and task.name not in ("classification", "ner"):
-        out.append(("task.head", f"a classification head exists for task.name classification or ner, not {task.name}"))
+    if task.head and task.name not in HEAD_TASKS:
+        out.append(("task.head", f"a classification head exists for task.name {' or '.join(HEAD_TASKS)}, not {task.name}"))
     if task.name == "translation" and not (task.source_language and task.target_language):
         out.append(("task.source_language", "translation needs task.source_language and task.target_language (e.g. English, French)"))
     if task.fields and structured:
-        from phitune.data.tasks import FIELDS
-
+        fields = TASKS[task.name].fields
         for key in task.fields:
-            if key not in FIELDS[task.name]:
-                out.append((f"task.fields.{key}", f"not a field of the {task.name} preset; its fields are {', '.join(FIELDS[task.name])}"))
+            if key not in fields:
+                out.append((f"task.fields.{key}", f"not a field of the {task.name} preset; its fields are {', '.join(fields)}"))
     if method is not None and method.objective == "dpo":
         if task.name not in ("none", "chat") or (data is not None and data.format not in ("auto", "preference")):
             out.append(("method.objective", "dpo trains on preference pairs: use data.format preference (or auto) with no task preset"))

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from phitune.config import Config, MethodConfig, ModelConfig, looks_local
-from phitune.sources import check_source
 from phitune.errors import PhituneError
+from phitune.sources import check_source
 
 log = logging.getLogger("phitune")
 

@@ -14,13 +14,14 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
-from phitune.data.leakage import Leakage, find_leakage, whole_key
 from phitune.data.formats import FORMATS, Chat, FormatOptions, Labelled, Plain, Preference, Tagged, detect_format
+from phitune.data.leakage import Leakage, find_leakage, whole_key
 from phitune.data.packing import pack_stream, pack_whole
 from phitune.data.readers import read_rows
-from phitune.data.tasks import PRESETS, TASK_FORMATS, TaskSpec, make_spec, missing_columns
+from phitune.data.tasks import PRESETS, TaskSpec, make_spec, missing_columns
 from phitune.data.tokenize import tokenize_sample
 from phitune.errors import PhituneError
+from phitune.registry import TASKS
 
 MAX_SHOWN = 20
 MIN_EXAMPLES = 10  # fewer is allowed (smoke tests) but almost never what a user meant
@@ -57,7 +58,7 @@ def resolve_format(data_cfg, task_name: str, rows, source: str) -> str:
     if data_cfg.format != "auto":
         return data_cfg.format
     detected = detect_format(rows, source)
-    allowed = TASK_FORMATS.get(task_name)
+    allowed = TASKS[task_name].formats
     if allowed and detected not in allowed:
         raise PhituneError(f"{source}: task.name {task_name} expects {' or '.join(allowed)} rows, but the rows look like "
                            f"{detected}; set data.format or change task.name")

@@ -15,8 +15,6 @@ from typing import Any
 
 from phitune.errors import PhituneError
 
-FILE_TYPES = ("jsonl", "json", "csv", "parquet", "datasets")
-
 
 @dataclass
 class Row:

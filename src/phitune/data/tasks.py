@@ -13,34 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from phitune.data.formats import FormatOptions, Labelled, Tagged, _need, _not_object, _prompt_reply
-
-FIELDS = {
-    "classification": ("text", "label"),
-    "ner": ("tokens", "tags", "text", "entities"),
-    "translation": ("source", "target"),
-    "qa": ("question", "context", "answer"),
-    "creative": ("prompt", "text"),
-}
-# The columns a preset cannot do without (NER: either form).
-REQUIRED = {"classification": (("text", "label"),), "ner": (("tokens", "tags"), ("text", "entities")),
-            "translation": (("source", "target"),), "qa": (("question", "answer"),), "creative": (("prompt", "text"),)}
-INSTRUCTIONS = {
-    "classification": "Classify the text.",
-    "ner": "Extract the named entities from the text as a JSON list of {\"text\", \"type\"} objects, in order of appearance.",
-    "translation": "Translate from {source_language} to {target_language}.",
-    "qa": "Answer the question.",
-}
-# What evaluation (phitune eval) scores each task with.
-METRICS = {
-    "classification": ["accuracy", "macro_f1"],
-    "ner": ["entity_f1"],
-    "translation": ["chrf", "bleu"],
-    "qa": ["exact_match", "token_f1"],
-    "creative": ["perplexity", "distinct_2"],
-    "chat": ["perplexity", "exact_match"],
-    "domain": ["perplexity"],
-    "none": ["perplexity"],
-}
+from phitune.registry import TASKS
 
 
 @dataclass
@@ -82,11 +55,12 @@ def make_spec(task_cfg, rows: list, opts: FormatOptions) -> TaskSpec:
     """The spec for this run; classification labels and NER types come from the training rows
     (sorted) unless `task.labels` lists them."""
     name = task_cfg.name if task_cfg else "none"
-    spec = TaskSpec(name=name, head=bool(task_cfg and task_cfg.head), metrics=METRICS.get(name, ["perplexity"]))
-    if task_cfg is None or name not in FIELDS:
+    task = TASKS[name]
+    spec = TaskSpec(name=name, head=bool(task_cfg and task_cfg.head), metrics=list(task.metrics))
+    if task_cfg is None or not task.fields:
         return spec
     spec.fields = dict(task_cfg.fields or {})
-    spec.instruction = task_cfg.instruction or INSTRUCTIONS.get(name)
+    spec.instruction = task_cfg.instruction or task.instruction
     spec.source_language, spec.target_language = task_cfg.source_language, task_cfg.target_language
     if name == "translation" and spec.instruction:
         spec.instruction = spec.instruction.format(source_language=spec.source_language, target_language=spec.target_language)
@@ -242,11 +216,11 @@ def missing_columns(name: str, spec: TaskSpec, rows: list, path: str) -> str | N
     columns = list(dict.fromkeys(k for r in rows if isinstance(r.value, dict) for k in r.value))
     if not columns:
         return None
-    gaps = [[f for f in alt if _col(spec, f) not in columns] for alt in REQUIRED[name]]
+    gaps = [[f for f in alt if _col(spec, f) not in columns] for alt in TASKS[name].required]
     if any(not gap for gap in gaps):
         return None
     gap = min(gaps, key=len)
-    unused = [c for c in columns if c not in {_col(spec, f) for f in FIELDS[name]}]
+    unused = [c for c in columns if c not in {_col(spec, f) for f in TASKS[name].fields}]
     mapping = ", ".join(f"{f}: {_closest_column(f, unused)}" for f in gap)
     missing = " and ".join(f"'{_col(spec, f)}'" for f in gap)
     return (f"{path}: no row has the column{'s' * (len(gap) > 1)} {missing} that the {name} preset reads; the file's "
@@ -309,7 +283,4 @@ PRESETS: dict[str, Any] = {
     "qa": qa,
     "creative": creative,
 }
-# chat and domain are formats: chat-like rows (detected) and raw text, packed.
-TASK_FORMATS = {"chat": ("chat", "sharegpt", "prompt_completion", "alpaca"), "domain": ("text",)}
-HEAD_TASKS = ("classification", "ner")
 

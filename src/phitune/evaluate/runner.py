@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from phitune.data.leakage import Leakage, find_leakage
-from phitune.data.tokenize import PairExample
 from phitune.data.tasks import TaskSpec, make_spec
+from phitune.data.tokenize import PairExample
 from phitune.errors import PhituneError
 from phitune.evaluate import scoring
-from phitune.evaluate.scoring import EVAL_TASKS
+from phitune.registry import EVAL_TASKS, GENERATIVE_TASKS, TASKS
 
 log = logging.getLogger("phitune")
 
@@ -85,7 +85,7 @@ def resolve_spec(subject: Subject, data_file: str, task: str | None, spec: TaskS
     if spec is not None:
         return spec
     if task == "multiple_choice":
-        return TaskSpec(name=task, metrics=["accuracy", "mc1", "mc2"])
+        return TaskSpec(name=task, metrics=list(TASKS[task].metrics))
     if task is None and subject.spec is not None:
         return subject.spec
     if task is None:
@@ -216,7 +216,7 @@ def score_generative(model, tokenizer, spec: TaskSpec, examples: list, kept: lis
     values = lm_metrics(model, examples, batch_size=batch_size, pad_id=tokenizer.pad_token_id, device=model.device,
                         virtual_tokens=num_virtual_tokens(model))
     asked = [(w, s) for w, s in kept if scoring.generative(s)]
-    if spec.name not in scoring.GENERATIVE or not asked:
+    if spec.name not in GENERATIVE_TASKS or not asked:
         return values, []
     prompts, references = zip(*(scoring.prompt_and_reference(s) for _, s in asked))
     if max_new_tokens is None:

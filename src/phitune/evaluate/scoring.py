@@ -8,27 +8,15 @@ import string
 from phitune.data.formats import Chat, Plain
 from phitune.data.tasks import TaskSpec
 from phitune.evaluate import metrics
+from phitune.registry import TASKS
 
-EVAL_TASKS = ("none", "chat", "classification", "ner", "translation", "qa", "creative", "domain", "multiple_choice")
-# Tasks whose metric needs generated answers (the others are scored from the loss alone).
-GENERATIVE = ("classification", "ner", "translation", "qa", "creative", "chat")
 # Metrics where lower is better; every other metric is a score (higher is better).
 LOWER_IS_BETTER = {"loss", "perplexity"}
 
 
-# What `score` returns for each task (the plain numbers).
-SCORED = {"classification": ("accuracy", "macro_f1", "valid_label"),
-          "ner": ("entity_f1", "entity_precision", "entity_recall", "valid_json"),
-          "translation": ("bleu", "chrf"), "qa": ("exact_match", "token_f1"), "creative": ("rouge_l", "distinct_2"),
-          "chat": ("rouge_l", "exact_match")}
-
-
 def primary_metric(spec: TaskSpec) -> str:
     """The metric a task is judged by (best checkpoint, the headline of a report)."""
-    if spec.head:
-        return "entity_f1" if spec.name == "ner" else "accuracy"
-    return {"classification": "accuracy", "ner": "entity_f1", "translation": "chrf", "qa": "token_f1",
-            "creative": "rouge_l", "chat": "rouge_l", "multiple_choice": "accuracy"}.get(spec.name, "perplexity")
+    return TASKS[spec.name].primary
 
 
 def prompt_and_reference(sample) -> tuple[str | list[dict], str]:
@@ -59,7 +47,8 @@ def canonical_label(answer: str, labels: list[str]) -> str:
 
 
 def score(spec: TaskSpec, predictions: list[str], references: list[str]) -> dict:
-    """The task's metrics (a flat dict of numbers, plus per-class details for classification)."""
+    """The task's metrics (a flat dict of numbers, plus per-class details for classification):
+    the generative task's `registry.TASKS[name].metrics`, in that order."""
     name = spec.name
     if name == "classification":
         out = metrics.classification([canonical_label(p, spec.labels) for p in predictions], references, spec.labels)

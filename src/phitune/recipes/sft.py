@@ -21,18 +21,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from phitune import hyperparameters
 from phitune.checkpoint import TrainState, list_checkpoints, load_checkpoint, save_checkpoint
 from phitune.config import Config, dump_config, flatten
 from phitune.data.batching import epoch_batches, split_micro
-from phitune.distributed import DeepSpeedEngine, FsdpEngine, PlainEngine, peak_memory_mb, run_deepspeed_config, start
 from phitune.data.dataset import TrainData, length_problem, load_training_data, statistics_of
-from phitune import hyperparameters
+from phitune.distributed import DeepSpeedEngine, FsdpEngine, PlainEngine, peak_memory_mb, run_deepspeed_config, start
 from phitune.errors import PhituneError
 from phitune.evaluate import scoring
 from phitune.generate import complete_batch
 from phitune.models import HEADS, apply_method, load_model, load_tokenizer, num_virtual_tokens, write_base_quantization
-from phitune.recipes.objectives import DPO, SFT, SequenceClassification, TokenClassification, adapter_disabled, add_sums, evaluate, frozen_copy
 from phitune.progress import Progress
+from phitune.recipes.objectives import (
+    DPO,
+    SFT,
+    SequenceClassification,
+    TokenClassification,
+    adapter_disabled,
+    add_sums,
+    evaluate,
+    frozen_copy,
+)
+from phitune.registry import GENERATIVE_TASKS, TASKS
 from phitune.runcard import write_run_card
 from phitune.tracking import MetricsLog
 
@@ -261,11 +271,11 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
     model = engine.model  # the model, or DeepSpeed's engine around it: train()/eval() switch both
     virtual = num_virtual_tokens(engine.unwrap())
     objective = build_objective(cfg, data, tokenizer, virtual, reference)
-    answers_scored = (not data.spec.head and cfg.method.objective == "sft" and data.spec.name in scoring.GENERATIVE
+    answers_scored = (not data.spec.head and cfg.method.objective == "sft" and data.spec.name in GENERATIVE_TASKS
                       and t.eval_generate > 0 and bool(data.validation_samples))
     best_metric = resolve_best_metric(cfg, data.spec, answers_scored)
     if data.validation_examples and t.eval_every:
-        computed = set(objective.eval_names) | set(scoring.SCORED.get(data.spec.name, ()) if answers_scored else ())
+        computed = set(objective.eval_names) | set(TASKS[data.spec.name].metrics if answers_scored else ())
         if best_metric not in computed:
             raise PhituneError(f"training.best_metric: {best_metric} is not computed by this run's evaluation (it gives "
                                f"{', '.join(sorted(computed))}); choose one of those"

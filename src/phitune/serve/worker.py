@@ -26,9 +26,9 @@ from pathlib import Path
 import yaml
 from sqlalchemy import func, select, update
 
+from phitune.config import dump_config
 from phitune.errors import PhituneError
 from phitune.serve.db import Checkpoint, Event, File, Job, add_event, new_id, now
-from phitune.config import dump_config
 from phitune.serve.jobconfig import build_config, choose_hyperparameters, fine_tuned_name
 from phitune.serve.settings import Settings
 

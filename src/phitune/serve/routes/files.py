@@ -17,7 +17,6 @@ from phitune.serve.listing import limit_query, page
 from phitune.serve.upload import Upload
 
 router = APIRouter(tags=["files"])
-PURPOSES = ("fine-tune", "fine-tune-results")
 UPLOADABLE = ("fine-tune",)
 
 

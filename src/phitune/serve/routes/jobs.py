@@ -14,8 +14,8 @@ from sqlalchemy import bindparam, select
 
 from phitune.errors import PhituneError
 from phitune.serve import schemas
-from phitune.serve.deps import Org, Reads, ServerSettings, Sessions
 from phitune.serve.db import Checkpoint, Event, Job, add_event, first, new_id, now
+from phitune.serve.deps import Org, Reads, ServerSettings, Sessions
 from phitune.serve.errors import ApiError, not_found
 from phitune.serve.listing import limit_query, page
 from phitune.serve.routes.files import get_file

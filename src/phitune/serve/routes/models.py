@@ -7,8 +7,8 @@ from fastapi import APIRouter, Request
 from sqlalchemy import bindparam, func, select
 
 from phitune.serve import schemas
-from phitune.serve.deps import Org
 from phitune.serve.db import Checkpoint, Job
+from phitune.serve.deps import Org
 from phitune.serve.errors import ApiError, not_found
 
 router = APIRouter(tags=["models"])
