@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from phitune.config import parse_config
-from phitune.recipes.sft import build_scheduler
+from phitune.recipes.setup import build_scheduler
 
 from helpers import losses, run_cli, write_config
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,21 @@ import torch.nn.functional as F
 from phitune.data.batching import collate
 from phitune.data.chat import IGNORE_INDEX
 from phitune.loss import sequence_logps, token_loss
+
+
+class Objective(Protocol):
+    name: str
+    eval_names: tuple[str, ...]  # what `evaluate` reports (training.best_metric may pick one)
+
+    def count(self, examples) -> int:
+        """What one step's summed loss is divided by: trained tokens, labelled examples or pairs."""
+
+    def loss(self, model, examples, device) -> tuple[torch.Tensor, dict]:
+        """The summed loss of a micro-batch, and sums its metrics are made from."""
+
+    def metrics(self, sums: dict, count: int) -> dict: ...
+
+    def eval_metrics(self, loss: float, sums: dict, count: int) -> dict: ...
 
 
 def _to(batch: dict, device) -> dict:
@@ -239,8 +254,29 @@ def evaluate(objective, model, examples: list, *, batch_size: int, device, autoc
         add_sums(sums, {k: weight * v for k, v in s.items()})
     model.train(was_training)
     if runtime and runtime.parallel:
-        keys = sorted(sums)
-        reduced = runtime.all_reduce_sum([total, count] + [float(sums[k]) for k in keys])
-        total, count, sums = reduced[0], int(reduced[1]), dict(zip(keys, reduced[2:]))
+        (total, count), sums = runtime.sum_over_processes(sums, total, count)
+        count = int(count)
     mean = total / max(count, 1)
     return {"loss": mean} | objective.eval_metrics(mean, sums, count)
+
+
+def objective_kind(spec, objective: str) -> str:
+    """The `OBJECTIVES` key of a run: its head's kind (sequence | token), else method.objective."""
+    head, _ = spec.model_head
+    return head if spec.head else objective
+
+
+# kind -> (task spec, method config, pad id, virtual tokens, DPO's frozen reference or None) -> objective
+OBJECTIVES: dict[str, Callable[..., Objective]] = {
+    "sft": lambda spec, method, pad, virtual, reference: SFT(pad, virtual),
+    "dpo": lambda spec, method, pad, virtual, reference: DPO(
+        pad, method.beta, frozen_copy(reference) if reference is not None else adapter_disabled),
+    "sequence": lambda spec, method, pad, virtual, reference: SequenceClassification(pad, spec.labels),
+    "token": lambda spec, method, pad, virtual, reference: TokenClassification(pad, spec.tag_labels),
+}
+
+
+def build_objective(spec, method, pad_id: int, virtual: int, reference=None) -> Objective:
+    """The objective for this run's task spec and method (`reference`: full fine-tuning's frozen
+    copy of the start for DPO; adapters switch themselves off instead)."""
+    return OBJECTIVES[objective_kind(spec, method.objective)](spec, method, pad_id, virtual, reference)
