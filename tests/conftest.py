@@ -65,3 +65,14 @@ def real_model() -> Path:
     if not (out / "phitune_import.json").is_file():
         assert run_cli("import", "gguf", "--package", REAL_PACKAGE) == 0, "could not import the real model"
     return out
+
+
+# Fixtures that build or load a model (or start a server): a test that asks for one is an
+# integration test; the others are fast units (`make test-fast`).
+MODEL_FIXTURES = {"model_cache", "tiny_phi3", "real_model", "server", "demo", "translator", "two_adapters"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
