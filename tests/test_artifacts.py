@@ -49,7 +49,7 @@ def _textbook_loss(logits, batch) -> float:
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_adapter_loads_in_plain_peft_with_samelogits(name, trained, tiny_phi3, chat_files):
+def test_adapter_loads_in_plain_peft_with_same_logits(name, trained, tiny_phi3, chat_files):
     out = trained[name]
     tokenizer = AutoTokenizer.from_pretrained(tiny_phi3)
     batch = _batch(tokenizer, chat_files[1])

@@ -63,6 +63,7 @@ def test_int4_export_stays_close_and_chats_with_the_fine_tuned_behaviour(transla
     assert onnx.stdout.strip() == "Le lait est bon."
 
 
+@pytest.mark.slow  # 13 s: the slow tier, to keep the default suite within budget
 def test_int8_and_builder_options_reach_the_builder(translator, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     out = tmp_path / "int8"
@@ -158,8 +159,11 @@ def test_multi_lora_adapters_change_outputs_exactly_as_in_pytorch(two_adapters, 
     assert run.returncode == 0 and run.stdout.strip() == "One latte, coming up. Anything else?", run.stderr
 
 
-def test_multi_lora_refusals(translator, two_adapters, tiny_phi3, tmp_path, capsys):
-    fr, _ = two_adapters
+def test_multi_lora_refusals(translator, tiny_phi3, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    fr = tmp_path / "fr"  # any adapter on the linear layers: the refusals come before its weights matter
+    assert run_cli("train", REPO / "examples" / "translation" / "config.yaml", "--set", f"model.name_or_path={tiny_phi3}",
+                   "--set", f"output_dir={fr}", "--set", "method.target_modules=all-linear", "--max-steps", "2") == 0
     assert run_cli("export", "onnx", tiny_phi3, "--output", tmp_path / "a", "--adapter", f"fr={fr}") == 2  # int4 default
     assert "quantize the LoRA weights" in capsys.readouterr().err
     assert run_cli("export", "onnx", tiny_phi3, "--output", tmp_path / "b", "--precision", "fp32",

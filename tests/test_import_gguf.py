@@ -58,6 +58,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, real_model, capsys)
     assert proc.returncode == 2 and "pip install gguf" in proc.stderr and not (tmp_path / "g").exists(), proc.stderr
 
 
+@pytest.mark.slow  # 30 s of GGUF dequantisation: the slow tier (CI runs it); every real-model test uses the import
 def test_the_imported_model_equals_transformers_reading_the_gguf(real_model):
     from pathlib import Path
 

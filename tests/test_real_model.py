@@ -57,7 +57,7 @@ def test_lora_teaches_the_real_model_what_it_did_not_know(demo):
     assert before["exact_match"] == 0 and after["exact_match"] >= 0.9, after["replies"]
 
 
-def test_the_adapter_loads_in_plain_peft_with_samelogits(demo, real_model):
+def test_the_adapter_loads_in_plain_peft_with_same_logits(demo, real_model):
     run = Path(demo["run"])
     tokenizer = AutoTokenizer.from_pretrained(real_model)
     batch = _val_batch(tokenizer)

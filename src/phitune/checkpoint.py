@@ -2,7 +2,7 @@
 
 A checkpoint is written to `step-NNNNNN.tmp/` and renamed into place only when complete, so a run
 killed while saving leaves the previous checkpoint as the latest one. Weights and optimizer state
-are written by the engine (distributed.py): trainable weights exactly (their own dtype,
+are written by the engine (engines.py): trainable weights exactly (their own dtype,
 safetensors) for one process or data parallelism, DeepSpeed's own sharded checkpoint under ZeRO.
 Each process keeps its own RNG state.
 """
@@ -20,8 +20,7 @@ import numpy as np
 import torch
 
 from phitune.errors import PhituneError
-
-PREFIX = "step-"
+from phitune.outputs import checkpoint_dir, list_checkpoints
 
 
 @dataclass
@@ -55,7 +54,7 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(root: Path, engine, scheduler, state: TrainState, runtime, *, save_adapter, keep: int | None) -> Path:
     """Every process takes part (DeepSpeed writes a shard per process; ZeRO-3 gathers the adapter);
     the main process writes the shared files and moves the finished directory into place."""
-    final = root / f"{PREFIX}{state.step:06d}"
+    final = checkpoint_dir(root, state.step)
     tmp = root / (final.name + ".tmp")
     if runtime.is_main:
         root.mkdir(parents=True, exist_ok=True)
@@ -78,13 +77,6 @@ def save_checkpoint(root: Path, engine, scheduler, state: TrainState, runtime, *
                 shutil.rmtree(old, ignore_errors=True)
     runtime.barrier()
     return final
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(".tmp")]
-    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
 
 
 def load_checkpoint(path: Path, engine, scheduler, runtime) -> TrainState:

@@ -80,6 +80,7 @@ def run_demo(output: str = "runs/demo", model: str | None = None, toy: bool = Fa
     from phitune.data.dataset import tokenize_file
     from phitune.models import load_for_inference
     from phitune.recipes.sft import train
+    from phitune.tracking import read_metrics
 
     data = Path(data_dir)
     train_file, val_file = data / "support_train.jsonl", data / "support_val.jsonl"
@@ -120,7 +121,7 @@ def run_demo(output: str = "runs/demo", model: str | None = None, toy: bool = Fa
     after = held_out_scores(model_, tokenizer, val_rows, val_examples, tokenizer.pad_token_id)
     show_results(before, after, val_rows)
 
-    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(result.output_dir / "metrics.jsonl")
     first, last = records[0], records[-1]
     report = {"before": before, "after": after, "train_loss_first": [first["step"], first["loss"]],
               "train_loss_last": [last["step"], last["loss"]],

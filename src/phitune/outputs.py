@@ -27,3 +27,24 @@ def staged(output: Path) -> Iterator[Path]:
     if output.exists():
         shutil.rmtree(output)
     tmp.rename(output)
+
+
+CHECKPOINT_PREFIX = "step-"
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    """ROOT/step-000120: where the checkpoint of `step` is (training, the service and chat all look here)."""
+    return root / f"{CHECKPOINT_PREFIX}{step:06d}"
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX):])
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """The finished checkpoints under ROOT, oldest first (one being written, `.tmp`, is not one)."""
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir()
+            if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and not p.name.endswith(".tmp")]
+    return sorted(done, key=checkpoint_step)

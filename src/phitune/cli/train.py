@@ -35,7 +35,7 @@ def cmd_train(args) -> int:
 
     try:
         if args.auto_resume:  # a restarted pod: continue when there is a checkpoint, else start over
-            from phitune.checkpoint import list_checkpoints
+            from phitune.outputs import list_checkpoints
             from phitune.recipes.setup import replaceable
 
             has = bool(list_checkpoints(Path(cfg.output_dir) / "checkpoints"))

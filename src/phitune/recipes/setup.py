@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from phitune.checkpoint import list_checkpoints
 from phitune.config import Config, flatten
 from phitune.data.dataset import TrainData, length_problem, load_training_data
 from phitune.errors import PhituneError
+from phitune.outputs import list_checkpoints
 
 log = logging.getLogger("phitune")
 

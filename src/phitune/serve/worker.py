@@ -28,9 +28,11 @@ from sqlalchemy import func, select, update
 
 from phitune.config import dump_config
 from phitune.errors import PhituneError
+from phitune.outputs import checkpoint_step, list_checkpoints
 from phitune.serve.db import Checkpoint, Event, File, Job, add_event, new_id, now
 from phitune.serve.jobconfig import build_config, choose_hyperparameters, fine_tuned_name
 from phitune.serve.settings import Settings
+from phitune.tracking import read_metrics
 
 log = logging.getLogger("phitune")
 
@@ -217,7 +219,8 @@ class Worker:
 
     def sync(self, job: Job, name: str, folder: Path, started: float) -> str | None:
         """Metrics -> events, checkpoints -> objects, heartbeat; returns a cancel / pause request."""
-        records = _records(folder / "run" / "metrics.jsonl")
+        run = self.settings.run_dir(job.id)
+        records = read_metrics(run / "metrics.jsonl")
         with self.sessions() as db:
             current = db.scalar(select(Job).where(Job.id == job.id))
             total = current.total_steps
@@ -233,16 +236,16 @@ class Worker:
                            if "loss" in r else f"Step {r['step']}: validation loss={r.get('eval_loss', float('nan')):.4f}",
                            type="metrics", data=data, step=r["step"])
             known = set(db.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job.id)))
-            for ck in sorted((folder / "run" / "checkpoints").glob("step-*")):
-                step = int(ck.name.split("-")[1])
-                if step in known or ck.name.endswith(".tmp") or not (ck / "adapter").is_dir():
+            for ck in list_checkpoints(run / "checkpoints"):
+                step = checkpoint_step(ck)
+                if step in known or not (ck / "adapter").is_dir():
                     continue
                 metrics = _metric_data(next((r for r in records if r["step"] == step), {"step": step}), total)
                 db.add(Checkpoint(id=new_id("ftckpt"), job_id=job.id, step=step, metrics=metrics,
                                   model_name=f"{name}:ckpt-step-{step}"))
             values: dict = {"heartbeat": time.time()}
-            if total is None and (folder / "run" / "config.yaml").is_file():
-                values["total_steps"] = total = _total_steps(folder, records)
+            if total is None and (run / "config.yaml").is_file():
+                values["total_steps"] = total = _total_steps(run, records)
             finish = _estimated_finish(records, total, started)
             if finish is not None:
                 values["estimated_finish"] = finish
@@ -255,7 +258,7 @@ class Worker:
         out = io.StringIO()
         writer = csv.writer(out)
         writer.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"])
-        for r in _records(folder / "run" / "metrics.jsonl"):
+        for r in read_metrics(self.settings.run_dir(job.id) / "metrics.jsonl"):
             writer.writerow([r["step"], r.get("loss", ""), r.get("mean_token_accuracy", r.get("accuracy", "")),
                              r.get("eval_loss", ""), r.get("eval_mean_token_accuracy", "")])
         file_id = new_id("file")
@@ -281,18 +284,6 @@ def _estimated_finish(records: list[dict], total: int | None, started: float) ->
     return int(timed[-1]["time"] + rate * max(total - timed[-1]["step"], 0))
 
 
-def _records(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:  # a line being written
-            break
-    return out
-
-
 def _metric_data(r: dict, total: int | None) -> dict:
     """OpenAI's metric keys, plus DPO's rewards (train_reward_margin, valid_reward_accuracy, ...)."""
     rewards = {("valid_" + k[5:] if k.startswith("eval_") else "train_" + k): v for k, v in r.items()
@@ -304,9 +295,9 @@ def _metric_data(r: dict, total: int | None) -> dict:
             **rewards}
 
 
-def _total_steps(folder: Path, records: list[dict]) -> int | None:
+def _total_steps(run: Path, records: list[dict]) -> int | None:
     """From the progress the run logged: steps per epoch x epochs (metrics' fractional epoch)."""
-    cfg = yaml.safe_load((folder / "run" / "config.yaml").read_text())
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
     if cfg["training"].get("max_steps"):
         return cfg["training"]["max_steps"]
     with_epoch = [r for r in records if r.get("epoch") and "loss" in r]

@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from phitune.errors import PhituneError
+from phitune.outputs import checkpoint_dir
 from phitune.serve import schemas
 from phitune.serve.db import Checkpoint, Job, new_id
 from phitune.serve.deps import Org
@@ -46,7 +47,7 @@ def resolve(request: Request, org: str, model: str) -> tuple[str, str | None, bo
             ck = db.execute(select(Job.id, Job.model, Checkpoint.step).join(Job, Job.id == Checkpoint.job_id)
                             .where(Job.org == org, Checkpoint.model_name == model, Checkpoint.deleted.is_(False))).first()
             if ck is not None:
-                adapter = settings.run_dir(ck.id) / "checkpoints" / f"step-{ck.step:06d}" / "adapter"
+                adapter = checkpoint_dir(settings.run_dir(ck.id) / "checkpoints", ck.step) / "adapter"
                 return settings.models[ck.model], str(adapter), ck.model in settings.trusted
     raise not_found("model", model, "model")
 
