@@ -110,3 +110,15 @@ def test_kaito_names_what_auto_cannot_resolve(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "training.batch_size / training.epochs: auto counts the examples of data.train" in err and "set both" in err
     assert not (tmp_path / "k").exists()
+
+
+def test_the_service_chooses_auto_by_the_same_rules():
+    from phitune.serve.jobconfig import choose_hyperparameters
+
+    chosen = choose_hyperparameters({"n_epochs": "auto", "batch_size": "auto"}, 40)
+    # sqrt(40) / 2 -> batch 4; 40 examples in batches of 4 reach ~60 steps in 6 epochs.
+    assert chosen["batch_size"] == auto.auto_batch_size(40) == 4
+    assert chosen["n_epochs"] == auto.auto_epochs(40, None, 4) == 6
+    assert chosen["learning_rate_multiplier"] == 1.0
+    asked = choose_hyperparameters({"n_epochs": 3, "batch_size": 2, "learning_rate_multiplier": 0.5}, 40)
+    assert asked == {"n_epochs": 3, "batch_size": 2, "learning_rate_multiplier": 0.5}

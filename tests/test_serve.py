@@ -100,13 +100,13 @@ def test_fine_tune_end_to_end_with_the_openai_sdk(server, train_file):
     assert f.status == "processed" and f.filename == "train.jsonl" and f.bytes == train_file.stat().st_size
     assert c.files.content(f.id).content == train_file.read_bytes()
     job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, suffix="cafe", seed=7, metadata={"team": "a"},
-                                    method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}},
-                                    extra_body=FAST)
+                                    method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 2}}},
+                                    extra_body=FAST)  # 3 epochs of 20 batches: 60 steps
     assert job.status == "validating_files" and job.organization_id == "local"
     job = wait_for_job(c, job.id)
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model == f"ft:tiny:local:cafe:{job.id.split('-')[1][:8]}" and job.trained_tokens > 0
-    assert job.hyperparameters.n_epochs == 3 and job.hyperparameters.batch_size == 4  # auto from 40 examples: sqrt(40) / 2 -> 4
+    assert job.hyperparameters.n_epochs == 3 and job.hyperparameters.batch_size == 2  # as asked (auto: test_hyperparameters)
     # Events: newest first, paged with after=, ids stable and unique, one metrics event per step.
     pages, after = [], None
     while True:
@@ -207,7 +207,7 @@ def test_cancel_pause_and_resume(server, train_file):
         c.fine_tuning.jobs.cancel(doomed.id)
 
     job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={"type": "supervised", "supervised": {
-        "hyperparameters": {"n_epochs": 4}}}, extra_body=FAST)
+        "hyperparameters": {"n_epochs": 8}}}, extra_body=FAST)  # 8 x 10 batches of 4: 80 steps
     until(lambda: len(c.fine_tuning.jobs.checkpoints.list(job.id).data) >= 2)
     c.fine_tuning.jobs.pause(job.id)
     paused = wait_for_job(c, job.id, statuses=("paused",))
@@ -239,7 +239,7 @@ def test_sigkill_of_server_and_worker_loses_nothing(tiny_phi3, tmp_path, train_f
     c = server.client()
     f = c.files.create(file=train_file.open("rb"), purpose="fine-tune")
     job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={"type": "supervised", "supervised": {
-        "hyperparameters": {"n_epochs": 4}}}, extra_body=FAST)
+        "hyperparameters": {"n_epochs": 8}}}, extra_body=FAST)  # 8 x 10 batches of 4: 80 steps
     until(lambda: len(c.fine_tuning.jobs.checkpoints.list(job.id).data) >= 2)
     before = [e.id for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data]
     server.kill()
