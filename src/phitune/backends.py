@@ -9,6 +9,16 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+from phitune.errors import PhituneError
+
+
+def require_genai():
+    try:
+        import onnxruntime_genai as og
+    except ImportError as exc:
+        raise PhituneError("ONNX export and the onnx backend need onnxruntime-genai: pip install 'phitune[onnx]'") from exc
+    return og
+
 
 def open_backend(model: str, *, backend: str | None = None, adapter: str | None = None):
     """`backend` None: onnx for an exported model (genai_config.json), else torch."""
@@ -96,8 +106,6 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, path: str):
-        from phitune.export.onnx import require_genai
-
         og = require_genai()
         self.og = og
         self.path = path

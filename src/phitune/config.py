@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import string
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
@@ -20,6 +21,11 @@ from phitune.errors import PhituneError
 from phitune.registry import ADAPTER_METHODS, DATA_FORMATS, DTYPES, HEAD_TASKS, METHODS, TASKS, TRAINABLE_TASKS
 
 DtypeName = Literal[("auto", *DTYPES)]
+
+
+def template_fields(pattern: str) -> list[str]:
+    """The {field} names of a data.template pattern."""
+    return [name for _, name, _, _ in string.Formatter().parse(pattern) if name]
 
 
 class _Section(BaseModel):
@@ -431,8 +437,6 @@ def _data_task_problems(data: "DataConfig | None", task: "TaskConfig | None", me
     out: list[tuple[str, str]] = []
     task = task or TaskConfig()
     if data is not None and data.format == "template":
-        from phitune.data.formats import template_fields
-
         if not data.template or not data.completion_field:
             out.append(("data.template", "format template needs data.template (a pattern with {fields}) and data.completion_field"))
         elif data.completion_field not in template_fields(data.template):

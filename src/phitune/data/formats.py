@@ -13,9 +13,10 @@ and labels of that chat form.
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from phitune.config import template_fields
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -226,10 +227,6 @@ def template(row, where: str, opts: FormatOptions) -> Result:
     cut = opts.template.index("{" + opts.completion_field + "}")
     values = {f: str(row[f]) for f in fields}
     return Plain(opts.template[:cut].format(**values), opts.template[cut:].format(**values)), []
-
-
-def template_fields(pattern: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(pattern) if name]
 
 
 def preference(row, where: str, opts: FormatOptions) -> Result:

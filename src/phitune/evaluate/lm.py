@@ -9,6 +9,6 @@ from phitune.data.chat import Example
 
 def lm_metrics(model, examples: list[Example], *, batch_size: int, pad_id: int, device,
                autocast=contextlib.nullcontext, virtual_tokens: int = 0) -> dict[str, float]:
-    from phitune.recipes.objectives import SFT, evaluate
+    from phitune.objectives import SFT, evaluate
 
     return evaluate(SFT(pad_id, virtual_tokens), model, examples, batch_size=batch_size, device=device, autocast=autocast)

@@ -164,7 +164,7 @@ def evaluate_model(subject: Subject, data_file: str, *, name: str | None = None,
 
 def score_head(model, tokenizer, spec: TaskSpec, examples: list, kept: list, batch_size: int) -> tuple[dict, list[dict]]:
     from phitune.evaluate import metrics
-    from phitune.recipes.objectives import SequenceClassification, TokenClassification, bio_spans, evaluate
+    from phitune.objectives import SequenceClassification, TokenClassification, bio_spans, evaluate
 
     device = model.device
     objective = (TokenClassification(tokenizer.pad_token_id, spec.tag_labels) if spec.name == "ner"

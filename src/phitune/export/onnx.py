@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from phitune.backends import require_genai
 from phitune.errors import PhituneError
 from phitune.outputs import refuse_non_empty, staged
 
@@ -29,14 +30,6 @@ DEVICES = ("cpu", "cuda")
 # in int8, blocks of 16 kept the most quality of the int4 settings tried on the real model
 # (benchmarks/results/onnx_int4_quality.md); the builder's own default (RTN, block 32) lost more.
 QUANT_OPTIONS = {"int4": {"algo_config": "k_quant_mixed", "block_size": "16"}}
-
-
-def require_genai():
-    try:
-        import onnxruntime_genai as og
-    except ImportError as exc:
-        raise PhituneError("ONNX export and the onnx backend need onnxruntime-genai: pip install 'phitune[onnx]'") from exc
-    return og
 
 
 def require_builder() -> None:

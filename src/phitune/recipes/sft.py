@@ -31,8 +31,8 @@ from phitune.errors import PhituneError
 from phitune.evaluate import scoring
 from phitune.generate import complete_batch
 from phitune.models import HEADS, apply_method, load_model, load_tokenizer, num_virtual_tokens, write_base_quantization
+from phitune.objectives import Objective, add_sums, build_objective, evaluate
 from phitune.progress import Progress
-from phitune.recipes.objectives import Objective, add_sums, build_objective, evaluate
 from phitune.recipes.setup import (
     build_optimizer,
     build_scheduler,

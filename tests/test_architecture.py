@@ -1,0 +1,90 @@
+"""The shape of the code: no import cycle between phitune's modules or packages (imports inside
+functions count: they only hide a cycle), and the recipe's functions stay short."""
+
+import ast
+from pathlib import Path
+
+from helpers import REPO
+
+SRC = REPO / "src"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in (SRC / "phitune").rglob("*.py"):
+        parts = path.relative_to(SRC).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _imports(modules: dict[str, Path]) -> dict[str, set[str]]:
+    def known(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            graph[module] |= {t for n in names if n.startswith("phitune") and (t := known(n)) and t != module}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one node (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in list(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_between_modules_or_packages():
+    graph = _imports(_modules())
+    assert _cycles(graph) == []
+
+    def package(m: str) -> str:
+        return ".".join(m.split(".")[:2])
+
+    packages: dict[str, set[str]] = {}
+    for m, targets in graph.items():
+        packages.setdefault(package(m), set()).update(package(t) for t in targets if package(t) != package(m))
+    assert _cycles(packages) == []
+
+
+def test_the_recipe_reads_in_short_functions():
+    """Every function of the training recipe and its setup under ~60 lines."""
+    for name in ("recipes/sft.py", "recipes/setup.py", "engines.py", "objectives.py"):
+        tree = ast.parse((SRC / "phitune" / name).read_text())
+        long = [(n.name, n.end_lineno - n.lineno + 1) for n in ast.walk(tree)
+                if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno + 1 > 60]
+        assert long == [], (name, long)
