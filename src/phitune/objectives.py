@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,15 +20,20 @@ from phitune.data.batching import collate
 from phitune.data.chat import IGNORE_INDEX
 from phitune.loss import sequence_logps, token_loss
 
+if TYPE_CHECKING:
+    from phitune.config import MethodConfig
+    from phitune.data.tasks import TaskSpec
+    from phitune.distributed import Runtime
+
 
 class Objective(Protocol):
     name: str
     eval_names: tuple[str, ...]  # what `evaluate` reports (training.best_metric may pick one)
 
-    def count(self, examples) -> int:
+    def count(self, examples: list) -> int:
         """What one step's summed loss is divided by: trained tokens, labelled examples or pairs."""
 
-    def loss(self, model, examples, device) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: torch.nn.Module, examples: list, device: torch.device) -> tuple[torch.Tensor, dict]:
         """The summed loss of a micro-batch, and sums its metrics are made from."""
 
     def metrics(self, sums: dict, count: int) -> dict: ...
@@ -36,7 +41,7 @@ class Objective(Protocol):
     def eval_metrics(self, loss: float, sums: dict, count: int) -> dict: ...
 
 
-def _to(batch: dict, device) -> dict:
+def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -48,10 +53,10 @@ class SFT:
     head: str = "causal"
     eval_names = ("loss", "perplexity", "mean_token_accuracy")
 
-    def count(self, examples) -> int:
+    def count(self, examples: list) -> int:
         return sum(e.num_trained for e in examples)
 
-    def loss(self, model, examples, device) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: torch.nn.Module, examples: list, device: torch.device) -> tuple[torch.Tensor, dict]:
         loss, _, correct = token_loss(model, _to(collate(examples, self.pad_id), device), self.virtual_tokens)
         return loss, {"correct": correct}
 
@@ -72,10 +77,10 @@ class SequenceClassification:
     head: str = "sequence"
     eval_names = ("loss", "accuracy", "macro_f1")
 
-    def count(self, examples) -> int:
+    def count(self, examples: list) -> int:
         return len(examples)
 
-    def logits(self, model, examples, device) -> torch.Tensor:
+    def logits(self, model: torch.nn.Module, examples: list, device: torch.device) -> torch.Tensor:
         width = max(len(e.input_ids) for e in examples)
         ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -84,11 +89,11 @@ class SequenceClassification:
             mask[row, : len(e.input_ids)] = 1
         return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
 
-    def predict(self, model, examples, device) -> list[int]:
+    def predict(self, model: torch.nn.Module, examples: list, device: torch.device) -> list[int]:
         """The predicted class of each example."""
         return self.logits(model, examples, device).argmax(-1).tolist()
 
-    def loss(self, model, examples, device) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: torch.nn.Module, examples: list, device: torch.device) -> tuple[torch.Tensor, dict]:
         target = torch.tensor([e.label for e in examples], device=device)
         logits = self.logits(model, examples, device)
         loss = F.cross_entropy(logits, target, reduction="sum")
@@ -136,17 +141,17 @@ class TokenClassification:
     head: str = "token"
     eval_names = ("loss", "accuracy", "entity_f1")
 
-    def count(self, examples) -> int:
+    def count(self, examples: list) -> int:
         return sum(e.num_trained for e in examples)
 
-    def predict(self, model, examples, device) -> list[list[int]]:
+    def predict(self, model: torch.nn.Module, examples: list, device: torch.device) -> list[list[int]]:
         """The predicted tag of each labelled position (each word's first token), per example."""
         batch = _to(collate(examples, self.pad_id), device)
         pred = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
         keep = batch["labels"] != IGNORE_INDEX
         return [pred[row][keep[row]].tolist() for row in range(len(examples))]
 
-    def loss(self, model, examples, device) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: torch.nn.Module, examples: list, device: torch.device) -> tuple[torch.Tensor, dict]:
         batch = _to(collate(examples, self.pad_id), device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         keep = batch["labels"] != IGNORE_INDEX
@@ -185,10 +190,10 @@ class DPO:
     head: str = "causal"
     eval_names = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy")
 
-    def count(self, examples) -> int:
+    def count(self, examples: list) -> int:
         return len(examples)
 
-    def loss(self, model, examples, device) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: torch.nn.Module, examples: list, device: torch.device) -> tuple[torch.Tensor, dict]:
         # One forward over chosen and rejected together: rows [0, n) chosen, [n, 2n) rejected.
         n = len(examples)
         batch = _to(collate([e.chosen for e in examples] + [e.rejected for e in examples], self.pad_id), device)
@@ -213,13 +218,13 @@ class DPO:
         return self.metrics(sums, count)
 
 
-def adapter_disabled(model):
+def adapter_disabled(model: torch.nn.Module):
     """Reference = the base under the adapter: PEFT's disable_adapter() context."""
     inner = model.module if hasattr(model, "module") and hasattr(model.module, "disable_adapter") else model
     return inner, inner.disable_adapter()
 
 
-def frozen_copy(reference_model):
+def frozen_copy(reference_model: torch.nn.Module) -> Callable:
     return lambda model: (reference_model, contextlib.nullcontext())
 
 
@@ -230,8 +235,9 @@ def add_sums(total: dict, part: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate(objective, model, examples: list, *, batch_size: int, device, autocast=contextlib.nullcontext,
-             runtime=None, forward=None) -> dict:
+def evaluate(objective: Objective, model: torch.nn.Module, examples: list, *, batch_size: int, device: torch.device,
+             autocast: Callable = contextlib.nullcontext, runtime: Runtime | None = None,
+             forward: Callable | None = None) -> dict:
     """Loss and metrics over held-out examples (in length order: little padding). With several
     processes each takes every world-th batch and the sums are added up; a process without a batch
     in the last round runs a zero-weighted one (sharded models need every process in a forward).
@@ -260,7 +266,7 @@ def evaluate(objective, model, examples: list, *, batch_size: int, device, autoc
     return {"loss": mean} | objective.eval_metrics(mean, sums, count)
 
 
-def objective_kind(spec, objective: str) -> str:
+def objective_kind(spec: TaskSpec, objective: str) -> str:
     """The `OBJECTIVES` key of a run: its head's kind (sequence | token), else method.objective."""
     head, _ = spec.model_head
     return head if spec.head else objective
@@ -276,7 +282,8 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
 }
 
 
-def build_objective(spec, method, pad_id: int, virtual: int, reference=None) -> Objective:
+def build_objective(spec: TaskSpec, method: MethodConfig, pad_id: int, virtual: int,
+                    reference: torch.nn.Module | None = None) -> Objective:
     """The objective for this run's task spec and method (`reference`: full fine-tuning's frozen
     copy of the start for DPO; adapters switch themselves off instead)."""
     return OBJECTIVES[objective_kind(spec, method.objective)](spec, method, pad_id, virtual, reference)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from phitune.argtypes import non_negative_float, positive_int
 from phitune.registry import BACKENDS
 
 
-def cmd_generate(args) -> int:
+def cmd_generate(args: argparse.Namespace) -> int:
     from phitune.backends import complete, open_backend
     from phitune.sources import check_source
 
@@ -19,7 +20,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_chat(args) -> int:
+def cmd_chat(args: argparse.Namespace) -> int:
     """Read a message per line from stdin (a typed \\n is a line break), stream the reply; /reset
     forgets the conversation, /exit or end of input ends."""
     from phitune.backends import open_backend
@@ -54,7 +55,7 @@ def cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": reply.strip()})
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="print a chat completion from a model (with or without an adapter)")
     g.add_argument("model", help="base model dir/hub id, training output dir, adapter dir or merged model")
     g.add_argument("--adapter", help="torch: a PEFT adapter dir to apply; onnx: an adapter NAME of a multi-LoRA export")

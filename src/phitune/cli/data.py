@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from phitune.argtypes import positive_int
@@ -10,7 +11,7 @@ from phitune.errors import PhituneError
 from phitune.registry import DATA_FORMATS
 
 
-def cmd_data_validate(args) -> int:
+def cmd_data_validate(args: argparse.Namespace) -> int:
     """Every problem with file:line, then statistics; exit 1 when there are errors."""
     from phitune.config import DataConfig, TaskConfig, load_config
     from phitune.data.dataset import read_split, statistics_of, summary_lines, tokenize_split
@@ -66,7 +67,7 @@ def cmd_data_validate(args) -> int:
     return 1 if split.errors else 0
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     dp = sub.add_parser("data", help="check data files")
     dsub = dp.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     v = dsub.add_parser("validate", help="report every problem (file:line) and statistics; exit 1 on errors")

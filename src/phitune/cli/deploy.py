@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from phitune.argtypes import positive_int
@@ -26,7 +27,7 @@ def _write_manifests(output: Path, docs: dict[str, dict], overwrite: bool) -> No
     print(f"wrote {', '.join(str(output / n) for n in docs)}; apply with: kubectl apply -f {output}")
 
 
-def cmd_kaito(args) -> int:
+def cmd_kaito(args: argparse.Namespace) -> int:
     from phitune.config import load_config
     from phitune.deploy.kaito import kaito_manifests, kaito_rules
 
@@ -41,7 +42,7 @@ def cmd_kaito(args) -> int:
     return 0
 
 
-def cmd_k8s(args) -> int:
+def cmd_k8s(args: argparse.Namespace) -> int:
     from phitune.config import load_config
     from phitune.deploy.kubernetes import pytorchjob_manifests
 
@@ -53,7 +54,7 @@ def cmd_k8s(args) -> int:
     return 0
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     kt = sub.add_parser("kaito", help="a KAITO Workspace + ConfigMap that fine-tune a KAITO preset with this config")
     kt.add_argument("config", help="phitune training config (YAML)")
     kt.add_argument("--output", required=True, help="directory for workspace.yaml and configmap.yaml")

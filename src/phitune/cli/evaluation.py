@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -10,20 +11,20 @@ from phitune.errors import PhituneError
 from phitune.registry import EVAL_TASKS
 
 
-def _scoring_options(parser) -> None:
+def _scoring_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=positive_int, help="score only the first N examples")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="examples per forward / generate call (default 16)")
     parser.add_argument("--max-new-tokens", type=positive_int, help="answer length limit (default: longest reference + room)")
 
 
-def _eval_data(args, subject) -> str:
+def _eval_data(args: argparse.Namespace, subject) -> str:
     data = args.data or subject.validation_file
     if not data:
         raise PhituneError(f"{subject.path}: no held-out file to evaluate on; pass --data FILE")
     return data
 
 
-def cmd_eval(args) -> int:
+def cmd_eval(args: argparse.Namespace) -> int:
     from phitune.evaluate.runner import evaluate_model, locate, table, write_outputs
 
     subject = locate(args.model, args.base)
@@ -53,7 +54,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_compare(args) -> int:
+def cmd_compare(args: argparse.Namespace) -> int:
     from phitune.evaluate.report import compare
     from phitune.evaluate.runner import locate
 
@@ -77,7 +78,7 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="score a model on a held-out file with its task's metrics (metrics.json)")
     e.add_argument("model", help="training output dir, adapter dir, merged model, or base model (dir or hub id)")
     e.add_argument("--data", help="held-out file (default: the run's validation file)")

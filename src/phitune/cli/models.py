@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from phitune.export.onnx import PRECISIONS as ONNX_PRECISIONS
 from phitune.registry import DTYPES
 
 
-def cmd_create_model(args) -> int:
+def cmd_create_model(args: argparse.Namespace) -> int:
     from phitune.create_model import create_model
 
     summary = create_model(args.output, args.arch, args.preset, corpus=args.corpus, seed=args.seed,
@@ -21,7 +22,7 @@ def cmd_create_model(args) -> int:
     return 0
 
 
-def cmd_merge(args) -> int:
+def cmd_merge(args: argparse.Namespace) -> int:
     from phitune.export.merge import merge
 
     out = merge(args.source, args.output, dtype=args.dtype, base=args.base, overwrite=args.overwrite)
@@ -29,7 +30,7 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def cmd_import_gguf(args) -> int:
+def cmd_import_gguf(args: argparse.Namespace) -> int:
     from phitune.import_gguf import import_gguf, package_model
 
     if bool(args.source) == bool(args.package):
@@ -48,7 +49,7 @@ def cmd_import_gguf(args) -> int:
     return 0
 
 
-def cmd_export_onnx(args) -> int:
+def cmd_export_onnx(args: argparse.Namespace) -> int:
     from phitune.export.onnx import check_export, export_multi_lora, export_onnx
 
     if args.adapter and args.builder_option:
@@ -74,7 +75,7 @@ def cmd_export_onnx(args) -> int:
     return 0
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("create-model", help="build a small UNTRAINED model + locally trained tokenizer")
     c.add_argument("output", help="directory to write")
     c.add_argument("--arch", default="phi3", help="phi3 | llama | qwen2 | mistral (default phi3)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from phitune.cli.common import EXIT_USAGE, log
 from phitune.errors import PhituneError
 
 
-def serve_settings(args):
+def serve_settings(args: argparse.Namespace):
     from phitune.serve.settings import Settings, parse_models
 
     models = parse_models(args.model)
@@ -24,7 +25,7 @@ def serve_settings(args):
                     max_upload_bytes=int(args.max_upload_mb * 2**20), stale_seconds=args.stale_seconds)
 
 
-def cmd_serve(args) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
     """The job worker (unless --no-worker) in this process, the API in --api-processes children."""
     import threading
 
@@ -64,7 +65,7 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def cmd_worker(args) -> int:
+def cmd_worker(args: argparse.Namespace) -> int:
     """A worker on its own: claims jobs from the shared database until interrupted."""
     import threading
 
@@ -78,7 +79,7 @@ def cmd_worker(args) -> int:
     return 0
 
 
-def existing_service(args):
+def existing_service(args: argparse.Namespace):
     """The settings of a service that exists: its --storage directory is there (or --db names a database)."""
     settings = serve_settings(args)
     if not args.db and not settings.storage.is_dir():
@@ -87,7 +88,7 @@ def existing_service(args):
     return settings
 
 
-def cmd_keys_create(args) -> int:
+def cmd_keys_create(args: argparse.Namespace) -> int:
     from phitune.serve.keys import check_org, create_key
 
     check_org(args.org)  # before anything is created
@@ -99,7 +100,7 @@ def cmd_keys_create(args) -> int:
     return 0
 
 
-def cmd_keys_list(args) -> int:
+def cmd_keys_list(args: argparse.Namespace) -> int:
     """Key ids (the first 12 hex digits of the key's SHA-256), organizations, creation times."""
     import time
 
@@ -110,7 +111,7 @@ def cmd_keys_list(args) -> int:
     return 0
 
 
-def cmd_keys_revoke(args) -> int:
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
     """Delete a key by its id (from `keys list`) or the key itself; servers stop accepting it
     within 5 s."""
     from phitune.serve.keys import revoke_key
@@ -119,7 +120,7 @@ def cmd_keys_revoke(args) -> int:
     return 0
 
 
-def storage_options(parser) -> None:
+def storage_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", default="serve-data", help="directory for the database, files and job runs")
     parser.add_argument("--db", help="database URL (default: SQLite in --storage), e.g. postgresql://user:pw@host/db")
     parser.add_argument("--model", action="append", metavar="NAME=PATH", help="a base model to serve (repeatable)")
@@ -131,7 +132,7 @@ def storage_options(parser) -> None:
                         help="re-queue a running job whose worker sent no heartbeat for this long (default 30)")
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     sv = sub.add_parser("serve", help="the OpenAI-compatible fine-tuning service (FastAPI) with a built-in worker")
     storage_options(sv)
     sv.add_argument("--host", default="127.0.0.1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from phitune.cli.common import log
 from phitune.errors import PhituneError
 
 
-def cmd_train(args) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     from phitune.config import load_config
     from phitune.sources import check_source
 
@@ -84,7 +85,7 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     return subprocess.call(cmd, env=env)
 
 
-def cmd_demo(args) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
     from phitune.demo import run_demo
 
     run_demo(output=args.output, model=args.model, toy=args.toy, arch=args.arch, preset=args.preset,
@@ -92,14 +93,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_config_reference(args) -> int:
+def cmd_config_reference(args: argparse.Namespace) -> int:
     from phitune.config import reference_markdown
 
     print(reference_markdown())
     return 0
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="fine-tune from a YAML config (and/or flags)")
     t.add_argument("config", nargs="?", help="YAML config file")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. training.learning_rate=1e-4 (repeatable)")
