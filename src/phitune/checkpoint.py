@@ -10,7 +10,6 @@ Each process keeps its own RNG state.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from phitune.errors import PhituneError
-from phitune.outputs import checkpoint_dir, list_checkpoints
+from phitune.outputs import checkpoint_dir, list_checkpoints, staged
 
 
 @dataclass
@@ -55,26 +54,23 @@ def save_checkpoint(root: Path, engine, scheduler, state: TrainState, runtime, *
     """Every process takes part (DeepSpeed writes a shard per process; ZeRO-3 gathers the adapter);
     the main process writes the shared files and moves the finished directory into place."""
     final = checkpoint_dir(root, state.step)
-    tmp = root / (final.name + ".tmp")
     if runtime.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    runtime.barrier()
-    engine.save_weights(tmp)
-    torch.save(rng_state(), tmp / f"rng-{runtime.rank}.pt")
-    if runtime.is_main:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps(asdict(state) | {"world_size": runtime.world}, indent=2) + "\n")
-    if save_adapter is not None:
-        save_adapter(tmp / "adapter")  # a usable PEFT adapter for this step
-    runtime.barrier()
-    if runtime.is_main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        if keep:
-            for old in list_checkpoints(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+    with staged(final, writer=runtime.is_main) as tmp:
+        if runtime.is_main:
+            tmp.mkdir()
+        runtime.barrier()
+        engine.save_weights(tmp)
+        torch.save(rng_state(), tmp / f"rng-{runtime.rank}.pt")
+        if runtime.is_main:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "state.json").write_text(json.dumps(asdict(state) | {"world_size": runtime.world}, indent=2) + "\n")
+        if save_adapter is not None:
+            save_adapter(tmp / "adapter")  # a usable PEFT adapter for this step
+        runtime.barrier()
+    if runtime.is_main and keep:
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     runtime.barrier()
     return final
 

@@ -18,15 +18,18 @@ def refuse_non_empty(output, overwrite: bool) -> None:
 
 
 @contextmanager
-def staged(output: Path) -> Iterator[Path]:
+def staged(output: Path, *, writer: bool = True) -> Iterator[Path]:
     """OUTPUT.tmp to write into (emptied first); it replaces OUTPUT when the block succeeds. A
-    failed block leaves OUTPUT as it was."""
+    failed block leaves OUTPUT as it was. In a run of several processes every one enters the
+    block (they may gather weights in it together) and only the `writer` empties and renames."""
     tmp = output.with_name(output.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
     yield tmp
-    if output.exists():
-        shutil.rmtree(output)
-    tmp.rename(output)
+    if writer:
+        if output.exists():
+            shutil.rmtree(output)
+        tmp.rename(output)
 
 
 CHECKPOINT_PREFIX = "step-"

@@ -13,7 +13,6 @@ import copy
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from phitune.evaluate import scoring
 from phitune.generate import complete_batch
 from phitune.models import HEADS, apply_method, load_model, load_tokenizer, num_virtual_tokens, write_base_quantization
 from phitune.objectives import Objective, add_sums, build_objective, evaluate
+from phitune.outputs import staged
 from phitune.progress import Progress
 from phitune.recipes.setup import (
     build_optimizer,
@@ -426,20 +426,17 @@ def save_final(run: Run, name: str | None = None) -> Path:
     """OUT/adapter (PEFT format) or OUT/model (transformers format), or OUT/<name>, tokenizer
     beside; sharded weights are gathered first, and only the main process writes."""
     target = run.out / (name or ("adapter" if run.cfg.is_adapter else "model"))
-    tmp = run.out / (target.name + ".tmp")
-    if run.runtime.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if run.cfg.is_adapter:
-        save_adapter(run, tmp)
-    else:
-        whole = run.engine.whole_state_dict()  # a collective under sharding: every process takes part
-        if run.runtime.is_main:
-            model = run.engine.unwrap()
-            model.config.use_cache = True
-            model.save_pretrained(tmp, state_dict=whole)
-            run.tokenizer.save_pretrained(tmp)
-            (tmp / "task.json").write_text(run.data.spec.to_json())
-    if run.runtime.is_main:
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+    with staged(target, writer=run.runtime.is_main) as tmp:
+        (save_adapter if run.cfg.is_adapter else save_whole_model)(run, tmp)
     return target
+
+
+def save_whole_model(run: Run, path: Path) -> None:
+    """The full fine-tune in transformers' format, tokenizer and task beside."""
+    whole = run.engine.whole_state_dict()  # a collective under sharding: every process takes part
+    if run.runtime.is_main:
+        model = run.engine.unwrap()
+        model.config.use_cache = True
+        model.save_pretrained(path, state_dict=whole)
+        run.tokenizer.save_pretrained(path)
+        (path / "task.json").write_text(run.data.spec.to_json())
