@@ -197,12 +197,7 @@ def export_multi_lora(base: str, adapters: dict[str, str], output: str | Path, *
     and each adapter as adapters/NAME.onnx_adapter holding those inputs' values. The builder makes
     each adapter's weights (its split of fused projections, transposes and scaling), so they are
     laid out exactly as the graph reads them."""
-    import numpy as np
     import onnx
-    import onnxruntime as ort
-    from onnx import helper, numpy_helper
-
-    from phitune.models import resolve_trained
 
     output = Path(output)
     if precision in ("int4", "int8"):
@@ -210,6 +205,39 @@ def export_multi_lora(base: str, adapters: dict[str, str], output: str | Path, *
                            "so they could not be swapped; use fp32 (cpu) or fp16 (cuda), or export each fine-tune merged in int4")
     refuse_non_empty(output, overwrite)
     require_builder()
+    resolved = _lora_adapters(base, adapters)
+    with tempfile.TemporaryDirectory(prefix="phitune-multilora-") as work, staged(output) as tmp:
+        work = Path(work)
+        first = next(iter(resolved.values()))
+        _build(base, tmp, precision, device, work / "cache", adapter=first)
+        graph_file = tmp / "model.onnx"
+        model = onnx.load(str(graph_file), load_external_data=True)
+        slots = {t.name: t for t in model.graph.initializer if _is_lora(t.name)}
+        (tmp / "adapters").mkdir()
+        for i, (name, adapter) in enumerate(resolved.items()):
+            built = work / f"a{i}"
+            _build(base, built, precision, device, work / "cache", adapter=adapter)
+            tensors = _lora_tensors(built / "model.onnx")
+            shutil.rmtree(built)
+            if set(tensors) != set(slots) or any(tuple(tensors[k].shape) != tuple(slots[k].dims) for k in slots):
+                raise PhituneError(f"--adapter {name}: its LoRA targets or rank differ from {next(iter(resolved))}'s; "
+                                   "adapters served together need the same target_modules and r")
+            _write_onnx_adapter(tmp / "adapters" / f"{name}.onnx_adapter", tensors)
+        _lora_inputs_default_to_zero(model, slots)
+        graph_file.unlink()
+        (tmp / "model.onnx.data").unlink(missing_ok=True)
+        onnx.save(model, str(graph_file), save_as_external_data=True, location="model.onnx.data")
+        (tmp / "phitune_export.json").write_text(json.dumps({
+            "base": base, "adapters": {n: str(a) for n, a in resolved.items()}, "precision": precision,
+            "device": device}, indent=2) + "\n")
+    return output
+
+
+def _lora_adapters(base: str, adapters: dict[str, str]) -> dict[str, str]:
+    """NAME -> the adapter directory of each --adapter NAME=PATH, refused unless ONNX Runtime can
+    carry it (a plain LoRA, not on lm_head)."""
+    from phitune.models import resolve_trained
+
     resolved = {}
     for name, path in adapters.items():
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
@@ -231,36 +259,26 @@ def export_multi_lora(base: str, adapters: dict[str, str], output: str | Path, *
         if Path(base_of).resolve() != Path(base).resolve() and base_of != base:
             log.warning("--adapter %s was trained on %s, exported on %s", name, base_of, base)
         resolved[name] = adapter
-    with tempfile.TemporaryDirectory(prefix="phitune-multilora-") as work, staged(output) as tmp:
-        work = Path(work)
-        first = next(iter(resolved.values()))
-        _build(base, tmp, precision, device, work / "cache", adapter=first)
-        graph_file = tmp / "model.onnx"
-        model = onnx.load(str(graph_file), load_external_data=True)
-        slots = {t.name: t for t in model.graph.initializer if _is_lora(t.name)}
-        (tmp / "adapters").mkdir()
-        for i, (name, adapter) in enumerate(resolved.items()):
-            built = work / f"a{i}"
-            _build(base, built, precision, device, work / "cache", adapter=adapter)
-            tensors = _lora_tensors(built / "model.onnx")
-            shutil.rmtree(built)
-            if set(tensors) != set(slots) or any(tuple(tensors[k].shape) != tuple(slots[k].dims) for k in slots):
-                raise PhituneError(f"--adapter {name}: its LoRA targets or rank differ from {next(iter(resolved))}'s; "
-                                   "adapters served together need the same target_modules and r")
-            fmt = ort.AdapterFormat()
-            fmt.set_adapter_version(1)
-            fmt.set_model_version(1)
-            fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()})
-            fmt.export_adapter(str(tmp / "adapters" / f"{name}.onnx_adapter"))
-        # Each LoRA weight becomes an input whose default (the initializer) is zero: no adapter = the base.
-        for name, tensor in slots.items():
-            zeros = numpy_helper.from_array(np.zeros(tuple(tensor.dims), dtype=numpy_helper.to_array(tensor).dtype), name)
-            tensor.CopyFrom(zeros)
-            model.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
-        graph_file.unlink()
-        (tmp / "model.onnx.data").unlink(missing_ok=True)
-        onnx.save(model, str(graph_file), save_as_external_data=True, location="model.onnx.data")
-        (tmp / "phitune_export.json").write_text(json.dumps({
-            "base": base, "adapters": {n: str(a) for n, a in resolved.items()}, "precision": precision,
-            "device": device}, indent=2) + "\n")
-    return output
+    return resolved
+
+
+def _write_onnx_adapter(path: Path, tensors: dict) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()})
+    fmt.export_adapter(str(path))
+
+
+def _lora_inputs_default_to_zero(model, slots: dict) -> None:
+    """Each LoRA weight becomes a graph input whose default (the initializer) is zero: no adapter = the base."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    for name, tensor in slots.items():
+        zeros = numpy_helper.from_array(np.zeros(tuple(tensor.dims), dtype=numpy_helper.to_array(tensor).dtype), name)
+        tensor.CopyFrom(zeros)
+        model.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
