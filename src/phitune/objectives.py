@@ -21,7 +21,6 @@ from phitune.data.chat import IGNORE_INDEX
 from phitune.loss import sequence_logps, token_loss
 
 if TYPE_CHECKING:
-    from phitune.config import MethodConfig
     from phitune.data.tasks import TaskSpec
     from phitune.distributed import Runtime
 
@@ -272,18 +271,19 @@ def objective_kind(spec: TaskSpec, objective: str) -> str:
     return head if spec.head else objective
 
 
-# kind -> (task spec, method config, pad id, virtual tokens, DPO's frozen reference or None) -> objective
+# kind -> (task spec, pad id, virtual tokens, DPO's beta, DPO's frozen reference or None) -> objective
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
-    "sft": lambda spec, method, pad, virtual, reference: SFT(pad, virtual),
-    "dpo": lambda spec, method, pad, virtual, reference: DPO(
-        pad, method.beta, frozen_copy(reference) if reference is not None else adapter_disabled),
-    "sequence": lambda spec, method, pad, virtual, reference: SequenceClassification(pad, spec.labels),
-    "token": lambda spec, method, pad, virtual, reference: TokenClassification(pad, spec.tag_labels),
+    "sft": lambda spec, pad, virtual, beta, reference: SFT(pad, virtual),
+    "dpo": lambda spec, pad, virtual, beta, reference: DPO(
+        pad, beta, frozen_copy(reference) if reference is not None else adapter_disabled),
+    "sequence": lambda spec, pad, virtual, beta, reference: SequenceClassification(pad, spec.labels),
+    "token": lambda spec, pad, virtual, beta, reference: TokenClassification(pad, spec.tag_labels),
 }
 
 
-def build_objective(spec: TaskSpec, method: MethodConfig, pad_id: int, virtual: int,
-                    reference: torch.nn.Module | None = None) -> Objective:
-    """The objective for this run's task spec and method (`reference`: full fine-tuning's frozen
-    copy of the start for DPO; adapters switch themselves off instead)."""
-    return OBJECTIVES[objective_kind(spec, method.objective)](spec, method, pad_id, virtual, reference)
+def build_objective(spec: TaskSpec, pad_id: int, *, objective: str = "sft", virtual: int = 0,
+                    beta: float | None = None, reference: torch.nn.Module | None = None) -> Objective:
+    """The objective for a task spec and method.objective (a head's spec gives the head's):
+    `virtual` prompt-tuning tokens, DPO's `beta`, and `reference`, full fine-tuning's frozen copy
+    of the start for DPO (adapters switch themselves off instead)."""
+    return OBJECTIVES[objective_kind(spec, objective)](spec, pad_id, virtual, beta, reference)

@@ -164,11 +164,10 @@ def evaluate_model(subject: Subject, data_file: str, *, name: str | None = None,
 
 def score_head(model, tokenizer, spec: TaskSpec, examples: list, kept: list, batch_size: int) -> tuple[dict, list[dict]]:
     from phitune.evaluate import metrics
-    from phitune.objectives import SequenceClassification, TokenClassification, bio_spans, evaluate
+    from phitune.objectives import bio_spans, build_objective, evaluate
 
     device = model.device
-    objective = (TokenClassification(tokenizer.pad_token_id, spec.tag_labels) if spec.name == "ner"
-                 else SequenceClassification(tokenizer.pad_token_id, spec.labels))
+    objective = build_objective(spec, tokenizer.pad_token_id)  # the head's: sequence or token classification
     with torch.no_grad():
         guessed = [p for i in range(0, len(examples), batch_size)
                    for p in objective.predict(model, examples[i : i + batch_size], device)]

@@ -78,8 +78,6 @@ class Run:
     state: TrainState
     resumed: bool
     weights: dict  # trainable parameters and weight memory, for run.json
-    head: str
-    labels: list[str] | None
     initial: Path | None  # PiSSA / OLoRA's initial adapter, which saving converts against
     eval_metrics: dict | None = None
     last_loss: float | None = None
@@ -132,8 +130,8 @@ def setup(cfg: Config, *, resume: bool, overwrite: bool) -> Run:
     engine = build_engine(runtime.strategy, model=model, make_optimizer=make_optimizer, accelerator=accelerator,
                           runtime=runtime, precision=precision, deepspeed_config=ds_config)
     scheduler = build_scheduler(cfg, built["optimizer"], steps)
-    objective = build_objective(data.spec, cfg.method, tokenizer.pad_token_id, num_virtual_tokens(engine.unwrap()),
-                                reference)
+    objective = build_objective(data.spec, tokenizer.pad_token_id, objective=cfg.method.objective,
+                                virtual=num_virtual_tokens(engine.unwrap()), beta=cfg.method.beta, reference=reference)
     answers_scored = (not data.spec.head and cfg.method.objective == "sft" and data.spec.name in GENERATIVE_TASKS
                       and cfg.training.eval_generate > 0 and bool(data.validation_samples))
     best_metric = check_best_metric(cfg, data, objective, answers_scored)
@@ -145,7 +143,7 @@ def setup(cfg: Config, *, resume: bool, overwrite: bool) -> Run:
     elif runtime.parallel:
         torch.manual_seed(cfg.training.seed + runtime.rank)  # dropout differs between processes, as their examples do
     run = Run(cfg, out, accelerator, runtime, tokenizer, data, chosen, engine, scheduler, objective, steps,
-              answers_scored, best_metric, state, resume_from is not None, weights, head, labels,
+              answers_scored, best_metric, state, resume_from is not None, weights,
               initial=save_initial_adapter(cfg, engine, runtime, out), zero3_loading=zero3_loading)
     return run
 
@@ -387,6 +385,7 @@ def finish(run: Run) -> RunResult:
 def run_summary(run: Run, artifact: Path) -> dict:
     """What run.json says of a finished run."""
     cfg, data, state, t = run.cfg, run.data, run.state, run.cfg.training
+    head, labels = data.spec.model_head
     return {"steps": state.step, "epochs_completed": state.epoch, "trained_tokens": state.trained_tokens,
             "tokens_seen": state.tokens_seen, "train_examples": data.num_train_examples,
             "truncated_examples": data.train.truncated, "dropped_examples": len(data.train.dropped),
@@ -395,7 +394,7 @@ def run_summary(run: Run, artifact: Path) -> dict:
             "data": statistics_of(data.train, data.spec), "task": data.spec.name, "objective": run.objective.name,
             "hyperparameters": {"epochs": t.epochs, "batch_size": t.batch_size, "learning_rate": t.learning_rate,
                                 "max_steps": t.max_steps, "auto": run.chosen},
-            "model_class": HEADS[run.head], "num_labels": len(run.labels) if run.labels else None,
+            "model_class": HEADS[head], "num_labels": len(labels) if labels else None,
             "processes": run.runtime.world, "strategy": run.runtime.strategy,
             "peak_memory_per_process": run.runtime.gather(peak_memory_mb()),
             **run.weights, "final_train_loss": run.last_loss, "eval": run.eval_metrics,

@@ -185,7 +185,7 @@ class Worker:
         while proc.poll() is None:
             time.sleep(self.settings.poll_seconds)
             try:
-                requested = self.sync(job, name, folder, started)
+                requested = self.sync(job, name, started)
             except Exception:  # noqa: BLE001 - a database hiccup must not orphan a running job
                 log.exception("job %s: syncing progress failed; retrying", job.id)
                 continue
@@ -194,7 +194,7 @@ class Worker:
                 break
         proc.wait()
         logf.close()
-        self.sync(job, name, folder, started)
+        self.sync(job, name, started)
         if requested == "cancel":
             return self.finish(job.id, "cancelled", message="The job was cancelled")
         if requested == "pause":
@@ -213,11 +213,11 @@ class Worker:
         if not summary.is_file():
             raise PhituneError(f"the training run ended without writing {summary.name}")
         run = json.loads(summary.read_text())
-        result = self.result_file(job, folder)
+        result = self.result_file(job)
         self.finish(job.id, "succeeded", message="The job has successfully completed", fine_tuned_model=name,
                     trained_tokens=run.get("trained_tokens"), result_files=[result], estimated_finish=None)
 
-    def sync(self, job: Job, name: str, folder: Path, started: float) -> str | None:
+    def sync(self, job: Job, name: str, started: float) -> str | None:
         """Metrics -> events, checkpoints -> objects, heartbeat; returns a cancel / pause request."""
         run = self.settings.run_dir(job.id)
         records = read_metrics(run / "metrics.jsonl")
@@ -253,7 +253,7 @@ class Worker:
             db.commit()
             return current.requested
 
-    def result_file(self, job: Job, folder: Path) -> str:
+    def result_file(self, job: Job) -> str:
         """step_metrics.csv as a file of purpose fine-tune-results."""
         out = io.StringIO()
         writer = csv.writer(out)
