@@ -110,3 +110,18 @@ def test_out_of_memory_gets_the_remedies():
     assert _is_oom(exc) and _is_oom(MemoryError())
     hint = _hint(exc)
     assert "lower training.batch_size" in hint and "gradient_checkpointing=true" in hint and "qlora" in hint
+
+
+def test_keys_commands_on_a_missing_storage_or_a_bad_org_are_one_line_and_create_nothing(tmp_path, capsys):
+    pytest.importorskip("sqlalchemy")
+    missing = tmp_path / "no-such-storage"
+    for args in (["keys", "list"], ["keys", "revoke", "0123456789ab"]):
+        assert run_cli(*args, "--storage", missing) == 2
+        err = capsys.readouterr().err
+        assert f"--storage {missing}: no such directory" in err and len(err.strip().splitlines()) == 1, err
+    assert run_cli("keys", "create", "--org", "bad org", "--storage", missing) == 2
+    assert "--org 'bad org'" in capsys.readouterr().err and not missing.exists()
+    assert run_cli("keys", "create", "--org", "acme", "--storage", missing) == 0
+    key = capsys.readouterr().out.strip()
+    assert run_cli("keys", "list", "--storage", missing) == 0 and "  acme  " in capsys.readouterr().out
+    assert run_cli("keys", "revoke", key, "--storage", missing) == 0 and "revoked key" in capsys.readouterr().out

@@ -110,3 +110,12 @@ def test_schedules_with_warmup(tmp_path, kind, expected, chat_files):
         opt.step()
         sched.step()
     assert seen == pytest.approx(expected)
+
+
+def test_metrics_are_read_while_a_run_writes_them(tmp_path):
+    from phitune.tracking import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    assert read_metrics(path) == []  # not written yet
+    path.write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert read_metrics(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]  # the half line is left out
