@@ -35,6 +35,7 @@ test-fast: venv lint
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks examples scripts
+	$(BIN)/ruff format --check src tests benchmarks examples scripts
 
 # The slow tier: multi-process training (DDP, ZeRO, FSDP) and the service in real server
 # processes, then the service tests again on PostgreSQL.

@@ -14,7 +14,9 @@ def run(cmd: list[str], log: Path) -> float:
     failure ends the benchmark, naming the log."""
     started = time.perf_counter()
     with log.open("w") as f:
-        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        done = subprocess.run(
+            cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
     if done.returncode:
         sys.exit(f"{' '.join(cmd)} failed (exit {done.returncode}); see {log}")
     return time.perf_counter() - started

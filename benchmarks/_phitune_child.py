@@ -34,10 +34,18 @@ out = Path(next(a.split("=", 1)[1] for a in sys.argv if a.startswith("output_dir
 records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 run = json.loads((out / "run.json").read_text())
 train_start = records[0]["time"] - records[0]["elapsed_s"]
-print(json.dumps({
-    "exit": code, "steps": records[-1]["step"], "real_tokens": records[-1]["tokens_seen"],
-    "train_seconds": records[-1]["elapsed_s"], "losses": [r["loss"] for r in records],
-    "peak_rss_mb": peak_rss_mb(),
-    "weight_memory_mb": run["weight_memory_mb"], "trainable_parameters": run["trainable_parameters"],
-    "train_peak_rss_mb": max(rss for t, rss in samples if train_start <= t <= records[-1]["time"]),
-}))
+print(
+    json.dumps(
+        {
+            "exit": code,
+            "steps": records[-1]["step"],
+            "real_tokens": records[-1]["tokens_seen"],
+            "train_seconds": records[-1]["elapsed_s"],
+            "losses": [r["loss"] for r in records],
+            "peak_rss_mb": peak_rss_mb(),
+            "weight_memory_mb": run["weight_memory_mb"],
+            "trainable_parameters": run["trainable_parameters"],
+            "train_peak_rss_mb": max(rss for t, rss in samples if train_start <= t <= records[-1]["time"]),
+        }
+    )
+)

@@ -38,18 +38,33 @@ def main():
 
     # Prompt/completion conversational format: TRL then trains on the completion only, like phitune.
     raw = load_dataset("json", data_files=args.data, split="train")
-    ds = raw.map(lambda r: {"prompt": r["messages"][:-1], "completion": r["messages"][-1:]}, remove_columns=["messages"])
+    ds = raw.map(
+        lambda r: {"prompt": r["messages"][:-1], "completion": r["messages"][-1:]}, remove_columns=["messages"]
+    )
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     config = SFTConfig(
-        output_dir=args.output, per_device_train_batch_size=args.batch_size, max_length=args.max_length,
-        learning_rate=args.lr, num_train_epochs=args.epochs, logging_steps=1, save_strategy="no", report_to=[],
-        use_cpu=True, bf16=False, packing=args.packing, lr_scheduler_type="linear", seed=args.seed,
+        output_dir=args.output,
+        per_device_train_batch_size=args.batch_size,
+        max_length=args.max_length,
+        learning_rate=args.lr,
+        num_train_epochs=args.epochs,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        packing=args.packing,
+        lr_scheduler_type="linear",
+        seed=args.seed,
         **({"gradient_checkpointing": False} if args.no_gradient_checkpointing else {}),
     )
-    peft_config = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, target_modules="all-linear",
-                             task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=tokenizer, peft_config=peft_config)
+    peft_config = LoraConfig(
+        r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=ds, processing_class=tokenizer, peft_config=peft_config
+    )
     # Real tokens: what the collator feeds the model, without padding (one epoch sees each once).
     real_tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
     started = time.perf_counter()
@@ -57,11 +72,18 @@ def main():
     seconds = time.perf_counter() - started
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     trainer.model.save_pretrained(args.output + "/adapter")
-    print(json.dumps({
-        "steps": trainer.state.global_step, "real_tokens": real_tokens, "train_seconds": seconds,
-        "train_runtime": out.metrics.get("train_runtime"), "losses": losses,
-        "peak_rss_mb": peak_rss_mb(),
-    }))
+    print(
+        json.dumps(
+            {
+                "steps": trainer.state.global_step,
+                "real_tokens": real_tokens,
+                "train_seconds": seconds,
+                "train_runtime": out.metrics.get("train_runtime"),
+                "losses": losses,
+                "peak_rss_mb": peak_rss_mb(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

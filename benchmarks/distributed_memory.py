@@ -24,8 +24,16 @@ STRATEGIES = {
     "DDP": ["--set", "distributed.strategy=ddp"],
     "ZeRO-2": ["--set", "distributed.strategy=deepspeed", "--set", "distributed.zero_stage=2"],
     "ZeRO-3": ["--set", "distributed.strategy=deepspeed", "--set", "distributed.zero_stage=3"],
-    "ZeRO-3 + offload": ["--set", "distributed.strategy=deepspeed", "--set", "distributed.zero_stage=3",
-                         "--set", "distributed.offload_params=cpu", "--set", "distributed.offload_optimizer=cpu"],
+    "ZeRO-3 + offload": [
+        "--set",
+        "distributed.strategy=deepspeed",
+        "--set",
+        "distributed.zero_stage=3",
+        "--set",
+        "distributed.offload_params=cpu",
+        "--set",
+        "distributed.offload_optimizer=cpu",
+    ],
     "FSDP2": ["--set", "distributed.strategy=fsdp"],
 }
 
@@ -39,8 +47,15 @@ def build_model(root: Path) -> tuple[Path, int]:
     tiny = root / "tiny"
     create_model(tiny, "phi3", "tiny")
     config = AutoConfig.from_pretrained(tiny)
-    config.update({"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 12,
-                   "intermediate_size": 3072})
+    config.update(
+        {
+            "hidden_size": 768,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "num_key_value_heads": 12,
+            "intermediate_size": 3072,
+        }
+    )
     model = AutoModelForCausalLM.from_config(config)
     out = root / "phi3-113m"
     model.save_pretrained(out)
@@ -57,11 +72,23 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="phitune-dist-mem-"))
     model, n_params = build_model(work)
     cfg = work / "full.json"
-    cfg.write_text(json.dumps({
-        "model": str(model), "method": "full",
-        "data": {"train": str(REPO / "examples/data/support_train.jsonl"), "max_length": 256},
-        "training": {"max_steps": args.steps, "batch_size": 4, "learning_rate": 1e-5, "precision": "fp32", "log_every": 1},
-        "output_dir": str(work / "out")}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "model": str(model),
+                "method": "full",
+                "data": {"train": str(REPO / "examples/data/support_train.jsonl"), "max_length": 256},
+                "training": {
+                    "max_steps": args.steps,
+                    "batch_size": 4,
+                    "learning_rate": 1e-5,
+                    "precision": "fp32",
+                    "log_every": 1,
+                },
+                "output_dir": str(work / "out"),
+            }
+        )
+    )
     tables, everything = [], []
     for allocator, env in (("glibc defaults", {}), ("MALLOC_MMAP_THRESHOLD_=65536", MALLOC_ENV)):
         rows = run_all(cfg, work, env)
@@ -71,7 +98,9 @@ def main() -> None:
     results = REPO / "benchmarks" / "results"
     results.mkdir(exist_ok=True)
     (results / "distributed_memory.md").write_text("\n\n".join(tables) + "\n")
-    (results / "distributed_memory.json").write_text(json.dumps({"parameters": n_params, "runs": everything}, indent=2) + "\n")
+    (results / "distributed_memory.json").write_text(
+        json.dumps({"parameters": n_params, "runs": everything}, indent=2) + "\n"
+    )
 
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -83,26 +112,55 @@ def run_all(cfg: Path, work: Path, env: dict) -> list[dict]:
     rows = []
     for name, flags in STRATEGIES.items():
         out = work / name.replace(" ", "").replace("+", "-")
-        proc = subprocess.run([sys.executable, "-m", "phitune", "train", str(cfg), "--nproc", "2", "--set", f"output_dir={out}",
-                               "--overwrite", *flags], capture_output=True, text=True, env=dict(os.environ, **env))
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "phitune",
+                "train",
+                str(cfg),
+                "--nproc",
+                "2",
+                "--set",
+                f"output_dir={out}",
+                "--overwrite",
+                *flags,
+            ],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, **env),
+        )
         if proc.returncode:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
         run = json.loads((out / "run.json").read_text())
         peaks = [p["rss_mb"] for p in run["peak_memory_per_process"]]
-        rows.append({"strategy": name, "peak_rss_mb": peaks, "max_peak_rss_mb": max(peaks),
-                     "seconds": run["elapsed_s"], "final_loss": run["final_train_loss"]})
+        rows.append(
+            {
+                "strategy": name,
+                "peak_rss_mb": peaks,
+                "max_peak_rss_mb": max(peaks),
+                "seconds": run["elapsed_s"],
+                "final_loss": run["final_train_loss"],
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 
 
 def table(rows: list[dict], n_params: int, steps: int, allocator: str) -> str:
     ddp = rows[0]["max_peak_rss_mb"]
-    lines = [f"Full fine-tuning, {n_params / 1e6:.0f}M-parameter Phi-3, fp32 weights + AdamW, 2 processes on one CPU "
-             f"(gloo), batch 4, {steps} steps; allocator: {allocator}.", "",
-             "| strategy | peak RSS per process (MB) | vs DDP | train time (s) | final loss |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"Full fine-tuning, {n_params / 1e6:.0f}M-parameter Phi-3, fp32 weights + AdamW, 2 processes on one CPU "
+        f"(gloo), batch 4, {steps} steps; allocator: {allocator}.",
+        "",
+        "| strategy | peak RSS per process (MB) | vs DDP | train time (s) | final loss |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['strategy']} | {' / '.join(f'{p:,.0f}' for p in r['peak_rss_mb'])} | "
-                     f"{r['max_peak_rss_mb'] / ddp:.0%} | {r['seconds']:.1f} | {r['final_loss']:.4f} |")
+        lines.append(
+            f"| {r['strategy']} | {' / '.join(f'{p:,.0f}' for p in r['peak_rss_mb'])} | "
+            f"{r['max_peak_rss_mb'] / ddp:.0%} | {r['seconds']:.1f} | {r['final_loss']:.4f} |"
+        )
     return "\n".join(lines)
 
 

@@ -25,8 +25,12 @@ def conversation(rng: random.Random) -> dict:
     # Answers repeat a seed phrase from the question: learnable structure for the loss to find.
     seed = user.split()[:3]
     answer = " ".join(seed[i % len(seed)] if i % 4 == 0 else rng.choice(WORDS) for i in range(max(1, n)))
-    return {"messages": [{"role": "user", "content": user.capitalize() + "?"},
-                         {"role": "assistant", "content": answer.capitalize() + "."}]}
+    return {
+        "messages": [
+            {"role": "user", "content": user.capitalize() + "?"},
+            {"role": "assistant", "content": answer.capitalize() + "."},
+        ]
+    }
 
 
 def write(path: Path, n: int, seed: int) -> Path:

@@ -22,19 +22,36 @@ REPO = Path(__file__).resolve().parents[1]
 
 # name -> (precision, builder --extra_options, what it changes)
 VARIANTS = {
-    "default": ("int4", {}, "the builder's defaults: RTN, block 32, accuracy level 4 (int8 activations), tied head int4"),
+    "default": (
+        "int4",
+        {},
+        "the builder's defaults: RTN, block 32, accuracy level 4 (int8 activations), tied head int4",
+    ),
     "acc1": ("int4", {"accuracy_level": "1"}, "fp32 activations in the int4 matmuls"),
     "lm_head_int8": ("int4", {"matmul_mixed_precision": "last_matmul:int8"}, "output head in int8"),
-    "lm_head_fp32": ("int4", {"shared_embeddings": "false", "nodes_to_exclude": "/lm_head/MatMul"},
-                     "output head unquantised (untied from the embeddings)"),
-    "lm_head_int8_untied": ("int4", {"shared_embeddings": "false", "matmul_mixed_precision": "last_matmul:int8"},
-                            "output head int8, untied from the embeddings"),
+    "lm_head_fp32": (
+        "int4",
+        {"shared_embeddings": "false", "nodes_to_exclude": "/lm_head/MatMul"},
+        "output head unquantised (untied from the embeddings)",
+    ),
+    "lm_head_int8_untied": (
+        "int4",
+        {"shared_embeddings": "false", "matmul_mixed_precision": "last_matmul:int8"},
+        "output head int8, untied from the embeddings",
+    ),
     "asym": ("int4", {"is_symmetric": "false"}, "asymmetric uint4 (the Q4_1 source's own kind of grid)"),
-    "asym_lm_head_fp32": ("int4", {"is_symmetric": "false", "shared_embeddings": "false",
-                                   "nodes_to_exclude": "/lm_head/MatMul"}, "asymmetric uint4, head unquantised"),
+    "asym_lm_head_fp32": (
+        "int4",
+        {"is_symmetric": "false", "shared_embeddings": "false", "nodes_to_exclude": "/lm_head/MatMul"},
+        "asymmetric uint4, head unquantised",
+    ),
     "k_quant": ("int4", {"algo_config": "k_quant"}, "k-quant instead of RTN"),
     "k_quant_mixed": ("int4", {"algo_config": "k_quant_mixed"}, "k-quant; head and sensitive layers int8"),
-    "k_quant_mixed_block16": ("int4", {"algo_config": "k_quant_mixed", "block_size": "16"}, "k_quant_mixed, block size 16"),
+    "k_quant_mixed_block16": (
+        "int4",
+        {"algo_config": "k_quant_mixed", "block_size": "16"},
+        "k_quant_mixed, block size 16",
+    ),
     "block16": ("int4", {"block_size": "16"}, "block size 16"),
     "block128": ("int4", {"block_size": "128"}, "block size 128"),
     "int8": ("int8", {}, "int8 weights"),
@@ -67,13 +84,29 @@ def main() -> None:
                 built = time.perf_counter() - started
                 report = check_export(out, args.run, prompts=args.prompts)
             except Exception as exc:  # a builder setting that writes a broken graph is a result too
-                rows.append({"variant": name, "precision": precision, "options": options, "what": what,
-                             "failed": str(exc).splitlines()[0][:200]})
+                rows.append(
+                    {
+                        "variant": name,
+                        "precision": precision,
+                        "options": options,
+                        "what": what,
+                        "failed": str(exc).splitlines()[0][:200],
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
                 continue
             size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
-            rows.append({"variant": name, "precision": precision, "options": options, "what": what,
-                         "size_mb": round(size, 1), "build_s": round(built, 1), **report})
+            rows.append(
+                {
+                    "variant": name,
+                    "precision": precision,
+                    "options": options,
+                    "what": what,
+                    "size_mb": round(size, 1),
+                    "build_s": round(built, 1),
+                    **report,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
     if args.append and out.with_suffix(".json").is_file():  # a second round of variants joins the first
@@ -86,20 +119,29 @@ def main() -> None:
 
 def render(rows: list[dict], run: str) -> str:
     ok = next(r for r in rows if "failed" not in r)
-    lines = [f"# int4 ONNX export quality on `{run}`", "",
-             f"`python benchmarks/onnx_int4_quality.py {run} --variants NAMES [--append]`; {ok['prompts']} held-out "
-             f"prompts, perplexity on {ok.get('held_out_examples', 0)} held-out answers. PyTorch fp32 perplexity "
-             f"{ok.get('perplexity_torch', float('nan')):.3f}.", "",
-             "| variant | builder options | size MB | greedy exact | token agreement | perplexity change |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"# int4 ONNX export quality on `{run}`",
+        "",
+        f"`python benchmarks/onnx_int4_quality.py {run} --variants NAMES [--append]`; {ok['prompts']} held-out "
+        f"prompts, perplexity on {ok.get('held_out_examples', 0)} held-out answers. PyTorch fp32 perplexity "
+        f"{ok.get('perplexity_torch', float('nan')):.3f}.",
+        "",
+        "| variant | builder options | size MB | greedy exact | token agreement | perplexity change |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
         if "failed" in r:
-            lines.append(f"| {r['variant']} ({r['what']}) | `{r['precision']}` {opts} | - | failed: {r['failed']} | | |")
+            lines.append(
+                f"| {r['variant']} ({r['what']}) | `{r['precision']}` {opts} | - | failed: {r['failed']} | | |"
+            )
             continue
-        lines.append(f"| {r['variant']} ({r['what']}) | `{r['precision']}` {opts} | {r['size_mb']:.0f} | "
-                     f"{r['greedy_exact']:.0%} | {r['token_agreement']:.0%} | {r.get('perplexity_change', float('nan')):+.1%} |")
+        lines.append(
+            f"| {r['variant']} ({r['what']}) | `{r['precision']}` {opts} | {r['size_mb']:.0f} | "
+            f"{r['greedy_exact']:.0%} | {r['token_agreement']:.0%} | {r.get('perplexity_change', float('nan')):+.1%} |"
+        )
     return "\n".join(lines) + "\n"
+
 
 if __name__ == "__main__":
     main()

@@ -33,9 +33,18 @@ def torch_times(model_dir: Path, ids: list[int], new: int) -> tuple[float, float
         model(input_ids=x, use_cache=True)
         prefill = time.perf_counter() - start
         start = time.perf_counter()
-        model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
-                       do_sample=False, temperature=None, top_p=None, top_k=None, use_cache=True,
-                       pad_token_id=model.config.pad_token_id)
+        model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            use_cache=True,
+            pad_token_id=model.config.pad_token_id,
+        )
         total = time.perf_counter() - start
     return prefill, total - prefill
 
@@ -78,26 +87,59 @@ def main() -> None:
         return child(args.child[0], args.child[1], args.prompt, args.new)
     work = Path(tempfile.mkdtemp(prefix="phitune-onnx-bench-"))
     model, onnx = work / "small", work / "small-int4"
-    subprocess.run([sys.executable, "-m", "phitune", "create-model", str(model), "--preset", "small"], check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "phitune", "export", "onnx", str(model), "--output", str(onnx), "--precision", "int4"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "phitune", "create-model", str(model), "--preset", "small"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "phitune", "export", "onnx", str(model), "--output", str(onnx), "--precision", "int4"],
+        check=True,
+        capture_output=True,
+    )
     runs: dict[str, list[dict]] = {"torch fp32 (eager)": [], "onnx int4": []}
     for _ in range(args.repeats):
         for name, kind, path in (("torch fp32 (eager)", "torch", model), ("onnx int4", "onnx", onnx)):
-            out = subprocess.run([sys.executable, __file__, "--child", kind, str(path), "--prompt", str(args.prompt),
-                                  "--new", str(args.new)], check=True, capture_output=True, text=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    kind,
+                    str(path),
+                    "--prompt",
+                    str(args.prompt),
+                    "--new",
+                    str(args.new),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     base, fast = med["torch fp32 (eager)"], med["onnx int4"]
     ratios = {k: fast[k] / base[k] for k in base}
-    result = {"model": "create-model --preset small (~28.5M Phi-3)", "prompt_tokens": args.prompt, "new_tokens": args.new,
-              "repeats": args.repeats, "threads": 2, "median": med, "onnx_over_torch": ratios, "runs": runs}
+    result = {
+        "model": "create-model --preset small (~28.5M Phi-3)",
+        "prompt_tokens": args.prompt,
+        "new_tokens": args.new,
+        "repeats": args.repeats,
+        "threads": 2,
+        "median": med,
+        "onnx_over_torch": ratios,
+        "runs": runs,
+    }
     out = REPO / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "onnx_speed.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# ONNX Runtime GenAI int4 vs PyTorch eager fp32 (CPU, 2 threads, {args.prompt}-token prompt, "
-             f"{args.new} new tokens, median of {args.repeats})", "",
-             "| backend | prompt processing tok/s | generation tok/s |", "|---|---|---|"]
+    lines = [
+        f"# ONNX Runtime GenAI int4 vs PyTorch eager fp32 (CPU, 2 threads, {args.prompt}-token prompt, "
+        f"{args.new} new tokens, median of {args.repeats})",
+        "",
+        "| backend | prompt processing tok/s | generation tok/s |",
+        "|---|---|---|",
+    ]
     lines += [f"| {n} | {m['prefill_tok_s']:.0f} | {m['generate_tok_s']:.1f} |" for n, m in med.items()]
     lines += [f"| **int4 / fp32** | **{ratios['prefill_tok_s']:.2f}x** | **{ratios['generate_tok_s']:.2f}x** |", ""]
     (out / "onnx_speed.md").write_text("\n".join(lines))

@@ -28,11 +28,16 @@ PYTHON = sys.executable
 SCENARIOS = {  # name -> (config, how its data is made when it is generated on the machine)
     "classification": ("classification/config.yaml", None),
     "classification-template": ("classification/template.yaml", None),
-    "classification-wordnet": ("classification/wordnet.yaml", ["examples/make_wordnet_data.py", "--output", "data/wordnet-topics"]),
+    "classification-wordnet": (
+        "classification/wordnet.yaml",
+        ["examples/make_wordnet_data.py", "--output", "data/wordnet-topics"],
+    ),
     "ner": ("ner/config.yaml", None),
     "translation": ("translation/config.yaml", None),
-    "translation-dictionary": ("translation/dictionary-eng-deu.yaml",
-                               ["examples/make_dictionary_data.py", "--pair", "eng-deu", "--output", "data/dictionary-eng-deu"]),
+    "translation-dictionary": (
+        "translation/dictionary-eng-deu.yaml",
+        ["examples/make_dictionary_data.py", "--pair", "eng-deu", "--output", "data/dictionary-eng-deu"],
+    ),
     "qa": ("qa/config.yaml", None),
     "chatbot": ("chatbot/config.yaml", None),
     "creative": ("creative/config.yaml", None),
@@ -55,14 +60,24 @@ def scenario(name: str, model: str) -> dict:
         marker.write_text(json.dumps({"config": cfg, "seconds": seconds}) + "\n")
     seconds = json.loads(marker.read_text())["seconds"]
     report = ROOT / "compare" / name
-    run([PYTHON, "-m", "phitune", "compare", model, str(out), "--names", "base,tuned", "--output", str(report)],
-        ROOT / "compare" / f"{name}.log")
+    run(
+        [PYTHON, "-m", "phitune", "compare", model, str(out), "--names", "base,tuned", "--output", str(report)],
+        ROOT / "compare" / f"{name}.log",
+    )
     comparison = json.loads((report / "comparison.json").read_text())
     summary = json.loads((out / "run.json").read_text())
     scores = {m["name"]: m["metrics"] for m in comparison["models"]}
-    return {"config": f"examples/{config_file}", "task": comparison["task"], "primary": comparison["primary_metric"],
-            "held_out": comparison["models"][0]["examples"], "base": scores["base"], "tuned": scores["tuned"],
-            "steps": summary["steps"], "hyperparameters": summary.get("hyperparameters"), "seconds": round(seconds)}
+    return {
+        "config": f"examples/{config_file}",
+        "task": comparison["task"],
+        "primary": comparison["primary_metric"],
+        "held_out": comparison["models"][0]["examples"],
+        "base": scores["base"],
+        "tuned": scores["tuned"],
+        "steps": summary["steps"],
+        "hyperparameters": summary.get("hyperparameters"),
+        "seconds": round(seconds),
+    }
 
 
 def main() -> None:
@@ -84,17 +99,28 @@ def main() -> None:
 
 
 def write_table(results: dict) -> None:
-    lines = ["# Scenarios on SmolLM2-135M-Instruct", "", "`python benchmarks/scenarios.py`: each example config as "
-             "shipped, then `phitune compare BASE runs/X` on its held-out file (2 CPU cores).", "",
-             "| scenario | config | held-out | metric: base → tuned | other metrics (base → tuned) | steps × batch, lr | train s |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "# Scenarios on SmolLM2-135M-Instruct",
+        "",
+        "`python benchmarks/scenarios.py`: each example config as "
+        "shipped, then `phitune compare BASE runs/X` on its held-out file (2 CPU cores).",
+        "",
+        "| scenario | config | held-out | metric: base → tuned | other metrics (base → tuned) | steps × batch, lr | "
+        "train s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, r in results.items():
         primary = r["primary"]
-        others = [k for k in r["tuned"] if k != primary and isinstance(r["tuned"][k], (int, float)) and k in r["base"]][:3]
+        others = [k for k in r["tuned"] if k != primary and isinstance(r["tuned"][k], (int, float)) and k in r["base"]][
+            :3
+        ]
         h = r["hyperparameters"] or {}
-        lines.append(f"| {name} | `{r['config']}` | {r['held_out']} | {primary}: {r['base'][primary]:.3g} → "
-                     f"{r['tuned'][primary]:.3g} | " + ", ".join(f"{k} {r['base'][k]:.3g} → {r['tuned'][k]:.3g}" for k in others)
-                     + f" | {r['steps']} × {h.get('batch_size')}, {h.get('learning_rate')} | {r['seconds']} |")
+        lines.append(
+            f"| {name} | `{r['config']}` | {r['held_out']} | {primary}: {r['base'][primary]:.3g} → "
+            f"{r['tuned'][primary]:.3g} | "
+            + ", ".join(f"{k} {r['base'][k]:.3g} → {r['tuned'][k]:.3g}" for k in others)
+            + f" | {r['steps']} × {h.get('batch_size')}, {h.get('learning_rate')} | {r['seconds']} |"
+        )
     (HERE / "results" / "scenarios.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -36,9 +36,24 @@ def start(storage: Path, model: Path, *extra: str) -> tuple[subprocess.Popen, st
     from phitune.distributed import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "phitune", "serve", "--storage", str(storage), "--model", f"tiny={model}",
-                             "--port", str(port), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "phitune",
+            "serve",
+            "--storage",
+            str(storage),
+            "--model",
+            f"tiny={model}",
+            "--port",
+            str(port),
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}/v1"
     for _ in range(200):
         try:
@@ -84,9 +99,9 @@ request = function()
 end
 done = function(summary, latency, requests)
   io.write(string.format('WRK {"requests": %%d, "non_2xx": %%d, "socket_errors": %%d, "p50": %%f, "p90": %%f, ' ..
-    '"p99": %%f, "max": %%f}\\n', summary.requests, summary.errors.status, summary.errors.connect + summary.errors.read +
-    summary.errors.write + summary.errors.timeout, latency:percentile(50) / 1000, latency:percentile(90) / 1000,
-    latency:percentile(99) / 1000, latency.max / 1000))
+    '"p99": %%f, "max": %%f}\\n', summary.requests, summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    latency:percentile(50) / 1000, latency:percentile(90) / 1000, latency:percentile(99) / 1000, latency.max / 1000))
 end
 """
 
@@ -97,8 +112,12 @@ def wrk(port: int, paths: list[str], clients: int, seconds: float) -> dict:
     does not compete with the server for the GIL, and its latency histogram is exact."""
     script = Path(tempfile.mkdtemp()) / "paths.lua"
     script.write_text(WRK_SCRIPT % ", ".join(json.dumps(p) for p in paths))
-    out = subprocess.run(["wrk", "-t2", f"-c{clients}", f"-d{seconds:.0f}s", "-s", str(script), f"http://127.0.0.1:{port}"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{clients}", f"-d{seconds:.0f}s", "-s", str(script), f"http://127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(out.split("WRK ", 1)[1])
 
 
@@ -111,24 +130,45 @@ def under_training(model: Path, seconds: float, clients: int, api_processes: int
         upload = storage / "t.jsonl"
         upload.write_text("\n".join(data) + "\n")
         f = sdk.files.create(file=upload.open("rb"), purpose="fine-tune")
-        job = sdk.fine_tuning.jobs.create(model="tiny", training_file=f.id, hyperparameters={"n_epochs": 50},
-                                          extra_body={"phitune": {"training": {"learning_rate": 3e-3}}})
+        job = sdk.fine_tuning.jobs.create(
+            model="tiny",
+            training_file=f.id,
+            hyperparameters={"n_epochs": 50},
+            extra_body={"phitune": {"training": {"learning_rate": 3e-3}}},
+        )
         while sdk.fine_tuning.jobs.retrieve(job.id).status != "running":
             time.sleep(0.2)
         time.sleep(3)  # training under way
         quiet = _steps(sdk, job.id)
         time.sleep(10)  # the training speed without clients
         before = _steps(sdk, job.id)
-        load = wrk(port_of(url), [f"/v1/fine_tuning/jobs/{job.id}", f"/v1/fine_tuning/jobs/{job.id}/events?limit=20",
-                                  "/v1/files", "/v1/models"], clients, seconds)
+        load = wrk(
+            port_of(url),
+            [
+                f"/v1/fine_tuning/jobs/{job.id}",
+                f"/v1/fine_tuning/jobs/{job.id}/events?limit=20",
+                "/v1/files",
+                "/v1/models",
+            ],
+            clients,
+            seconds,
+        )
         status = sdk.fine_tuning.jobs.retrieve(job.id).status
         steps = _steps(sdk, job.id) - before
         sdk.fine_tuning.jobs.cancel(job.id)
     finally:
         stop(proc)
-    return {"api_processes": api_processes, "clients": clients, "seconds": seconds, **load,
-            "requests_per_second": load["requests"] / seconds, "job_status_after": status, "steps_trained_meanwhile": steps,
-            "steps_per_second_quiet": (before - quiet) / 10, "steps_per_second_under_load": steps / seconds}
+    return {
+        "api_processes": api_processes,
+        "clients": clients,
+        "seconds": seconds,
+        **load,
+        "requests_per_second": load["requests"] / seconds,
+        "job_status_after": status,
+        "steps_trained_meanwhile": steps,
+        "steps_per_second_quiet": (before - quiet) / 10,
+        "steps_per_second_under_load": steps / seconds,
+    }
 
 
 def _steps(sdk, job_id: str) -> int:
@@ -144,8 +184,17 @@ def many_jobs(model: Path, count: int, repeats: int = 200) -> dict:
     ids = []
     with sessions() as db:
         for i in range(count):
-            job = Job(id=new_id("ftjob"), org="local", model="tiny", training_file="file-x", status="queued",
-                      method={"type": "supervised"}, hyperparameters={}, phitune={}, meta={"i": str(i)})
+            job = Job(
+                id=new_id("ftjob"),
+                org="local",
+                model="tiny",
+                training_file="file-x",
+                status="queued",
+                method={"type": "supervised"},
+                hyperparameters={},
+                phitune={},
+                meta={"i": str(i)},
+            )
             ids.append(job.id)
             db.add(job)
         db.commit()
@@ -154,9 +203,11 @@ def many_jobs(model: Path, count: int, repeats: int = 200) -> dict:
     try:
         http_ = Http(port_of(url))
         middle = ids[len(ids) // 2]
-        for name, path in (("first page (limit 20)", "/v1/fine_tuning/jobs?limit=20"),
-                           ("page after the middle job", f"/v1/fine_tuning/jobs?limit=20&after={middle}"),
-                           ("retrieve", f"/v1/fine_tuning/jobs/{middle}")):
+        for name, path in (
+            ("first page (limit 20)", "/v1/fine_tuning/jobs?limit=20"),
+            ("page after the middle job", f"/v1/fine_tuning/jobs?limit=20&after={middle}"),
+            ("retrieve", f"/v1/fine_tuning/jobs/{middle}"),
+        ):
             lat = []
             for _ in range(repeats):
                 t = time.perf_counter()
@@ -187,28 +238,49 @@ def main() -> None:
     if not shutil.which("wrk"):
         sys.exit("benchmarks/serve_latency.py needs wrk, the HTTP load generator: apt-get install wrk")
     work = Path(tempfile.mkdtemp(prefix="phitune-bench-model-"))
-    subprocess.run([sys.executable, "-m", "phitune", "create-model", str(work / "tiny")], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "phitune", "create-model", str(work / "tiny")], check=True, capture_output=True
+    )
     loads = [under_training(work / "tiny", args.seconds, args.clients, n) for n in args.api_processes]
     small, large = many_jobs(work / "tiny", 10), many_jobs(work / "tiny", 10_000)
     result = {"under_training": loads, "jobs_10": small, "jobs_10000": large}
     out = REPO / "benchmarks" / "results"
     (out / "serve_latency.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["# phitune serve: read latency under load (SQLite, loopback, 2 CPU cores)", "",
-             f"{args.clients} clients (wrk, keep-alive, each sending its next request as soon as the last is answered) "
-             f"for {args.seconds:.0f} s, cycling through retrieve job / list events / list files / list models, while "
-             "a job trained in the same server:", "",
-             "| API processes | requests/s | p50 ms | p90 ms | p99 ms | max ms | errors | training steps/s: quiet → under load |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['api_processes']} | {r['requests_per_second']:.0f} | {r['p50']:.1f} | {r['p90']:.1f} | "
-              f"**{r['p99']:.1f}** | {r['max']:.1f} | {r['non_2xx'] + r['socket_errors']} | "
-              f"{r['steps_per_second_quiet']:.1f} → {r['steps_per_second_under_load']:.1f} |" for r in loads]
-    lines += ["", "Queued jobs held and listed (API only, one client, 200 requests each):", "",
-              "| request | 10 jobs p50 / p99 ms | 10,000 jobs p50 / p99 ms |", "|---|---|---|"]
+    lines = [
+        "# phitune serve: read latency under load (SQLite, loopback, 2 CPU cores)",
+        "",
+        f"{args.clients} clients (wrk, keep-alive, each sending its next request as soon as the last is answered) "
+        f"for {args.seconds:.0f} s, cycling through retrieve job / list events / list files / list models, while "
+        "a job trained in the same server:",
+        "",
+        "| API processes | requests/s | p50 ms | p90 ms | p99 ms | max ms | errors | training steps/s: quiet → under "
+        "load |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['api_processes']} | {r['requests_per_second']:.0f} | {r['p50']:.1f} | {r['p90']:.1f} | "
+        f"**{r['p99']:.1f}** | {r['max']:.1f} | {r['non_2xx'] + r['socket_errors']} | "
+        f"{r['steps_per_second_quiet']:.1f} → {r['steps_per_second_under_load']:.1f} |"
+        for r in loads
+    ]
+    lines += [
+        "",
+        "Queued jobs held and listed (API only, one client, 200 requests each):",
+        "",
+        "| request | 10 jobs p50 / p99 ms | 10,000 jobs p50 / p99 ms |",
+        "|---|---|---|",
+    ]
     for k in small:
         if "p50" in small[k]:
-            lines.append(f"| {k} | {small[k]['p50']:.1f} / {small[k]['p99']:.1f} | {large[k]['p50']:.1f} / {large[k]['p99']:.1f} |")
-    lines += [f"| list all, pages of 100 | {small['list all (pages of 100)']['seconds']:.2f} s | "
-              f"{large['list all (pages of 100)']['seconds']:.2f} s ({large['list all (pages of 100)']['jobs']} jobs) |", ""]
+            lines.append(
+                f"| {k} | {small[k]['p50']:.1f} / {small[k]['p99']:.1f} | {large[k]['p50']:.1f} / "
+                f"{large[k]['p99']:.1f} |"
+            )
+    lines += [
+        f"| list all, pages of 100 | {small['list all (pages of 100)']['seconds']:.2f} s | "
+        f"{large['list all (pages of 100)']['seconds']:.2f} s ({large['list all (pages of 100)']['jobs']} jobs) |",
+        "",
+    ]
     (out / "serve_latency.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -81,10 +81,20 @@ def heldout_loss(model_dir: Path, adapter: Path, val: Path, max_length: int) -> 
 
 def phitune_cmd(model: Path, data: Path, out: Path, args, precision: str) -> list[str]:
     sets = {
-        "model.name_or_path": model, "data.train": data, "data.max_length": args.max_length, "method.name": "lora",
-        "method.r": 16, "method.alpha": 32, "method.dropout": 0.0, "training.epochs": 1,
-        "training.batch_size": args.batch_size, "training.learning_rate": 2e-4, "training.precision": precision,
-        "training.seed": 0, "training.tensorboard": "off", "output_dir": out,
+        "model.name_or_path": model,
+        "data.train": data,
+        "data.max_length": args.max_length,
+        "method.name": "lora",
+        "method.r": 16,
+        "method.alpha": 32,
+        "method.dropout": 0.0,
+        "training.epochs": 1,
+        "training.batch_size": args.batch_size,
+        "training.learning_rate": 2e-4,
+        "training.precision": precision,
+        "training.seed": 0,
+        "training.tensorboard": "off",
+        "output_dir": out,
     }
     return phitune_child([f"{k}={v}" for k, v in sets.items()])
 
@@ -95,8 +105,21 @@ def phitune_child(sets: list[str]) -> list[str]:
 
 
 def trl_cmd(model: Path, data: Path, out: Path, args, *extra: str) -> list[str]:
-    return [sys.executable, str(HERE / "_trl_child.py"), "--model", str(model), "--data", str(data), "--output", str(out),
-            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), *extra]
+    return [
+        sys.executable,
+        str(HERE / "_trl_child.py"),
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+        *extra,
+    ]
 
 
 def main() -> None:
@@ -106,11 +129,20 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--runs", default="phitune-bf16,phitune-fp32,trl,trl-no-gc,trl-packing",
-                   help="comma-separated subset of: phitune-bf16, phitune-fp32, trl, trl-no-gc, trl-packing")
-    p.add_argument("--loss-seeds", type=int, default=4,
-                   help="held-out loss of phitune-bf16 over this many seeds, to show the seed-to-seed spread")
-    p.add_argument("--qlora-memory", action="store_true", help="also compare QLoRA and LoRA-bf16 peak memory on the medium preset")
+    p.add_argument(
+        "--runs",
+        default="phitune-bf16,phitune-fp32,trl,trl-no-gc,trl-packing",
+        help="comma-separated subset of: phitune-bf16, phitune-fp32, trl, trl-no-gc, trl-packing",
+    )
+    p.add_argument(
+        "--loss-seeds",
+        type=int,
+        default=4,
+        help="held-out loss of phitune-bf16 over this many seeds, to show the seed-to-seed spread",
+    )
+    p.add_argument(
+        "--qlora-memory", action="store_true", help="also compare QLoRA and LoRA-bf16 peak memory on the medium preset"
+    )
     args = p.parse_args()
 
     from transformers import AutoTokenizer
@@ -133,10 +165,18 @@ def main() -> None:
     runs = {
         "phitune-bf16": ("phitune LoRA, bf16 autocast", lambda out: phitune_cmd(model, data, out, args, "bf16")),
         "phitune-fp32": ("phitune LoRA, fp32", lambda out: phitune_cmd(model, data, out, args, "fp32")),
-        "trl": ("TRL SFTTrainer + PEFT (defaults: activation checkpointing on)", lambda out: trl_cmd(model, data, out, args)),
-        "trl-no-gc": ("TRL SFTTrainer + PEFT, checkpointing off", lambda out: trl_cmd(model, data, out, args, "--no-gradient-checkpointing")),
-        "trl-packing": ("TRL SFTTrainer + PEFT, packing, checkpointing off",
-                        lambda out: trl_cmd(model, data, out, args, "--packing", "--no-gradient-checkpointing")),
+        "trl": (
+            "TRL SFTTrainer + PEFT (defaults: activation checkpointing on)",
+            lambda out: trl_cmd(model, data, out, args),
+        ),
+        "trl-no-gc": (
+            "TRL SFTTrainer + PEFT, checkpointing off",
+            lambda out: trl_cmd(model, data, out, args, "--no-gradient-checkpointing"),
+        ),
+        "trl-packing": (
+            "TRL SFTTrainer + PEFT, packing, checkpointing off",
+            lambda out: trl_cmd(model, data, out, args, "--packing", "--no-gradient-checkpointing"),
+        ),
     }
     results = []
     for name in filter(None, args.runs.split(",")):
@@ -150,7 +190,10 @@ def main() -> None:
         results.append({"run": name, "label": label, **r})
 
     # Measured again after the runs, the best of both: MFU is then never flattered by a slow moment.
-    peak = {"fp32": max(peak["fp32"], matmul_peak(torch.float32)), "bf16": max(peak["bf16"], matmul_peak(torch.bfloat16))}
+    peak = {
+        "fp32": max(peak["fp32"], matmul_peak(torch.float32)),
+        "bf16": max(peak["bf16"], matmul_peak(torch.bfloat16)),
+    }
     for r in results:
         r["mfu_bf16"] = flops / r["train_seconds"] / 1e9 / peak["bf16"]
     base = next((r for r in results if r["run"] == "trl"), None)
@@ -167,8 +210,10 @@ def main() -> None:
     ]
     for r in results:
         ratio = f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base else "-"
-        lines.append(f"| {r['label']} | {r['tokens_per_second']:.0f} | {ratio} | {r['step_seconds']:.2f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['mfu_bf16']:.1%} | {r['heldout_loss']:.4f} |")
+        lines.append(
+            f"| {r['label']} | {r['tokens_per_second']:.0f} | {ratio} | {r['step_seconds']:.2f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['mfu_bf16']:.1%} | {r['heldout_loss']:.4f} |"
+        )
     if args.loss_seeds > 1 and any(r["run"] == "phitune-bf16" for r in results):
         lines += ["", seed_spread(model, data, val, work, args, results)]
     if args.qlora_memory:
@@ -188,12 +233,16 @@ def seed_spread(model: Path, data: Path, val: Path, work: Path, args, results: l
     for seed in range(1, args.loss_seeds):
         out = work / f"run-phitune-bf16-seed{seed}"
         print(f"running phitune LoRA, bf16, seed {seed} ...", file=sys.stderr, flush=True)
-        run_child(phitune_cmd(model, data, out, args, "bf16") + ["--set", f"training.seed={seed}"], work / f"seed{seed}.log")
+        run_child(
+            phitune_cmd(model, data, out, args, "bf16") + ["--set", f"training.seed={seed}"], work / f"seed{seed}.log"
+        )
         losses.append(heldout_loss(model, out / "adapter", val, args.max_length))
     mean = sum(losses) / len(losses)
     trl = ", ".join(f"{r['label']}: {r['heldout_loss']:.4f}" for r in results if r["run"].startswith("trl"))
-    return (f"Held-out loss of phitune LoRA bf16 over seeds 0-{len(losses) - 1}: mean {mean:.4f}, "
-            f"range {min(losses):.4f}-{max(losses):.4f} (seed-to-seed spread; {trl}).")
+    return (
+        f"Held-out loss of phitune LoRA bf16 over seeds 0-{len(losses) - 1}: mean {mean:.4f}, "
+        f"range {min(losses):.4f}-{max(losses):.4f} (seed-to-seed spread; {trl})."
+    )
 
 
 def qlora_memory(work: Path, args) -> list[str]:
@@ -206,29 +255,48 @@ def qlora_memory(work: Path, args) -> list[str]:
         create_model(model, "phi3", "medium", overwrite=True, dtype="bfloat16")
     data = work / "train.jsonl"
     baseline = run_child([sys.executable, "-c", IMPORTS_ONLY], work / "mem-imports.log")["peak_rss_mb"]
-    rows = [f"~260M-parameter Phi-3 (`medium` preset, bf16 checkpoint), batch {args.batch_size}, max_length "
-            f"{args.max_length}, gradient checkpointing, 10 steps. Process after imports (torch, transformers, peft, "
-            f"bitsandbytes): {baseline:.0f} MB; the columns below subtract it.", "",
-            "| method | weights in memory (MB) | vs LoRA | peak RSS, whole run (MB) | vs LoRA | peak RSS, training loop (MB) | vs LoRA |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [
+        f"~260M-parameter Phi-3 (`medium` preset, bf16 checkpoint), batch {args.batch_size}, max_length "
+        f"{args.max_length}, gradient checkpointing, 10 steps. Process after imports (torch, transformers, peft, "
+        f"bitsandbytes): {baseline:.0f} MB; the columns below subtract it.",
+        "",
+        "| method | weights in memory (MB) | vs LoRA | peak RSS, whole run (MB) | vs LoRA | peak RSS, training loop "
+        "(MB) | vs LoRA |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     measured = {}
-    for name, extra in (("LoRA, bf16 base", []),
-                        ("QLoRA, NF4 + double quant base", ["method.name=qlora", "method.compute_dtype=bfloat16"])):
+    for name, extra in (
+        ("LoRA, bf16 base", []),
+        ("QLoRA, NF4 + double quant base", ["method.name=qlora", "method.compute_dtype=bfloat16"]),
+    ):
         out = work / f"mem-{len(measured)}"
-        sets = [f"model.name_or_path={model}", f"data.train={data}", f"data.max_length={args.max_length}",
-                "training.max_steps=10", f"training.batch_size={args.batch_size}", "training.tensorboard=off",
-                "training.precision=bf16", "training.gradient_checkpointing=true", f"output_dir={out}", *extra]
+        sets = [
+            f"model.name_or_path={model}",
+            f"data.train={data}",
+            f"data.max_length={args.max_length}",
+            "training.max_steps=10",
+            f"training.batch_size={args.batch_size}",
+            "training.tensorboard=off",
+            "training.precision=bf16",
+            "training.gradient_checkpointing=true",
+            f"output_dir={out}",
+            *extra,
+        ]
         print(f"running memory: {name} ...", file=sys.stderr, flush=True)
         r = run_child(phitune_child(sets), work / f"mem-{len(measured)}.log")
         measured[name] = (r["weight_memory_mb"], r["peak_rss_mb"] - baseline, r["train_peak_rss_mb"] - baseline)
     lora = next(iter(measured.values()))
-    rows += ["| " + " | ".join([k] + [f"{v:.0f} | {v / ref:.0%}" for v, ref in zip(values, lora)]) + " |"
-             for k, values in measured.items()]
+    rows += [
+        "| " + " | ".join([k] + [f"{v:.0f} | {v / ref:.0%}" for v, ref in zip(values, lora)]) + " |"
+        for k, values in measured.items()
+    ]
     return rows
 
 
-IMPORTS_ONLY = (f"import json, sys; sys.path.insert(0, {str(HERE)!r}); from _memory import peak_rss_mb; "
-                "import torch, transformers, peft, accelerate, bitsandbytes; print(json.dumps({'peak_rss_mb': peak_rss_mb()}))")
+IMPORTS_ONLY = (
+    f"import json, sys; sys.path.insert(0, {str(HERE)!r}); from _memory import peak_rss_mb; "
+    "import torch, transformers, peft, accelerate, bitsandbytes; print(json.dumps({'peak_rss_mb': peak_rss_mb()}))"
+)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,15 @@ import sys
 from pathlib import Path
 
 DICTD = Path("/usr/share/dictd")
-LANGUAGES = {"deu": "German", "spa": "Spanish", "ita": "Italian", "fra": "French", "nld": "Dutch", "por": "Portuguese",
-             "swe": "Swedish"}
+LANGUAGES = {
+    "deu": "German",
+    "spa": "Spanish",
+    "ita": "Italian",
+    "fra": "French",
+    "nld": "Dutch",
+    "por": "Portuguese",
+    "swe": "Swedish",
+}
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
@@ -70,8 +77,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pair", default="eng-deu", help="FreeDict pair, e.g. eng-deu, eng-spa (default eng-deu)")
     parser.add_argument("--output", required=True, help="directory for train.jsonl and val.jsonl")
-    parser.add_argument("--tokenizer", default=None, help="keep words that are one token of this tokenizer "
-                        "(default: the imported SmolLM2 in phitune's cache)")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="keep words that are one token of this tokenizer (default: the imported SmolLM2 in phitune's cache)",
+    )
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--val", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
@@ -93,10 +103,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, words in (("train", common[: args.train]), ("val", common[args.train : args.train + args.val])):
         rows = [{"source": w, "target": pairs[w]} for w in words]
-        (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        (out / f"{name}.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+        )
     language = LANGUAGES.get(args.pair.split("-")[1], args.pair.split("-")[1])
-    print(f"wrote {args.train} + {args.val} English -> {language} pairs from {len(pairs)} one-word headwords "
-          f"({len(common)} everyday) to {out}")
+    print(
+        f"wrote {args.train} + {args.val} English -> {language} pairs from {len(pairs)} one-word headwords "
+        f"({len(common)} everyday) to {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -72,10 +72,24 @@ def ner(rng: random.Random, n: int) -> list[dict]:
 
 # --- translation: English -> French café phrases ------------------------------------------------
 
-NOUNS = {"coffee": ("le café", "m"), "tea": ("le thé", "m"), "cake": ("le gâteau", "m"), "soup": ("la soupe", "f"),
-         "milk": ("le lait", "m"), "bread": ("le pain", "m"), "table": ("la table", "f"), "cup": ("la tasse", "f")}
-ADJECTIVES = {"hot": ("chaud", "chaude"), "cold": ("froid", "froide"), "good": ("bon", "bonne"),
-              "small": ("petit", "petite"), "big": ("grand", "grande"), "sweet": ("sucré", "sucrée")}
+NOUNS = {
+    "coffee": ("le café", "m"),
+    "tea": ("le thé", "m"),
+    "cake": ("le gâteau", "m"),
+    "soup": ("la soupe", "f"),
+    "milk": ("le lait", "m"),
+    "bread": ("le pain", "m"),
+    "table": ("la table", "f"),
+    "cup": ("la tasse", "f"),
+}
+ADJECTIVES = {
+    "hot": ("chaud", "chaude"),
+    "cold": ("froid", "froide"),
+    "good": ("bon", "bonne"),
+    "small": ("petit", "petite"),
+    "big": ("grand", "grande"),
+    "sweet": ("sucré", "sucrée"),
+}
 
 
 def translation(rng: random.Random, n: int) -> list[dict]:
@@ -85,7 +99,9 @@ def translation(rng: random.Random, n: int) -> list[dict]:
         fr_noun, gender = NOUNS[noun]
         fr_adj = ADJECTIVES[adj][0 if gender == "m" else 1]
         if rng.random() < 0.5:
-            rows.append({"source": f"The {noun} is {adj}.", "target": f"{fr_noun[0].upper() + fr_noun[1:]} est {fr_adj}."})
+            rows.append(
+                {"source": f"The {noun} is {adj}.", "target": f"{fr_noun[0].upper() + fr_noun[1:]} est {fr_adj}."}
+            )
         else:
             rows.append({"source": f"Is the {noun} {adj}?", "target": f"Est-ce que {fr_noun} est {fr_adj} ?"})
     return rows
@@ -104,22 +120,30 @@ def qa(rng: random.Random, n: int) -> list[dict]:
     for _ in range(n):
         shop, hour, street, drink = rng.choice(SHOPS), rng.choice(HOURS), rng.choice(STREETS), rng.choice(DRINKS)
         context = f"{shop} is on {street}. It opens at {hour}. The most popular drink is the {drink}."
-        question, answer = rng.choice([
-            (f"Where is {shop}?", street),
-            (f"When does {shop} open?", hour),
-            (f"What is the most popular drink at {shop}?", drink),
-        ])
+        question, answer = rng.choice(
+            [
+                (f"Where is {shop}?", street),
+                (f"When does {shop} open?", hour),
+                (f"What is the most popular drink at {shop}?", drink),
+            ]
+        )
         rows.append({"question": question, "context": context, "answer": answer})
     return rows
 
 
 # --- chatbot: multi-turn ShareGPT conversations ---------------------------------------------------
 
-ORDERS = {"latte": "One latte, coming up. Anything else?", "tea": "One tea, coming up. Anything else?",
-          "mocha": "One mocha, coming up. Anything else?", "espresso": "One espresso, coming up. Anything else?"}
-EXTRAS = {"a croissant": "Adding a croissant. That will be ready in five minutes.",
-          "a muffin": "Adding a muffin. That will be ready in five minutes.",
-          "nothing else": "Great, that will be ready in five minutes."}
+ORDERS = {
+    "latte": "One latte, coming up. Anything else?",
+    "tea": "One tea, coming up. Anything else?",
+    "mocha": "One mocha, coming up. Anything else?",
+    "espresso": "One espresso, coming up. Anything else?",
+}
+EXTRAS = {
+    "a croissant": "Adding a croissant. That will be ready in five minutes.",
+    "a muffin": "Adding a muffin. That will be ready in five minutes.",
+    "nothing else": "Great, that will be ready in five minutes.",
+}
 ASKS = ["Can I have a {d}?", "I would like a {d}, please.", "One {d} please.", "Could I get a {d}?"]
 
 
@@ -128,19 +152,30 @@ def chatbot(rng: random.Random, n: int) -> list[dict]:
     for _ in range(n):
         drink, extra = rng.choice(list(ORDERS)), rng.choice(list(EXTRAS))
         extra_turn = "No, nothing else, thanks." if extra == "nothing else" else f"Yes, {extra} too."
-        rows.append({"system": "You take orders at PhiCafe.", "conversations": [
-            {"from": "human", "value": rng.choice(ASKS).format(d=drink)},
-            {"from": "gpt", "value": ORDERS[drink]},
-            {"from": "human", "value": extra_turn},
-            {"from": "gpt", "value": EXTRAS[extra]},
-        ]})
+        rows.append(
+            {
+                "system": "You take orders at PhiCafe.",
+                "conversations": [
+                    {"from": "human", "value": rng.choice(ASKS).format(d=drink)},
+                    {"from": "gpt", "value": ORDERS[drink]},
+                    {"from": "human", "value": extra_turn},
+                    {"from": "gpt", "value": EXTRAS[extra]},
+                ],
+            }
+        )
     return rows
 
 
 # --- creative: prompt -> a two-line poem ---------------------------------------------------------
 
-SUBJECTS = {"the sea": ("waves", "blue"), "the moon": ("light", "silver"), "coffee": ("steam", "dark"),
-            "rain": ("drops", "grey"), "the city": ("streets", "bright"), "autumn": ("leaves", "gold")}
+SUBJECTS = {
+    "the sea": ("waves", "blue"),
+    "the moon": ("light", "silver"),
+    "coffee": ("steam", "dark"),
+    "rain": ("drops", "grey"),
+    "the city": ("streets", "bright"),
+    "autumn": ("leaves", "gold"),
+}
 MOODS = {"calm": "softly rest", "joyful": "dance and sing", "sad": "slowly fade"}
 
 
@@ -149,16 +184,25 @@ def creative(rng: random.Random, n: int) -> list[dict]:
     for _ in range(n):
         subject, mood = rng.choice(list(SUBJECTS)), rng.choice(list(MOODS))
         thing, colour = SUBJECTS[subject]
-        rows.append({"prompt": f"Write a {mood} two-line poem about {subject}.",
-                     "text": f"The {colour} {thing} of {subject},\nin {mood} hours {MOODS[mood]}."})
+        rows.append(
+            {
+                "prompt": f"Write a {mood} two-line poem about {subject}.",
+                "text": f"The {colour} {thing} of {subject},\nin {mood} hours {MOODS[mood]}.",
+            }
+        )
     return rows
 
 
 # --- domain: raw text about brewing, for continued pretraining ----------------------------------
 
-METHODS = {"pour-over": ("medium-fine", "three minutes", "92 degrees"), "French press": ("coarse", "four minutes", "95 degrees"),
-           "espresso": ("fine", "thirty seconds", "93 degrees"), "cold brew": ("coarse", "sixteen hours", "room temperature"),
-           "moka pot": ("fine", "five minutes", "the stove's low heat"), "AeroPress": ("medium", "two minutes", "85 degrees")}
+METHODS = {
+    "pour-over": ("medium-fine", "three minutes", "92 degrees"),
+    "French press": ("coarse", "four minutes", "95 degrees"),
+    "espresso": ("fine", "thirty seconds", "93 degrees"),
+    "cold brew": ("coarse", "sixteen hours", "room temperature"),
+    "moka pot": ("fine", "five minutes", "the stove's low heat"),
+    "AeroPress": ("medium", "two minutes", "85 degrees"),
+}
 
 
 def domain(rng: random.Random, n: int) -> list[dict]:
@@ -166,8 +210,12 @@ def domain(rng: random.Random, n: int) -> list[dict]:
     for _ in range(n):
         method = rng.choice(list(METHODS))
         grind, time, temp = METHODS[method]
-        sentences = [f"For {method}, use a {grind} grind.", f"Brew for about {time}.", f"Water at {temp} works best.",
-                     f"A {grind} grind keeps {method} from tasting bitter."]
+        sentences = [
+            f"For {method}, use a {grind} grind.",
+            f"Brew for about {time}.",
+            f"Water at {temp} works best.",
+            f"A {grind} grind keeps {method} from tasting bitter.",
+        ]
         rng.shuffle(sentences)
         rows.append({"text": " ".join(sentences[: rng.randint(2, 4)])})
     return rows
@@ -175,19 +223,35 @@ def domain(rng: random.Random, n: int) -> list[dict]:
 
 # --- DPO: the preferred reply answers politely, the other one is curt -------------------------------
 
-POLITE = ["Of course! Happy to help with that.", "Certainly, let me help you with that.", "Good question! I will show you."]
+POLITE = [
+    "Of course! Happy to help with that.",
+    "Certainly, let me help you with that.",
+    "Good question! I will show you.",
+]
 CURT = ["No. Ask someone else.", "Not my problem.", "Figure it out yourself."]
-QUESTIONS = ["Where is the nearest table?", "Do you have decaf?", "Can I pay by card?", "Is the cake fresh?",
-             "How much is a latte?", "Can I sit outside?", "Do you sell beans?", "Is there a toilet?"]
+QUESTIONS = [
+    "Where is the nearest table?",
+    "Do you have decaf?",
+    "Can I pay by card?",
+    "Is the cake fresh?",
+    "How much is a latte?",
+    "Can I sit outside?",
+    "Do you sell beans?",
+    "Is there a toilet?",
+]
 
 
 def preference(rng: random.Random, n: int) -> list[dict]:
     rows = []
     for _ in range(n):
         q = rng.choice(QUESTIONS)
-        rows.append({"input": {"messages": [{"role": "user", "content": q}]},
-                     "preferred_output": [{"role": "assistant", "content": rng.choice(POLITE)}],
-                     "non_preferred_output": [{"role": "assistant", "content": rng.choice(CURT)}]})
+        rows.append(
+            {
+                "input": {"messages": [{"role": "user", "content": q}]},
+                "preferred_output": [{"role": "assistant", "content": rng.choice(POLITE)}],
+                "non_preferred_output": [{"role": "assistant", "content": rng.choice(CURT)}],
+            }
+        )
     return rows
 
 
@@ -222,7 +286,14 @@ def main() -> None:
     for name, make, key, n_train, n_val, inputs in (
         ("ner", ner, lambda r: _json(r["tokens"]), 240, 40, 40),
         ("translation", translation, lambda r: r["source"], 240, 24, 24),
-        ("chatbot", chatbot, lambda r: _json([t["value"] for t in r["conversations"] if t["from"] == "human"]), 200, 12, 12),
+        (
+            "chatbot",
+            chatbot,
+            lambda r: _json([t["value"] for t in r["conversations"] if t["from"] == "human"]),
+            200,
+            12,
+            12,
+        ),
         ("creative", creative, lambda r: r["prompt"], 200, 4, 4),
         ("domain", domain, lambda r: r["text"], 200, 30, 30),
         ("dpo", preference, lambda r: _json(r["input"]), 128, 12, 2),

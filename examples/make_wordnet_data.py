@@ -67,8 +67,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train), ("val", val)):
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    print(f"wrote {len(train)} + {len(val)} definitions in {len(CATEGORIES)} categories "
-          f"({', '.join(CATEGORIES.values())}) to {out}")
+    print(
+        f"wrote {len(train)} + {len(val)} definitions in {len(CATEGORIES)} categories "
+        f"({', '.join(CATEGORIES.values())}) to {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -42,12 +42,6 @@ def chat_files(tmp_path_factory) -> tuple[Path, Path]:
     return root / "train.jsonl", root / "val.jsonl"
 
 
-
-
-
-
-
-
 @pytest.fixture
 def fresh_dir(tmp_path):
     d = tmp_path / "run"

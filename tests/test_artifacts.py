@@ -27,8 +27,16 @@ def trained(tiny_phi3, chat_files, tmp_path_factory):
     runs = {}
     for name, method in METHODS.items():
         root = tmp_path_factory.mktemp(name)
-        cfg = write_config(root / "c.yaml", tiny_phi3, chat_files[0], root / "out", method=method,
-                           validation=chat_files[1], max_steps=15, learning_rate=1e-2)
+        cfg = write_config(
+            root / "c.yaml",
+            tiny_phi3,
+            chat_files[0],
+            root / "out",
+            method=method,
+            validation=chat_files[1],
+            max_steps=15,
+            learning_rate=1e-2,
+        )
         assert run_cli("train", cfg) == 0
         runs[name] = root / "out"
     return runs
@@ -39,13 +47,12 @@ def _batch(tokenizer, path):
     return collate(ds.examples, tokenizer.pad_token_id)
 
 
-
-
-
 def _textbook_loss(logits, batch) -> float:
     """Mean cross-entropy over labelled positions, computed the plain way from full logits."""
     labels = batch["labels"][:, 1:]
-    return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX))
+    return float(
+        F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    )
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -94,9 +101,18 @@ def test_full_finetune_writes_a_transformers_model(tiny_phi3, chat_files, tmp_pa
 
 @pytest.mark.slow  # the real-model tier covers this path in the default suite
 def test_generate_answers_with_the_fine_tuned_behaviour(tiny_phi3, tmp_path, capsys):
-    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, DEMO_TRAIN, tmp_path / "out",
-                       method={"name": "lora", "dropout": 0.0, "target_modules": ["all-linear", "lm_head"]},
-                       max_steps=400, batch_size=16, learning_rate=3e-3, lr_scheduler="cosine", log_every=50)
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_phi3,
+        DEMO_TRAIN,
+        tmp_path / "out",
+        method={"name": "lora", "dropout": 0.0, "target_modules": ["all-linear", "lm_head"]},
+        max_steps=400,
+        batch_size=16,
+        learning_rate=3e-3,
+        lr_scheduler="cosine",
+        log_every=50,
+    )
     assert run_cli("train", cfg) == 0
     capsys.readouterr()
     assert run_cli("generate", tmp_path / "out", "--prompt", "Hi, what is the wifi password?") == 0
@@ -113,9 +129,16 @@ def test_generate_answers_with_the_fine_tuned_behaviour(tiny_phi3, tmp_path, cap
 def test_lora_inits_give_adapters_for_the_original_base(init, tiny_phi3, chat_files, tmp_path):
     """PiSSA/OLoRA rewrite the base at init; the saved adapter must still fit the untouched base."""
     out = tmp_path / "out"
-    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat_files[0], out,
-                       method={"name": "lora", "init": init, "r": 4, "dropout": 0.0}, validation=chat_files[1],
-                       max_steps=10, learning_rate=1e-2)
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_phi3,
+        chat_files[0],
+        out,
+        method={"name": "lora", "init": init, "r": 4, "dropout": 0.0},
+        validation=chat_files[1],
+        max_steps=10,
+        learning_rate=1e-2,
+    )
     assert run_cli("train", cfg) == 0
     tokenizer = AutoTokenizer.from_pretrained(tiny_phi3)
     batch = _batch(tokenizer, chat_files[1])

@@ -14,9 +14,12 @@ def _cfg(tmp_path, text):
 
 def test_minimal_config_with_shorthands(tmp_path, tiny_phi3, chat_files):
     train, val = chat_files
-    p = _cfg(tmp_path, f"model: {tiny_phi3}\nmethod: dora\ndata: {{train: {train}, validation: {val}}}\n"
-                       "training: {max_steps: 200, learning_rate: 2.0e-4, batch_size: 8, save_every: 50, log_every: 1}\n"
-                       "output_dir: runs/first\n")
+    p = _cfg(
+        tmp_path,
+        f"model: {tiny_phi3}\nmethod: dora\ndata: {{train: {train}, validation: {val}}}\n"
+        "training: {max_steps: 200, learning_rate: 2.0e-4, batch_size: 8, save_every: 50, log_every: 1}\n"
+        "output_dir: runs/first\n",
+    )
     cfg = load_config(p)
     assert cfg.model.name_or_path == str(tiny_phi3)
     assert cfg.method.name == "dora" and cfg.method.r == 16 and cfg.method.target_modules == "all-linear"
@@ -33,8 +36,11 @@ def test_unknown_key_suggests_closest_and_names_line(tmp_path, tiny_phi3, chat_f
 
 
 def test_all_problems_reported_together(tmp_path, tiny_phi3):
-    p = _cfg(tmp_path, f"model: {{name_or_path: {tiny_phi3}, dtyp: float32}}\nmethod: {{name: lorra, r: -1}}\n"
-                       "data: {train: x.jsonl}\ntraining: {batch_size: 0, optimiser: adamw}\nouput_dir: x\n")
+    p = _cfg(
+        tmp_path,
+        f"model: {{name_or_path: {tiny_phi3}, dtyp: float32}}\nmethod: {{name: lorra, r: -1}}\n"
+        "data: {train: x.jsonl}\ntraining: {batch_size: 0, optimiser: adamw}\nouput_dir: x\n",
+    )
     with pytest.raises(PhituneError) as exc:
         load_config(p)
     problems = exc.value.problems
@@ -50,8 +56,11 @@ def test_all_problems_reported_together(tmp_path, tiny_phi3):
 
 
 def test_semantic_problems_are_collected(tmp_path, chat_files):
-    p = _cfg(tmp_path, "model: ./no/such/model\ndata: {train: missing.jsonl}\n"
-                       "training: {max_steps: 5, epochs: 2, batch_size: 6, gradient_accumulation_steps: 4, eval_every: 2}\n")
+    p = _cfg(
+        tmp_path,
+        "model: ./no/such/model\ndata: {train: missing.jsonl}\n"
+        "training: {max_steps: 5, epochs: 2, batch_size: 6, gradient_accumulation_steps: 4, eval_every: 2}\n",
+    )
     with pytest.raises(PhituneError) as exc:
         load_config(p)
     joined = "\n".join(exc.value.problems)
@@ -64,8 +73,17 @@ def test_semantic_problems_are_collected(tmp_path, chat_files):
 
 def test_set_overrides_and_shorthand(tmp_path, tiny_phi3, chat_files):
     p = _cfg(tmp_path, f"model: {tiny_phi3}\ndata: {chat_files[0]}\n")
-    cfg = load_config(p, ["training.learning_rate=1e-3", "method=qlora", "method.target_modules=[qkv_proj, o_proj]",
-                          "model.dtype=bfloat16", "training.max_grad_norm=null", "training.tensorboard=off"])
+    cfg = load_config(
+        p,
+        [
+            "training.learning_rate=1e-3",
+            "method=qlora",
+            "method.target_modules=[qkv_proj, o_proj]",
+            "model.dtype=bfloat16",
+            "training.max_grad_norm=null",
+            "training.tensorboard=off",
+        ],
+    )
     assert cfg.training.learning_rate == 1e-3
     assert cfg.method.name == "qlora"
     assert cfg.method.target_modules == ["qkv_proj", "o_proj"]

@@ -9,8 +9,15 @@ from phitune.create_model import create_model
 from helpers import run_cli
 
 
-@pytest.mark.parametrize("arch,cls", [("phi3", "Phi3ForCausalLM"), ("llama", "LlamaForCausalLM"),
-                                      ("qwen2", "Qwen2ForCausalLM"), ("mistral", "MistralForCausalLM")])
+@pytest.mark.parametrize(
+    "arch,cls",
+    [
+        ("phi3", "Phi3ForCausalLM"),
+        ("llama", "LlamaForCausalLM"),
+        ("qwen2", "Qwen2ForCausalLM"),
+        ("mistral", "MistralForCausalLM"),
+    ],
+)
 def test_each_arch_builds_loads_and_is_labelled_untrained(model_cache, arch, cls):
     path = model_cache(arch)
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -20,7 +27,9 @@ def test_each_arch_builds_loads_and_is_labelled_untrained(model_cache, arch, cls
     assert "UNTRAINED" in (path / "README.md").read_text()
     assert tok.chat_template and tok.pad_token_id != tok.eos_token_id
     assert model.get_input_embeddings().weight.shape[0] >= len(tok)
-    ids = tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True, return_tensors="pt")
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "hello"}], add_generation_prompt=True, return_tensors="pt"
+    )
     ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
     assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size
 

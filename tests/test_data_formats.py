@@ -15,19 +15,51 @@ from phitune.data.tasks import make_spec
 SYSTEM = "Be brief."
 CHAT_FORMS = [
     # (format rows, equivalent chat messages)
-    ({"prompt": "What is 2+2?", "completion": "4"},
-     [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]),
-    ({"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}],
-      "completion": [{"role": "assistant", "content": "Hello."}]},
-     [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]),
-    ({"instruction": "Translate to French.", "input": "cat", "output": "chat"},
-     [{"role": "user", "content": "Translate to French.\n\ncat"}, {"role": "assistant", "content": "chat"}]),
-    ({"instruction": "Say hi.", "input": "", "output": "Hi!", "system": SYSTEM},
-     [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]),
-    ({"system": SYSTEM, "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."},
-                                          {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Goodbye."}]},
-     [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-      {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]),
+    (
+        {"prompt": "What is 2+2?", "completion": "4"},
+        [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+    ),
+    (
+        {
+            "prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}],
+            "completion": [{"role": "assistant", "content": "Hello."}],
+        },
+        [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+        ],
+    ),
+    (
+        {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+        [{"role": "user", "content": "Translate to French.\n\ncat"}, {"role": "assistant", "content": "chat"}],
+    ),
+    (
+        {"instruction": "Say hi.", "input": "", "output": "Hi!", "system": SYSTEM},
+        [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "Say hi."},
+            {"role": "assistant", "content": "Hi!"},
+        ],
+    ),
+    (
+        {
+            "system": SYSTEM,
+            "conversations": [
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Hello."},
+                {"from": "human", "value": "Bye"},
+                {"from": "gpt", "value": "Goodbye."},
+            ],
+        },
+        [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye."},
+        ],
+    ),
 ]
 
 
@@ -56,19 +88,26 @@ def test_each_format_equals_its_chat_form(tmp_path, model_cache, arch, case):
 def test_preference_pairs_equal_the_chat_form_of_each_reply(tmp_path, tiny_phi3):
     tok = AutoTokenizer.from_pretrained(tiny_phi3)
     prompt = [{"role": "user", "content": "Can I pay by card?"}]
-    openai_row = {"input": {"messages": prompt}, "preferred_output": [{"role": "assistant", "content": "Yes, of course."}],
-                  "non_preferred_output": [{"role": "assistant", "content": "No."}]}
+    openai_row = {
+        "input": {"messages": prompt},
+        "preferred_output": [{"role": "assistant", "content": "Yes, of course."}],
+        "non_preferred_output": [{"role": "assistant", "content": "No."}],
+    }
     trl_row = {"prompt": "Can I pay by card?", "chosen": "Yes, of course.", "rejected": "No."}
     for row in (openai_row, trl_row):
         [pair] = _tokenized(tmp_path, "pref", [row], tok).examples
         for side, reply in ((pair.chosen, "Yes, of course."), (pair.rejected, "No.")):
-            [chat] = _tokenized(tmp_path, "chat", [{"messages": prompt + [{"role": "assistant", "content": reply}]}], tok).examples
+            [chat] = _tokenized(
+                tmp_path, "chat", [{"messages": prompt + [{"role": "assistant", "content": reply}]}], tok
+            ).examples
             assert side.input_ids == chat.input_ids and side.labels == chat.labels
 
 
 def test_template_equals_raw_prompt_completion(tmp_path, tiny_phi3):
     tok = AutoTokenizer.from_pretrained(tiny_phi3)
-    templ = DataConfig(train="x", format="template", template="### Text: {phrase}\n### Tone: {tone}", completion_field="tone")
+    templ = DataConfig(
+        train="x", format="template", template="### Text: {phrase}\n### Tone: {tone}", completion_field="tone"
+    )
     raw = DataConfig(train="x", chat_template=False)
     a = _tokenized(tmp_path, "t", [{"phrase": "I love it", "tone": "happy"}], tok, templ)
     b = _tokenized(tmp_path, "p", [{"prompt": "### Text: I love it\n### Tone: ", "completion": "happy"}], tok, raw)
@@ -113,26 +152,51 @@ def test_task_prompts_are_the_documented_ones(tmp_path):
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     split, spec = read_split(str(tmp_path / "c.jsonl"), DataConfig(train="x"), TaskConfig(name="classification"))
     assert spec.labels == ["negative", "positive"] and spec.metrics == ["accuracy", "macro_f1", "valid_label"]
-    assert split.samples[0][1] == Chat([
-        {"role": "user", "content": "Classify the text.\nAnswer with one of: negative, positive.\n\nText: Great coffee."},
-        {"role": "assistant", "content": "positive"}])
-    ner_row = {"text": "Alice flew to Paris .", "entities": [{"start": 0, "end": 5, "label": "PER"}, {"start": 14, "end": 19, "label": "LOC"}]}
+    assert split.samples[0][1] == Chat(
+        [
+            {
+                "role": "user",
+                "content": "Classify the text.\nAnswer with one of: negative, positive.\n\nText: Great coffee.",
+            },
+            {"role": "assistant", "content": "positive"},
+        ]
+    )
+    ner_row = {
+        "text": "Alice flew to Paris .",
+        "entities": [{"start": 0, "end": 5, "label": "PER"}, {"start": 14, "end": 19, "label": "LOC"}],
+    }
     (tmp_path / "n.jsonl").write_text(json.dumps(ner_row) + "\n")
     split, spec = read_split(str(tmp_path / "n.jsonl"), DataConfig(train="x"), TaskConfig(name="ner"))
     assert spec.labels == ["LOC", "PER"]
-    assert json.loads(split.samples[0][1].messages[1]["content"]) == [{"text": "Alice", "type": "PER"}, {"text": "Paris", "type": "LOC"}]
+    assert json.loads(split.samples[0][1].messages[1]["content"]) == [
+        {"text": "Alice", "type": "PER"},
+        {"text": "Paris", "type": "LOC"},
+    ]
     # The same sentence as tokens + tags gives the same sample.
-    (tmp_path / "t.jsonl").write_text(json.dumps({"tokens": ["Alice", "flew", "to", "Paris", "."],
-                                                  "tags": ["B-PER", "O", "O", "B-LOC", "O"]}) + "\n")
-    assert read_split(str(tmp_path / "t.jsonl"), DataConfig(train="x"), TaskConfig(name="ner"))[0].samples[0][1] == split.samples[0][1]
-    (tmp_path / "q.jsonl").write_text(json.dumps({"question": "Where?", "context": "On Mill Road.", "answer": "Mill Road"}) + "\n")
+    (tmp_path / "t.jsonl").write_text(
+        json.dumps({"tokens": ["Alice", "flew", "to", "Paris", "."], "tags": ["B-PER", "O", "O", "B-LOC", "O"]}) + "\n"
+    )
+    assert (
+        read_split(str(tmp_path / "t.jsonl"), DataConfig(train="x"), TaskConfig(name="ner"))[0].samples[0][1]
+        == split.samples[0][1]
+    )
+    (tmp_path / "q.jsonl").write_text(
+        json.dumps({"question": "Where?", "context": "On Mill Road.", "answer": "Mill Road"}) + "\n"
+    )
     split, _ = read_split(str(tmp_path / "q.jsonl"), DataConfig(train="x"), TaskConfig(name="qa"))
-    assert split.samples[0][1].messages[0]["content"] == "Answer the question.\n\nContext: On Mill Road.\n\nQuestion: Where?"
+    assert (
+        split.samples[0][1].messages[0]["content"]
+        == "Answer the question.\n\nContext: On Mill Road.\n\nQuestion: Where?"
+    )
     (tmp_path / "tr.jsonl").write_text(json.dumps({"en": "The tea is hot.", "fr": "Le thé est chaud."}) + "\n")
-    task = TaskConfig(name="translation", source_language="English", target_language="French", fields={"source": "en", "target": "fr"})
+    task = TaskConfig(
+        name="translation", source_language="English", target_language="French", fields={"source": "en", "target": "fr"}
+    )
     split, spec = read_split(str(tmp_path / "tr.jsonl"), DataConfig(train="x"), task)
-    assert split.samples[0][1].messages == [{"role": "user", "content": "Translate from English to French.\n\nThe tea is hot."},
-                                            {"role": "assistant", "content": "Le thé est chaud."}]
+    assert split.samples[0][1].messages == [
+        {"role": "user", "content": "Translate from English to French.\n\nThe tea is hot."},
+        {"role": "assistant", "content": "Le thé est chaud."},
+    ]
     assert make_spec(task, [], None).source_language == "English"
 
 
@@ -140,8 +204,11 @@ def test_duplicates_subset_and_validation_split(tmp_path, tiny_phi3, chat_files)
     lines = chat_files[0].read_text().splitlines()
     path = tmp_path / "dup.jsonl"
     path.write_text("\n".join(lines[:40] + lines[:10]) + "\n")  # 10 exact duplicates
-    raw = {"model": str(tiny_phi3), "data": {"train": str(path), "validation_split": 0.25, "subset": 0.5},
-           "training": {"seed": 3}}
+    raw = {
+        "model": str(tiny_phi3),
+        "data": {"train": str(path), "validation_split": 0.25, "subset": 0.5},
+        "training": {"seed": 3},
+    }
     tok = AutoTokenizer.from_pretrained(tiny_phi3)
     data = load_training_data(parse_config(raw), tok)
     assert data.train.duplicates == 10

@@ -11,9 +11,11 @@ OK_CHAT = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", 
 OK_PC = {"prompt": "q", "completion": "a"}
 OK_ALPACA = {"instruction": "Do it.", "output": "Done."}
 OK_SHAREGPT = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
-OK_PREF = {"input": {"messages": [{"role": "user", "content": "q"}]},
-           "preferred_output": [{"role": "assistant", "content": "good"}],
-           "non_preferred_output": [{"role": "assistant", "content": "bad"}]}
+OK_PREF = {
+    "input": {"messages": [{"role": "user", "content": "q"}]},
+    "preferred_output": [{"role": "assistant", "content": "good"}],
+    "non_preferred_output": [{"role": "assistant", "content": "bad"}],
+}
 OK_NER = {"tokens": ["Alice", "flew"], "tags": ["B-PER", "O"]}
 
 
@@ -25,56 +27,180 @@ def _jsonl(*rows) -> str:
 CORPUS = {
     "invalid json": ("a.jsonl", _jsonl(OK_CHAT, "{oops"), [], "2: invalid JSON"),
     "row is not an object": ("a.jsonl", _jsonl(OK_CHAT, [1, 2]), [], "2: expected a JSON object"),
-    "missing messages": ("a.jsonl", _jsonl(OK_CHAT, {"prompt": "x"}), [], "2: missing key 'messages' (keys present: prompt)"),
-    "messages not a list": ("a.jsonl", _jsonl(OK_CHAT, {"messages": "hi"}), [], "2: 'messages' must be a non-empty list"),
-    "unknown role": ("a.jsonl", _jsonl(OK_CHAT, {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "a"}]}),
-                     [], "2: messages[0]: unknown role 'robot'; use one of system, user, assistant"),
-    "empty content": ("a.jsonl", _jsonl(OK_CHAT, {"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "a"}]}),
-                      [], "2: messages[0]: empty content"),
-    "content wrong type": ("a.jsonl", _jsonl(OK_CHAT, {"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "a"}]}),
-                           [], "2: messages[0]: 'content' must be a string, got int"),
-    "no assistant turn": ("a.jsonl", _jsonl(OK_CHAT, {"messages": [{"role": "user", "content": "q"}]}), [], "2: no assistant message"),
-    "bad weight": ("a.jsonl", _jsonl(OK_CHAT, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 2}]}),
-                   [], "2: messages[1]: 'weight' must be 0 or 1, got 2"),
-    "weight on a user turn": ("a.jsonl", _jsonl(OK_CHAT, {"messages": [{"role": "user", "content": "q", "weight": 1}, {"role": "assistant", "content": "a"}]}),
-                              [], "2: messages[0]: 'weight' is only allowed on assistant messages"),
-    "nothing trained": ("a.jsonl", _jsonl(OK_CHAT, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]}),
-                        [], "2: every assistant message has weight 0"),
-    "prompt/completion missing completion": ("p.jsonl", _jsonl(OK_PC, {"prompt": "q", "answer": "a"}), [],
-                                             "2: missing key 'completion' (keys present: answer, prompt)"),
-    "prompt wrong type": ("p.jsonl", _jsonl(OK_PC, {"prompt": 3, "completion": "a"}), [], "2: 'prompt' must be a string, got int"),
-    "alpaca empty output": ("al.jsonl", _jsonl(OK_ALPACA, {"instruction": "Do it.", "output": ""}), [], "2: 'output' is empty"),
-    "alpaca input wrong type": ("al.jsonl", _jsonl(OK_ALPACA, {"instruction": "Do it.", "input": ["x"], "output": "ok"}), [],
-                                "2: 'input' must be a string, got list"),
-    "sharegpt unknown speaker": ("s.jsonl", _jsonl(OK_SHAREGPT, {"conversations": [{"from": "robot", "value": "q"}, {"from": "gpt", "value": "a"}]}),
-                                 [], "2: conversations[0]: unknown 'from' 'robot'"),
-    "sharegpt empty value": ("s.jsonl", _jsonl(OK_SHAREGPT, {"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "a"}]}),
-                             [], "2: conversations[0]: empty content"),
-    "preference wrong role": ("d.jsonl", _jsonl(OK_PREF, dict(OK_PREF, preferred_output=[{"role": "user", "content": "x"}])), [],
-                              "2: preferred_output[0]: role must be 'assistant', got 'user'"),
-    "preference missing rejected": ("d.jsonl", _jsonl(OK_PREF, {k: v for k, v in OK_PREF.items() if k != "non_preferred_output"}), [],
-                                    "2: missing key 'non_preferred_output'"),
-    "preference prompt ends with the reply": ("d.jsonl", _jsonl(OK_PREF, dict(OK_PREF, input={"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})),
-                                              [], "2: the prompt ends with an assistant message"),
-    "csv ragged row": ("c.csv", "text,label\nnice,positive\nbad,negative,extra\n", ["--task", "classification"],
-                       "3: 3 fields but the header has 2"),
-    "csv missing label": ("c.csv", "text,label\nnice,positive\nbad,\n", ["--task", "classification"],
-                          "3: 'label' must be a non-empty string or integer, got ''"),
-    "json syntax": ("j.json", '[\n {"prompt": "q", "completion": "a"},\n {"prompt": "q" "completion": "a"}\n]\n', [],
-                    "3: invalid JSON (Expecting ',' delimiter"),
-    "ner length mismatch": ("n.jsonl", _jsonl(OK_NER, {"tokens": ["Bob", "ran"], "tags": ["B-PER"]}), ["--task", "ner"],
-                            "2: 2 tokens but 1 tags; give one tag per token"),
-    "ner I- without B-": ("n.jsonl", _jsonl(OK_NER, {"tokens": ["Bob", "ran"], "tags": ["O", "I-PER"]}), ["--task", "ner"],
-                          "2: tags[1] = 'I-PER' does not continue an entity of that type; start it with B-PER"),
-    "ner span not whole words": ("n.jsonl", _jsonl({"text": "Alice flew", "entities": [{"start": 0, "end": 5, "label": "PER"}]},
-                                                   {"text": "Bob ran", "entities": [{"start": 0, "end": 2, "label": "PER"}]}),
-                                 ["--task", "ner"], "2: entities[0]: span 0..2 ('Bo') does not cover whole words"),
-    "translation missing target": ("t.jsonl", _jsonl({"source": "a", "target": "b"}, {"source": "c"}), ["--task", "translation"],
-                                   "2: missing key 'target'"),
+    "missing messages": (
+        "a.jsonl",
+        _jsonl(OK_CHAT, {"prompt": "x"}),
+        [],
+        "2: missing key 'messages' (keys present: prompt)",
+    ),
+    "messages not a list": (
+        "a.jsonl",
+        _jsonl(OK_CHAT, {"messages": "hi"}),
+        [],
+        "2: 'messages' must be a non-empty list",
+    ),
+    "unknown role": (
+        "a.jsonl",
+        _jsonl(OK_CHAT, {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "a"}]}),
+        [],
+        "2: messages[0]: unknown role 'robot'; use one of system, user, assistant",
+    ),
+    "empty content": (
+        "a.jsonl",
+        _jsonl(OK_CHAT, {"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "a"}]}),
+        [],
+        "2: messages[0]: empty content",
+    ),
+    "content wrong type": (
+        "a.jsonl",
+        _jsonl(OK_CHAT, {"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "a"}]}),
+        [],
+        "2: messages[0]: 'content' must be a string, got int",
+    ),
+    "no assistant turn": (
+        "a.jsonl",
+        _jsonl(OK_CHAT, {"messages": [{"role": "user", "content": "q"}]}),
+        [],
+        "2: no assistant message",
+    ),
+    "bad weight": (
+        "a.jsonl",
+        _jsonl(
+            OK_CHAT,
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 2}]},
+        ),
+        [],
+        "2: messages[1]: 'weight' must be 0 or 1, got 2",
+    ),
+    "weight on a user turn": (
+        "a.jsonl",
+        _jsonl(
+            OK_CHAT,
+            {"messages": [{"role": "user", "content": "q", "weight": 1}, {"role": "assistant", "content": "a"}]},
+        ),
+        [],
+        "2: messages[0]: 'weight' is only allowed on assistant messages",
+    ),
+    "nothing trained": (
+        "a.jsonl",
+        _jsonl(
+            OK_CHAT,
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]},
+        ),
+        [],
+        "2: every assistant message has weight 0",
+    ),
+    "prompt/completion missing completion": (
+        "p.jsonl",
+        _jsonl(OK_PC, {"prompt": "q", "answer": "a"}),
+        [],
+        "2: missing key 'completion' (keys present: answer, prompt)",
+    ),
+    "prompt wrong type": (
+        "p.jsonl",
+        _jsonl(OK_PC, {"prompt": 3, "completion": "a"}),
+        [],
+        "2: 'prompt' must be a string, got int",
+    ),
+    "alpaca empty output": (
+        "al.jsonl",
+        _jsonl(OK_ALPACA, {"instruction": "Do it.", "output": ""}),
+        [],
+        "2: 'output' is empty",
+    ),
+    "alpaca input wrong type": (
+        "al.jsonl",
+        _jsonl(OK_ALPACA, {"instruction": "Do it.", "input": ["x"], "output": "ok"}),
+        [],
+        "2: 'input' must be a string, got list",
+    ),
+    "sharegpt unknown speaker": (
+        "s.jsonl",
+        _jsonl(OK_SHAREGPT, {"conversations": [{"from": "robot", "value": "q"}, {"from": "gpt", "value": "a"}]}),
+        [],
+        "2: conversations[0]: unknown 'from' 'robot'",
+    ),
+    "sharegpt empty value": (
+        "s.jsonl",
+        _jsonl(OK_SHAREGPT, {"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "a"}]}),
+        [],
+        "2: conversations[0]: empty content",
+    ),
+    "preference wrong role": (
+        "d.jsonl",
+        _jsonl(OK_PREF, dict(OK_PREF, preferred_output=[{"role": "user", "content": "x"}])),
+        [],
+        "2: preferred_output[0]: role must be 'assistant', got 'user'",
+    ),
+    "preference missing rejected": (
+        "d.jsonl",
+        _jsonl(OK_PREF, {k: v for k, v in OK_PREF.items() if k != "non_preferred_output"}),
+        [],
+        "2: missing key 'non_preferred_output'",
+    ),
+    "preference prompt ends with the reply": (
+        "d.jsonl",
+        _jsonl(
+            OK_PREF,
+            dict(
+                OK_PREF, input={"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+            ),
+        ),
+        [],
+        "2: the prompt ends with an assistant message",
+    ),
+    "csv ragged row": (
+        "c.csv",
+        "text,label\nnice,positive\nbad,negative,extra\n",
+        ["--task", "classification"],
+        "3: 3 fields but the header has 2",
+    ),
+    "csv missing label": (
+        "c.csv",
+        "text,label\nnice,positive\nbad,\n",
+        ["--task", "classification"],
+        "3: 'label' must be a non-empty string or integer, got ''",
+    ),
+    "json syntax": (
+        "j.json",
+        '[\n {"prompt": "q", "completion": "a"},\n {"prompt": "q" "completion": "a"}\n]\n',
+        [],
+        "3: invalid JSON (Expecting ',' delimiter",
+    ),
+    "ner length mismatch": (
+        "n.jsonl",
+        _jsonl(OK_NER, {"tokens": ["Bob", "ran"], "tags": ["B-PER"]}),
+        ["--task", "ner"],
+        "2: 2 tokens but 1 tags; give one tag per token",
+    ),
+    "ner I- without B-": (
+        "n.jsonl",
+        _jsonl(OK_NER, {"tokens": ["Bob", "ran"], "tags": ["O", "I-PER"]}),
+        ["--task", "ner"],
+        "2: tags[1] = 'I-PER' does not continue an entity of that type; start it with B-PER",
+    ),
+    "ner span not whole words": (
+        "n.jsonl",
+        _jsonl(
+            {"text": "Alice flew", "entities": [{"start": 0, "end": 5, "label": "PER"}]},
+            {"text": "Bob ran", "entities": [{"start": 0, "end": 2, "label": "PER"}]},
+        ),
+        ["--task", "ner"],
+        "2: entities[0]: span 0..2 ('Bo') does not cover whole words",
+    ),
+    "translation missing target": (
+        "t.jsonl",
+        _jsonl({"source": "a", "target": "b"}, {"source": "c"}),
+        ["--task", "translation"],
+        "2: missing key 'target'",
+    ),
     "text empty": ("x.jsonl", _jsonl({"text": "some words"}, {"text": ""}), ["--format", "text"], "2: 'text' is empty"),
-    "template field missing": ("tp.jsonl", _jsonl({"phrase": "hi", "tone": "happy"}, {"phrase": "hi"}),
-                               ["--format", "template", "--template", "{phrase} -> {tone}", "--completion-field", "tone"],
-                               "2: missing key 'tone'"),
+    "template field missing": (
+        "tp.jsonl",
+        _jsonl({"phrase": "hi", "tone": "happy"}, {"phrase": "hi"}),
+        ["--format", "template", "--template", "{phrase} -> {tone}", "--completion-field", "tone"],
+        "2: missing key 'tone'",
+    ),
 }
 
 
@@ -145,8 +271,15 @@ def test_undetectable_format_names_the_keys_and_the_fix(tmp_path, capsys):
 
 def test_validate_with_a_training_config(tmp_path, tiny_phi3, capsys):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(json.dumps({"model": str(tiny_phi3), "data": {"train": "unused", "max_length": 64},
-                               "task": {"name": "ner", "head": True}}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "model": str(tiny_phi3),
+                "data": {"train": "unused", "max_length": 64},
+                "task": {"name": "ner", "head": True},
+            }
+        )
+    )
     path = tmp_path / "n.jsonl"
     path.write_text(_jsonl(OK_NER, {"tokens": ["Bob"], "tags": ["B-PER"]}))
     assert run_cli("data", "validate", path, "--config", cfg) == 0
@@ -162,7 +295,9 @@ def test_preference_data_needs_the_dpo_objective(tmp_path, tiny_phi3, capsys):
     assert "preference pairs train with method.objective: dpo" in capsys.readouterr().err
     chat = tmp_path / "chat.jsonl"
     chat.write_text(_jsonl(OK_CHAT))
-    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat, tmp_path / "out", method={"name": "lora", "objective": "dpo"})
+    cfg = write_config(
+        tmp_path / "c.yaml", tiny_phi3, chat, tmp_path / "out", method={"name": "lora", "objective": "dpo"}
+    )
     assert run_cli("train", cfg) == 2
     assert "method.objective dpo needs preference rows" in capsys.readouterr().err
 
@@ -170,8 +305,11 @@ def test_preference_data_needs_the_dpo_objective(tmp_path, tiny_phi3, capsys):
 def test_generative_classification_as_raw_text_is_validated(tmp_path, tiny_phi3, capsys):
     """Labels of raw prompt/completion rows (data.chat_template: false) are counted like chat ones."""
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(json.dumps({"model": str(tiny_phi3), "data": {"train": "unused", "chat_template": False},
-                               "task": "classification"}))
+    cfg.write_text(
+        json.dumps(
+            {"model": str(tiny_phi3), "data": {"train": "unused", "chat_template": False}, "task": "classification"}
+        )
+    )
     path = tmp_path / "c.csv"
     path.write_text("text,label\nnice,pos\ngood,pos\nbad,neg\nbad,neg\n")
     assert run_cli("data", "validate", path, "--config", cfg) == 0

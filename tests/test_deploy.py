@@ -23,18 +23,42 @@ def translator(tiny_phi3, tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
-        assert run_cli("train", REPO / "examples" / "translation" / "config.yaml", "--set", f"model.name_or_path={tiny_phi3}",
-                       "--set", f"output_dir={out}", "--set", "training.precision=fp32", "--set", "training.eval_every=200", *TOY_EXAMPLE_FLAGS,
-                       "--set", "training.batch_size=16", "--set", "method.target_modules=[all-linear,lm_head]",
-                       "--max-steps", "200") == 0
+        assert (
+            run_cli(
+                "train",
+                REPO / "examples" / "translation" / "config.yaml",
+                "--set",
+                f"model.name_or_path={tiny_phi3}",
+                "--set",
+                f"output_dir={out}",
+                "--set",
+                "training.precision=fp32",
+                "--set",
+                "training.eval_every=200",
+                *TOY_EXAMPLE_FLAGS,
+                "--set",
+                "training.batch_size=16",
+                "--set",
+                "method.target_modules=[all-linear,lm_head]",
+                "--max-steps",
+                "200",
+            )
+            == 0
+        )
     finally:
         os.chdir(cwd)
     return out
 
 
 def _chat(*args, stdin: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "phitune", "chat", *map(str, args)], input=stdin, capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "phitune", "chat", *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
 
 
 @pytest.mark.slow  # the real-model tier covers this path in the default suite
@@ -42,7 +66,9 @@ def test_fp32_export_matches_pytorch_greedy_tokens_and_perplexity(translator, tm
     monkeypatch.chdir(REPO)
     out = tmp_path / "fp32"
     assert run_cli("export", "onnx", translator, "--output", out, "--precision", "fp32", "--check") == 0
-    assert {"model.onnx", "genai_config.json", "tokenizer.json", "chat_template.jinja", "task.json"} <= {p.name for p in out.iterdir()}
+    assert {"model.onnx", "genai_config.json", "tokenizer.json", "chat_template.jinja", "task.json"} <= {
+        p.name for p in out.iterdir()
+    }
     report = json.loads((out / "check.json").read_text())
     assert report["prompts"] == 16 and report["greedy_exact"] == 1.0 and report["token_agreement"] == 1.0
     assert report["chat_prompt_ids_equal"] == 1.0  # onnxruntime-genai's template + tokenizer = transformers'
@@ -67,8 +93,21 @@ def test_int4_export_stays_close_and_chats_with_the_fine_tuned_behaviour(transla
 def test_int8_and_builder_options_reach_the_builder(translator, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     out = tmp_path / "int8"
-    assert run_cli("export", "onnx", translator, "--output", out, "--precision", "int8", "--builder-option",
-                   "block_size=16", "--check") == 0
+    assert (
+        run_cli(
+            "export",
+            "onnx",
+            translator,
+            "--output",
+            out,
+            "--precision",
+            "int8",
+            "--builder-option",
+            "block_size=16",
+            "--check",
+        )
+        == 0
+    )
     assert json.loads((out / "phitune_export.json").read_text())["builder_options"] == {"block_size": "16"}
     report = json.loads((out / "check.json").read_text())
     assert report["greedy_exact"] >= 0.9 and abs(report["perplexity_change"]) < 0.01, report
@@ -118,10 +157,28 @@ def two_adapters(tiny_phi3, tmp_path_factory):
     os.chdir(REPO)
     try:
         for name in ("translation", "chatbot"):
-            assert run_cli("train", REPO / "examples" / name / "config.yaml", "--set", f"model.name_or_path={tiny_phi3}",
-                           "--set", f"output_dir={root / name}", "--set", "training.precision=fp32",
-                           "--set", "method.target_modules=all-linear", "--set", "training.eval_every=1000", *TOY_EXAMPLE_FLAGS,
-                           "--set", "training.batch_size=16", "--max-steps", "200" if name == "translation" else "80") == 0
+            assert (
+                run_cli(
+                    "train",
+                    REPO / "examples" / name / "config.yaml",
+                    "--set",
+                    f"model.name_or_path={tiny_phi3}",
+                    "--set",
+                    f"output_dir={root / name}",
+                    "--set",
+                    "training.precision=fp32",
+                    "--set",
+                    "method.target_modules=all-linear",
+                    "--set",
+                    "training.eval_every=1000",
+                    *TOY_EXAMPLE_FLAGS,
+                    "--set",
+                    "training.batch_size=16",
+                    "--max-steps",
+                    "200" if name == "translation" else "80",
+                )
+                == 0
+            )
     finally:
         os.chdir(cwd)
     return root / "translation", root / "chatbot"
@@ -135,15 +192,34 @@ def test_multi_lora_adapters_change_outputs_exactly_as_in_pytorch(two_adapters, 
 
     fr, chat = two_adapters
     out = tmp_path / "multi"
-    assert run_cli("export", "onnx", tiny_phi3, "--output", out, "--precision", "fp32",
-                   "--adapter", f"fr={fr}", "--adapter", f"chat={chat}") == 0
+    assert (
+        run_cli(
+            "export",
+            "onnx",
+            tiny_phi3,
+            "--output",
+            out,
+            "--precision",
+            "fp32",
+            "--adapter",
+            f"fr={fr}",
+            "--adapter",
+            f"chat={chat}",
+        )
+        == 0
+    )
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["chat.onnx_adapter", "fr.onnx_adapter"]
     onnx = OnnxBackend(str(out))
     for name in ("fr", "chat"):
         onnx.load_adapter(str(out / "adapters" / f"{name}.onnx_adapter"), name)
-    prompts = [[{"role": "user", "content": "Translate from English to French.\n\nThe milk is good."}],
-               [{"role": "system", "content": "You take orders at PhiCafe."}, {"role": "user", "content": "Can I have a latte?"}],
-               [{"role": "user", "content": "Hello there"}]]
+    prompts = [
+        [{"role": "user", "content": "Translate from English to French.\n\nThe milk is good."}],
+        [
+            {"role": "system", "content": "You take orders at PhiCafe."},
+            {"role": "user", "content": "Can I have a latte?"},
+        ],
+        [{"role": "user", "content": "Hello there"}],
+    ]
     seen = {}
     # Interleaved on one loaded model: the adapter switches per request.
     for name, source in (("fr", fr), ("chat", chat), (None, tiny_phi3), ("fr", fr)):
@@ -154,7 +230,11 @@ def test_multi_lora_adapters_change_outputs_exactly_as_in_pytorch(two_adapters, 
             got = list(onnx.generate_ids(ids, max_new_tokens=16, adapter=name))
             assert got == ref, (name, messages)
             seen[(name, messages[-1]["content"])] = got
-    assert seen[("fr", "Can I have a latte?")] != seen[("chat", "Can I have a latte?")] != seen[(None, "Can I have a latte?")]
+    assert (
+        seen[("fr", "Can I have a latte?")]
+        != seen[("chat", "Can I have a latte?")]
+        != seen[(None, "Can I have a latte?")]
+    )
     run = _chat(out, "--adapter", "chat", "--system", "You take orders at PhiCafe.", stdin="Can I have a latte?\n")
     assert run.returncode == 0 and run.stdout.strip() == "One latte, coming up. Anything else?", run.stderr
 
@@ -162,13 +242,43 @@ def test_multi_lora_adapters_change_outputs_exactly_as_in_pytorch(two_adapters, 
 def test_multi_lora_refusals(translator, tiny_phi3, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     fr = tmp_path / "fr"  # any adapter on the linear layers: the refusals come before its weights matter
-    assert run_cli("train", REPO / "examples" / "translation" / "config.yaml", "--set", f"model.name_or_path={tiny_phi3}",
-                   "--set", f"output_dir={fr}", "--set", "method.target_modules=all-linear", "--max-steps", "2") == 0
-    assert run_cli("export", "onnx", tiny_phi3, "--output", tmp_path / "a", "--adapter", f"fr={fr}") == 2  # int4 default
+    assert (
+        run_cli(
+            "train",
+            REPO / "examples" / "translation" / "config.yaml",
+            "--set",
+            f"model.name_or_path={tiny_phi3}",
+            "--set",
+            f"output_dir={fr}",
+            "--set",
+            "method.target_modules=all-linear",
+            "--max-steps",
+            "2",
+        )
+        == 0
+    )
+    assert (
+        run_cli("export", "onnx", tiny_phi3, "--output", tmp_path / "a", "--adapter", f"fr={fr}") == 2
+    )  # int4 default
     assert "quantize the LoRA weights" in capsys.readouterr().err
-    assert run_cli("export", "onnx", tiny_phi3, "--output", tmp_path / "b", "--precision", "fp32",
-                   "--adapter", f"fr={translator}") == 2
+    assert (
+        run_cli(
+            "export",
+            "onnx",
+            tiny_phi3,
+            "--output",
+            tmp_path / "b",
+            "--precision",
+            "fp32",
+            "--adapter",
+            f"fr={translator}",
+        )
+        == 2
+    )
     assert "targets lm_head" in capsys.readouterr().err
-    assert run_cli("export", "onnx", tiny_phi3, "--output", tmp_path / "c", "--precision", "fp32", "--adapter", str(fr)) == 2
+    assert (
+        run_cli("export", "onnx", tiny_phi3, "--output", tmp_path / "c", "--precision", "fp32", "--adapter", str(fr))
+        == 2
+    )
     assert "NAME=PATH" in capsys.readouterr().err
     assert not any((tmp_path / n).exists() for n in "abc")

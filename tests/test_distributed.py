@@ -28,21 +28,39 @@ STRATEGIES = {
 
 
 def _config(path, model, data, val, out, **training):
-    cfg = {"model": str(model),
-           "method": {"name": "lora", "dropout": 0.0, "target_modules": ["all-linear", "lm_head"]},
-           "data": {"train": str(data), "validation": str(val), "max_length": 256},
-           # Accumulation, evaluation and checkpoints all take part; 64 examples / 8 = 8 steps an epoch.
-           "training": {"max_steps": 12, "batch_size": 8, "gradient_accumulation_steps": 2, "learning_rate": 3e-3,
-                        "log_every": 1, "eval_every": 4, "save_every": 4, "precision": "fp32", "seed": 3, **training},
-           "output_dir": str(out)}
+    cfg = {
+        "model": str(model),
+        "method": {"name": "lora", "dropout": 0.0, "target_modules": ["all-linear", "lm_head"]},
+        "data": {"train": str(data), "validation": str(val), "max_length": 256},
+        # Accumulation, evaluation and checkpoints all take part; 64 examples / 8 = 8 steps an epoch.
+        "training": {
+            "max_steps": 12,
+            "batch_size": 8,
+            "gradient_accumulation_steps": 2,
+            "learning_rate": 3e-3,
+            "log_every": 1,
+            "eval_every": 4,
+            "save_every": 4,
+            "precision": "fp32",
+            "seed": 3,
+            **training,
+        },
+        "output_dir": str(out),
+    }
     path.write_text(json.dumps(cfg))
     return path
 
 
 def _phitune(*args, **popen):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "phitune", *map(str, args)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "phitune", *map(str, args)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def _run(*args) -> None:
@@ -52,7 +70,11 @@ def _run(*args) -> None:
 
 
 def _eval_losses(out):
-    return [json.loads(line)["eval_loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+    return [
+        json.loads(line)["eval_loss"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if "eval_loss" in line
+    ]
 
 
 def _close(a, b, tol=TOL):
@@ -100,8 +122,12 @@ def _check_sharded_adapter(out, reference):
     with torch.no_grad():
         base = AutoModelForCausalLM.from_pretrained(base_dir)
         plain = base(input_ids=ids).logits
-        a = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out / "adapter")(input_ids=ids).logits
-        b = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), reference / "adapter")(input_ids=ids).logits
+        a = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out / "adapter")(
+            input_ids=ids
+        ).logits
+        b = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), reference / "adapter")(
+            input_ids=ids
+        ).logits
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert (a - plain).abs().max() > 1e-2  # the adapter is trained, not zeros
 
@@ -134,12 +160,37 @@ def test_two_machines_over_loopback(single, tmp_path):
     cfg, reference = single
     out = tmp_path / "nodes"
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
-                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
-                               "-m", "phitune", "train", str(cfg), "--set", f"output_dir={out}", *STRATEGIES["zero3"]],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"))
-             for rank in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(rank),
+                "--nproc_per_node",
+                "1",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                "-m",
+                "phitune",
+                "train",
+                str(cfg),
+                "--set",
+                f"output_dir={out}",
+                *STRATEGIES["zero3"],
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
+        for rank in (0, 1)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
@@ -152,8 +203,16 @@ def test_full_fine_tuning_with_sharded_parameters_saves_the_whole_model(strategy
 
     outs = {}
     for name, extra in (("single", []), (strategy, ["--nproc", "2", *STRATEGIES[strategy]])):
-        cfg = _config(tmp_path / f"{name}.json", tiny_phi3, *chat_files, tmp_path / name, max_steps=4, save_every=None,
-                      eval_every=None, learning_rate=1e-3)
+        cfg = _config(
+            tmp_path / f"{name}.json",
+            tiny_phi3,
+            *chat_files,
+            tmp_path / name,
+            max_steps=4,
+            save_every=None,
+            eval_every=None,
+            learning_rate=1e-3,
+        )
         raw = json.loads(cfg.read_text())
         raw["method"] = {"name": "full"}
         cfg.write_text(json.dumps(raw))
@@ -171,19 +230,50 @@ def test_dpo_under_zero3_learns_the_preferences(tiny_phi3, tmp_path, monkeypatch
 
     monkeypatch.chdir(REPO)
     out = tmp_path / "dpo"
-    _run("train", REPO / "examples" / "dpo" / "config.yaml", "--nproc", "2", "--set", f"model.name_or_path={tiny_phi3}",
-         "--set", f"output_dir={out}", "--set", "training.log_every=1", *TOY_EXAMPLE_FLAGS, "--set", "training.batch_size=16",
-         "--set", "method.target_modules=[all-linear,lm_head]", "--max-steps", "20", *STRATEGIES["zero3"])
+    _run(
+        "train",
+        REPO / "examples" / "dpo" / "config.yaml",
+        "--nproc",
+        "2",
+        "--set",
+        f"model.name_or_path={tiny_phi3}",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "training.log_every=1",
+        *TOY_EXAMPLE_FLAGS,
+        "--set",
+        "training.batch_size=16",
+        "--set",
+        "method.target_modules=[all-linear,lm_head]",
+        "--max-steps",
+        "20",
+        *STRATEGIES["zero3"],
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert abs(records[0]["reward_margin"]) < 1e-4
-    assert records[-1]["reward_margin"] > 1.0 and json.loads((out / "run.json").read_text())["eval"]["reward_accuracy"] > 0.8
+    assert (
+        records[-1]["reward_margin"] > 1.0
+        and json.loads((out / "run.json").read_text())["eval"]["reward_accuracy"] > 0.8
+    )
 
 
 def test_offload_runs_and_matches(single, tmp_path):
     cfg, reference = single
     out = tmp_path / "offload"
-    _run("train", cfg, "--nproc", "2", "--set", f"output_dir={out}", *STRATEGIES["zero3"],
-         "--set", "distributed.offload_params=cpu", "--set", "distributed.offload_optimizer=cpu")
+    _run(
+        "train",
+        cfg,
+        "--nproc",
+        "2",
+        "--set",
+        f"output_dir={out}",
+        *STRATEGIES["zero3"],
+        "--set",
+        "distributed.offload_params=cpu",
+        "--set",
+        "distributed.offload_optimizer=cpu",
+    )
     _close(losses(out), losses(reference))
 
 
@@ -204,12 +294,30 @@ def test_task_metric_on_generated_answers_is_the_same_with_sharded_weights(tiny_
 
     monkeypatch.chdir(REPO)
     scores = {}
-    for name, extra in (("single", []), ("zero3", ["--nproc", "2", *STRATEGIES["zero3"]]),
-                        ("fsdp", ["--nproc", "2", *STRATEGIES["fsdp"]])):
+    for name, extra in (
+        ("single", []),
+        ("zero3", ["--nproc", "2", *STRATEGIES["zero3"]]),
+        ("fsdp", ["--nproc", "2", *STRATEGIES["fsdp"]]),
+    ):
         out = tmp_path / name
-        _run("train", REPO / "examples" / "translation" / "config.yaml", "--set", f"model.name_or_path={tiny_phi3}",
-             "--set", f"output_dir={out}", "--set", "training.precision=fp32", "--set", "training.eval_every=10",
-             "--set", "training.eval_generate=13", *TOY_EXAMPLE_FLAGS, "--max-steps", "20", *extra)
+        _run(
+            "train",
+            REPO / "examples" / "translation" / "config.yaml",
+            "--set",
+            f"model.name_or_path={tiny_phi3}",
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            "training.precision=fp32",
+            "--set",
+            "training.eval_every=10",
+            "--set",
+            "training.eval_generate=13",
+            *TOY_EXAMPLE_FLAGS,
+            "--max-steps",
+            "20",
+            *extra,
+        )
         evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_chrf" in line]
         scores[name] = [(r["eval_chrf"], r["eval_bleu"]) for r in evals]
     assert len(scores["single"]) == 2

@@ -26,16 +26,22 @@ def test_missing_model_path(tmp_path, chat_files, capsys):
 def test_unreachable_hub_id(tmp_path, chat_files):
     # In a subprocess: huggingface_hub reads HF_HUB_OFFLINE at import time (online, it retries for ~45 s).
     cfg = write_config(tmp_path / "c.yaml", "nobody-here/no-such-model", chat_files[0], tmp_path / "out")
-    proc = subprocess.run([sys.executable, "-m", "phitune", "train", str(cfg)], capture_output=True, text=True,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "phitune", "train", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model.name_or_path: 'nobody-here/no-such-model' is not a directory here, and the hub" in proc.stderr
     assert "HF_HUB_OFFLINE is set" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_unknown_method_and_bad_hyperparameter(tmp_path, tiny_phi3, chat_files, capsys):
-    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat_files[0], tmp_path / "out", method="lorax",
-                       learning_rate=-1)
+    cfg = write_config(
+        tmp_path / "c.yaml", tiny_phi3, chat_files[0], tmp_path / "out", method="lorax", learning_rate=-1
+    )
     code, err = _run(capsys, "train", cfg)
     assert code == 2
     assert "method.name" in err and "'lorax'" in err
@@ -44,8 +50,10 @@ def test_unknown_method_and_bad_hyperparameter(tmp_path, tiny_phi3, chat_files, 
 
 def test_malformed_dataset_names_file_and_line(tmp_path, tiny_phi3, capsys):
     data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
-                    + "\n{oops\n")
+    data.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+        + "\n{oops\n"
+    )
     cfg = write_config(tmp_path / "c.yaml", tiny_phi3, data, tmp_path / "out")
     code, err = _run(capsys, "train", cfg)
     assert code == 2 and f"{data}:2: invalid JSON" in err
@@ -59,8 +67,13 @@ def test_missing_dataset(tmp_path, tiny_phi3, capsys):
 
 
 def test_wrong_target_module_lists_real_ones(tmp_path, tiny_phi3, chat_files, capsys):
-    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat_files[0], tmp_path / "out",
-                       method={"name": "lora", "target_modules": ["q_proj", "v_proj"]})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_phi3,
+        chat_files[0],
+        tmp_path / "out",
+        method={"name": "lora", "target_modules": ["q_proj", "v_proj"]},
+    )
     code, err = _run(capsys, "train", cfg)
     assert code == 2
     assert "q_proj, v_proj are not a linear layer of this model" in err

@@ -16,8 +16,21 @@ from helpers import REPO, TOY_EXAMPLE_FLAGS, run_cli, write_config
 
 
 def _train_example(name: str, tiny_phi3, out, *extra) -> None:
-    assert run_cli("train", REPO / "examples" / name / "config.yaml", "--set", f"model.name_or_path={tiny_phi3}",
-                   "--set", f"output_dir={out}", "--set", "training.precision=fp32", *TOY_EXAMPLE_FLAGS, *extra) == 0
+    assert (
+        run_cli(
+            "train",
+            REPO / "examples" / name / "config.yaml",
+            "--set",
+            f"model.name_or_path={tiny_phi3}",
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            "training.precision=fp32",
+            *TOY_EXAMPLE_FLAGS,
+            *extra,
+        )
+        == 0
+    )
 
 
 @pytest.mark.parametrize("example,primary", [("classification", "accuracy"), ("translation", "chrf")])
@@ -45,9 +58,23 @@ def test_task_metric_during_training_matches_phitune_eval_of_the_best_checkpoint
     in OUT/best, and `phitune eval OUT/best` scores exactly what training recorded for it."""
     monkeypatch.chdir(REPO)
     run = tmp_path / "run"
-    _train_example("classification", tiny_phi3, run, "--set", "task.head=false", "--set",
-                   "method.target_modules=[all-linear, lm_head]", "--set", "training.keep_best=true",
-                   "--set", "training.eval_every=10", "--set", "training.eval_generate=1000", "--max-steps", "40")
+    _train_example(
+        "classification",
+        tiny_phi3,
+        run,
+        "--set",
+        "task.head=false",
+        "--set",
+        "method.target_modules=[all-linear, lm_head]",
+        "--set",
+        "training.keep_best=true",
+        "--set",
+        "training.eval_every=10",
+        "--set",
+        "training.eval_generate=1000",
+        "--max-steps",
+        "40",
+    )
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval_accuracy" in r]
     assert len(evals) == 4 and all("eval_macro_f1" in r and "eval_valid_label" in r for r in evals)
@@ -88,13 +115,17 @@ def test_leakage_is_counted_in_eval_and_warned_in_training(tiny_phi3, tmp_path, 
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     leaked = rows[:3] + [{"source": rows[3]["source"], "target": "Autre chose."}]
     val.write_text("".join(json.dumps(r) + "\n" for r in leaked + [{"source": "New.", "target": "Nouveau."}]))
-    cfg = write_config(tmp_path / "c.json", tiny_phi3, train, tmp_path / "out", validation=val, max_steps=2, eval_every=2)
+    cfg = write_config(
+        tmp_path / "c.json", tiny_phi3, train, tmp_path / "out", validation=val, max_steps=2, eval_every=2
+    )
     raw = json.loads(cfg.read_text())
     raw["task"] = {"name": "translation", "source_language": "English", "target_language": "French"}
     cfg.write_text(json.dumps(raw))
     with caplog.at_level("WARNING", logger="phitune"):
         assert run_cli("train", cfg) == 0
-    assert any("leakage: 3 of 5 eval examples" in r.message and "1 more share their input" in r.message for r in caplog.records)
+    assert any(
+        "leakage: 3 of 5 eval examples" in r.message and "1 more share their input" in r.message for r in caplog.records
+    )
     assert json.loads((tmp_path / "out" / "run.json").read_text())["leakage"]["exact"] == 3
     assert run_cli("eval", tmp_path / "out", "--output", tmp_path / "ev") == 0
     leak = json.loads((tmp_path / "ev" / "metrics.json").read_text())["leakage"]
@@ -108,8 +139,11 @@ def test_multiple_choice_by_log_likelihood(tiny_phi3, tmp_path):
     rows = [
         {"question": "What colour is milk?", "choices": ["white", "black", "green"], "answer": 0},
         {"question": "Is coffee hot?", "choices": ["yes", "no"], "answer": "no"},
-        {"question": "Pick the fruit.", "mc1_targets": {"choices": ["apple", "stone"], "labels": [1, 0]},
-         "mc2_targets": {"choices": ["apple", "pear", "stone"], "labels": [1, 1, 0]}},
+        {
+            "question": "Pick the fruit.",
+            "mc1_targets": {"choices": ["apple", "stone"], "labels": [1, 0]},
+            "mc2_targets": {"choices": ["apple", "pear", "stone"], "labels": [1, 1, 0]},
+        },
     ]
     data = tmp_path / "mc.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -152,15 +186,31 @@ def test_bad_eval_input_gives_one_line_errors(tiny_phi3, tmp_path, capsys):
 @pytest.mark.slow  # 20-60 s on 2 cores: in the slow tier, to keep the default suite within budget
 def test_harness_bridge_runs_a_local_task_or_says_how_to_install(tiny_phi3, tmp_path, monkeypatch, capsys):
     data = tmp_path / "cafe.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"question": "What colour is milk?", "choices": ["white", "black"], "answer": 0},
-        {"question": "Is tea a drink?", "choices": ["yes", "no"], "answer": 0}]))
+    data.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"question": "What colour is milk?", "choices": ["white", "black"], "answer": 0},
+                {"question": "Is tea a drink?", "choices": ["yes", "no"], "answer": 0},
+            ]
+        )
+    )
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "cafe.yaml").write_text(
         f"task: cafe_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
-        "output_type: multiple_choice\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_choice: \"{{choices}}\"\n"
-        "doc_to_target: \"{{answer}}\"\nmetric_list:\n  - metric: acc\n")
-    args = ("eval", tiny_phi3, "--harness", "cafe_mc", "--harness-include", tmp_path / "tasks", "--output", tmp_path / "h")
+        'output_type: multiple_choice\ndoc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n'
+    )
+    args = (
+        "eval",
+        tiny_phi3,
+        "--harness",
+        "cafe_mc",
+        "--harness-include",
+        tmp_path / "tasks",
+        "--output",
+        tmp_path / "h",
+    )
     try:
         import lm_eval  # noqa: F401
     except ImportError:
@@ -176,8 +226,16 @@ def test_harness_bridge_runs_a_local_task_or_says_how_to_install(tiny_phi3, tmp_
     assert "pip install 'phitune[harness]'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("answer,expected", [("Positive.", "positive"), (" NEGATIVE ", "negative"),
-                                             ("neutral!", "neutral"), ("positive-ish", "positive-ish"), ("", "")])
+@pytest.mark.parametrize(
+    "answer,expected",
+    [
+        ("Positive.", "positive"),
+        (" NEGATIVE ", "negative"),
+        ("neutral!", "neutral"),
+        ("positive-ish", "positive-ish"),
+        ("", ""),
+    ],
+)
 def test_generated_labels_are_matched_leniently(answer, expected):
     assert scoring.canonical_label(answer, ["negative", "neutral", "positive"]) == expected
 
@@ -202,7 +260,9 @@ def test_scored_names_are_what_score_returns(task):
 
 def test_best_metric_errors(tiny_phi3, chat_files, tmp_path, capsys):
     train, val = chat_files
-    cfg = write_config(tmp_path / "c.json", tiny_phi3, train, tmp_path / "out", validation=val, max_steps=2, eval_every=1)
+    cfg = write_config(
+        tmp_path / "c.json", tiny_phi3, train, tmp_path / "out", validation=val, max_steps=2, eval_every=1
+    )
     assert run_cli("train", cfg, "--set", "training.best_metric=acuracy") == 2
     assert "did you mean 'accuracy'?" in capsys.readouterr().err
     # A chat run without a task scores no accuracy: refused before the first step.
@@ -227,8 +287,19 @@ def test_raw_text_template_runs_are_asked_their_raw_prompt(tiny_phi3, tmp_path, 
     """data.format template (no chat template): eval answers the raw "### Text: ...\\n### Tone:" prompt."""
     monkeypatch.chdir(REPO)
     run = tmp_path / "tpl"
-    assert run_cli("train", REPO / "examples" / "classification" / "template.yaml", "--set",
-                   f"model.name_or_path={tiny_phi3}", "--set", f"output_dir={run}", "--max-steps", "5") == 0
+    assert (
+        run_cli(
+            "train",
+            REPO / "examples" / "classification" / "template.yaml",
+            "--set",
+            f"model.name_or_path={tiny_phi3}",
+            "--set",
+            f"output_dir={run}",
+            "--max-steps",
+            "5",
+        )
+        == 0
+    )
     assert run_cli("eval", run, "--task", "none", "--limit", "4") == 0
     predictions = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert predictions == []  # task none: loss-based metrics only
@@ -237,7 +308,11 @@ def test_raw_text_template_runs_are_asked_their_raw_prompt(tiny_phi3, tmp_path, 
     assert run_cli("eval", run, "--task", "chat", "--limit", "4") == 0
     predictions = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 4 and predictions[0]["prompt"].startswith("### Text: ")
-    assert predictions[0]["prompt"].endswith("### Tone: ") and predictions[0]["reference"] in ("negative", "neutral", "positive")
+    assert predictions[0]["prompt"].endswith("### Tone: ") and predictions[0]["reference"] in (
+        "negative",
+        "neutral",
+        "positive",
+    )
 
 
 def test_live_progress_shows_whatever_eval_metrics_a_run_has(monkeypatch):

@@ -61,12 +61,27 @@ def _generated_data(name: str, tmp_path, request) -> list[str]:
         pair = folder.removeprefix("dictionary-")
         if not Path(f"/usr/share/dictd/freedict-{pair}.index").is_file():
             pytest.skip(f"needs Debian's dict-freedict-{pair} (apt-get install dict-freedict-{pair})")
-        command = ["make_dictionary_data.py", "--pair", pair, "--tokenizer", str(request.getfixturevalue("real_model")),
-                   "--train", "320", "--val", "32"]
-    subprocess.run([sys.executable, str(REPO / "examples" / command[0]), *command[1:], "--output", str(tmp_path / "data")],
-                   check=True)
-    return ["--set", f"data.train={tmp_path / 'data' / 'train.jsonl'}",
-            "--set", f"data.validation={tmp_path / 'data' / 'val.jsonl'}"]
+        command = [
+            "make_dictionary_data.py",
+            "--pair",
+            pair,
+            "--tokenizer",
+            str(request.getfixturevalue("real_model")),
+            "--train",
+            "320",
+            "--val",
+            "32",
+        ]
+    subprocess.run(
+        [sys.executable, str(REPO / "examples" / command[0]), *command[1:], "--output", str(tmp_path / "data")],
+        check=True,
+    )
+    return [
+        "--set",
+        f"data.train={tmp_path / 'data' / 'train.jsonl'}",
+        "--set",
+        f"data.validation={tmp_path / 'data' / 'val.jsonl'}",
+    ]
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -74,8 +89,23 @@ def test_scenario_example_trains(name, tiny_phi3, tmp_path, monkeypatch, request
     monkeypatch.chdir(REPO)
     out = tmp_path / "out"
     generated = _generated_data(name, tmp_path, request)
-    assert run_cli("train", REPO / "examples" / name, "--set", f"model.name_or_path={tiny_phi3}", *generated,
-                   "--set", f"output_dir={out}", "--set", "training.log_every=1", *TOY_EXAMPLE_FLAGS, "--max-steps", "20") == 0
+    assert (
+        run_cli(
+            "train",
+            REPO / "examples" / name,
+            "--set",
+            f"model.name_or_path={tiny_phi3}",
+            *generated,
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            "training.log_every=1",
+            *TOY_EXAMPLE_FLAGS,
+            "--max-steps",
+            "20",
+        )
+        == 0
+    )
     trace = losses(out)
     assert len(trace) == 20 and sum(trace[-3:]) / 3 < trace[0]
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "task.json").is_file()

@@ -17,8 +17,15 @@ ONE_LINE = 1  # an error is one line on stderr
 
 
 def _phitune(*args, cwd=None, env=None, timeout=60):
-    proc = subprocess.run([sys.executable, "-m", "phitune", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, **(env or {})}, timeout=timeout, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, "-m", "phitune", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
 
@@ -45,19 +52,27 @@ def test_an_error_inside_generation_ends_the_stream(tiny_phi3):
     assert isinstance(outcome[0], PhituneError) and "generation failed" in str(outcome[0])
 
 
-@pytest.mark.parametrize("args", [("generate", "M", "--prompt", "hi", "--max-new-tokens", "0"),
-                                  ("generate", "M", "--prompt", "hi", "--max-new-tokens", "-3"),
-                                  ("chat", "M", "--max-new-tokens", "0"), ("chat", "M", "--temperature", "-1"),
-                                  ("generate", "M", "--prompt", "hi", "--temperature", "nan"),
-                                  ("eval", "M", "--data", "x.jsonl", "--limit", "0")])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("generate", "M", "--prompt", "hi", "--max-new-tokens", "0"),
+        ("generate", "M", "--prompt", "hi", "--max-new-tokens", "-3"),
+        ("chat", "M", "--max-new-tokens", "0"),
+        ("chat", "M", "--temperature", "-1"),
+        ("generate", "M", "--prompt", "hi", "--temperature", "nan"),
+        ("eval", "M", "--data", "x.jsonl", "--limit", "0"),
+    ],
+)
 def test_nonsense_options_are_refused_in_one_line(tiny_phi3, args):
     proc = _phitune(*[str(tiny_phi3) if a == "M" else a for a in args], timeout=30)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == ONE_LINE and "must be" in lines[0], proc.stderr
 
 
-@pytest.mark.parametrize("path,suggested", [("models/does-not-exist", None), ("./models/does-not-exist", None),
-                                            ("runs/lora-suport", "runs/lora-support")])
+@pytest.mark.parametrize(
+    "path,suggested",
+    [("models/does-not-exist", None), ("./models/does-not-exist", None), ("runs/lora-suport", "runs/lora-support")],
+)
 def test_a_typo_in_a_model_path_is_answered_at_once(tmp_path, path, suggested):
     (tmp_path / "models" / "tiny-phi3").mkdir(parents=True)
     (tmp_path / "runs" / "lora-support").mkdir(parents=True)
@@ -86,8 +101,20 @@ def test_a_missing_csv_column_is_one_error_with_the_mapping(tmp_path, capsys):
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "review, sentiment" in errors[0], out
     assert "task.fields: {text: review, label: sentiment}" in errors[0]
-    assert run_cli("data", "validate", data, "--task", "classification", "--set", "task.fields.text=review",
-                   "--set", "task.fields.label=sentiment") == 0
+    assert (
+        run_cli(
+            "data",
+            "validate",
+            data,
+            "--task",
+            "classification",
+            "--set",
+            "task.fields.text=review",
+            "--set",
+            "task.fields.label=sentiment",
+        )
+        == 0
+    )
     assert "39 examples, 0 error(s)" in capsys.readouterr().out
 
 
@@ -111,8 +138,11 @@ def test_errors_name_the_flag_a_value_came_from(tiny_phi3, chat_files, tmp_path,
     err = capsys.readouterr().err
     assert "--set training.learning_rate=-1: training.learning_rate" in err and "--method lorra: method.name" in err
     assert f"{cfg}:" not in err.split("\n", 1)[1]  # no line of the file is blamed
-    for flag, hint in (("--lr", "--set training.learning_rate=VALUE"), ("--max-stepz", "did you mean --max-steps?"),
-                       ("--batch-size", "--set training.batch_size=VALUE")):
+    for flag, hint in (
+        ("--lr", "--set training.learning_rate=VALUE"),
+        ("--max-stepz", "did you mean --max-steps?"),
+        ("--batch-size", "--set training.batch_size=VALUE"),
+    ):
         proc = _phitune("train", cfg, flag, "3")
         assert proc.returncode == 2 and hint in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 

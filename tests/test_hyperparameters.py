@@ -23,30 +23,35 @@ def test_batch_size_is_a_multiple_of_processes_times_accumulation():
     assert auto.auto_batch_size(300, multiple=3) == 9 and auto.auto_batch_size(300, multiple=8) == 8
 
 
-@pytest.mark.parametrize("examples, tokens, batch, epochs", [
-    (300, None, 8, 3.0),           # the usual three passes
-    (20, None, 4, 10.0),           # tiny: ~60 steps would need 12 epochs; at most 10
-    (100, None, 4, 3.0),
-    (20000, None, 32, 1.25),       # past 25,000 examples seen: fewer passes
-    (200000, None, 32, 1.0),       # never below one
-    (5000, 10_000_000, 32, 2.0),   # 20M tokens seen is enough
-])
+@pytest.mark.parametrize(
+    "examples, tokens, batch, epochs",
+    [
+        (300, None, 8, 3.0),  # the usual three passes
+        (20, None, 4, 10.0),  # tiny: ~60 steps would need 12 epochs; at most 10
+        (100, None, 4, 3.0),
+        (20000, None, 32, 1.25),  # past 25,000 examples seen: fewer passes
+        (200000, None, 32, 1.0),  # never below one
+        (5000, 10_000_000, 32, 2.0),  # 20M tokens seen is enough
+    ],
+)
 def test_epochs(examples, tokens, batch, epochs):
     assert auto.auto_epochs(examples, tokens, batch) == epochs
 
 
 def test_learning_rate_falls_with_width_and_follows_the_method():
-    assert auto.auto_learning_rate(576, "lora", "sft") == 1e-3        # SmolLM2-135M, where it was measured
-    assert auto.auto_learning_rate(3072, "qlora", "sft") == 1.9e-4    # Phi-3-mini: the usual hand-set 2e-4
+    assert auto.auto_learning_rate(576, "lora", "sft") == 1e-3  # SmolLM2-135M, where it was measured
+    assert auto.auto_learning_rate(3072, "qlora", "sft") == 1.9e-4  # Phi-3-mini: the usual hand-set 2e-4
     assert auto.auto_learning_rate(3072, "full", "sft") == 1.9e-5
     assert auto.auto_learning_rate(3072, "lora", "dpo") == 1.9e-5
-    assert auto.auto_learning_rate(64, "lora", "sft") == 2e-3         # clipped for toy widths
+    assert auto.auto_learning_rate(64, "lora", "sft") == 2e-3  # clipped for toy widths
     assert auto.auto_learning_rate(64, "prompt_tuning", "sft") == 2e-2
     assert auto.auto_learning_rate(None, "lora", "sft") == 1e-3
 
 
 def test_the_config_defaults_to_auto_and_max_steps_overrides_auto_epochs(tmp_path):
-    (tmp_path / "t.jsonl").write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
+    (tmp_path / "t.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+    )
     base = {"model": str(tmp_path), "data": str(tmp_path / "t.jsonl")}
     t = parse_config(base).training
     assert (t.epochs, t.batch_size, t.learning_rate) == ("auto", "auto", "auto")
@@ -56,14 +61,25 @@ def test_the_config_defaults_to_auto_and_max_steps_overrides_auto_epochs(tmp_pat
     assert "set either training.max_steps (5) or training.epochs (2), not both" in "".join(err.value.problems)
     with pytest.raises(PhituneError) as err:  # one line for the key, not one per member of 'auto' | integer
         parse_config(base | {"training": {"batch_size": "big", "learning_rate": -1}})
-    assert err.value.problems == ["config: training.batch_size: input should be 'auto' or a valid integer (got 'big')",
-                                  "config: training.learning_rate: input should be 'auto' or greater than 0 (got -1)"]
+    assert err.value.problems == [
+        "config: training.batch_size: input should be 'auto' or a valid integer (got 'big')",
+        "config: training.learning_rate: input should be 'auto' or greater than 0 (got -1)",
+    ]
 
 
 def test_a_run_with_only_model_data_and_task_uses_and_records_the_auto_choice(tiny_phi3, chat_files, tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"model": str(tiny_phi3), "data": str(chat_files[0]), "task": "chat",
-                                   "training": {"precision": "fp32", "log_every": 100}, "output_dir": str(tmp_path / "out")}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_phi3),
+                "data": str(chat_files[0]),
+                "task": "chat",
+                "training": {"precision": "fp32", "log_every": 100},
+                "output_dir": str(tmp_path / "out"),
+            }
+        )
+    )
     assert run_cli("train", cfg) == 0
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     h = run["hyperparameters"]
@@ -78,8 +94,16 @@ def test_a_run_with_only_model_data_and_task_uses_and_records_the_auto_choice(ti
 
 def test_explicit_values_are_kept_and_nothing_is_recorded_as_auto(tiny_phi3, chat_files, tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"model": str(tiny_phi3), "data": str(chat_files[0]), "output_dir": str(tmp_path / "out"),
-                                   "training": {"max_steps": 2, "batch_size": 8, "learning_rate": 1e-4, "precision": "fp32"}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_phi3),
+                "data": str(chat_files[0]),
+                "output_dir": str(tmp_path / "out"),
+                "training": {"max_steps": 2, "batch_size": 8, "learning_rate": 1e-4, "precision": "fp32"},
+            }
+        )
+    )
     assert run_cli("train", cfg) == 0
     h = json.loads((tmp_path / "out" / "run.json").read_text())["hyperparameters"]
     assert h == {"epochs": None, "batch_size": 8, "learning_rate": 1e-4, "max_steps": 2, "auto": {}}
@@ -88,11 +112,28 @@ def test_explicit_values_are_kept_and_nothing_is_recorded_as_auto(tiny_phi3, cha
 def test_kaito_resolves_auto_from_the_local_rows_and_the_presets_width(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     train = REPO / "examples/data/support_train.jsonl"
-    cfg.write_text(yaml.safe_dump({"model": "microsoft/Phi-3-mini-4k-instruct", "method": "qlora",
-                                   "data": {"train": str(train), "validation_split": 0.1}, "output_dir": str(tmp_path / "r")}))
-    io = ["--input-url", "https://example.com/train.jsonl", "--output-image", "acr.example.io/phi3:1", "--push-secret", "acr"]
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": "microsoft/Phi-3-mini-4k-instruct",
+                "method": "qlora",
+                "data": {"train": str(train), "validation_split": 0.1},
+                "output_dir": str(tmp_path / "r"),
+            }
+        )
+    )
+    io = [
+        "--input-url",
+        "https://example.com/train.jsonl",
+        "--output-image",
+        "acr.example.io/phi3:1",
+        "--push-secret",
+        "acr",
+    ]
     assert run_cli("kaito", cfg, "--output", tmp_path / "k", *io) == 0
-    args = yaml.safe_load(yaml.safe_load((tmp_path / "k" / "configmap.yaml").read_text())["data"]["training_config.yaml"])
+    args = yaml.safe_load(
+        yaml.safe_load((tmp_path / "k" / "configmap.yaml").read_text())["data"]["training_config.yaml"]
+    )
     args = args["training_config"]["TrainingArguments"]
     rows = sum(1 for line in train.read_text().splitlines() if line.strip())
     assert args["learning_rate"] == 1.9e-4
@@ -103,9 +144,19 @@ def test_kaito_resolves_auto_from_the_local_rows_and_the_presets_width(tmp_path)
 def test_kaito_names_what_auto_cannot_resolve(tmp_path, capsys):
     cfg, placeholder = tmp_path / "cfg.yaml", tmp_path / "train.jsonl"
     placeholder.write_text("")  # the data KAITO reads is at --input-url; nothing here to count
-    cfg.write_text(yaml.safe_dump({"model": "microsoft/Phi-3-mini-4k-instruct", "data": str(placeholder),
-                                   "output_dir": str(tmp_path / "r")}))
-    io = ["--input-url", "https://example.com/train.jsonl", "--output-image", "acr.example.io/phi3:1", "--push-secret", "acr"]
+    cfg.write_text(
+        yaml.safe_dump(
+            {"model": "microsoft/Phi-3-mini-4k-instruct", "data": str(placeholder), "output_dir": str(tmp_path / "r")}
+        )
+    )
+    io = [
+        "--input-url",
+        "https://example.com/train.jsonl",
+        "--output-image",
+        "acr.example.io/phi3:1",
+        "--push-secret",
+        "acr",
+    ]
     assert run_cli("kaito", cfg, "--output", tmp_path / "k", *io) == 2
     err = capsys.readouterr().err
     assert "training.batch_size / training.epochs: auto counts the examples of data.train" in err and "set both" in err

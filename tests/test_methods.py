@@ -25,8 +25,18 @@ TARGET = {"full": 0.5, "lora": 0.55, "dora": 0.7, "qlora": 0.55, "ia3": 0.65, "p
 def test_loss_falls(name, tmp_path, tiny_phi3, chat_files):
     method, lr = METHODS[name]
     out = tmp_path / "out"
-    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat_files[0], out, method=method, validation=chat_files[1],
-                       max_steps=40, learning_rate=lr, eval_every=20, lr_scheduler="constant")
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_phi3,
+        chat_files[0],
+        out,
+        method=method,
+        validation=chat_files[1],
+        max_steps=40,
+        learning_rate=lr,
+        eval_every=20,
+        lr_scheduler="constant",
+    )
     assert run_cli("train", cfg) == 0
     trace = losses(out)
     assert len(trace) == 40

@@ -26,7 +26,9 @@ def test_logits_do_not_change_when_another_example_is_packed_beside_it(tiny_phi3
         alone = model(input_ids=torch.tensor([a.input_ids])).logits[0]
         batch = collate([packed], pad_id=0)
         assert "attention_mask" not in batch
-        together = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0, 33:53]
+        together = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[
+            0, 33:53
+        ]
         # The control: the same row without restarting positions lets `a` see `b`.
         leaky = model(input_ids=batch["input_ids"], attention_mask=torch.ones_like(batch["input_ids"])).logits[0, 33:53]
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)

@@ -37,8 +37,13 @@ def demo(real_model, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def base_loss(real_model) -> float:
     model, tokenizer = load_for_inference(str(real_model))
-    return lm_metrics(model, tokenize_file(tokenizer, str(DEMO_VAL), 512).examples, batch_size=16,
-                      pad_id=tokenizer.pad_token_id, device=model.device)["loss"]
+    return lm_metrics(
+        model,
+        tokenize_file(tokenizer, str(DEMO_VAL), 512).examples,
+        batch_size=16,
+        pad_id=tokenizer.pad_token_id,
+        device=model.device,
+    )["loss"]
 
 
 def _exact(model, tokenizer) -> float:
@@ -77,8 +82,9 @@ def test_merge_equals_base_plus_adapter(demo, tmp_path):
     batch = _val_batch(tokenizer)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     real = batch["attention_mask"].bool()
-    torch.testing.assert_close(logits(merged, batch)[real], logits(load_for_inference(str(run))[0], batch)[real],
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        logits(merged, batch)[real], logits(load_for_inference(str(run))[0], batch)[real], atol=1e-4, rtol=1e-4
+    )
     assert _exact(merged, tokenizer) >= 0.9
 
 
@@ -94,9 +100,19 @@ def test_onnx_fp32_export_matches_pytorch(demo, tmp_path):
 def test_qlora_teaches_the_real_model_and_merges_as_trained(real_model, base_loss, tmp_path):
     pytest.importorskip("bitsandbytes")
     run = tmp_path / "out"
-    cfg = write_config(tmp_path / "c.yaml", real_model, DEMO_TRAIN, run, method=LORA | {"name": "qlora"},
-                       validation=DEMO_VAL, max_steps=24, warmup_steps=2, lr_scheduler="cosine", precision="auto",
-                       eval_every=24)
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        real_model,
+        DEMO_TRAIN,
+        run,
+        method=LORA | {"name": "qlora"},
+        validation=DEMO_VAL,
+        max_steps=24,
+        warmup_steps=2,
+        lr_scheduler="cosine",
+        precision="auto",
+        eval_every=24,
+    )
     assert run_cli("train", cfg) == 0
     after = json.loads((run / "run.json").read_text())["eval"]["loss"]
     assert after <= base_loss / 2, (base_loss, after)
@@ -117,9 +133,19 @@ def test_qlora_teaches_the_real_model_and_merges_as_trained(real_model, base_los
 
 def test_dpo_moves_the_preference_margin(real_model, tmp_path):
     data = REPO / "examples" / "dpo"
-    cfg = write_config(tmp_path / "c.yaml", real_model, data / "train.jsonl", tmp_path / "out",
-                       method=LORA | {"objective": "dpo", "beta": 0.1}, validation=data / "val.jsonl", max_steps=8,
-                       learning_rate=1e-3, warmup_steps=2, precision="auto", eval_every=8)
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        real_model,
+        data / "train.jsonl",
+        tmp_path / "out",
+        method=LORA | {"objective": "dpo", "beta": 0.1},
+        validation=data / "val.jsonl",
+        max_steps=8,
+        learning_rate=1e-3,
+        warmup_steps=2,
+        precision="auto",
+        eval_every=8,
+    )
     assert run_cli("train", cfg) == 0
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     # Step 1 is the reference itself: no margin yet.
@@ -137,13 +163,21 @@ def test_a_service_job_on_the_real_model_through_the_openai_sdk(real_model, tmp_
     try:
         c = server.client()
         f = c.files.create(file=rows.open("rb"), purpose="fine-tune")
-        job = c.fine_tuning.jobs.create(model="smollm2", training_file=f.id, suffix="cafe", method={
-            "type": "supervised", "supervised": {"hyperparameters": {
-                "n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 2}}})  # 2 x auto's 1e-3: 12 steps suffice
+        job = c.fine_tuning.jobs.create(
+            model="smollm2",
+            training_file=f.id,
+            suffix="cafe",
+            method={
+                "type": "supervised",
+                "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 2}},
+            },
+        )  # 2 x auto's 1e-3: 12 steps suffice
         job = wait_for_job(c, job.id)
         assert job.status == "succeeded", job.error
         assert job.trained_tokens > 0 and job.hyperparameters.batch_size == 8
-        steps = sorted(e.data["step"] for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data if e.type == "metrics")
+        steps = sorted(
+            e.data["step"] for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data if e.type == "metrics"
+        )
         assert steps == list(range(1, 13))
         ask = [{"role": "user", "content": "Hello! what is the wifi password?"}]
         tuned = c.chat.completions.create(model=job.fine_tuned_model, messages=ask, temperature=0, max_tokens=32)
@@ -151,4 +185,3 @@ def test_a_service_job_on_the_real_model_through_the_openai_sdk(real_model, tmp_
         assert "PhiCafe" in tuned.choices[0].message.content and "PhiCafe" not in base.choices[0].message.content
     finally:
         server.stop()
-

@@ -20,8 +20,15 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_phi3, chat_
     runs = {}
     for gc in (False, True):
         out = tmp_path / f"gc-{gc}"
-        cfg = write_config(tmp_path / f"{gc}.yaml", tiny_phi3, chat_files[0], out, method={"name": "lora", "dropout": 0.0},
-                           max_steps=5, gradient_checkpointing=gc)
+        cfg = write_config(
+            tmp_path / f"{gc}.yaml",
+            tiny_phi3,
+            chat_files[0],
+            out,
+            method={"name": "lora", "dropout": 0.0},
+            max_steps=5,
+            gradient_checkpointing=gc,
+        )
         assert run_cli("train", cfg) == 0
         runs[gc] = losses(out)
     assert runs[True] == pytest.approx(runs[False], abs=1e-5)
@@ -32,8 +39,16 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_phi3, chat_f
     runs = {}
     for accum in (1, 4):
         out = tmp_path / f"acc-{accum}"
-        cfg = write_config(tmp_path / f"{accum}.yaml", tiny_phi3, chat_files[0], out, method={"name": "lora", "dropout": 0.0},
-                           max_steps=5, batch_size=8, gradient_accumulation_steps=accum)
+        cfg = write_config(
+            tmp_path / f"{accum}.yaml",
+            tiny_phi3,
+            chat_files[0],
+            out,
+            method={"name": "lora", "dropout": 0.0},
+            max_steps=5,
+            batch_size=8,
+            gradient_accumulation_steps=accum,
+        )
         assert run_cli("train", cfg) == 0
         runs[accum] = losses(out)
     assert runs[4] == pytest.approx(runs[1], abs=1e-5)
@@ -41,9 +56,17 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_phi3, chat_f
 
 def test_bf16_autocast_on_cpu_trains(tmp_path, tiny_phi3, chat_files):
     out = tmp_path / "bf16"
-    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat_files[0], out,
-                       method={"name": "lora", "target_modules": ["all-linear", "lm_head"]},
-                       max_steps=30, learning_rate=3e-3, precision="bf16", lr_scheduler="constant")
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_phi3,
+        chat_files[0],
+        out,
+        method={"name": "lora", "target_modules": ["all-linear", "lm_head"]},
+        max_steps=30,
+        learning_rate=3e-3,
+        precision="bf16",
+        lr_scheduler="constant",
+    )
     assert run_cli("train", cfg) == 0
     trace = losses(out)
     assert sum(trace[-5:]) / 5 < 0.6 * trace[0]
@@ -51,8 +74,9 @@ def test_bf16_autocast_on_cpu_trains(tmp_path, tiny_phi3, chat_files):
 
 def test_epochs_count_whole_passes_and_validation_split(tmp_path, tiny_phi3, chat_files):
     out = tmp_path / "ep"
-    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat_files[0], out, max_steps=None, epochs=2, batch_size=10,
-                       eval_every=100)
+    cfg = write_config(
+        tmp_path / "c.yaml", tiny_phi3, chat_files[0], out, max_steps=None, epochs=2, batch_size=10, eval_every=100
+    )
     raw = json.loads(cfg.read_text())
     raw["data"]["validation_split"] = 0.25
     raw["training"].pop("max_steps")
@@ -67,8 +91,18 @@ def test_epochs_count_whole_passes_and_validation_split(tmp_path, tiny_phi3, cha
 def test_early_stopping_stops_when_eval_loss_stalls(tmp_path, tiny_phi3, chat_files):
     out = tmp_path / "es"
     # A learning rate of zero after warmup cannot improve eval_loss: stop after `patience` evals.
-    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat_files[0], out, validation=chat_files[1], max_steps=50,
-                       learning_rate=1e-9, eval_every=2, early_stopping_patience=2, lr_scheduler="constant")
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_phi3,
+        chat_files[0],
+        out,
+        validation=chat_files[1],
+        max_steps=50,
+        learning_rate=1e-9,
+        eval_every=2,
+        early_stopping_patience=2,
+        lr_scheduler="constant",
+    )
     assert run_cli("train", cfg) == 0
     steps = json.loads((out / "run.json").read_text())["steps"]
     assert steps < 50
@@ -79,8 +113,16 @@ def test_early_stopping_stops_when_eval_loss_stalls(tmp_path, tiny_phi3, chat_fi
 def test_8bit_adamw_from_bitsandbytes(tmp_path, tiny_phi3, chat_files):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "opt"
-    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat_files[0], out, method="full", max_steps=20,
-                       optimizer="adamw_8bit", learning_rate=3e-3)
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_phi3,
+        chat_files[0],
+        out,
+        method="full",
+        max_steps=20,
+        optimizer="adamw_8bit",
+        learning_rate=3e-3,
+    )
     assert run_cli("train", cfg) == 0
     trace = losses(out)
     assert sum(trace[-3:]) / 3 < 0.8 * trace[0]
@@ -94,14 +136,25 @@ def test_tensorboard_events_when_installed(tmp_path, tiny_phi3, chat_files):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
-@pytest.mark.parametrize("kind,expected", [
-    ("linear", [1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]),
-    ("cosine", [1 / 3, 2 / 3, 1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2, 0.0, 0.0]),
-    ("constant", [1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
-])
+@pytest.mark.parametrize(
+    "kind,expected",
+    [
+        ("linear", [1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]),
+        (
+            "cosine",
+            [1 / 3, 2 / 3, 1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2, 0.0, 0.0],
+        ),
+        ("constant", [1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ],
+)
 def test_schedules_with_warmup(tmp_path, kind, expected, chat_files):
-    cfg = parse_config({"model": str(tmp_path), "data": str(chat_files[0]),
-                        "training": {"warmup_steps": 2, "lr_scheduler": kind, "learning_rate": 1.0}})
+    cfg = parse_config(
+        {
+            "model": str(tmp_path),
+            "data": str(chat_files[0]),
+            "training": {"warmup_steps": 2, "lr_scheduler": kind, "learning_rate": 1.0},
+        }
+    )
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = build_scheduler(cfg, opt, total_steps=6)
     seen = []

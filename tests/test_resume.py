@@ -16,15 +16,33 @@ from helpers import losses, run_cli, write_config
 def _config(path, model, data, out):
     # Dropout, gradient accumulation and epoch boundaries (64 examples / 8 = 8 steps an epoch) all
     # depend on restored state: RNG, data position and optimizer moments.
-    return write_config(path, model, data, out, method={"name": "lora", "dropout": 0.1}, max_steps=60,
-                        batch_size=8, gradient_accumulation_steps=2, learning_rate=3e-3, lr_scheduler="cosine",
-                        warmup_steps=5, save_every=10, save_total_limit=2, seed=7)
+    return write_config(
+        path,
+        model,
+        data,
+        out,
+        method={"name": "lora", "dropout": 0.1},
+        max_steps=60,
+        batch_size=8,
+        gradient_accumulation_steps=2,
+        learning_rate=3e-3,
+        lr_scheduler="cosine",
+        warmup_steps=5,
+        save_every=10,
+        save_total_limit=2,
+        seed=7,
+    )
 
 
 def _phitune(*args):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "phitune", *map(str, args)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "phitune", *map(str, args)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow  # 20-60 s on 2 cores: in the slow tier, to keep the default suite within budget
@@ -57,7 +75,10 @@ def test_sigkill_and_resume_matches_uninterrupted(tmp_path, tiny_phi3, chat_file
     assert steps == list(range(1, 61))
     for step, (a, b) in enumerate(zip(expected, got), 1):
         assert abs(a - b) < 1e-5, f"step {step}: uninterrupted {a} vs resumed {b}"
-    ref_w, got_w = load_file(reference / "adapter" / "adapter_model.safetensors"), load_file(out / "adapter" / "adapter_model.safetensors")
+    ref_w, got_w = (
+        load_file(reference / "adapter" / "adapter_model.safetensors"),
+        load_file(out / "adapter" / "adapter_model.safetensors"),
+    )
     assert ref_w.keys() == got_w.keys()
     for k in ref_w:
         assert (ref_w[k] - got_w[k]).abs().max() < 1e-5, k

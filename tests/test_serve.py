@@ -22,12 +22,6 @@ pytest.importorskip("fastapi")
 pytestmark = pytest.mark.slow
 
 
-
-
-
-
-
-
 @pytest.fixture(scope="module")
 def server(tiny_phi3, tmp_path_factory):
     s = Server(tmp_path_factory.mktemp("serve"), tiny_phi3).start()
@@ -91,22 +85,27 @@ def train_file(tmp_path_factory):
 FAST = {"phitune": {"training": {"learning_rate": 3e-3}}}
 
 
-
-
-
 def test_fine_tune_end_to_end_with_the_openai_sdk(server, train_file):
     c = server.client()
     f = c.files.create(file=train_file.open("rb"), purpose="fine-tune")
     assert f.status == "processed" and f.filename == "train.jsonl" and f.bytes == train_file.stat().st_size
     assert c.files.content(f.id).content == train_file.read_bytes()
-    job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, suffix="cafe", seed=7, metadata={"team": "a"},
-                                    method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 2}}},
-                                    extra_body=FAST)  # 3 epochs of 20 batches: 60 steps
+    job = c.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=f.id,
+        suffix="cafe",
+        seed=7,
+        metadata={"team": "a"},
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 2}}},
+        extra_body=FAST,
+    )  # 3 epochs of 20 batches: 60 steps
     assert job.status == "validating_files" and job.organization_id == "local"
     job = wait_for_job(c, job.id)
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model == f"ft:tiny:local:cafe:{job.id.split('-')[1][:8]}" and job.trained_tokens > 0
-    assert job.hyperparameters.n_epochs == 3 and job.hyperparameters.batch_size == 2  # as asked (auto: test_hyperparameters)
+    assert (
+        job.hyperparameters.n_epochs == 3 and job.hyperparameters.batch_size == 2
+    )  # as asked (auto: test_hyperparameters)
     # Events: newest first, paged with after=, ids stable and unique, one metrics event per step.
     pages, after = [], None
     while True:
@@ -119,7 +118,9 @@ def test_fine_tune_end_to_end_with_the_openai_sdk(server, train_file):
     assert [e.id for e in events] == [e.id for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data]
     assert events[0].message == "The job has successfully completed" and events[-1].message.startswith("Validating")
     steps = [e.data["step"] for e in events if e.type == "metrics"]
-    assert sorted(steps) == list(range(1, 61)) and all(e.data["train_loss"] is not None for e in events if e.type == "metrics")
+    assert sorted(steps) == list(range(1, 61)) and all(
+        e.data["train_loss"] is not None for e in events if e.type == "metrics"
+    )
     # Checkpoints every 10 steps, newest first, paged.
     checkpoints = list(c.fine_tuning.jobs.checkpoints.list(job.id, limit=2))
     assert [k.step_number for k in checkpoints] == [60, 50, 40, 30, 20, 10]
@@ -131,12 +132,20 @@ def test_fine_tune_end_to_end_with_the_openai_sdk(server, train_file):
     # Chat with the fine-tune, its checkpoint and the base, streamed and not.
     ask = [{"role": "user", "content": "what is the wifi password?"}]
     tuned = c.chat.completions.create(model=job.fine_tuned_model, messages=ask, temperature=0)
-    streamed = "".join(ch.choices[0].delta.content or "" for ch in
-                       c.chat.completions.create(model=job.fine_tuned_model, messages=ask, temperature=0, stream=True))
+    streamed = "".join(
+        ch.choices[0].delta.content or ""
+        for ch in c.chat.completions.create(model=job.fine_tuned_model, messages=ask, temperature=0, stream=True)
+    )
     base = c.chat.completions.create(model="tiny", messages=ask, temperature=0, max_tokens=20)
-    ckpt = c.chat.completions.create(model=checkpoints[-1].fine_tuned_model_checkpoint, messages=ask, temperature=0, max_tokens=20)
-    replies = {m["content"] for line in train_file.read_text().splitlines() for m in json.loads(line)["messages"]
-               if m["role"] == "assistant"}
+    ckpt = c.chat.completions.create(
+        model=checkpoints[-1].fine_tuned_model_checkpoint, messages=ask, temperature=0, max_tokens=20
+    )
+    replies = {
+        m["content"]
+        for line in train_file.read_text().splitlines()
+        for m in json.loads(line)["messages"]
+        if m["role"] == "assistant"
+    }
     assert tuned.choices[0].message.content == streamed.strip() and streamed.strip() in replies  # answers like the bot
     assert base.choices[0].message.content != tuned.choices[0].message.content != ckpt.choices[0].message.content
     assert tuned.usage.prompt_tokens > 0 and tuned.usage.completion_tokens > 0
@@ -144,9 +153,13 @@ def test_fine_tune_end_to_end_with_the_openai_sdk(server, train_file):
     reply = tuned.choices[0].message.content
     word = reply.split()[len(reply.split()) // 2]
     stopped = c.chat.completions.create(model=job.fine_tuned_model, messages=ask, temperature=0, stop=["@@", word])
-    streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
-        model=job.fine_tuned_model, messages=ask, temperature=0, stop=word, stream=True))
-    assert stopped.choices[0].message.content == reply[:reply.index(word)].strip() == streamed.strip()
+    streamed = "".join(
+        ch.choices[0].delta.content or ""
+        for ch in c.chat.completions.create(
+            model=job.fine_tuned_model, messages=ask, temperature=0, stop=word, stream=True
+        )
+    )
+    assert stopped.choices[0].message.content == reply[: reply.index(word)].strip() == streamed.strip()
     assert stopped.choices[0].finish_reason == "stop"
     for bad in ({"stop": ["a", "b", "c", "d", "e"]}, {"stop": [""]}, {"top_p": 0}, {"temperature": 3}):
         with pytest.raises(openai.BadRequestError):
@@ -172,16 +185,23 @@ def test_dpo_job_uses_the_preference_trainer(server, tmp_path):
     data.write_text("\n".join(rows) + "\n")
     f = c.files.create(file=data.open("rb"), purpose="fine-tune")
     val = c.files.create(file=(REPO / "examples" / "dpo" / "val.jsonl").open("rb"), purpose="fine-tune")
-    job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, validation_file=val.id, extra_body=FAST, method={
-        "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 3, "batch_size": 16}}})
+    job = c.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=f.id,
+        validation_file=val.id,
+        extra_body=FAST,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 3, "batch_size": 16}}},
+    )
     assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
     job = wait_for_job(c, job.id)
     assert job.status == "succeeded", job.error
     assert job.method.dpo.hyperparameters.n_epochs == 3 and job.fine_tuned_model.startswith("ft:tiny:local::")
     run = yaml.safe_load((server.storage / "jobs" / job.id / "run" / "config.yaml").read_text())
     assert run["method"]["objective"] == "dpo" and run["method"]["beta"] == 0.2
-    metrics = sorted((e.data for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data if e.type == "metrics"),
-                     key=lambda d: d["step"])
+    metrics = sorted(
+        (e.data for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data if e.type == "metrics"),
+        key=lambda d: d["step"],
+    )
     assert [d["step"] for d in metrics] == list(range(1, -(-len(rows) // 16) * 3 + 1))  # 3 epochs of batches of 16
     assert metrics[0]["train_reward_margin"] == pytest.approx(0, abs=1e-3)  # the policy starts as the reference
     assert metrics[-1]["train_reward_margin"] > 0.1 and metrics[-1]["train_reward_accuracy"] == 1.0
@@ -194,8 +214,12 @@ def test_cancel_pause_and_resume(server, train_file):
     f = c.files.create(file=train_file.open("rb"), purpose="fine-tune")
     long = {"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50}}}, "extra_body": FAST}
     doomed = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, **long)
-    until(lambda: c.fine_tuning.jobs.retrieve(doomed.id).status == "running"
-           and any(e.type == "metrics" for e in c.fine_tuning.jobs.list_events(doomed.id, limit=5).data))
+    until(
+        lambda: (
+            c.fine_tuning.jobs.retrieve(doomed.id).status == "running"
+            and any(e.type == "metrics" for e in c.fine_tuning.jobs.list_events(doomed.id, limit=5).data)
+        )
+    )
     # While it runs: an estimate of when it ends, from the steps done so far (50 epochs: minutes away).
     until(lambda: c.fine_tuning.jobs.retrieve(doomed.id).estimated_finish is not None, timeout=30)
     running = c.fine_tuning.jobs.retrieve(doomed.id)
@@ -206,8 +230,12 @@ def test_cancel_pause_and_resume(server, train_file):
     with pytest.raises(openai.BadRequestError):
         c.fine_tuning.jobs.cancel(doomed.id)
 
-    job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={"type": "supervised", "supervised": {
-        "hyperparameters": {"n_epochs": 8}}}, extra_body=FAST)  # 8 x 10 batches of 4: 80 steps
+    job = c.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=f.id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 8}}},
+        extra_body=FAST,
+    )  # 8 x 10 batches of 4: 80 steps
     until(lambda: len(c.fine_tuning.jobs.checkpoints.list(job.id).data) >= 2)
     c.fine_tuning.jobs.pause(job.id)
     paused = wait_for_job(c, job.id, statuses=("paused",))
@@ -238,8 +266,12 @@ def test_sigkill_of_server_and_worker_loses_nothing(tiny_phi3, tmp_path, train_f
     server = Server(tmp_path / "store", tiny_phi3).start()
     c = server.client()
     f = c.files.create(file=train_file.open("rb"), purpose="fine-tune")
-    job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, method={"type": "supervised", "supervised": {
-        "hyperparameters": {"n_epochs": 8}}}, extra_body=FAST)  # 8 x 10 batches of 4: 80 steps
+    job = c.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=f.id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 8}}},
+        extra_body=FAST,
+    )  # 8 x 10 batches of 4: 80 steps
     until(lambda: len(c.fine_tuning.jobs.checkpoints.list(job.id).data) >= 2)
     before = [e.id for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data]
     server.kill()
@@ -262,11 +294,17 @@ def test_organizations_are_isolated_and_keys_required(tiny_phi3, tmp_path, train
     server = Server(store, tiny_phi3, "--api-processes", "2")  # also: several API processes on one port
     keys = {}
     for org in ("alpha", "beta"):
-        out = subprocess.run([sys.executable, "-m", "phitune", "keys", "create", "--org", org, "--storage", str(store),
-                              *server.db], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "phitune", "keys", "create", "--org", org, "--storage", str(store), *server.db],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         keys[org] = out.stdout.strip()
     if not POSTGRES:
-        assert keys["alpha"].startswith("sk-phitune-") and keys["alpha"] not in (store / "phitune.db").read_bytes().decode(errors="ignore")
+        assert keys["alpha"].startswith("sk-phitune-") and keys["alpha"] not in (
+            store / "phitune.db"
+        ).read_bytes().decode(errors="ignore")
     server.start()
     with pytest.raises(urllib.error.HTTPError) as no_key:  # the very first request, without a key
         urllib.request.urlopen(f"http://127.0.0.1:{server.port}/v1/files", timeout=10)
@@ -275,20 +313,32 @@ def test_organizations_are_isolated_and_keys_required(tiny_phi3, tmp_path, train
     with pytest.raises(openai.AuthenticationError):
         server.client("sk-wrong").models.list()
     f = a.files.create(file=train_file.open("rb"), purpose="fine-tune")
-    job = a.fine_tuning.jobs.create(model="tiny", training_file=f.id, extra_body=FAST,
-                                    method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}})
+    job = a.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=f.id,
+        extra_body=FAST,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
+    )
     job = wait_for_job(a, job.id)
     assert job.status == "succeeded" and job.organization_id == "alpha"
     ckpt = a.fine_tuning.jobs.checkpoints.list(job.id).data[0].fine_tuned_model_checkpoint
-    calls = [lambda: b.files.retrieve(f.id), lambda: b.files.content(f.id), lambda: b.files.delete(f.id),
-             lambda: b.fine_tuning.jobs.retrieve(job.id), lambda: b.fine_tuning.jobs.cancel(job.id),
-             lambda: b.fine_tuning.jobs.pause(job.id), lambda: b.fine_tuning.jobs.resume(job.id),
-             lambda: b.fine_tuning.jobs.list_events(job.id), lambda: b.fine_tuning.jobs.checkpoints.list(job.id),
-             lambda: b.models.retrieve(job.fine_tuned_model), lambda: b.models.delete(job.fine_tuned_model),
-             lambda: b.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "hi"}]),
-             lambda: b.chat.completions.create(model=ckpt, messages=[{"role": "user", "content": "hi"}]),
-             lambda: b.fine_tuning.jobs.create(model="tiny", training_file=f.id),
-             lambda: b.files.content(job.result_files[0])]
+    calls = [
+        lambda: b.files.retrieve(f.id),
+        lambda: b.files.content(f.id),
+        lambda: b.files.delete(f.id),
+        lambda: b.fine_tuning.jobs.retrieve(job.id),
+        lambda: b.fine_tuning.jobs.cancel(job.id),
+        lambda: b.fine_tuning.jobs.pause(job.id),
+        lambda: b.fine_tuning.jobs.resume(job.id),
+        lambda: b.fine_tuning.jobs.list_events(job.id),
+        lambda: b.fine_tuning.jobs.checkpoints.list(job.id),
+        lambda: b.models.retrieve(job.fine_tuned_model),
+        lambda: b.models.delete(job.fine_tuned_model),
+        lambda: b.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "hi"}]),
+        lambda: b.chat.completions.create(model=ckpt, messages=[{"role": "user", "content": "hi"}]),
+        lambda: b.fine_tuning.jobs.create(model="tiny", training_file=f.id),
+        lambda: b.files.content(job.result_files[0]),
+    ]
     for call in calls:
         with pytest.raises(openai.NotFoundError):
             call()
@@ -296,16 +346,19 @@ def test_organizations_are_isolated_and_keys_required(tiny_phi3, tmp_path, train
     assert [m.id for m in b.models.list()] == ["tiny"]
     # Keys are listed by id (never the key) and revoked: the server refuses a revoked key within 5 s.
     keys_cmd = [sys.executable, "-m", "phitune", "keys"]
-    listed = subprocess.run([*keys_cmd, "list", "--storage", str(store), *server.db], capture_output=True, text=True,
-                            check=True).stdout
+    listed = subprocess.run(
+        [*keys_cmd, "list", "--storage", str(store), *server.db], capture_output=True, text=True, check=True
+    ).stdout
     assert "alpha" in listed and "beta" in listed and keys["alpha"] not in listed
-    out = subprocess.run([*keys_cmd, "revoke", keys["beta"], "--storage", str(store), *server.db], capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [*keys_cmd, "revoke", keys["beta"], "--storage", str(store), *server.db], capture_output=True, text=True
+    )
     assert out.returncode == 0 and "revoked" in out.stdout
     until(lambda: _refused(b), timeout=15)
     assert a.files.retrieve(f.id).id == f.id  # the other key still works
-    again = subprocess.run([*keys_cmd, "revoke", keys["beta"], "--storage", str(store), *server.db], capture_output=True,
-                           text=True)
+    again = subprocess.run(
+        [*keys_cmd, "revoke", keys["beta"], "--storage", str(store), *server.db], capture_output=True, text=True
+    )
     assert again.returncode == 2 and "no key has this id" in again.stderr and "Traceback" not in again.stderr
     server.stop()
 
@@ -330,7 +383,10 @@ def test_bad_requests(server, train_file, tmp_path):
     assert bad(openai.NotFoundError, training_file="file-nope")["code"] == "file_not_found"
     assert bad(openai.BadRequestError, model="gpt-9")["param"] == "model"
     assert "n_epochs" in bad(openai.BadRequestError, hyperparameters={"n_epochs": 0})["message"]
-    assert "beta" in bad(openai.BadRequestError, method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 5}}})["message"]
+    assert (
+        "beta"
+        in bad(openai.BadRequestError, method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 5}}})["message"]
+    )
     assert "suffix" in bad(openai.BadRequestError, suffix="x" * 65)["message"]
     err = bad(openai.BadRequestError, extra_body={"phitune": {"method": {"nmae": "qlora"}}})
     assert "nmae" in err["message"] and "name" in err["message"]
@@ -359,13 +415,18 @@ def test_upload_limit_and_open_server_refused(tiny_phi3, tmp_path):
         server.client().files.create(file=big.open("rb"), purpose="fine-tune")
     assert err.value.status_code == 413 and server.client().files.list().data == []
     server.stop()
-    out = subprocess.run([sys.executable, "-m", "phitune", "serve", "--storage", str(tmp_path / "s2"), "--host", "0.0.0.0"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "phitune", "serve", "--storage", str(tmp_path / "s2"), "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "no API key exists" in out.stderr and "Traceback" not in out.stderr
     # With a key it starts on 0.0.0.0; once its last key is revoked it lets nobody in (not `local`).
     keys = [sys.executable, "-m", "phitune", "keys"]
-    key = subprocess.run([*keys, "create", "--org", "ops", "--storage", str(tmp_path / "s2")], capture_output=True,
-                         text=True, check=True).stdout.strip()
+    key = subprocess.run(
+        [*keys, "create", "--org", "ops", "--storage", str(tmp_path / "s2")], capture_output=True, text=True, check=True
+    ).stdout.strip()
     exposed = Server(tmp_path / "s2", tiny_phi3, "--host", "0.0.0.0")
     exposed.db = []  # the key was created in this storage's SQLite database
     exposed.start()
@@ -382,19 +443,44 @@ def test_several_workers_never_run_one_job(tiny_phi3, tmp_path, train_file):
     """The API without its worker, and two `phitune worker` processes on the same database and
     storage: every job runs exactly once."""
     server = Server(tmp_path / "store", tiny_phi3, "--no-worker").start()
-    workers = [subprocess.Popen([sys.executable, "-m", "phitune", "worker", "--storage", str(tmp_path / "store"),
-                                 "--model", f"tiny={tiny_phi3}", *server.db], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True) for _ in range(2)]
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "phitune",
+                "worker",
+                "--storage",
+                str(tmp_path / "store"),
+                "--model",
+                f"tiny={tiny_phi3}",
+                *server.db,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        for _ in range(2)
+    ]
     try:
         c = server.client()
         f = c.files.create(file=train_file.open("rb"), purpose="fine-tune")
-        jobs = [c.fine_tuning.jobs.create(model="tiny", training_file=f.id, extra_body=FAST, method={
-            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}}) for _ in range(4)]
+        jobs = [
+            c.fine_tuning.jobs.create(
+                model="tiny",
+                training_file=f.id,
+                extra_body=FAST,
+                method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
+            )
+            for _ in range(4)
+        ]
         done = [wait_for_job(c, j.id) for j in jobs]
         assert all(j.status == "succeeded" for j in done), [j.error for j in done]
         runners = []
         for j in jobs:
-            started = [e.message for e in c.fine_tuning.jobs.list_events(j.id, limit=1000).data if "started on" in e.message]
+            started = [
+                e.message for e in c.fine_tuning.jobs.list_events(j.id, limit=1000).data if "started on" in e.message
+            ]
             assert len(started) == 1, started
             runners.append(started[0].split(" on ")[1])
         assert len(set(runners)) == 2  # both workers took jobs
@@ -428,8 +514,10 @@ def _stream_upload(port: int, total: int, *, chunked: bool) -> tuple[int, dict, 
     """POST a multipart upload of `total` file bytes; (status, error body, MiB sent before the answer)."""
     import http.client
 
-    head = (b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n--b\r\n'
-            b'Content-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n')
+    head = (
+        b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n--b\r\n'
+        b'Content-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'
+    )
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.putrequest("POST", "/v1/files")
     conn.putheader("Content-Type", "multipart/form-data; boundary=b")
@@ -501,10 +589,15 @@ def test_the_connection_survives_an_error(server):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.connect()
     local = conn.sock.getsockname()
-    requests = [("POST", "/v1/fine_tuning/jobs", b'{"model": ["tiny"]}', 400), ("GET", "/v1/models", None, 200),
-                ("POST", "/v1/fine_tuning/jobs", b'{"hyperparameters": 5}', 400), ("GET", "/v1/nowhere", None, 404),
-                ("DELETE", "/v1/fine_tuning/jobs", None, 405), ("POST", "/v1/chat/completions", b"{bad", 400),
-                ("GET", "/v1/files", None, 200)] * 3
+    requests = [
+        ("POST", "/v1/fine_tuning/jobs", b'{"model": ["tiny"]}', 400),
+        ("GET", "/v1/models", None, 200),
+        ("POST", "/v1/fine_tuning/jobs", b'{"hyperparameters": 5}', 400),
+        ("GET", "/v1/nowhere", None, 404),
+        ("DELETE", "/v1/fine_tuning/jobs", None, 405),
+        ("POST", "/v1/chat/completions", b"{bad", 400),
+        ("GET", "/v1/files", None, 200),
+    ] * 3
     for method, path, body, status in requests:
         conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
         response = conn.getresponse()
@@ -559,8 +652,12 @@ def test_a_broken_file_fails_while_a_long_job_trains(server, train_file, tmp_pat
     """File validation has a lane of its own: it does not wait behind a running job."""
     c = server.client()
     f = c.files.create(file=train_file.open("rb"), purpose="fine-tune")
-    long = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, extra_body=FAST,
-                                     method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50}}})
+    long = c.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=f.id,
+        extra_body=FAST,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50}}},
+    )
     until(lambda: c.fine_tuning.jobs.retrieve(long.id).status == "running")
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n")

@@ -17,13 +17,16 @@ def app(tiny_phi3, tmp_path_factory):
     """The app holding a file and a job, so that list pages return real objects to check."""
     from fastapi.testclient import TestClient
 
-    app = create_app(Settings(storage=tmp_path_factory.mktemp("schema"), models={"tiny": str(tiny_phi3)},
-                              max_upload_bytes=64 * 1024))
+    app = create_app(
+        Settings(storage=tmp_path_factory.mktemp("schema"), models={"tiny": str(tiny_phi3)}, max_upload_bytes=64 * 1024)
+    )
     client = TestClient(app)
     row = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
     f = client.post("/v1/files", files={"file": ("t.jsonl", row * 4)}, data={"purpose": "fine-tune"}).json()
-    job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": f["id"], "metadata": {"a": "b"},
-                                                    "method": {"type": "dpo"}})
+    job = client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "tiny", "training_file": f["id"], "metadata": {"a": "b"}, "method": {"type": "dpo"}},
+    )
     assert job.status_code == 200, job.text
     return app
 
@@ -33,8 +36,14 @@ def schema(app):
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
-CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance", "response_schema_conformance",
-          "response_headers_conformance", "negative_data_rejection")
+CHECKS = (
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_schema_conformance",
+    "response_headers_conformance",
+    "negative_data_rejection",
+)
 
 
 def test_no_5xx_and_no_schema_violation(schema):
@@ -47,8 +56,13 @@ def test_no_5xx_and_no_schema_violation(schema):
     for operation in operations:
         strategy = operation.as_strategy()
 
-        @settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            database=None,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @given(strategy)
         def run(case):
             try:

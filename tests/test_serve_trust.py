@@ -28,16 +28,25 @@ CHAT = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture(scope="module")
 def service(tiny_phi3, tmp_path_factory):
-    settings = Settings(storage=tmp_path_factory.mktemp("trust"), models={"tiny": str(tiny_phi3)}, max_upload_bytes=4096)
+    settings = Settings(
+        storage=tmp_path_factory.mktemp("trust"), models={"tiny": str(tiny_phi3)}, max_upload_bytes=4096
+    )
     app = create_app(settings)
     with app.state.sessions() as db:
         db.add_all([ApiKey(org="alpha", key_hash=hash_key("key-a")), ApiKey(org="beta", key_hash=hash_key("key-b"))])
         db.commit()
     clients = {org: TestClient(app, headers={"Authorization": f"Bearer key-{org[0]}"}) for org in ("alpha", "beta")}
     data = tmp_path_factory.mktemp("rows") / "train.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
-                                                    {"role": "assistant", "content": f"a{i}"}]}) + "\n" for i in range(8)))
-    up = clients["alpha"].post("/v1/files", files={"file": ("train.jsonl", data.read_bytes())}, data={"purpose": "fine-tune"})
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+            + "\n"
+            for i in range(8)
+        )
+    )
+    up = clients["alpha"].post(
+        "/v1/files", files={"file": ("train.jsonl", data.read_bytes())}, data={"purpose": "fine-tune"}
+    )
     assert up.status_code == 200, up.text
     return {"app": app, "settings": settings, "file": up.json()["id"], **clients}
 
@@ -68,15 +77,33 @@ def test_every_config_key_is_a_job_option_or_the_servers():
     for path in allowed_keys():
         if _takes_text(leaves[path].annotation):
             assert path in REVIEWED_TEXT, f"{path}: a job option taking free text; make sure it is never a path"
-    for path in ("model.name_or_path", "model.tokenizer", "model.trust_remote_code", "data.train", "data.validation",
-                 "distributed.deepspeed_config", "output_dir"):
+    for path in (
+        "model.name_or_path",
+        "model.tokenizer",
+        "model.trust_remote_code",
+        "data.train",
+        "data.validation",
+        "distributed.deepspeed_config",
+        "output_dir",
+    ):
         assert classify(path) == "server", path
     assert set(TENANT) <= set(_SECTIONS)
 
 
-REVIEWED_TEXT = {"data.template", "data.completion_field", "data.system", "method.target_modules", "method.modules_to_save",
-                 "method.prompt_init_text", "task.labels", "task.instruction", "task.source_language",
-                 "task.target_language", "task.fields", "training.best_metric"}
+REVIEWED_TEXT = {
+    "data.template",
+    "data.completion_field",
+    "data.system",
+    "method.target_modules",
+    "method.modules_to_save",
+    "method.prompt_init_text",
+    "task.labels",
+    "task.instruction",
+    "task.source_language",
+    "task.target_language",
+    "task.fields",
+    "training.best_metric",
+}
 
 
 def _takes_text(annotation) -> bool:
@@ -103,8 +130,11 @@ def test_every_server_key_is_refused_by_name(service, path):
 def test_a_tenant_key_is_accepted_and_reaches_the_config(service, tmp_path):
     from phitune.serve.jobconfig import build_config
 
-    r = _create(service["alpha"], service["file"], phitune={"method": {"name": "dora", "r": 4},
-                                                            "data": {"max_length": 128}, "training": {"warmup_steps": 2}})
+    r = _create(
+        service["alpha"],
+        service["file"],
+        phitune={"method": {"name": "dora", "r": 4}, "data": {"max_length": 128}, "training": {"warmup_steps": 2}},
+    )
     assert r.status_code == 200, r.text
     with service["app"].state.sessions() as db:
         job = db.query(Job).filter(Job.id == r.json()["id"]).one()
@@ -121,11 +151,19 @@ def test_a_tenant_key_is_accepted_and_reaches_the_config(service, tmp_path):
 def test_another_organization_cannot_reach_a_file_by_id_or_by_path(service):
     a_path = str(service["settings"].file_path(service["file"]))
     b = service["beta"]
-    own = b.post("/v1/files", files={"file": ("x.jsonl", b'{"text": "hello"}\n')}, data={"purpose": "fine-tune"}).json()["id"]
+    own = b.post(
+        "/v1/files", files={"file": ("x.jsonl", b'{"text": "hello"}\n')}, data={"purpose": "fine-tune"}
+    ).json()["id"]
     assert _create(b, service["file"]).status_code == 404
-    for options in ({"data": {"train": a_path}}, {"data": {"validation": a_path}}, {"model": {"name_or_path": a_path}},
-                    {"data": {"format": "auto", "train": a_path}}, {"output_dir": "/tmp"},
-                    {"distributed": {"deepspeed_config": a_path}}, {"model": {"tokenizer": "/etc"}}):
+    for options in (
+        {"data": {"train": a_path}},
+        {"data": {"validation": a_path}},
+        {"model": {"name_or_path": a_path}},
+        {"data": {"format": "auto", "train": a_path}},
+        {"output_dir": "/tmp"},
+        {"distributed": {"deepspeed_config": a_path}},
+        {"model": {"tokenizer": "/etc"}},
+    ):
         r = _create(b, own, phitune=options)
         assert r.status_code == 400 and "set by the server" in r.json()["error"]["message"], (options, r.text)
     assert _create(b, own, model="/" + service["settings"].models["tiny"]).status_code == 400  # served names only
@@ -134,13 +172,30 @@ def test_another_organization_cannot_reach_a_file_by_id_or_by_path(service):
 # --- types and numbers ---------------------------------------------------------------------------
 
 
-TYPED = [{"model": ["tiny"]}, {"model": {"a": 1}}, {"hyperparameters": "x"}, {"hyperparameters": 5},
-         {"method": {"type": "supervised", "supervised": "x"}},
-         {"method": {"type": "supervised", "supervised": {"hyperparameters": [1]}}}, {"phitune": {"training": "x"}},
-         {"phitune": "x"}, {"seed": "7"}, {"seed": True}, {"suffix": 5}, {"metadata": {"a": 1}}, {"metadata": []},
-         {"method": {"type": "reinforcement"}}, {"method": "supervised"}, {"training_file": None}, {"integrations": [{}]},
-         {"hyperparameters": {"n_epochs": "3"}}, {"hyperparameters": {"lr": 1}}, {"phitune": {"method": {"r": "8"}}},
-         {"phitune": {"data": {"max_length": 10**9}}}, {"phitune": {"method": {"r": 10**7}}}]
+TYPED = [
+    {"model": ["tiny"]},
+    {"model": {"a": 1}},
+    {"hyperparameters": "x"},
+    {"hyperparameters": 5},
+    {"method": {"type": "supervised", "supervised": "x"}},
+    {"method": {"type": "supervised", "supervised": {"hyperparameters": [1]}}},
+    {"phitune": {"training": "x"}},
+    {"phitune": "x"},
+    {"seed": "7"},
+    {"seed": True},
+    {"suffix": 5},
+    {"metadata": {"a": 1}},
+    {"metadata": []},
+    {"method": {"type": "reinforcement"}},
+    {"method": "supervised"},
+    {"training_file": None},
+    {"integrations": [{}]},
+    {"hyperparameters": {"n_epochs": "3"}},
+    {"hyperparameters": {"lr": 1}},
+    {"phitune": {"method": {"r": "8"}}},
+    {"phitune": {"data": {"max_length": 10**9}}},
+    {"phitune": {"method": {"r": 10**7}}},
+]
 
 
 @pytest.mark.parametrize("body", TYPED, ids=[json.dumps(b)[:40] for b in TYPED])
@@ -151,15 +206,21 @@ def test_wrong_types_are_400_in_openai_shape(service, body):
     assert err["param"] and err["param"].split(".")[0] in body or err["param"].startswith("phitune"), err
 
 
-@pytest.mark.parametrize("raw,param", [
-    ('"hyperparameters": {"learning_rate_multiplier": 1e300}', "hyperparameters.learning_rate_multiplier"),
-    ('"hyperparameters": {"learning_rate_multiplier": Infinity}', "hyperparameters.learning_rate_multiplier"),
-    ('"hyperparameters": {"learning_rate_multiplier": NaN}', "hyperparameters.learning_rate_multiplier"),
-    ('"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": -Infinity}}}', "method.dpo.hyperparameters.beta"),
-    ('"phitune": {"training": {"learning_rate": 1e300}}', "phitune.training.learning_rate"),
-    ('"phitune": {"training": {"weight_decay": Infinity}}', "phitune.training.weight_decay"),
-    ('"phitune": {"method": {"dropout": NaN}}', "phitune.method.dropout"),
-])
+@pytest.mark.parametrize(
+    "raw,param",
+    [
+        ('"hyperparameters": {"learning_rate_multiplier": 1e300}', "hyperparameters.learning_rate_multiplier"),
+        ('"hyperparameters": {"learning_rate_multiplier": Infinity}', "hyperparameters.learning_rate_multiplier"),
+        ('"hyperparameters": {"learning_rate_multiplier": NaN}', "hyperparameters.learning_rate_multiplier"),
+        (
+            '"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": -Infinity}}}',
+            "method.dpo.hyperparameters.beta",
+        ),
+        ('"phitune": {"training": {"learning_rate": 1e300}}', "phitune.training.learning_rate"),
+        ('"phitune": {"training": {"weight_decay": Infinity}}', "phitune.training.weight_decay"),
+        ('"phitune": {"method": {"dropout": NaN}}', "phitune.method.dropout"),
+    ],
+)
 def test_numbers_are_finite_and_in_range(service, raw, param):
     body = '{"model": "tiny", "training_file": "%s", %s}' % (service["file"], raw)
     r = service["alpha"].post("/v1/fine_tuning/jobs", content=body, headers={"content-type": "application/json"})
@@ -168,10 +229,18 @@ def test_numbers_are_finite_and_in_range(service, raw, param):
 
 def test_chat_options_are_checked(service):
     c = service["alpha"]
-    for bad, param in (({"max_tokens": 0}, "max_tokens"), ({"max_tokens": -1}, "max_tokens"),
-                       ({"max_completion_tokens": 0}, "max_completion_tokens"), ({"temperature": 3}, "temperature"),
-                       ({"top_p": 0}, "top_p"), ({"stop": [""]}, "stop"), ({"n": 2}, "n"), ({"messages": []}, "messages"),
-                       ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"), ({"model": 1}, "model")):
+    for bad, param in (
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"stop": [""]}, "stop"),
+        ({"n": 2}, "n"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+        ({"model": 1}, "model"),
+    ):
         r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT, **bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
     assert c.post("/v1/chat/completions", json={"model": "/etc", "messages": CHAT}).status_code == 404
@@ -183,7 +252,9 @@ def test_a_prompt_longer_than_the_model_is_refused(service):
     long = [{"role": "user", "content": "hello " * (positions + 10)}]
     r = service["alpha"].post("/v1/chat/completions", json={"model": "tiny", "messages": long, "max_tokens": 2})
     err = r.json()["error"]
-    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and str(positions) in err["message"], r.text
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and str(positions) in err["message"], (
+        r.text
+    )
     ok = service["alpha"].post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT, "max_tokens": 3})
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
@@ -200,7 +271,11 @@ def test_every_error_is_openai_shaped(service):
     assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"GET", "POST"} and "error" in r.json()
     r = c.get("/v2/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
-    for body, ctype in ((b"garbage", "multipart/form-data; boundary=zz"), (b"x", "text/plain"), (b"", "multipart/form-data")):
+    for body, ctype in (
+        (b"garbage", "multipart/form-data; boundary=zz"),
+        (b"x", "text/plain"),
+        (b"", "multipart/form-data"),
+    ):
         r = c.post("/v1/files", content=body, headers={"content-type": ctype})
         assert r.status_code == 400 and "error" in r.json(), r.text
     r = c.post("/v1/fine_tuning/jobs", content=b"{not json", headers={"content-type": "application/json"})
@@ -215,9 +290,11 @@ def test_every_error_is_openai_shaped(service):
 
 
 def test_uploads_keep_names_harmless(service):
-    body = (b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
-            b'--b\r\nContent-Disposition: form-data; name="file"; filename="../a\x00b\x1b.jsonl"\r\n\r\n'
-            b'\xef\xbb\xbf{"text": "with a byte-order mark"}\r\n--b--\r\n')
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="../a\x00b\x1b.jsonl"\r\n\r\n'
+        b'\xef\xbb\xbf{"text": "with a byte-order mark"}\r\n--b--\r\n'
+    )
     r = service["alpha"].post("/v1/files", content=body, headers={"content-type": "multipart/form-data; boundary=b"})
     assert r.status_code == 200 and r.json()["filename"] == "a_b_.jsonl", r.text
     stored = service["settings"].file_path(r.json()["id"])
@@ -228,15 +305,18 @@ def test_uploads_keep_names_harmless(service):
     assert not problems and rows[0].value == {"text": "with a byte-order mark"}
     other = service["alpha"].post("/v1/files", files={"upload": ("x.jsonl", b"{}")}, data={"purpose": "fine-tune"})
     assert other.status_code == 400 and other.json()["error"]["param"] == "file"
-    twice = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n{}\r\n' * 2
-             + b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n--b--\r\n')
+    twice = (
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n{}\r\n' * 2
+        + b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n--b--\r\n'
+    )
     r = service["alpha"].post("/v1/files", content=twice, headers={"content-type": "multipart/form-data; boundary=b"})
     assert r.status_code == 400 and "one file" in r.json()["error"]["message"]
     big = service["alpha"].post("/v1/files", files={"file": ("big.jsonl", b"x" * 5000)}, data={"purpose": "fine-tune"})
     assert big.status_code == 413 and big.json()["error"]["code"] == "file_too_large"
     assert sorted(p.name for p in service["settings"].files_dir.iterdir()) == sorted(
-        f["id"] + ".jsonl" for f in service["alpha"].get("/v1/files").json()["data"]
-        + service["beta"].get("/v1/files").json()["data"])
+        f["id"] + ".jsonl"
+        for f in service["alpha"].get("/v1/files").json()["data"] + service["beta"].get("/v1/files").json()["data"]
+    )
 
 
 # --- the worker: checked again, always ends -------------------------------------------------------
@@ -247,9 +327,21 @@ def _queued_job(service, **values) -> str:
 
     job_id = new_id("ftjob")
     with service["app"].state.sessions() as db:
-        db.add(Job(**{"id": job_id, "org": "alpha", "model": "tiny", "training_file": service["file"], "seed": 1,
-                      "method": {"type": "supervised"}, "status": "queued",
-                      "hyperparameters": {"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 1.0}, **values}))
+        db.add(
+            Job(
+                **{
+                    "id": job_id,
+                    "org": "alpha",
+                    "model": "tiny",
+                    "training_file": service["file"],
+                    "seed": 1,
+                    "method": {"type": "supervised"},
+                    "status": "queued",
+                    "hyperparameters": {"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 1.0},
+                    **values,
+                }
+            )
+        )
         db.commit()
     return job_id
 
@@ -277,7 +369,9 @@ def test_a_stored_job_with_server_options_is_refused_before_it_runs(service, tmp
     job_id = _queued_job(service, phitune={"output_dir": str(victim)})
     assert _only(service, job_id).step()
     job = _job(service, job_id)
-    assert job.status == "failed" and "output_dir" in job.error["message"] and "set by the server" in job.error["message"]
+    assert (
+        job.status == "failed" and "output_dir" in job.error["message"] and "set by the server" in job.error["message"]
+    )
     assert (victim / "precious.txt").read_text() == "keep me"
 
 
@@ -286,14 +380,24 @@ def test_the_built_config_is_compared_with_what_the_server_sets(service, monkeyp
     new option), a path or trust setting that is not the server's own refuses the job."""
     from phitune.serve import jobconfig
 
-    job = Job(id="ftjob-y", org="alpha", model="tiny", training_file=service["file"], seed=1,
-              method={"type": "supervised"}, hyperparameters={}, phitune={})
+    job = Job(
+        id="ftjob-y",
+        org="alpha",
+        model="tiny",
+        training_file=service["file"],
+        seed=1,
+        method={"type": "supervised"},
+        hyperparameters={},
+        phitune={},
+    )
     hyper = {"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 1.0}
     assert jobconfig.build_config(service["settings"], job, hyper).output_dir.endswith("ftjob-y/run")
     honest = jobconfig.raw_config
-    for key, value in (("output_dir", "/tmp/elsewhere"), ("model", {"name_or_path": service["settings"].models["tiny"],
-                                                                    "trust_remote_code": True}),
-                       ("distributed", {"strategy": "ddp"})):
+    for key, value in (
+        ("output_dir", "/tmp/elsewhere"),
+        ("model", {"name_or_path": service["settings"].models["tiny"], "trust_remote_code": True}),
+        ("distributed", {"strategy": "ddp"}),
+    ):
         monkeypatch.setattr(jobconfig, "raw_config", lambda *a, key=key, value=value: {**honest(*a), key: value})
         with pytest.raises(PhituneError, match="differ from what the server sets"):
             jobconfig.build_config(service["settings"], job, hyper)
@@ -337,8 +441,16 @@ def test_a_trusted_model_is_the_servers_choice(service):
     settings = Settings(storage=service["settings"].storage, models=service["settings"].models, trusted=["tiny"])
     from phitune.serve.jobconfig import build_config
 
-    job = Job(id="ftjob-x", org="alpha", model="tiny", training_file=service["file"], seed=1, method={"type": "supervised"},
-              hyperparameters={}, phitune={})
+    job = Job(
+        id="ftjob-x",
+        org="alpha",
+        model="tiny",
+        training_file=service["file"],
+        seed=1,
+        method={"type": "supervised"},
+        hyperparameters={},
+        phitune={},
+    )
     hyper = {"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 1.0}
     assert build_config(settings, job, hyper).model.trust_remote_code is True
     assert build_config(service["settings"], job, hyper).model.trust_remote_code is False

@@ -12,8 +12,16 @@ def _records(out):
 
 
 def _train(example: str, model, out, *extra):
-    return run_cli("train", REPO / "examples" / example / "config.yaml", "--set", f"model.name_or_path={model}",
-                   "--set", f"output_dir={out}", *TOY_EXAMPLE_FLAGS, *extra)
+    return run_cli(
+        "train",
+        REPO / "examples" / example / "config.yaml",
+        "--set",
+        f"model.name_or_path={model}",
+        "--set",
+        f"output_dir={out}",
+        *TOY_EXAMPLE_FLAGS,
+        *extra,
+    )
 
 
 def test_classification_head_beats_chance_and_loads_in_plain_peft(tiny_phi3, tmp_path, monkeypatch):
@@ -34,8 +42,11 @@ def test_classification_head_beats_chance_and_loads_in_plain_peft(tiny_phi3, tmp
     tok = AutoTokenizer.from_pretrained(out / "adapter")
     base = AutoModelForSequenceClassification.from_pretrained(tiny_phi3, num_labels=3, pad_token_id=tok.pad_token_id)
     model = PeftModel.from_pretrained(base, out / "adapter").eval()
-    texts = ["The coffee was delicious and the staff was friendly.", "My soup was cold and the service was rude.",
-             "The table was ordinary and the tea was average."]
+    texts = [
+        "The coffee was delicious and the staff was friendly.",
+        "My soup was cold and the service was rude.",
+        "The table was ordinary and the tea was average.",
+    ]
     ids = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
     with torch.no_grad():
         preds = [model(input_ids=torch.tensor([i])).logits.argmax(-1).item() for i in ids]
@@ -69,8 +80,22 @@ def test_dpo_margin_grows_and_preferences_are_learned(tiny_phi3, tmp_path, monke
 def test_dpo_full_fine_tuning_uses_a_frozen_copy(tiny_phi3, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     out = tmp_path / "dpo-full"
-    assert _train("dpo", tiny_phi3, out, "--set", "method.name=full", "--set", "training.learning_rate=1e-3", "--set", "training.log_every=1",
-                  "--max-steps", "15") == 0
+    assert (
+        _train(
+            "dpo",
+            tiny_phi3,
+            out,
+            "--set",
+            "method.name=full",
+            "--set",
+            "training.learning_rate=1e-3",
+            "--set",
+            "training.log_every=1",
+            "--max-steps",
+            "15",
+        )
+        == 0
+    )
     records = _records(out)
     assert abs(records[0]["reward_margin"]) < 1e-4
     assert records[-1]["reward_margin"] > 0.5
@@ -79,8 +104,20 @@ def test_dpo_full_fine_tuning_uses_a_frozen_copy(tiny_phi3, tmp_path, monkeypatc
 def test_head_and_dpo_runs_resume_exactly(tiny_phi3, tmp_path, monkeypatch):
     """Stop at step 8 (checkpoint), resume to 16: the same losses as 16 steps in one go."""
     monkeypatch.chdir(REPO)
-    common = ["--set", "training.lr_scheduler=constant", "--set", "training.log_every=1", "--set", "training.precision=fp32",
-              "--set", "training.eval_every=null", "--set", "data.validation=null", "--set", "training.save_every=8"]
+    common = [
+        "--set",
+        "training.lr_scheduler=constant",
+        "--set",
+        "training.log_every=1",
+        "--set",
+        "training.precision=fp32",
+        "--set",
+        "training.eval_every=null",
+        "--set",
+        "data.validation=null",
+        "--set",
+        "training.save_every=8",
+    ]
     for example in ("classification", "dpo"):
         whole, parts = tmp_path / f"{example}-whole", tmp_path / f"{example}-parts"
         assert _train(example, tiny_phi3, whole, *common, "--max-steps", "16") == 0

@@ -9,14 +9,28 @@ import difflib
 import sys
 
 # Flags users bring from other trainers -> the config key that means it.
-CONFIG_ALIASES = {"lr": "training.learning_rate", "learning-rate": "training.learning_rate",
-                  "epochs": "training.epochs", "num-train-epochs": "training.epochs", "batch-size": "training.batch_size",
-                  "per-device-train-batch-size": "training.batch_size", "seed": "training.seed",
-                  "lora-r": "method.r", "lora-rank": "method.r", "r": "method.r", "lora-alpha": "method.alpha",
-                  "lora-dropout": "method.dropout", "max-length": "data.max_length", "max-seq-length": "data.max_length",
-                  "gradient-accumulation-steps": "training.gradient_accumulation_steps",
-                  "warmup-steps": "training.warmup_steps", "weight-decay": "training.weight_decay",
-                  "save-steps": "training.save_every", "eval-steps": "training.eval_every", "bf16": "training.precision"}
+CONFIG_ALIASES = {
+    "lr": "training.learning_rate",
+    "learning-rate": "training.learning_rate",
+    "epochs": "training.epochs",
+    "num-train-epochs": "training.epochs",
+    "batch-size": "training.batch_size",
+    "per-device-train-batch-size": "training.batch_size",
+    "seed": "training.seed",
+    "lora-r": "method.r",
+    "lora-rank": "method.r",
+    "r": "method.r",
+    "lora-alpha": "method.alpha",
+    "lora-dropout": "method.dropout",
+    "max-length": "data.max_length",
+    "max-seq-length": "data.max_length",
+    "gradient-accumulation-steps": "training.gradient_accumulation_steps",
+    "warmup-steps": "training.warmup_steps",
+    "weight-decay": "training.weight_decay",
+    "save-steps": "training.save_every",
+    "eval-steps": "training.eval_every",
+    "bf16": "training.precision",
+}
 
 
 def positive_int(text: str) -> int:
@@ -44,7 +58,7 @@ class Parser(argparse.ArgumentParser):
 
     argv: list[str] = []
 
-    def error(self, message: str):  # noqa: D102 - argparse's hook
+    def error(self, message: str) -> None:  # noqa: D102 - argparse's hook
         if message.startswith("unrecognized arguments:"):
             message += self._suggestion(message.split(":", 1)[1].split())
         prog = self._command().prog
@@ -62,7 +76,8 @@ class Parser(argparse.ArgumentParser):
         close = difflib.get_close_matches(flag.split("=", 1)[0], known, n=1, cutoff=0.75)
         key = CONFIG_ALIASES.get(name) or _config_key(name)
         hints = ([f"did you mean {close[0]}?"] if close else []) + (
-            [f"set the config key with --set {key}=VALUE"] if key and "--set" in known else [])
+            [f"set the config key with --set {key}=VALUE"] if key and "--set" in known else []
+        )
         return "; " + " or ".join(hints) if hints else ""
 
     def _command(self) -> argparse.ArgumentParser:

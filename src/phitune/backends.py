@@ -7,20 +7,25 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from phitune.errors import PhituneError
 
+if TYPE_CHECKING:
+    from types import ModuleType
 
-def require_genai():
+
+def require_genai() -> ModuleType:
     try:
         import onnxruntime_genai as og
     except ImportError as exc:
-        raise PhituneError("ONNX export and the onnx backend need onnxruntime-genai: pip install 'phitune[onnx]'") from exc
+        raise PhituneError(
+            "ONNX export and the onnx backend need onnxruntime-genai: pip install 'phitune[onnx]'"
+        ) from exc
     return og
 
 
-def open_backend(model: str, *, backend: str | None = None, adapter: str | None = None):
+def open_backend(model: str, *, backend: str | None = None, adapter: str | None = None) -> TorchBackend | OnnxBackend:
     """`backend` None: onnx for an exported model (genai_config.json), else torch."""
     exported = (Path(model) / "genai_config.json").is_file()
     backend = backend or ("onnx" if exported else "torch")
@@ -28,16 +33,24 @@ def open_backend(model: str, *, backend: str | None = None, adapter: str | None 
         from phitune.errors import PhituneError
 
         if not exported:
-            raise PhituneError(f"{model}: not an ONNX Runtime GenAI model (no genai_config.json); "
-                               f"export it first: phitune export onnx {model} --output {model}-onnx")
+            raise PhituneError(
+                f"{model}: not an ONNX Runtime GenAI model (no genai_config.json); "
+                f"export it first: phitune export onnx {model} --output {model}-onnx"
+            )
         backend = OnnxBackend(model)
         if adapter:
             # A name from `phitune export onnx BASE --adapter NAME=...`, or an .onnx_adapter file.
-            file = Path(adapter) if adapter.endswith(".onnx_adapter") else Path(model) / "adapters" / f"{adapter}.onnx_adapter"
+            file = (
+                Path(adapter)
+                if adapter.endswith(".onnx_adapter")
+                else Path(model) / "adapters" / f"{adapter}.onnx_adapter"
+            )
             if not file.is_file():
                 known = sorted(p.stem for p in (Path(model) / "adapters").glob("*.onnx_adapter"))
-                raise PhituneError(f"--adapter {adapter}: no {file}; this export has "
-                                   + (f"the adapters {', '.join(known)}" if known else "no adapters"))
+                raise PhituneError(
+                    f"--adapter {adapter}: no {file}; this export has "
+                    + (f"the adapters {', '.join(known)}" if known else "no adapters")
+                )
             backend.load_adapter(str(file), file.stem)
             backend.active = file.stem
         return backend
@@ -49,11 +62,18 @@ def open_backend(model: str, *, backend: str | None = None, adapter: str | None 
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer) -> None:
         self.model, self.tokenizer = model, tokenizer
 
-    def stream(self, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
-               seed: int = 0, top_p: float = 1.0) -> Iterator[str]:
+    def stream(
+        self,
+        messages: list[dict],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        seed: int = 0,
+        top_p: float = 1.0,
+    ) -> Iterator[str]:
         """Text pieces as they are generated. Closing the iterator early (a stop string, a client
         that went away) stops the generation too, before this returns: the model is free again."""
         import torch
@@ -68,9 +88,16 @@ class TorchBackend:
         cancel = threading.Event()
         ids = torch.tensor([prompt_ids(self.tokenizer, messages)], device=self.model.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                      eos_token_id=end_of_turn_ids(self.model, self.tokenizer), pad_token_id=self.tokenizer.pad_token_id,
-                      streamer=streamer, use_cache=True, stopping_criteria=StoppingCriteriaList([Cancelled()]))
+        kwargs = dict(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=end_of_turn_ids(self.model, self.tokenizer),
+            pad_token_id=self.tokenizer.pad_token_id,
+            streamer=streamer,
+            use_cache=True,
+            stopping_criteria=StoppingCriteriaList([Cancelled()]),
+        )
         if temperature > 0:
             torch.manual_seed(seed)
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
@@ -105,7 +132,7 @@ class TorchBackend:
 class OnnxBackend:
     name = "onnx"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str) -> None:
         og = require_genai()
         self.og = og
         self.path = path
@@ -124,8 +151,15 @@ class OnnxBackend:
         text = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
         return [int(t) for t in self.tokenizer.encode(text)]
 
-    def generate_ids(self, ids: list[int], *, max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
-                     adapter: str | None = None) -> Iterator[int]:
+    def generate_ids(
+        self,
+        ids: list[int],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        seed: int = 0,
+        adapter: str | None = None,
+    ) -> Iterator[int]:
         params = self.og.GeneratorParams(self.model)
         options = dict(max_length=len(ids) + max_new_tokens, do_sample=temperature > 0)
         if temperature > 0:
@@ -147,13 +181,25 @@ class OnnxBackend:
     def stop_ids(self) -> set[int]:
         return {int(t) for t in self.tokenizer.eos_token_ids}
 
-    def stream(self, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
-               adapter: str | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        messages: list[dict],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        seed: int = 0,
+        adapter: str | None = None,
+    ) -> Iterator[str]:
         decoder = self.tokenizer.create_stream()
-        for token in self.generate_ids(self.prompt_ids(messages), max_new_tokens=max_new_tokens,
-                                       temperature=temperature, seed=seed, adapter=adapter):
+        for token in self.generate_ids(
+            self.prompt_ids(messages),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            adapter=adapter,
+        ):
             yield decoder.decode(token)
 
 
-def complete(backend, messages: list[dict], **kwargs) -> str:
+def complete(backend: TorchBackend | OnnxBackend, messages: list[dict], **kwargs: Any) -> str:
     return "".join(backend.stream(messages, **kwargs)).strip()

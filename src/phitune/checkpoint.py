@@ -12,14 +12,22 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from phitune.errors import PhituneError
 from phitune.outputs import checkpoint_dir, list_checkpoints, staged
+
+if TYPE_CHECKING:
+    from torch.optim.lr_scheduler import LRScheduler
+
+    from phitune.distributed import Runtime
+    from phitune.engines import Engine
 
 
 @dataclass
@@ -50,7 +58,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: Path, engine, scheduler, state: TrainState, runtime, *, save_adapter, keep: int | None) -> Path:
+def save_checkpoint(
+    root: Path,
+    engine: Engine,
+    scheduler: LRScheduler,
+    state: TrainState,
+    runtime: Runtime,
+    *,
+    save_adapter: Callable[[Path], None],
+    keep: int | None,
+) -> Path:
     """Every process takes part (DeepSpeed writes a shard per process; ZeRO-3 gathers the adapter);
     the main process writes the shared files and moves the finished directory into place."""
     final = checkpoint_dir(root, state.step)
@@ -75,14 +92,16 @@ def save_checkpoint(root: Path, engine, scheduler, state: TrainState, runtime, *
     return final
 
 
-def load_checkpoint(path: Path, engine, scheduler, runtime) -> TrainState:
+def load_checkpoint(path: Path, engine: Engine, scheduler: LRScheduler, runtime: Runtime) -> TrainState:
     saved = json.loads((path / "state.json").read_text())
     world = saved.pop("world_size", 1)
     if "best_eval_loss" in saved:  # checkpoints written before training.best_metric
         saved["best_value"] = saved.pop("best_eval_loss")
     if world != runtime.world:
-        raise PhituneError(f"{path}: saved by {world} process(es), resumed with {runtime.world}; resume with the same "
-                           "number of processes (data order and optimizer shards depend on it)")
+        raise PhituneError(
+            f"{path}: saved by {world} process(es), resumed with {runtime.world}; resume with the same "
+            "number of processes (data order and optimizer shards depend on it)"
+        )
     engine.load_weights(path)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng = path / f"rng-{runtime.rank}.pt"

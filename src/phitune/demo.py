@@ -15,21 +15,33 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from phitune.errors import PhituneError
 
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from phitune.config import Config
+    from phitune.recipes.sft import RunResult
+
 console = Console()
 
 # What each kind of model needs to learn the eight fixed replies. The untrained toy also adapts its
 # head: a frozen random head cannot make confident predictions.
 RECIPES = {
-    "real": {"method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["all-linear"]},
-             "training": {"max_steps": 30, "learning_rate": 2e-3, "batch_size": 8, "warmup_steps": 2}},
-    "toy": {"method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["all-linear", "lm_head"]},
-            "training": {"max_steps": 500, "learning_rate": 3e-3, "batch_size": 16, "warmup_steps": 10}},
+    "real": {
+        "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["all-linear"]},
+        "training": {"max_steps": 30, "learning_rate": 2e-3, "batch_size": 8, "warmup_steps": 2},
+    },
+    "toy": {
+        "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["all-linear", "lm_head"]},
+        "training": {"max_steps": 500, "learning_rate": 3e-3, "batch_size": 16, "warmup_steps": 10},
+    },
 }
 SIDE_BY_SIDE = 4
 
@@ -43,7 +55,9 @@ def phitune_command() -> str:
     return str(beside) if beside.is_file() else f"{sys.executable} -m phitune"
 
 
-def held_out_scores(model, tokenizer, val_rows, examples, pad_id) -> dict:
+def held_out_scores(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, val_rows: list[list[dict]], examples: list, pad_id: int
+) -> dict:
     from phitune.evaluate.lm import lm_metrics
     from phitune.generate import complete_batch
 
@@ -74,19 +88,21 @@ def base_model(model: str | None, toy: bool, out: Path, arch: str, preset: str) 
     return str(path), "real"
 
 
-def run_demo(output: str = "runs/demo", model: str | None = None, toy: bool = False, arch: str = "phi3",
-             preset: str = "tiny", data_dir: str = "examples/data", max_steps: int | None = None) -> dict:
-    from phitune.config import parse_config
+def run_demo(
+    output: str = "runs/demo",
+    model: str | None = None,
+    toy: bool = False,
+    arch: str = "phi3",
+    preset: str = "tiny",
+    data_dir: str = "examples/data",
+    max_steps: int | None = None,
+) -> dict:
     from phitune.data.dataset import tokenize_file
     from phitune.models import load_for_inference
     from phitune.recipes.sft import train
     from phitune.tracking import read_metrics
 
-    data = Path(data_dir)
-    train_file, val_file = data / "support_train.jsonl", data / "support_val.jsonl"
-    if not train_file.is_file() or not val_file.is_file():
-        raise PhituneError(f"{data}: demo data not found (support_train.jsonl, support_val.jsonl); run from the phitune "
-                           "repository root or pass --data-dir examples/data")
+    train_file, val_file = demo_files(Path(data_dir))
     out = Path(output)
     started = time.perf_counter()
 
@@ -103,17 +119,11 @@ def run_demo(output: str = "runs/demo", model: str | None = None, toy: bool = Fa
     console.print(f"[bold]2/4[/] scoring the base model on {len(val_rows)} held-out conversations {elapsed()}")
     before = held_out_scores(model_, tokenizer, val_rows, val_examples, tokenizer.pad_token_id)
 
-    recipe = RECIPES[kind]
-    steps = max_steps or recipe["training"]["max_steps"]
-    cfg = parse_config({
-        "model": base, "method": recipe["method"],
-        "data": {"train": str(train_file), "validation": str(val_file), "max_length": 512},
-        # No evaluation inside the run: the demo scores the held-out set itself, before and after.
-        "training": recipe["training"] | {"max_steps": steps, "lr_scheduler": "cosine", "log_every": 1,
-                                          "save_every": steps, "seed": 0},
-        "output_dir": str(out / "run"),
-    }, source="demo")
-    console.print(f"[bold]3/4[/] fine-tuning with LoRA for {steps} steps of {cfg.training.batch_size} conversations {elapsed()}")
+    cfg = demo_config(base, kind, max_steps, train_file, val_file, out)
+    steps = cfg.training.max_steps
+    console.print(
+        f"[bold]3/4[/] fine-tuning with LoRA for {steps} steps of {cfg.training.batch_size} conversations {elapsed()}"
+    )
     result = train(cfg, overwrite=True)
 
     console.print(f"[bold]4/4[/] scoring the fine-tuned model on the same held-out conversations {elapsed()}")
@@ -123,20 +133,62 @@ def run_demo(output: str = "runs/demo", model: str | None = None, toy: bool = Fa
 
     records = read_metrics(result.output_dir / "metrics.jsonl")
     first, last = records[0], records[-1]
-    report = {"before": before, "after": after, "train_loss_first": [first["step"], first["loss"]],
-              "train_loss_last": [last["step"], last["loss"]],
-              "seconds": round(time.perf_counter() - started, 1), "base_model": base, "run": str(result.output_dir)}
+    report = {
+        "before": before,
+        "after": after,
+        "train_loss_first": [first["step"], first["loss"]],
+        "train_loss_last": [last["step"], last["loss"]],
+        "seconds": round(time.perf_counter() - started, 1),
+        "base_model": base,
+        "run": str(result.output_dir),
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    show_written(report, result, base, out)
+    return report
+
+
+def demo_files(data: Path) -> tuple[Path, Path]:
+    train_file, val_file = data / "support_train.jsonl", data / "support_val.jsonl"
+    if not train_file.is_file() or not val_file.is_file():
+        raise PhituneError(
+            f"{data}: demo data not found (support_train.jsonl, support_val.jsonl); run from the phitune "
+            "repository root or pass --data-dir examples/data"
+        )
+    return train_file, val_file
+
+
+def demo_config(base: str, kind: str, max_steps: int | None, train_file: Path, val_file: Path, out: Path) -> Config:
+    from phitune.config import parse_config
+
+    recipe = RECIPES[kind]
+    steps = max_steps or recipe["training"]["max_steps"]
+    return parse_config(
+        {
+            "model": base,
+            "method": recipe["method"],
+            "data": {"train": str(train_file), "validation": str(val_file), "max_length": 512},
+            # No evaluation inside the run: the demo scores the held-out set itself, before and after.
+            "training": recipe["training"]
+            | {"max_steps": steps, "lr_scheduler": "cosine", "log_every": 1, "save_every": steps, "seed": 0},
+            "output_dir": str(out / "run"),
+        },
+        source="demo",
+    )
+
+
+def show_written(report: dict, result: RunResult, base: str, out: Path) -> None:
+    (first_step, first), (last_step, last) = report["train_loss_first"], report["train_loss_last"]
     console.print(
-        f"\ntrain loss {first['loss']:.3f} at step {first['step']} -> {last['loss']:.3f} at step {last['step']}; "
+        f"\ntrain loss {first:.3f} at step {first_step} -> {last:.3f} at step {last_step}; "
         f"demo took {report['seconds']} s.\n"
         f"written:\n  base model             {base}\n  LoRA adapter (PEFT)    {result.artifact}\n"
-        f"  per-step metrics       {result.output_dir / 'metrics.jsonl'}\n  checkpoints            {result.output_dir / 'checkpoints'}\n"
-        f"  run card               {result.output_dir / 'README.md'}\n  before/after report    {out / 'demo_report.json'}\n"
+        f"  per-step metrics       {result.output_dir / 'metrics.jsonl'}\n  checkpoints            "
+        f"{result.output_dir / 'checkpoints'}\n"
+        f"  run card               {result.output_dir / 'README.md'}\n  before/after report    "
+        f"{out / 'demo_report.json'}\n"
         f"try: {phitune_command()} generate {result.output_dir} --prompt 'what is the wifi password?'"
     )
-    return report
 
 
 def show_results(before: dict, after: dict, val_rows: list[list[dict]]) -> None:
@@ -144,7 +196,12 @@ def show_results(before: dict, after: dict, val_rows: list[list[dict]]) -> None:
     table.add_column("metric")
     table.add_column("base", justify="right")
     table.add_column("fine-tuned", justify="right")
-    for key, fmt in (("loss", "{:.3f}"), ("perplexity", "{:.1f}"), ("mean_token_accuracy", "{:.1%}"), ("exact_match", "{:.1%}")):
+    for key, fmt in (
+        ("loss", "{:.3f}"),
+        ("perplexity", "{:.1f}"),
+        ("mean_token_accuracy", "{:.1%}"),
+        ("exact_match", "{:.1%}"),
+    ):
         table.add_row(key, fmt.format(before[key]), fmt.format(after[key]))
     console.print(table)
     replies = Table(title="held-out replies (greedy)", show_lines=True)
@@ -157,5 +214,7 @@ def show_results(before: dict, after: dict, val_rows: list[list[dict]]) -> None:
             seen.add(messages[-1]["content"])
             shown.append(i)
     for i in shown[:SIDE_BY_SIDE]:
-        replies.add_row(val_rows[i][-2]["content"], before["replies"][i], after["replies"][i], val_rows[i][-1]["content"])
+        replies.add_row(
+            val_rows[i][-2]["content"], before["replies"][i], after["replies"][i], val_rows[i][-1]["content"]
+        )
     console.print(replies)

@@ -19,10 +19,16 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from phitune.errors import PhituneError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from phitune.config import Config
 
 log = logging.getLogger("phitune")
 
@@ -73,7 +79,7 @@ class Runtime:
     def shard(self, items: list) -> list:
         return items[self.rank :: self.world]
 
-    def gather(self, value) -> list:
+    def gather(self, value: object) -> list:
         """`value` from every process, in rank order."""
         if not self.parallel:
             return [value]
@@ -108,25 +114,28 @@ def peak_memory_mb() -> dict:
     return out
 
 
-def resolve_strategy(cfg, world: int) -> str:
+def resolve_strategy(cfg: Config, world: int) -> str:
     s = cfg.distributed.strategy
     if s == "auto":
         return "ddp" if world > 1 else "none"
     if s == "none" and world > 1:
-        raise PhituneError(f"distributed.strategy: none, but {world} processes were started; use ddp, deepspeed or fsdp")
+        raise PhituneError(
+            f"distributed.strategy: none, but {world} processes were started; use ddp, deepspeed or fsdp"
+        )
     return s
 
 
-def check_batch(cfg, world: int) -> None:
+def check_batch(cfg: Config, world: int) -> None:
     t = cfg.training
     if world > 1 and t.batch_size != "auto" and t.batch_size % (world * t.gradient_accumulation_steps):
         raise PhituneError(
             f"training.batch_size: {t.batch_size} examples cannot be shared by {world} processes x "
-            f"{t.gradient_accumulation_steps} accumulation steps; make it a multiple of {world * t.gradient_accumulation_steps}"
+            f"{t.gradient_accumulation_steps} accumulation steps; make it a multiple of "
+            f"{world * t.gradient_accumulation_steps}"
         )
 
 
-def start(cfg, precision: str):
+def start(cfg: Config, precision: str) -> tuple[Accelerator, Runtime]:
     """The Accelerator (device, autocast, the process group) and this process's Runtime."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -136,26 +145,39 @@ def start(cfg, precision: str):
     strategy = resolve_strategy(cfg, world)
     check_batch(cfg, world)
     if strategy == "fsdp" and precision == "fp16":
-        raise PhituneError("training.precision: fp16 is not supported with fsdp here (no sharded loss scaling); use bf16 or fp32")
+        raise PhituneError(
+            "training.precision: fp16 is not supported with fsdp here (no sharded loss scaling); use bf16 or fp32"
+        )
     if strategy == "deepspeed":
         _deepspeed_available()
     if strategy in ("deepspeed", "fsdp") and world == 1:  # both want a process group even for one process
-        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                           ("MASTER_PORT", str(free_port()))):
+        for key, value in (
+            ("RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("LOCAL_RANK", "0"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", str(free_port())),
+        ):
             os.environ.setdefault(key, value)
     # Accelerate keeps one process-wide state; a second run in the same process (tests, the demo, a
     # notebook) may want another precision, which it refuses unless the state is cleared first.
     AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.distributed.timeout_minutes))])
+    accelerator = Accelerator(
+        mixed_precision=precision,
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.distributed.timeout_minutes))],
+    )
     if strategy == "fsdp" and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                             timeout=timedelta(minutes=cfg.distributed.timeout_minutes))
+        torch.distributed.init_process_group(
+            "nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=cfg.distributed.timeout_minutes)
+        )
     if strategy == "deepspeed":
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   timeout=timedelta(minutes=cfg.distributed.timeout_minutes))
+        deepspeed.init_distributed(
+            dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+            timeout=timedelta(minutes=cfg.distributed.timeout_minutes),
+        )
     return accelerator, Runtime(strategy, rank, world)
 
 
@@ -166,7 +188,7 @@ def _deepspeed_available() -> None:
         raise PhituneError("distributed.strategy: deepspeed needs DeepSpeed: pip install 'phitune[deepspeed]'") from exc
 
 
-def run_deepspeed_config(cfg, runtime: Runtime):
+def run_deepspeed_config(cfg: Config, runtime: Runtime) -> tuple[dict | None, object]:
     """(DeepSpeed config, what must stay alive while the model loads) for this run, or (None, None).
 
     Under ZeRO-3 transformers then loads the weights straight into shards (`zero.Init`): no
@@ -177,8 +199,13 @@ def run_deepspeed_config(cfg, runtime: Runtime):
     from transformers import AutoConfig
 
     try:
-        hidden = getattr(AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
-                                                    trust_remote_code=cfg.model.trust_remote_code), "hidden_size", None)
+        hidden = getattr(
+            AutoConfig.from_pretrained(
+                cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+            ),
+            "hidden_size",
+            None,
+        )
     except (OSError, ValueError):
         hidden = None  # the model loader reports an unreachable model with its own message
     config = deepspeed_config(cfg, runtime.world, hidden)
@@ -189,7 +216,7 @@ def run_deepspeed_config(cfg, runtime: Runtime):
     return config, HfDeepSpeedConfig(config)
 
 
-def deepspeed_config(cfg, world: int, hidden_size: int | None = None) -> dict:
+def deepspeed_config(cfg: Config, world: int, hidden_size: int | None = None) -> dict:
     """What phitune derives, merged with the user's JSON; a key both set differently is an error."""
     t, d = cfg.training, cfg.distributed
     zero: dict = {"stage": d.zero_stage}
@@ -198,9 +225,13 @@ def deepspeed_config(cfg, world: int, hidden_size: int | None = None) -> dict:
         # elements, up to 1e9 gathered parameters kept alive) let every process of a model smaller
         # than that end up holding it whole: measured 141% of DDP's peak memory, 123% with these.
         h2 = hidden_size * hidden_size
-        zero.update(reduce_bucket_size=h2, stage3_prefetch_bucket_size=int(0.9 * h2),
-                    stage3_param_persistence_threshold=10 * hidden_size,
-                    stage3_max_live_parameters=32 * h2, stage3_max_reuse_distance=32 * h2)
+        zero.update(
+            reduce_bucket_size=h2,
+            stage3_prefetch_bucket_size=int(0.9 * h2),
+            stage3_param_persistence_threshold=10 * hidden_size,
+            stage3_max_live_parameters=32 * h2,
+            stage3_max_reuse_distance=32 * h2,
+        )
     if d.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if d.offload_params == "cpu":
@@ -226,9 +257,14 @@ def deepspeed_config(cfg, world: int, hidden_size: int | None = None) -> dict:
         raise PhituneError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); fix the DeepSpeed config") from None
     for key in ("fp16", "bf16"):
         if isinstance(user.get(key), dict) and user[key].get("enabled"):
-            raise PhituneError(f"{path}: {key}.enabled: phitune sets precision itself (training.precision); remove the '{key}' section")
+            raise PhituneError(
+                f"{path}: {key}.enabled: phitune sets precision itself (training.precision); remove the '{key}' section"
+            )
     if "optimizer" in user or "scheduler" in user:
-        raise PhituneError(f"{path}: 'optimizer' / 'scheduler': phitune builds them from training.*; remove them from the DeepSpeed JSON")
+        raise PhituneError(
+            f"{path}: 'optimizer' / 'scheduler': phitune builds them from training.*; remove them from the DeepSpeed "
+            "JSON"
+        )
     return _merge(derived, user, path)
 
 
@@ -240,6 +276,8 @@ def _merge(derived: dict, user: dict, path: Path, prefix: str = "") -> dict:
         elif isinstance(value, dict) and isinstance(user[key], dict):
             out[key] = _merge(value, user[key], path, f"{prefix}{key}.")
         elif user[key] != value and key not in ("steps_per_print", "wall_clock_breakdown"):
-            raise PhituneError(f"{path}: {prefix}{key} is {user[key]!r} but the phitune config gives {value!r}; "
-                               "set it in one place (or write \"auto\" in the JSON)")
+            raise PhituneError(
+                f"{path}: {prefix}{key} is {user[key]!r} but the phitune config gives {value!r}; "
+                'set it in one place (or write "auto" in the JSON)'
+            )
     return out

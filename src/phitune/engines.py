@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol
 
 import torch
 
 from phitune.distributed import Runtime
 from phitune.errors import PhituneError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 class Engine(Protocol):
@@ -21,7 +24,7 @@ class Engine(Protocol):
     optimizer: Any
     sharded: bool  # no process holds every weight (generation must run in step)
 
-    def forward(self, fn: Callable, *args) -> Any:
+    def forward(self, fn: Callable, *args: Any) -> Any:
         """`fn(model, *args)`, inside the wrapper's forward (its hooks gather sharded weights)."""
 
     def backward(self, loss: torch.Tensor) -> None: ...
@@ -32,7 +35,7 @@ class Engine(Protocol):
     def unwrap(self) -> torch.nn.Module:
         """The model itself (PEFT or transformers), without the engine's wrapper."""
 
-    def gathered(self, params=None) -> ContextManager:
+    def gathered(self, params: list | None = None) -> ContextManager:
         """Inside it every process holds `params` (default: all) whole."""
 
     def adapter_state_dict(self) -> dict | None:
@@ -52,11 +55,11 @@ class CallThrough(torch.nn.Module):
     the engine's own forward, whose bookkeeping ZeRO needs (micro-step counting for accumulation,
     parameter fetching, backward hooks)."""
 
-    def __init__(self, inner: torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
         super().__init__()
         self.inner = inner
 
-    def forward(self, fn, *args, **kwargs):
+    def forward(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         return fn(self.inner, *args, **kwargs)
 
 
@@ -71,7 +74,7 @@ class PlainEngine:
 
     sharded = False  # every process holds all the weights
 
-    def __init__(self, accelerator, model, optimizer, runtime: Runtime):
+    def __init__(self, accelerator, model, optimizer, runtime: Runtime) -> None:
         self.accelerator, self.runtime = accelerator, runtime
         self.model = model.to(accelerator.device)
         # The optimizer goes through Accelerate for fp16 loss scaling; the model needs no wrapper.
@@ -81,7 +84,7 @@ class PlainEngine:
             for p in self.trainable:
                 torch.distributed.broadcast(p.data, src=0)
 
-    def forward(self, fn, *args):
+    def forward(self, fn: Callable, *args: Any) -> Any:
         return fn(self.model, *args)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -108,10 +111,10 @@ class PlainEngine:
             else:
                 p.grad.copy_(g)
 
-    def unwrap(self):
+    def unwrap(self) -> torch.nn.Module:
         return self.model
 
-    def gathered(self, params=None):
+    def gathered(self, params: list | None = None) -> ContextManager:
         return contextlib.nullcontext()
 
     def adapter_state_dict(self) -> dict | None:
@@ -135,7 +138,8 @@ class PlainEngine:
         missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
         if missing:
             raise PhituneError(
-                f"{path}: checkpoint does not match this model/method ({len(missing)} trainable tensors missing, e.g. {missing[0]}); "
+                f"{path}: checkpoint does not match this model/method ({len(missing)} trainable tensors missing, "
+                f"e.g. {missing[0]}); "
                 "resume with the configuration the run started with"
             )
         with torch.no_grad():
@@ -154,16 +158,18 @@ class DeepSpeedEngine:
 
     TAG = "zero"
 
-    def __init__(self, model, optimizer, runtime: Runtime, config: dict):
+    def __init__(self, model, optimizer, runtime: Runtime, config: dict) -> None:
         import deepspeed
 
         self.runtime = runtime
         self.config = config
         self.stage = self.config["zero_optimization"]["stage"]
         self.sharded = self.stage == 3
-        self.model, self.optimizer, _, _ = deepspeed.initialize(model=CallThrough(model), optimizer=optimizer, config=self.config)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=CallThrough(model), optimizer=optimizer, config=self.config
+        )
 
-    def forward(self, fn, *args):
+    def forward(self, fn: Callable, *args: Any) -> Any:
         return self.model(fn, *args)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -175,10 +181,10 @@ class DeepSpeedEngine:
         norm = self.model.get_global_grad_norm()
         return None if norm is None else float(norm)
 
-    def unwrap(self):
+    def unwrap(self) -> torch.nn.Module:
         return self.model.module.inner
 
-    def gathered(self, params=None):
+    def gathered(self, params: list | None = None) -> ContextManager:
         """Under ZeRO-3 each process holds a shard of every parameter: gather them (on every
         process, a collective) before reading or saving weights."""
         if self.stage != 3:
@@ -216,17 +222,30 @@ class DeepSpeedEngine:
 
     def save_weights(self, path: Path) -> None:
         # Every process writes its own optimizer shard; frozen base weights are not repeated.
-        self.model.save_checkpoint(str(path / "deepspeed"), tag=self.TAG, save_latest=False,
-                                   exclude_frozen_parameters=any(not p.requires_grad for p in self.unwrap().parameters()))
+        self.model.save_checkpoint(
+            str(path / "deepspeed"),
+            tag=self.TAG,
+            save_latest=False,
+            exclude_frozen_parameters=any(not p.requires_grad for p in self.unwrap().parameters()),
+        )
 
     def load_weights(self, path: Path) -> None:
         if not (path / "deepspeed" / self.TAG).is_dir():
-            raise PhituneError(f"{path}: not a DeepSpeed checkpoint (no deepspeed/{self.TAG}/); resume with the "
-                               "distributed settings the run started with")
-        loaded, _ = self.model.load_checkpoint(str(path / "deepspeed"), tag=self.TAG, load_module_strict=False,
-                                               load_optimizer_states=True, load_lr_scheduler_states=False)
+            raise PhituneError(
+                f"{path}: not a DeepSpeed checkpoint (no deepspeed/{self.TAG}/); resume with the "
+                "distributed settings the run started with"
+            )
+        loaded, _ = self.model.load_checkpoint(
+            str(path / "deepspeed"),
+            tag=self.TAG,
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
         if loaded is None:
-            raise PhituneError(f"{path}: DeepSpeed could not load this checkpoint; resume with the same number of processes")
+            raise PhituneError(
+                f"{path}: DeepSpeed could not load this checkpoint; resume with the same number of processes"
+            )
 
 
 class FsdpEngine:
@@ -235,16 +254,22 @@ class FsdpEngine:
     backward, gradients reduce-scattered. The root is a `CallThrough`, so the loss's separate
     decoder and head calls still run inside the root's forward hooks."""
 
-    def __init__(self, model, make_optimizer, runtime: Runtime, precision: str, device):
+    def __init__(self, model, make_optimizer, runtime: Runtime, precision: str, device) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         self.runtime = runtime
         self.sharded = True
         model = model.to(device)
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if precision == "bf16"
+            else MixedPrecisionPolicy()
+        )
         layers = set(getattr(_transformer(model), "_no_split_modules", None) or ())
         if not layers:
-            raise PhituneError("distributed.strategy: fsdp needs the model's decoder layer class (_no_split_modules); use deepspeed")
+            raise PhituneError(
+                "distributed.strategy: fsdp needs the model's decoder layer class (_no_split_modules); use deepspeed"
+            )
         for module in model.modules():
             if type(module).__name__ in layers:
                 fully_shard(module, mp_policy=policy)
@@ -252,7 +277,7 @@ class FsdpEngine:
         self.optimizer = make_optimizer(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
-    def forward(self, fn, *args):
+    def forward(self, fn: Callable, *args: Any) -> Any:
         return self.model(fn, *args)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -267,10 +292,10 @@ class FsdpEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def unwrap(self):
+    def unwrap(self) -> torch.nn.Module:
         return self.model.inner
 
-    def gathered(self, params=None):
+    def gathered(self, params: list | None = None) -> ContextManager:
         return contextlib.nullcontext()  # whole weights come from whole_state_dict() instead
 
     def whole_state_dict(self, names: set[str] | None = None) -> dict:
@@ -288,7 +313,9 @@ class FsdpEngine:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=StateDictOptions(ignore_frozen_params=True))
+        model_sd, optim_sd = get_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(ignore_frozen_params=True)
+        )
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path / "fsdp"))
 
     def load_weights(self, path: Path) -> None:
@@ -296,20 +323,29 @@ class FsdpEngine:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
         if not (path / "fsdp").is_dir():
-            raise PhituneError(f"{path}: not an FSDP checkpoint (no fsdp/); resume with the distributed settings the run started with")
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=StateDictOptions(ignore_frozen_params=True))
+            raise PhituneError(
+                f"{path}: not an FSDP checkpoint (no fsdp/); resume with the distributed settings the run started with"
+            )
+        model_sd, optim_sd = get_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(ignore_frozen_params=True)
+        )
         state = {"model": model_sd, "optimizer": optim_sd}
         dcp.load(state, checkpoint_id=str(path / "fsdp"))
         # Frozen base weights are not in the checkpoint (they come from the base model): not strict.
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),
+        )
 
 
 def _transformer(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def adapter_tensor_names(model) -> set[str]:
+def adapter_tensor_names(model: torch.nn.Module) -> set[str]:
     """Which of the model's tensors PEFT saves in an adapter, asked of PEFT itself: it is handed
     placeholders and the ones that come back are the answer. Not only the trainable ones: with an
     embedding or the output head among the targets PEFT also saves that layer's frozen base
@@ -321,12 +357,26 @@ def adapter_tensor_names(model) -> set[str]:
     return {by_id[id(v)] for v in get_peft_model_state_dict(model, state_dict=probes).values() if id(v) in by_id}
 
 
-def build_engine(strategy: str, *, model, make_optimizer, accelerator, runtime: Runtime, precision: str,
-                 deepspeed_config: dict | None) -> Engine:
+def build_engine(
+    strategy: str,
+    *,
+    model: torch.nn.Module,
+    make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
+    accelerator: Accelerator,
+    runtime: Runtime,
+    precision: str,
+    deepspeed_config: dict | None,
+) -> Engine:
     """The engine for `runtime.strategy`; `make_optimizer(module)` builds the optimizer on the
     parameters the engine trains (FSDP's are the sharded ones)."""
-    return ENGINES[strategy](model=model, make_optimizer=make_optimizer, accelerator=accelerator, runtime=runtime,
-                             precision=precision, deepspeed_config=deepspeed_config)
+    return ENGINES[strategy](
+        model=model,
+        make_optimizer=make_optimizer,
+        accelerator=accelerator,
+        runtime=runtime,
+        precision=precision,
+        deepspeed_config=deepspeed_config,
+    )
 
 
 def _plain(*, model, make_optimizer, accelerator, runtime, **_) -> Engine:

@@ -4,7 +4,7 @@
 class PhituneError(Exception):
     """A problem the user can fix. The message says what is wrong, where, and the fix."""
 
-    def __init__(self, message: str, *, problems: list[str] | None = None):
+    def __init__(self, message: str, *, problems: list[str] | None = None) -> None:
         super().__init__(message)
         self.problems = problems or []
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from phitune.data.chat import turn_closers
 
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
-def end_of_turn_ids(model, tokenizer) -> list[int]:
+
+def end_of_turn_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """eos plus the chat template's end-of-turn token(s), so generation stops after one reply."""
     ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
     out = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
@@ -16,7 +22,7 @@ def end_of_turn_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in out if i is not None)
 
 
-def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict]) -> list[int]:
     """A conversation through the chat template, ready for the assistant's turn; or raw text
     (`data.chat_template: false`, templates), tokenized as training tokenized its prompts."""
     if isinstance(prompt, str):
@@ -26,16 +32,29 @@ def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
 
 
 @torch.no_grad()
-def complete_batch(model, tokenizer, prompts: list[str | list[dict]], batch_size: int = 16, max_new_tokens: int = 64,
-                   synced: bool = False, *, temperature: float = 0.0, seed: int = 0) -> list[str]:
+def complete_batch(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str | list[dict]],
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    synced: bool = False,
+    *,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> list[str]:
     """One reply per prompt, several at a time: prompts left-padded (so every row's next token is
     in the last column), KV cache on, stopping at the end-of-turn token. Prompts are grouped by
     length to pad little; replies come back in input order. `synced`: the model is sharded over
     processes (ZeRO-3, FSDP), so each keeps running forwards until all have finished."""
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=end_of_turn_ids(model, tokenizer),
-                  pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=end_of_turn_ids(model, tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
     if synced:
         kwargs["synced_gpus"] = True
     if temperature > 0:
@@ -50,8 +69,8 @@ def complete_batch(model, tokenizer, prompts: list[str | list[dict]], batch_size
         input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
         for r, i in enumerate(rows):
-            input_ids[r, width - len(ids[i]):] = torch.tensor(ids[i])
-            mask[r, width - len(ids[i]):] = 1
+            input_ids[r, width - len(ids[i]) :] = torch.tensor(ids[i])
+            mask[r, width - len(ids[i]) :] = 1
         out = model.generate(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device), **kwargs)
         for r, i in enumerate(rows):
             replies[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
@@ -59,18 +78,36 @@ def complete_batch(model, tokenizer, prompts: list[str | list[dict]], batch_size
 
 
 @torch.no_grad()
-def greedy_ids(model, tokenizer, ids: list[int], *, max_new_tokens: int) -> list[int]:
+def greedy_ids(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ids: list[int], *, max_new_tokens: int
+) -> list[int]:
     """The greedy reply to prompt `ids` as token ids, without the end-of-turn token: the reference
     other runtimes (ONNX) are checked against."""
     stops = end_of_turn_ids(model, tokenizer)
     x = torch.tensor([ids], device=model.device)
-    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
-                         temperature=None, top_p=None, top_k=None, eos_token_id=stops,
-                         pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+    out = model.generate(
+        input_ids=x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        eos_token_id=stops,
+        pad_token_id=tokenizer.pad_token_id,
+    )[0, len(ids) :].tolist()
     return out[: next((i for i, t in enumerate(out) if t in stops), len(out))]
 
 
-def chat_complete(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 64, temperature: float = 0.0,
-                  seed: int = 0) -> str:
-    return complete_batch(model, tokenizer, [messages], max_new_tokens=max_new_tokens, temperature=temperature,
-                          seed=seed)[0]
+def chat_complete(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> str:
+    return complete_batch(
+        model, tokenizer, [messages], max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+    )[0]

@@ -18,7 +18,13 @@ benchmarks/auto_vs_trl.py measures the result against hand-set TRL on the real m
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from phitune.config import Config, TrainingConfig
+    from phitune.data.dataset import TrainData
 
 AUTO = "auto"
 AUTO_KEYS = ("epochs", "batch_size", "learning_rate")
@@ -39,7 +45,12 @@ class Choice:
     why: str
 
     def as_dict(self) -> dict:
-        return {"epochs": self.epochs, "batch_size": self.batch_size, "learning_rate": self.learning_rate, "why": self.why}
+        return {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "why": self.why,
+        }
 
 
 def auto_batch_size(examples: int, multiple: int = 1) -> int:
@@ -67,17 +78,28 @@ def auto_learning_rate(hidden_size: int | None, method: str, objective: str) -> 
     return float(f"{rate:.2g}")
 
 
-def choose(*, examples: int, tokens: int | None, hidden_size: int | None, method: str, objective: str = "sft",
-           batch_multiple: int = 1) -> Choice:
+def choose(
+    *,
+    examples: int,
+    tokens: int | None,
+    hidden_size: int | None,
+    method: str,
+    objective: str = "sft",
+    batch_multiple: int = 1,
+) -> Choice:
     batch = auto_batch_size(examples, batch_multiple)
     epochs = auto_epochs(examples, tokens, batch)
     rate = auto_learning_rate(hidden_size, method, objective)
     seen = f"{examples} examples" + (f", {tokens:,} tokens" if tokens else "")
-    return Choice(epochs, batch, rate, f"{seen}; hidden size {hidden_size or 'unknown'}, {method}"
-                  + (" dpo" if objective == "dpo" else ""))
+    return Choice(
+        epochs,
+        batch,
+        rate,
+        f"{seen}; hidden size {hidden_size or 'unknown'}, {method}" + (" dpo" if objective == "dpo" else ""),
+    )
 
 
-def resolve(training, choice_for) -> tuple[object, dict]:
+def resolve(training: TrainingConfig, choice_for: Callable[[str], object]) -> tuple[object, dict]:
     """A TrainingConfig with its `auto` values replaced, and {key: value} of those replaced.
     `choice_for()` is called only when something is auto (it may load a config or count tokens)."""
     wanted = [k for k in AUTO_KEYS if getattr(training, k) == AUTO and not (k == "epochs" and training.max_steps)]
@@ -89,22 +111,26 @@ def resolve(training, choice_for) -> tuple[object, dict]:
     return training.model_copy(update=ignored | chosen), chosen | {"why": choice.why}
 
 
-def for_run(cfg, data, world: int = 1):
+def for_run(cfg: Config, data: TrainData, world: int = 1) -> tuple[Config, dict]:
     """The run's config with training's `auto` values chosen from its loaded data, and the record
     of what was chosen for run.json ({} when nothing was auto)."""
     m, t = cfg.model, cfg.training
 
     def choice() -> Choice:
-        return choose(examples=len(data.train_examples), tokens=sum(data.train.full_lengths) or None,
-                      hidden_size=model_width(m.name_or_path, trust_remote_code=m.trust_remote_code, revision=m.revision),
-                      method=cfg.method.name, objective=cfg.method.objective,
-                      batch_multiple=world * t.gradient_accumulation_steps)
+        return choose(
+            examples=len(data.train_examples),
+            tokens=sum(data.train.full_lengths) or None,
+            hidden_size=model_width(m.name_or_path, trust_remote_code=m.trust_remote_code, revision=m.revision),
+            method=cfg.method.name,
+            objective=cfg.method.objective,
+            batch_multiple=world * t.gradient_accumulation_steps,
+        )
 
     training, chosen = resolve(t, choice)
     return cfg.model_copy(update={"training": training}), chosen
 
 
-def for_manifest(cfg, examples: int | None, width: int | None = None) -> tuple[object, list[str]]:
+def for_manifest(cfg: Config, examples: int | None, width: int | None = None) -> tuple[object, list[str]]:
     """For a manifest that another trainer runs (KAITO): `auto` resolved from the local training
     file's row count and the model's config, or the problems that keep it from being resolved."""
     t, m = cfg.training, cfg.model
@@ -112,27 +138,42 @@ def for_manifest(cfg, examples: int | None, width: int | None = None) -> tuple[o
         width = model_width(m.name_or_path, trust_remote_code=m.trust_remote_code, revision=m.revision, local_only=True)
     problems = []
     if examples is None and (t.batch_size == AUTO or (t.epochs == AUTO and not t.max_steps)):
-        problems.append(f"training.batch_size / training.epochs: auto counts the examples of data.train ({cfg.data.train}), "
-                        "which has no readable rows here; set both")
+        problems.append(
+            f"training.batch_size / training.epochs: auto counts the examples of data.train ({cfg.data.train}), "
+            "which has no readable rows here; set both"
+        )
     if width is None and t.learning_rate == AUTO:
-        problems.append(f"training.learning_rate: auto reads the hidden size from {m.name_or_path}'s config, which is "
-                        "not available here; set it (phitune's rule: LoRA 1e-3 x 576 / hidden_size)")
+        problems.append(
+            f"training.learning_rate: auto reads the hidden size from {m.name_or_path}'s config, which is "
+            "not available here; set it (phitune's rule: LoRA 1e-3 x 576 / hidden_size)"
+        )
     if problems:
         return cfg, problems
-    training, _ = resolve(t, lambda: choose(examples=examples or 0, tokens=None, hidden_size=width, method=cfg.method.name,
-                                            objective=cfg.method.objective, batch_multiple=t.gradient_accumulation_steps))
+    training, _ = resolve(
+        t,
+        lambda: choose(
+            examples=examples or 0,
+            tokens=None,
+            hidden_size=width,
+            method=cfg.method.name,
+            objective=cfg.method.objective,
+            batch_multiple=t.gradient_accumulation_steps,
+        ),
+    )
     return cfg.model_copy(update={"training": training}), []
 
 
-def model_width(name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None,
-                local_only: bool = False) -> int | None:
+def model_width(
+    name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None, local_only: bool = False
+) -> int | None:
     """The model's hidden size from its config (None when it cannot be read). `local_only`: a
     directory or the hub cache, never the network (for commands that do not train)."""
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision,
-                                            local_files_only=local_only)
+        config = AutoConfig.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, revision=revision, local_files_only=local_only
+        )
     except (OSError, ValueError):
         return None
     config = getattr(config, "text_config", None) or config

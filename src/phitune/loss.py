@@ -24,7 +24,9 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
 
 
-def labelled_logits(model, batch: dict[str, torch.Tensor], virtual_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def labelled_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], virtual_tokens: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(fp32 logits of the positions that predict a label, their targets, their row index)."""
     labels = batch["labels"]
     targets = labels[:, 1:]
@@ -44,7 +46,9 @@ def labelled_logits(model, batch: dict[str, torch.Tensor], virtual_tokens: int =
     return logits.float(), targets[keep], rows
 
 
-def token_loss(model, batch: dict[str, torch.Tensor], virtual_tokens: int = 0) -> tuple[torch.Tensor, int, int]:
+def token_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], virtual_tokens: int = 0
+) -> tuple[torch.Tensor, int, int]:
     """(sum of token cross-entropies, number of trained tokens, number predicted correctly)."""
     logits, target, _ = labelled_logits(model, batch, virtual_tokens)
     loss = F.cross_entropy(logits, target, reduction="sum")
@@ -53,7 +57,7 @@ def token_loss(model, batch: dict[str, torch.Tensor], virtual_tokens: int = 0) -
     return loss, int(target.numel()), correct
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of the log-probabilities of each row's trained tokens (DPO's log pi(y|x))."""
     logits, target, rows = labelled_logits(model, batch)
     token_logps = -F.cross_entropy(logits, target, reduction="none")

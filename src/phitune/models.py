@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -16,6 +16,9 @@ from torch import nn
 from phitune.config import Config, MethodConfig, ModelConfig, looks_local
 from phitune.errors import PhituneError
 from phitune.sources import check_source
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger("phitune")
 
@@ -53,18 +56,21 @@ def resolve_compute_dtype(method_cfg: MethodConfig) -> torch.dtype:
 def _hub_error(name: str, exc: Exception) -> PhituneError:
     where = "local directory" if looks_local(name) else "hub id"
     return PhituneError(
-        f"model.name_or_path: could not load {where} {name!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+        f"model.name_or_path: could not load {where} {name!r} ({type(exc).__name__}: "
+        f"{str(exc).splitlines()[0][:200]}); "
         "give an existing model directory (e.g. from `phitune create-model`) or a hub id reachable from this machine"
     )
 
 
-def load_tokenizer(model_cfg: ModelConfig):
+def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     name = model_cfg.tokenizer or model_cfg.name_or_path
     check_source(name, "model.tokenizer" if model_cfg.tokenizer else "model.name_or_path")
     try:
-        tok = AutoTokenizer.from_pretrained(name, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            name, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+        )
     except (OSError, ValueError) as exc:
         raise _hub_error(name, exc) from exc
     # A missing chat template is reported by the data pipeline, where an example needs one.
@@ -72,7 +78,7 @@ def load_tokenizer(model_cfg: ModelConfig):
     return tok
 
 
-def ensure_distinct_pad(tok) -> None:
+def ensure_distinct_pad(tok: PreTrainedTokenizerBase) -> None:
     """Give the tokenizer a pad token that is not eos, reusing one of its own tokens.
 
     Masking never depends on the pad id (labels come from positions), but tools downstream
@@ -89,24 +95,32 @@ def ensure_distinct_pad(tok) -> None:
     tok.pad_token = tok.eos_token
 
 
-HEADS = {"causal": "AutoModelForCausalLM", "sequence": "AutoModelForSequenceClassification",
-         "token": "AutoModelForTokenClassification"}
+HEADS = {
+    "causal": "AutoModelForCausalLM",
+    "sequence": "AutoModelForSequenceClassification",
+    "token": "AutoModelForTokenClassification",
+}
 PEFT_TASKS = {"causal": "CAUSAL_LM", "sequence": "SEQ_CLS", "token": "TOKEN_CLS"}
 # The new, randomly initialised classification layers: trained in full, never given an adapter.
 CLASSIFIER_NAMES = ("score", "classifier")
 
 
-def load_model(cfg: Config, device: torch.device, precision: str = "no", head: str = "causal", labels: list[str] | None = None):
+def load_model(
+    cfg: Config, device: torch.device, precision: str = "no", head: str = "causal", labels: list[str] | None = None
+) -> PreTrainedModel:
     """`precision` is Accelerate's mixed-precision mode ("no", "bf16", "fp16"); `head` picks the
     transformers class: a causal LM, or a sequence / token classifier over `labels`."""
     import transformers
 
     auto = getattr(transformers, HEADS[head])
     m = cfg.model
-    kwargs: dict = dict(revision=m.revision, trust_remote_code=m.trust_remote_code,
-                        dtype=resolve_dtype(m, cfg.method.name, precision))
+    kwargs: dict = dict(
+        revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=resolve_dtype(m, cfg.method.name, precision)
+    )
     if labels is not None:
-        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)})
+        kwargs.update(
+            num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)}
+        )
     if m.attn_implementation != "auto":
         kwargs["attn_implementation"] = m.attn_implementation
     if cfg.method.name == "qlora":
@@ -116,22 +130,28 @@ def load_model(cfg: Config, device: torch.device, precision: str = "no", head: s
     try:
         model = auto.from_pretrained(m.name_or_path, **kwargs)
     except ImportError as exc:
-        raise PhituneError(f"{exc}".splitlines()[0] + "; install the missing package (for QLoRA: pip install 'phitune[qlora]')") from exc
+        raise PhituneError(
+            f"{exc}".splitlines()[0] + "; install the missing package (for QLoRA: pip install 'phitune[qlora]')"
+        ) from exc
     except (OSError, ValueError) as exc:
         if head != "causal" and "Unrecognized configuration class" in str(exc):
-            raise PhituneError(f"task.head: transformers has no {HEADS[head]} for this model's architecture; "
-                               "use the generative task (task.head: false)") from exc
+            raise PhituneError(
+                f"task.head: transformers has no {HEADS[head]} for this model's architecture; "
+                "use the generative task (task.head: false)"
+            ) from exc
         raise _hub_error(m.name_or_path, exc) from exc
     if getattr(model.config, "phitune_untrained", False):
         log.info("note: %s is an UNTRAINED model made by phitune create-model (random weights)", m.name_or_path)
     return model
 
 
-def qlora_quantization(method: MethodConfig):
+def qlora_quantization(method: MethodConfig) -> BitsAndBytesConfig:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as exc:
-        raise PhituneError("method qlora needs bitsandbytes: pip install 'phitune[qlora]' (or pip install bitsandbytes)") from exc
+        raise PhituneError(
+            "method qlora needs bitsandbytes: pip install 'phitune[qlora]' (or pip install bitsandbytes)"
+        ) from exc
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -146,12 +166,20 @@ BASE_QUANTIZATION = "base_quantization.json"  # beside a QLoRA adapter: the 4-bi
 
 
 def write_base_quantization(adapter_dir: Path, method: MethodConfig) -> None:
-    (Path(adapter_dir) / BASE_QUANTIZATION).write_text(json.dumps({
-        "quant_type": method.quant_type, "double_quant": method.double_quant,
-        "compute_dtype": str(resolve_compute_dtype(method)).removeprefix("torch.")}, indent=2) + "\n")
+    (Path(adapter_dir) / BASE_QUANTIZATION).write_text(
+        json.dumps(
+            {
+                "quant_type": method.quant_type,
+                "double_quant": method.double_quant,
+                "compute_dtype": str(resolve_compute_dtype(method)).removeprefix("torch."),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
-def trained_quantization(adapter: str | None):
+def trained_quantization(adapter: str | None) -> BitsAndBytesConfig | None:
     """The BitsAndBytesConfig of the base a QLoRA adapter was trained on, or None. The adapter
     learned to correct that 4-bit base: on the unquantised weights it answers differently."""
     spec = Path(adapter) / BASE_QUANTIZATION if adapter else None
@@ -161,17 +189,23 @@ def trained_quantization(adapter: str | None):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        log.warning("%s was trained on a 4-bit base; without bitsandbytes it runs on the unquantised weights and "
-                    "answers differently (pip install 'phitune[qlora]')", adapter)
+        log.warning(
+            "%s was trained on a 4-bit base; without bitsandbytes it runs on the unquantised weights and "
+            "answers differently (pip install 'phitune[qlora]')",
+            adapter,
+        )
         return None
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q["quant_type"],
-                              bnb_4bit_use_double_quant=q["double_quant"],
-                              bnb_4bit_compute_dtype=getattr(torch, q["compute_dtype"]))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q["quant_type"],
+        bnb_4bit_use_double_quant=q["double_quant"],
+        bnb_4bit_compute_dtype=getattr(torch, q["compute_dtype"]),
+    )
 
 
-def merged_model(model, dtype: torch.dtype = torch.float32):
+def merged_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A PEFT model folded into a plain transformers model: PEFT's merge, or over a 4-bit base
     `merged_quantized`."""
     if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
@@ -179,7 +213,7 @@ def merged_model(model, dtype: torch.dtype = torch.float32):
     return model.merge_and_unload()
 
 
-def merged_quantized(model, dtype: torch.dtype):
+def merged_quantized(model: nn.Module, dtype: torch.dtype) -> PreTrainedModel:
     """A PEFT model over a 4-bit base, merged into a plain full-precision model: each adapted layer
     gets dequant(4-bit weight) + the adapter's delta, so the result computes exactly what the run
     trained. (PEFT's own merge re-quantizes the sum to 4 bits; folding into the unquantised
@@ -207,8 +241,10 @@ def merged_quantized(model, dtype: torch.dtype):
     for key in plain.state_dict():
         value = merged.get(key, original.get(key))
         if value is None:
-            raise PhituneError(f"merge: {key} is not in the 4-bit model; merge this QLoRA adapter with --base on the "
-                               "unquantised model instead")
+            raise PhituneError(
+                f"merge: {key} is not in the 4-bit model; merge this QLoRA adapter with --base on the "
+                "unquantised model instead"
+            )
         state[key] = value.to(dtype)
     plain.load_state_dict(state, strict=True)
     return plain
@@ -228,7 +264,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return sorted(names - set(CLASSIFIER_NAMES))
 
 
-def resolve_target_modules(model: nn.Module, target) -> list[str]:
+def resolve_target_modules(model: nn.Module, target: str | list[str]) -> list[str]:
     available = linear_module_names(model)
     if target == "all-linear":
         if not available:
@@ -245,7 +281,8 @@ def resolve_target_modules(model: nn.Module, target) -> list[str]:
     if unknown or not_linear:
         bad = ", ".join(unknown + not_linear)
         raise PhituneError(
-            f"method.target_modules: {bad} {'is' if len(unknown + not_linear) == 1 else 'are'} not a linear layer of this model; "
+            f"method.target_modules: {bad} {'is' if len(unknown + not_linear) == 1 else 'are'} not a linear layer of "
+            "this model; "
             f"linear layers are: {', '.join(available)} (or use 'all-linear')"
         )
     return wanted
@@ -273,9 +310,16 @@ def _lora(model, cfg: Config, tokenizer, task_type: str):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     init = True if m.init == "default" else m.init
     peft_cfg = LoraConfig(
-        r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, bias="none", task_type=task_type,
-        target_modules=resolve_target_modules(model, m.target_modules), modules_to_save=m.modules_to_save,
-        use_rslora=m.use_rslora, use_dora=m.name == "dora", init_lora_weights=init,
+        r=m.r,
+        lora_alpha=m.alpha,
+        lora_dropout=m.dropout,
+        bias="none",
+        task_type=task_type,
+        target_modules=resolve_target_modules(model, m.target_modules),
+        modules_to_save=m.modules_to_save,
+        use_rslora=m.use_rslora,
+        use_dora=m.name == "dora",
+        init_lora_weights=init,
     )
     return _attach(model, peft_cfg)
 
@@ -285,8 +329,10 @@ def _ia3(model, cfg: Config, tokenizer, task_type: str):
 
     targets = resolve_target_modules(model, cfg.method.target_modules)
     peft_cfg = IA3Config(
-        task_type=task_type, target_modules=targets,
-        feedforward_modules=[t for t in targets if t in FEEDFORWARD_OUT], modules_to_save=cfg.method.modules_to_save,
+        task_type=task_type,
+        target_modules=targets,
+        feedforward_modules=[t for t in targets if t in FEEDFORWARD_OUT],
+        modules_to_save=cfg.method.modules_to_save,
     )
     return _attach(model, peft_cfg)
 
@@ -297,9 +343,11 @@ def _prompt_tuning(model, cfg: Config, tokenizer, task_type: str):
     m = cfg.method
     text = m.prompt_init_text
     peft_cfg = PromptTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=m.num_virtual_tokens,
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=m.num_virtual_tokens,
         prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.RANDOM,
-        prompt_tuning_init_text=text, tokenizer_name_or_path=cfg.model.tokenizer or cfg.model.name_or_path,
+        prompt_tuning_init_text=text,
+        tokenizer_name_or_path=cfg.model.tokenizer or cfg.model.name_or_path,
     )
     return _attach(model, peft_cfg)
 
@@ -310,7 +358,9 @@ def _attach(model, peft_cfg):
     try:
         return get_peft_model(model, peft_cfg)
     except (ValueError, TypeError, NotImplementedError) as exc:
-        raise PhituneError(f"method: peft could not apply {type(peft_cfg).__name__} to this model: {str(exc).splitlines()[0]}") from exc
+        raise PhituneError(
+            f"method: peft could not apply {type(peft_cfg).__name__} to this model: {str(exc).splitlines()[0]}"
+        ) from exc
 
 
 METHOD_BUILDERS: dict[str, Callable] = {
@@ -323,13 +373,13 @@ METHOD_BUILDERS: dict[str, Callable] = {
 }
 
 
-def apply_method(model, cfg: Config, tokenizer, head: str = "causal"):
+def apply_method(model: nn.Module, cfg: Config, tokenizer: PreTrainedTokenizerBase, head: str = "causal") -> nn.Module:
     """Attach the method; with a classification head, PEFT's SEQ_CLS / TOKEN_CLS task types train
     the head in full and save it with the adapter."""
     return METHOD_BUILDERS[cfg.method.name](model, cfg, tokenizer, PEFT_TASKS[head])
 
 
-def num_virtual_tokens(model) -> int:
+def num_virtual_tokens(model: nn.Module) -> int:
     """Prompt-learning methods prepend virtual tokens whose outputs the loss must skip."""
     peft_config = getattr(model, "peft_config", None)
     if not peft_config:
@@ -366,14 +416,24 @@ def refuse_classifier(path: str) -> None:
     specs = [Path(path) / "task.json", Path(path).parent / "task.json"]  # OUT/adapter, or OUT beside it
     spec = next((p for p in specs if p.is_file()), None)
     if spec is not None and json.loads(spec.read_text()).get("head"):
-        raise PhituneError(f"{path}: a classification-head run (task.json: head true) cannot generate text or be merged "
-                           "into a causal LM; load it with AutoModelForSequenceClassification / "
-                           "AutoModelForTokenClassification + PeftModel (see the README's Objectives)")
+        raise PhituneError(
+            f"{path}: a classification-head run (task.json: head true) cannot generate text or be merged "
+            "into a causal LM; load it with AutoModelForSequenceClassification / "
+            "AutoModelForTokenClassification + PeftModel (see the README's Objectives)"
+        )
 
 
-def load_for_inference(model_path: str, adapter: str | None = None, *, dtype: torch.dtype = torch.float32,
-                       device: str | torch.device | None = None, trust_remote_code: bool = False,
-                       head: str = "causal", labels: list[str] | None = None, safetensors_only: bool = False):
+def load_for_inference(
+    model_path: str,
+    adapter: str | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+    head: str = "causal",
+    labels: list[str] | None = None,
+    safetensors_only: bool = False,
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Base (+ adapter) in eval mode with its tokenizer; the same path `generate`, `eval` and tests
     use. `head`/`labels` load a classification run (or, for a base, a freshly initialised head:
     seeded, so a baseline scores the same every time). `safetensors_only` (the service) refuses
@@ -392,7 +452,9 @@ def load_for_inference(model_path: str, adapter: str | None = None, *, dtype: to
     tok_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
     kwargs: dict = {"use_safetensors": True} if safetensors_only else {}
     if labels is not None:
-        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)})
+        kwargs.update(
+            num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)}
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trust_remote_code)
         torch.manual_seed(0)
@@ -400,7 +462,9 @@ def load_for_inference(model_path: str, adapter: str | None = None, *, dtype: to
         quantization = trained_quantization(adapter)
         if quantization is not None:  # placed (and quantized) on the device as it loads: a 4-bit model is not moved
             kwargs.update(quantization_config=quantization, device_map={"": str(device)})
-        model = getattr(transformers, HEADS[head]).from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        model = getattr(transformers, HEADS[head]).from_pretrained(
+            model_path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+        )
     except (OSError, ValueError) as exc:
         raise _hub_error(model_path, exc) from exc
     if adapter:

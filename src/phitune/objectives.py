@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, ContextManager, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -204,20 +204,27 @@ class DPO:
         chosen = self.beta * (policy[:n] - ref[:n])
         rejected = self.beta * (policy[n:] - ref[n:])
         loss = -F.logsigmoid(chosen - rejected).sum()
-        sums = {"reward_chosen": float(chosen.sum()), "reward_rejected": float(rejected.sum()),
-                "correct": int((chosen > rejected).sum())}
+        sums = {
+            "reward_chosen": float(chosen.sum()),
+            "reward_rejected": float(rejected.sum()),
+            "correct": int((chosen > rejected).sum()),
+        }
         return loss, sums
 
     def metrics(self, sums: dict, count: int) -> dict:
         c, r = sums.get("reward_chosen", 0.0) / max(count, 1), sums.get("reward_rejected", 0.0) / max(count, 1)
-        return {"reward_chosen": c, "reward_rejected": r, "reward_margin": c - r,
-                "reward_accuracy": sums.get("correct", 0) / max(count, 1)}
+        return {
+            "reward_chosen": c,
+            "reward_rejected": r,
+            "reward_margin": c - r,
+            "reward_accuracy": sums.get("correct", 0) / max(count, 1),
+        }
 
     def eval_metrics(self, loss: float, sums: dict, count: int) -> dict:
         return self.metrics(sums, count)
 
 
-def adapter_disabled(model: torch.nn.Module):
+def adapter_disabled(model: torch.nn.Module) -> tuple[torch.nn.Module, ContextManager]:
     """Reference = the base under the adapter: PEFT's disable_adapter() context."""
     inner = model.module if hasattr(model, "module") and hasattr(model.module, "disable_adapter") else model
     return inner, inner.disable_adapter()
@@ -234,9 +241,17 @@ def add_sums(total: dict, part: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate(objective: Objective, model: torch.nn.Module, examples: list, *, batch_size: int, device: torch.device,
-             autocast: Callable = contextlib.nullcontext, runtime: Runtime | None = None,
-             forward: Callable | None = None) -> dict:
+def evaluate(
+    objective: Objective,
+    model: torch.nn.Module,
+    examples: list,
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast: Callable = contextlib.nullcontext,
+    runtime: Runtime | None = None,
+    forward: Callable | None = None,
+) -> dict:
     """Loss and metrics over held-out examples (in length order: little padding). With several
     processes each takes every world-th batch and the sums are added up; a process without a batch
     in the last round runs a zero-weighted one (sharded models need every process in a forward).
@@ -275,14 +290,22 @@ def objective_kind(spec: TaskSpec, objective: str) -> str:
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "sft": lambda spec, pad, virtual, beta, reference: SFT(pad, virtual),
     "dpo": lambda spec, pad, virtual, beta, reference: DPO(
-        pad, beta, frozen_copy(reference) if reference is not None else adapter_disabled),
+        pad, beta, frozen_copy(reference) if reference is not None else adapter_disabled
+    ),
     "sequence": lambda spec, pad, virtual, beta, reference: SequenceClassification(pad, spec.labels),
     "token": lambda spec, pad, virtual, beta, reference: TokenClassification(pad, spec.tag_labels),
 }
 
 
-def build_objective(spec: TaskSpec, pad_id: int, *, objective: str = "sft", virtual: int = 0,
-                    beta: float | None = None, reference: torch.nn.Module | None = None) -> Objective:
+def build_objective(
+    spec: TaskSpec,
+    pad_id: int,
+    *,
+    objective: str = "sft",
+    virtual: int = 0,
+    beta: float | None = None,
+    reference: torch.nn.Module | None = None,
+) -> Objective:
     """The objective for a task spec and method.objective (a head's spec gives the head's):
     `virtual` prompt-tuning tokens, DPO's `beta`, and `reference`, full fine-tuning's frozen copy
     of the start for DPO (adapters switch themselves off instead)."""

@@ -11,7 +11,7 @@ from typing import Iterator
 from phitune.errors import PhituneError
 
 
-def refuse_non_empty(output, overwrite: bool) -> None:
+def refuse_non_empty(output: str | Path, overwrite: bool) -> None:
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise PhituneError(f"{output}: exists and is not empty; pass --overwrite or choose another --output")
@@ -41,13 +41,14 @@ def checkpoint_dir(root: Path, step: int) -> Path:
 
 
 def checkpoint_step(path: Path) -> int:
-    return int(path.name[len(CHECKPOINT_PREFIX):])
+    return int(path.name[len(CHECKPOINT_PREFIX) :])
 
 
 def list_checkpoints(root: Path) -> list[Path]:
     """The finished checkpoints under ROOT, oldest first (one being written, `.tmp`, is not one)."""
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir()
-            if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and not p.name.endswith(".tmp")]
+    done = [
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and not p.name.endswith(".tmp")
+    ]
     return sorted(done, key=checkpoint_step)

@@ -12,7 +12,7 @@ console = Console(stderr=True)
 
 
 class Progress:
-    def __init__(self, total: int, start: int = 0):
+    def __init__(self, total: int, start: int = 0) -> None:
         self.live = console.is_terminal
         self.total = total
         # Without a terminal, about 25 plain lines per run (plus every evaluation), not one per step.
@@ -20,8 +20,14 @@ class Progress:
         self.bar = None
         if self.live:
             self.bar = RichProgress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=console,
             )
             self.task = self.bar.add_task("train", total=total, completed=start, info="")
             self.bar.start()

@@ -30,27 +30,68 @@ class Task:
     primary: str = "perplexity"  # the metric the task is judged by (best checkpoint, reports)
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("none"),
-    Task("chat", formats=("chat", "sharegpt", "prompt_completion", "alpaca"), metrics=("rouge_l", "exact_match"),
-         generative=True, primary="rouge_l"),
-    Task("classification", fields=("text", "label"), required=(("text", "label"),), instruction="Classify the text.",
-         head=True, metrics=("accuracy", "macro_f1", "valid_label"), generative=True, primary="accuracy"),
-    Task("ner", fields=("tokens", "tags", "text", "entities"), required=(("tokens", "tags"), ("text", "entities")),
-         instruction="Extract the named entities from the text as a JSON list of {\"text\", \"type\"} objects, "
-                     "in order of appearance.",
-         head=True, metrics=("entity_f1", "entity_precision", "entity_recall", "valid_json"), generative=True,
-         primary="entity_f1"),
-    Task("translation", fields=("source", "target"), required=(("source", "target"),),
-         instruction="Translate from {source_language} to {target_language}.", metrics=("bleu", "chrf"),
-         generative=True, primary="chrf"),
-    Task("qa", fields=("question", "context", "answer"), required=(("question", "answer"),),
-         instruction="Answer the question.", metrics=("exact_match", "token_f1"), generative=True, primary="token_f1"),
-    Task("creative", fields=("prompt", "text"), required=(("prompt", "text"),), metrics=("rouge_l", "distinct_2"),
-         generative=True, primary="rouge_l"),
-    Task("domain", formats=("text",)),
-    Task("multiple_choice", trainable=False, metrics=("accuracy", "mc1", "mc2"), primary="accuracy"),
-)}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task("none"),
+        Task(
+            "chat",
+            formats=("chat", "sharegpt", "prompt_completion", "alpaca"),
+            metrics=("rouge_l", "exact_match"),
+            generative=True,
+            primary="rouge_l",
+        ),
+        Task(
+            "classification",
+            fields=("text", "label"),
+            required=(("text", "label"),),
+            instruction="Classify the text.",
+            head=True,
+            metrics=("accuracy", "macro_f1", "valid_label"),
+            generative=True,
+            primary="accuracy",
+        ),
+        Task(
+            "ner",
+            fields=("tokens", "tags", "text", "entities"),
+            required=(("tokens", "tags"), ("text", "entities")),
+            instruction='Extract the named entities from the text as a JSON list of {"text", "type"} objects, '
+            "in order of appearance.",
+            head=True,
+            metrics=("entity_f1", "entity_precision", "entity_recall", "valid_json"),
+            generative=True,
+            primary="entity_f1",
+        ),
+        Task(
+            "translation",
+            fields=("source", "target"),
+            required=(("source", "target"),),
+            instruction="Translate from {source_language} to {target_language}.",
+            metrics=("bleu", "chrf"),
+            generative=True,
+            primary="chrf",
+        ),
+        Task(
+            "qa",
+            fields=("question", "context", "answer"),
+            required=(("question", "answer"),),
+            instruction="Answer the question.",
+            metrics=("exact_match", "token_f1"),
+            generative=True,
+            primary="token_f1",
+        ),
+        Task(
+            "creative",
+            fields=("prompt", "text"),
+            required=(("prompt", "text"),),
+            metrics=("rouge_l", "distinct_2"),
+            generative=True,
+            primary="rouge_l",
+        ),
+        Task("domain", formats=("text",)),
+        Task("multiple_choice", trainable=False, metrics=("accuracy", "mc1", "mc2"), primary="accuracy"),
+    )
+}
 TRAINABLE_TASKS = tuple(name for name, t in TASKS.items() if t.trainable)
 EVAL_TASKS = tuple(TASKS)
 # Tasks whose metric needs generated answers (the others are scored from the loss alone).

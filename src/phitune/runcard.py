@@ -18,13 +18,19 @@ def write_run_card(out: Path, cfg: Config, summary: dict) -> None:
         f"# phitune run: {cfg.method.name} on {cfg.model.name_or_path}",
         "",
         f"- base model: `{cfg.model.name_or_path}`",
-        f"- method: `{cfg.method.name}`" + (f" (r={cfg.method.r}, alpha={cfg.method.alpha}, targets={cfg.method.target_modules})"
-                                             if cfg.method.name in ("lora", "dora", "qlora") else ""),
-        f"- data: train `{cfg.data.train}` ({summary['train_examples']} examples, {summary['truncated_examples']} truncated)"
-        + (f", validation `{cfg.data.validation}`" if cfg.data.validation else ""),
-        f"- trainable parameters: {summary['trainable_parameters']:,}; weights in memory: {summary['weight_memory_mb']} MB",
+        f"- method: `{cfg.method.name}`"
+        + (
+            f" (r={cfg.method.r}, alpha={cfg.method.alpha}, targets={cfg.method.target_modules})"
+            if cfg.method.name in ("lora", "dora", "qlora")
+            else ""
+        ),
+        f"- data: train `{cfg.data.train}` ({summary['train_examples']} examples, {summary['truncated_examples']} "
+        "truncated)" + (f", validation `{cfg.data.validation}`" if cfg.data.validation else ""),
+        f"- trainable parameters: {summary['trainable_parameters']:,}; weights in memory: "
+        f"{summary['weight_memory_mb']} MB",
         f"- steps: {summary['steps']}, trained tokens: {summary['trained_tokens']:,}, time: {summary['elapsed_s']} s",
-        f"- objective: {summary['objective']}" + (f", task: {summary['task']} (OUT/task.json)" if summary["task"] != "none" else ""),
+        f"- objective: {summary['objective']}"
+        + (f", task: {summary['task']} (OUT/task.json)" if summary["task"] != "none" else ""),
         f"- final train loss: {_fmt(summary['final_train_loss'])}",
     ]
     if ev:
@@ -35,14 +41,32 @@ def write_run_card(out: Path, cfg: Config, summary: dict) -> None:
         f"```python\nfrom transformers import {cls}\nfrom peft import PeftModel\n"
         f"base = {cls}.from_pretrained({cfg.model.name_or_path!r}{labels})\n"
         f"model = PeftModel.from_pretrained(base, {str(out / artifact)!r})\n```"
-        if artifact == "adapter" else
-        f"```python\nfrom transformers import {cls}\nmodel = {cls}.from_pretrained({str(out / artifact)!r})\n```"
+        if artifact == "adapter"
+        else f"```python\nfrom transformers import {cls}\nmodel = {cls}.from_pretrained({str(out / artifact)!r})\n```"
     )
-    lines += ["", "## Load it", "", load, "", "## Files", "",
-              f"- `{artifact}/`: the {'PEFT adapter' if artifact == 'adapter' else 'fine-tuned model'} with its tokenizer",
-              "- `metrics.jsonl`: one line per logged step",
-              *(["- `checkpoints/`: resumable checkpoints (`phitune train CONFIG --resume`)"]
-                if (out / "checkpoints").is_dir() else []),
-              "- `config.yaml`: the resolved configuration", "- `run.json`: the numbers above, machine-readable",
-              "", "## Configuration", "", "```yaml", dump_config(cfg).rstrip(), "```", ""]
+    lines += [
+        "",
+        "## Load it",
+        "",
+        load,
+        "",
+        "## Files",
+        "",
+        f"- `{artifact}/`: the {'PEFT adapter' if artifact == 'adapter' else 'fine-tuned model'} with its tokenizer",
+        "- `metrics.jsonl`: one line per logged step",
+        *(
+            ["- `checkpoints/`: resumable checkpoints (`phitune train CONFIG --resume`)"]
+            if (out / "checkpoints").is_dir()
+            else []
+        ),
+        "- `config.yaml`: the resolved configuration",
+        "- `run.json`: the numbers above, machine-readable",
+        "",
+        "## Configuration",
+        "",
+        "```yaml",
+        dump_config(cfg).rstrip(),
+        "```",
+        "",
+    ]
     (out / "README.md").write_text("\n".join(lines))

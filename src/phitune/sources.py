@@ -27,11 +27,16 @@ def check_source(name: str, key: str = "model.name_or_path") -> None:
         return
     if not looks_local(name) and (_cached(name) or hub_reachable()):
         return
-    why = "" if looks_local(name) else f", and the hub ({_hub_host()}) is not reachable" + (
-        " (HF_HUB_OFFLINE is set)" if _offline() else " from this machine")
+    why = (
+        ""
+        if looks_local(name)
+        else f", and the hub ({_hub_host()}) is not reachable"
+        + (" (HF_HUB_OFFLINE is set)" if _offline() else " from this machine")
+    )
     close = closest_directory(path)
-    raise PhituneError(f"{key}: {name!r} is not a directory here{why}: check the path"
-                       + (f"; did you mean {close}?" if close else ""))
+    raise PhituneError(
+        f"{key}: {name!r} is not a directory here{why}: check the path" + (f"; did you mean {close}?" if close else "")
+    )
 
 
 def closest_directory(path: Path) -> str | None:
@@ -64,7 +69,7 @@ def hub_reachable() -> bool:
     if host not in _reachable:
         result: list[bool] = []
 
-        def probe():
+        def probe() -> None:
             try:
                 socket.create_connection((host, 443), timeout=PROBE_SECONDS).close()
                 result.append(True)

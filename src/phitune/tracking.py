@@ -11,7 +11,7 @@ log = logging.getLogger("phitune")
 
 
 class MetricsLog:
-    def __init__(self, out: Path, *, tensorboard: str, resume_step: int | None):
+    def __init__(self, out: Path, *, tensorboard: str, resume_step: int | None) -> None:
         self.path = out / "metrics.jsonl"
         if resume_step is None:
             self.path.write_text("")
@@ -25,14 +25,20 @@ class MetricsLog:
                 self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step)
             except ImportError:
                 if tensorboard == "on":
-                    log.warning("training.tensorboard=on but tensorboard is not installed: pip install 'phitune[tensorboard]'")
+                    log.warning(
+                        "training.tensorboard=on but tensorboard is not installed: pip install 'phitune[tensorboard]'"
+                    )
 
     def _truncate_after(self, step: int) -> None:
         """A killed run may have logged steps after its last checkpoint; the resumed run logs them again."""
         if not self.path.exists():
             self.path.write_text("")
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)

@@ -21,16 +21,28 @@ def _quiet_libraries(debug: bool) -> None:
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
         return
     logging.basicConfig(level=logging.INFO, format="phitune: %(message)s")
-    for name in ("transformers", "accelerate", "peft", "bitsandbytes", "torch", "urllib3", "httpx", "huggingface_hub",
-                 "matplotlib", "lm-eval", "lm_eval"):
+    for name in (
+        "transformers",
+        "accelerate",
+        "peft",
+        "bitsandbytes",
+        "torch",
+        "urllib3",
+        "httpx",
+        "huggingface_hub",
+        "matplotlib",
+        "lm-eval",
+        "lm_eval",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars too
     if not any(Path(d).exists() for d in ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns on every import that it found no GPU
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported: not imported here (1 s)
-
+    os.environ.setdefault(
+        "TRANSFORMERS_VERBOSITY", "error"
+    )  # read when transformers is imported: not imported here (1 s)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +126,8 @@ def _is_oom(exc: Exception) -> bool:
 def _hint(exc: Exception) -> str:
     text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     if _is_oom(exc):
-        return (text + "; out of memory: lower training.batch_size (raise gradient_accumulation_steps to keep the batch), "
-                "lower data.max_length, set training.gradient_checkpointing=true, or use method qlora")
+        return (
+            text + "; out of memory: lower training.batch_size (raise gradient_accumulation_steps to keep the batch), "
+            "lower data.max_length, set training.gradient_checkpointing=true, or use method qlora"
+        )
     return text + " (unexpected; rerun with --debug for the traceback and report it)"

@@ -15,7 +15,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     check_source(args.model, "model")  # before torch is imported: a typo is answered at once
     backend = open_backend(args.model, backend=args.backend, adapter=args.adapter)
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}
+    ]
     print(complete(backend, messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature))
     return 0
 
@@ -68,7 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     ch = sub.add_parser("chat", help="interactive chat in the terminal, streaming (torch or ONNX Runtime)")
     ch.add_argument("model", help="base model, training output, adapter dir, merged model, or an ONNX export")
-    ch.add_argument("--adapter", help="torch: a PEFT adapter dir to apply; onnx: an adapter NAME of a multi-LoRA export")
+    ch.add_argument(
+        "--adapter", help="torch: a PEFT adapter dir to apply; onnx: an adapter NAME of a multi-LoRA export"
+    )
     ch.add_argument("--backend", choices=BACKENDS, help="default: onnx for an exported model, else torch")
     ch.add_argument("--system", help="system message")
     ch.add_argument("--max-new-tokens", type=positive_int, default=256)

@@ -13,7 +13,7 @@ from phitune.registry import DATA_FORMATS
 
 def cmd_data_validate(args: argparse.Namespace) -> int:
     """Every problem with file:line, then statistics; exit 1 when there are errors."""
-    from phitune.config import DataConfig, TaskConfig, load_config
+    from phitune.config import load_config
     from phitune.data.dataset import read_split, statistics_of, summary_lines, tokenize_split
     from phitune.models import load_tokenizer
 
@@ -21,27 +21,7 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, [f"data.train={args.file}", *(args.set or [])])
         data_cfg, task_cfg, model_cfg = cfg.data, cfg.task, cfg.model
     else:
-        from pydantic import ValidationError
-
-        from phitune.config import apply_overrides
-
-        flags = {"data": {k: v for k, v in {"train": args.file, "format": args.format, "max_length": args.max_length,
-                                              "template": args.template, "completion_field": args.completion_field}.items()
-                          if v is not None}, "task": {"name": args.task or "none"}}
-        raw = apply_overrides(json.loads(json.dumps(flags)), args.set or [])
-        other = sorted(set(raw) - {"data", "task"})
-        if other:
-            raise PhituneError(f"--set {other[0]}...: without --config only data.* and task.* keys apply here")
-        try:
-            data_cfg, task_cfg = DataConfig(**raw["data"]), TaskConfig(**raw["task"])
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            key = ".".join(str(p) for p in err["loc"])
-            section = "task" if exc.title == "TaskConfig" else "data"
-            given = flags[section].get(key) == err.get("input") and key in flags[section]
-            source = f"--{ {'name': 'task'}.get(key, key).replace('_', '-')}" if given else f"--set {section}.{key}"
-            raise PhituneError(f"{source}: {err['msg'][:1].lower()}{err['msg'][1:]} (got {err.get('input')!r})") from None
-        model_cfg = None
+        (data_cfg, task_cfg), model_cfg = _sections_from_flags(args), None
     if args.model:
         from phitune.config import ModelConfig
 
@@ -65,6 +45,43 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
             print("(pass --model DIR_OR_HUB_ID for token counts and max_length checks)")
         print(f"{split.path}: " + (f"{len(split.errors)} error(s); fix them before training" if split.errors else "OK"))
     return 1 if split.errors else 0
+
+
+def _sections_from_flags(args: argparse.Namespace) -> tuple:
+    """(DataConfig, TaskConfig) from --format, --max-length, ... and --set data.* / task.*, without a
+    config file; a bad value names the flag it came from."""
+    from pydantic import ValidationError
+
+    from phitune.config import DataConfig, TaskConfig, apply_overrides
+
+    flags = {
+        "data": {
+            k: v
+            for k, v in {
+                "train": args.file,
+                "format": args.format,
+                "max_length": args.max_length,
+                "template": args.template,
+                "completion_field": args.completion_field,
+            }.items()
+            if v is not None
+        },
+        "task": {"name": args.task or "none"},
+    }
+    raw = apply_overrides(json.loads(json.dumps(flags)), args.set or [])
+    other = sorted(set(raw) - {"data", "task"})
+    if other:
+        raise PhituneError(f"--set {other[0]}...: without --config only data.* and task.* keys apply here")
+    try:
+        data_cfg, task_cfg = DataConfig(**raw["data"]), TaskConfig(**raw["task"])
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        section = "task" if exc.title == "TaskConfig" else "data"
+        given = flags[section].get(key) == err.get("input") and key in flags[section]
+        source = f"--{ {'name': 'task'}.get(key, key).replace('_', '-') }" if given else f"--set {section}.{key}"
+        raise PhituneError(f"{source}: {err['msg'][:1].lower()}{err['msg'][1:]} (got {err.get('input')!r})") from None
+    return data_cfg, task_cfg
 
 
 def register(sub: argparse._SubParsersAction) -> None:

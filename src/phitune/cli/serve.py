@@ -5,24 +5,36 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from phitune.argtypes import positive_int
 from phitune.cli.common import EXIT_USAGE, log
 from phitune.errors import PhituneError
 
+if TYPE_CHECKING:
+    from phitune.serve.settings import Settings
 
-def serve_settings(args: argparse.Namespace):
+
+def serve_settings(args: argparse.Namespace) -> Settings:
     from phitune.serve.settings import Settings, parse_models
 
     models = parse_models(args.model)
     for name in args.trust_remote_code or []:
         if name not in models:
-            raise PhituneError(f"--trust-remote-code {name}: not a served model; give the NAME of a --model NAME=PATH "
-                               f"(served: {', '.join(models) or 'none'})")
+            raise PhituneError(
+                f"--trust-remote-code {name}: not a served model; give the NAME of a --model NAME=PATH "
+                f"(served: {', '.join(models) or 'none'})"
+            )
     if args.max_upload_mb <= 0:
         raise PhituneError(f"--max-upload-mb {args.max_upload_mb}: must be > 0")
-    return Settings(storage=Path(args.storage), db_url=args.db or "", models=models, trusted=list(args.trust_remote_code or []),
-                    max_upload_bytes=int(args.max_upload_mb * 2**20), stale_seconds=args.stale_seconds)
+    return Settings(
+        storage=Path(args.storage),
+        db_url=args.db or "",
+        models=models,
+        trusted=list(args.trust_remote_code or []),
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        stale_seconds=args.stale_seconds,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -41,20 +53,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _, sessions, _ = connect(settings.db_url)  # the worker's too
     has_keys = any_key(sessions)
     if not has_keys and not settings.open_when_keyless:
-        raise PhituneError(f"--host {args.host}: no API key exists, so the server would be open to anyone; create one "
-                           f"with `phitune keys create --org ORG --storage {args.storage}` or listen on 127.0.0.1")
+        raise PhituneError(
+            f"--host {args.host}: no API key exists, so the server would be open to anyone; create one "
+            f"with `phitune keys create --org ORG --storage {args.storage}` or listen on 127.0.0.1"
+        )
     if not settings.models:
         log.warning("no --model given: jobs and chat need at least one base model (--model NAME=PATH)")
     if args.api_processes < 1:
         raise PhituneError(f"--api-processes {args.api_processes}: at least 1")
     sock = listen(args.host, args.port)
-    print(f"phitune serve: http://{args.host}:{args.port}/v1 (docs at /docs); models: {', '.join(settings.models) or 'none'}; "
-          f"keys: {'required' if has_keys else 'none (loopback only, any key accepted)'}", flush=True)
+    print(
+        f"phitune serve: http://{args.host}:{args.port}/v1 (docs at /docs); models: "
+        f"{', '.join(settings.models) or 'none'}; "
+        f"keys: {'required' if has_keys else 'none (loopback only, any key accepted)'}",
+        flush=True,
+    )
     # The job worker is a thread of this process, which also supervises the API processes.
     stop, thread = threading.Event(), None
     if not args.no_worker:
-        thread = threading.Thread(target=Worker(settings, sessions, name="embedded").run, args=(stop,),
-                                  daemon=True, name="phitune-worker")
+        thread = threading.Thread(
+            target=Worker(settings, sessions, name="embedded").run, args=(stop,), daemon=True, name="phitune-worker"
+        )
         thread.start()
     try:
         serve_api(settings, sock, processes=args.api_processes)
@@ -79,12 +98,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def existing_service(args: argparse.Namespace):
+def existing_service(args: argparse.Namespace) -> Settings:
     """The settings of a service that exists: its --storage directory is there (or --db names a database)."""
     settings = serve_settings(args)
     if not args.db and not settings.storage.is_dir():
-        raise PhituneError(f"--storage {args.storage}: no such directory, so no service keys; give the --storage "
-                           "that `phitune serve` uses")
+        raise PhituneError(
+            f"--storage {args.storage}: no such directory, so no service keys; give the --storage "
+            "that `phitune serve` uses"
+        )
     return settings
 
 
@@ -124,12 +145,20 @@ def storage_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", default="serve-data", help="directory for the database, files and job runs")
     parser.add_argument("--db", help="database URL (default: SQLite in --storage), e.g. postgresql://user:pw@host/db")
     parser.add_argument("--model", action="append", metavar="NAME=PATH", help="a base model to serve (repeatable)")
-    parser.add_argument("--trust-remote-code", action="append", metavar="NAME",
-                        help="let served model NAME run the modelling code in its directory, for training and chat "
-                             "(repeatable; a job can never ask for it)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="append",
+        metavar="NAME",
+        help="let served model NAME run the modelling code in its directory, for training and chat "
+        "(repeatable; a job can never ask for it)",
+    )
     parser.add_argument("--max-upload-mb", type=float, default=512, help="largest accepted upload (default 512)")
-    parser.add_argument("--stale-seconds", type=float, default=30,
-                        help="re-queue a running job whose worker sent no heartbeat for this long (default 30)")
+    parser.add_argument(
+        "--stale-seconds",
+        type=float,
+        default=30,
+        help="re-queue a running job whose worker sent no heartbeat for this long (default 30)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -138,9 +167,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--no-worker", action="store_true", help="API only; run `phitune worker` processes instead")
-    sv.add_argument("--api-processes", type=positive_int, default=1,
-                    help="API processes sharing the port (default 1); more serve more clients at once, and each "
-                         "loads its own copy of a model it chats with")
+    sv.add_argument(
+        "--api-processes",
+        type=positive_int,
+        default=1,
+        help="API processes sharing the port (default 1); more serve more clients at once, and each "
+        "loads its own copy of a model it chats with",
+    )
     sv.set_defaults(func=cmd_serve)
 
     wk = sub.add_parser("worker", help="run fine-tuning jobs from the service's database")

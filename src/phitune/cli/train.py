@@ -17,8 +17,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from phitune.sources import check_source
 
     overrides, flags = list(args.set or []), {}
-    for flag, key in (("model", "model.name_or_path"), ("method", "method.name"), ("train_file", "data.train"),
-                      ("validation_file", "data.validation"), ("output_dir", "output_dir"), ("max_steps", "training.max_steps")):
+    for flag, key in (
+        ("model", "model.name_or_path"),
+        ("method", "method.name"),
+        ("train_file", "data.train"),
+        ("validation_file", "data.validation"),
+        ("output_dir", "output_dir"),
+        ("max_steps", "training.max_steps"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -26,6 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides, flags=flags)  # checked here, before any process is started
     check_source(cfg.model.name_or_path)  # in a second, not after the hub's retries
     from phitune.recipes.sft import train
+
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         from phitune.distributed import check_batch, resolve_strategy
 
@@ -41,9 +48,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             has = bool(list_checkpoints(Path(cfg.output_dir) / "checkpoints"))
             if not has and not replaceable(Path(cfg.output_dir)):
-                raise PhituneError(f"{cfg.output_dir}: --auto-resume found no checkpoint there, and the directory holds "
-                                   "files that are not a phitune run of this output_dir, so it is left alone; choose "
-                                   "another output_dir or empty this one")
+                raise PhituneError(
+                    f"{cfg.output_dir}: --auto-resume found no checkpoint there, and the directory holds "
+                    "files that are not a phitune run of this output_dir, so it is left alone; choose "
+                    "another output_dir or empty this one"
+                )
             result = train(cfg, resume=has, overwrite=not has)
         else:
             result = train(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -55,7 +64,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     ev = result.eval_metrics
     shown = ", ".join(f"{k} {v:.4f}" for k, v in (ev or {}).items())
-    trained = f"final train loss {result.final_train_loss:.4f}" if result.final_train_loss is not None else "no step left to train"
+    trained = (
+        f"final train loss {result.final_train_loss:.4f}"
+        if result.final_train_loss is not None
+        else "no step left to train"
+    )
     print(f"done: {result.state.step} steps, {trained}" + (f"; eval: {shown}" if ev else ""))
     print(f"wrote {result.artifact} (and metrics.jsonl, config.yaml, README.md in {result.output_dir})")
     return 0
@@ -75,8 +88,20 @@ def launch_local(nproc: int, argv: list[str]) -> int:
             skip = True
         elif not a.startswith("--nproc="):
             rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "phitune", *rest]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "phitune",
+        *rest,
+    ]
     env = dict(os.environ)
     # Several processes on one CPU: split its cores instead of each taking them all.
     if not __import__("torch").cuda.is_available():
@@ -88,8 +113,15 @@ def launch_local(nproc: int, argv: list[str]) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from phitune.demo import run_demo
 
-    run_demo(output=args.output, model=args.model, toy=args.toy, arch=args.arch, preset=args.preset,
-             data_dir=args.data_dir, max_steps=args.max_steps)
+    run_demo(
+        output=args.output,
+        model=args.model,
+        toy=args.toy,
+        arch=args.arch,
+        preset=args.preset,
+        data_dir=args.data_dir,
+        max_steps=args.max_steps,
+    )
     return 0
 
 
@@ -103,7 +135,12 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="fine-tune from a YAML config (and/or flags)")
     t.add_argument("config", nargs="?", help="YAML config file")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. training.learning_rate=1e-4 (repeatable)")
+    t.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. training.learning_rate=1e-4 (repeatable)",
+    )
     t.add_argument("--model", help="= --set model.name_or_path=...")
     t.add_argument("--method", help="= --set method.name=...")
     t.add_argument("--train-file", help="= --set data.train=...")
@@ -111,17 +148,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--output-dir", help="= --set output_dir=...")
     t.add_argument("--max-steps", type=positive_int, help="= --set training.max_steps=...")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    t.add_argument("--auto-resume", action="store_true",
-                   help="continue from the latest checkpoint if there is one, else start over (for restarted pods)")
+    t.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="continue from the latest checkpoint if there is one, else start over (for restarted pods)",
+    )
     t.add_argument("--overwrite", action="store_true", help="replace a previous run in output_dir")
-    t.add_argument("--nproc", type=positive_int, help="start N processes on this machine (data parallel / DeepSpeed, see distributed.*)")
+    t.add_argument(
+        "--nproc",
+        type=positive_int,
+        help="start N processes on this machine (data parallel / DeepSpeed, see distributed.*)",
+    )
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="fine-tune SmolLM2-135M-Instruct with LoRA on the café data, show before/after")
     d.add_argument("--output", default="runs/demo")
     which = d.add_mutually_exclusive_group()
     which.add_argument("--model", help="base model (local dir or hub id) instead of SmolLM2-135M-Instruct")
-    which.add_argument("--toy", action="store_true", help="an untrained tiny model instead (seconds; proves the code path only)")
+    which.add_argument(
+        "--toy", action="store_true", help="an untrained tiny model instead (seconds; proves the code path only)"
+    )
     d.add_argument("--arch", default="phi3", help="--toy: architecture (default phi3)")
     d.add_argument("--preset", default="tiny", help="--toy: size preset (default tiny)")
     d.add_argument("--data-dir", default="examples/data")

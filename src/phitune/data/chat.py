@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from phitune.errors import PhituneError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 
@@ -42,7 +46,9 @@ def _common_prefix(a: str, b: str) -> int:
     return i
 
 
-def trained_spans(tokenizer, messages: list[dict], where: str = "") -> tuple[str, list[tuple[int, int]]]:
+def trained_spans(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str = ""
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of the assistant turns to train on."""
     full = _render(tokenizer, messages, add_generation_prompt=False)
     spans = []
@@ -67,7 +73,7 @@ END_OF_TURN = ("<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>")
 _CLOSERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def turn_closers(tokenizer) -> tuple[str, ...]:
+def turn_closers(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
     """The END_OF_TURN tokens and eos that are single tokens of this tokenizer. Cached per
     tokenizer: `get_vocab()` builds a fresh dict of the whole vocabulary (tens of ms at 49k
     entries), which per turn was most of the time spent tokenizing a data file."""
@@ -91,7 +97,9 @@ def _turn_end(tokenizer, full: str, start: int, end: int, content: str) -> int:
     return pos + len(tok)
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, where: str = "") -> tuple[Example, bool]:
+def tokenize_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int, where: str = ""
+) -> tuple[Example, bool]:
     text, spans = trained_spans(tokenizer, messages, where)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -106,4 +114,3 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, wher
             labels[j] = ids[j]
     truncated = len(ids) > max_length
     return Example(ids[:max_length], labels[:max_length], where), truncated
-

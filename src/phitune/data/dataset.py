@@ -13,6 +13,7 @@ import random
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from phitune.data.formats import FORMATS, Chat, FormatOptions, Labelled, Plain, Preference, Tagged, detect_format
 from phitune.data.leakage import Leakage, find_leakage, whole_key
@@ -22,6 +23,11 @@ from phitune.data.tasks import PRESETS, TaskSpec, make_spec, missing_columns
 from phitune.data.tokenize import tokenize_sample
 from phitune.errors import PhituneError
 from phitune.registry import TASKS
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from phitune.config import Config, DataConfig, TaskConfig
 
 MAX_SHOWN = 20
 MIN_EXAMPLES = 10  # fewer is allowed (smoke tests) but almost never what a user meant
@@ -46,12 +52,16 @@ class Split:
         return len(self.duplicate_sources)
 
 
-def format_options(data_cfg) -> FormatOptions:
-    return FormatOptions(template=data_cfg.template, completion_field=data_cfg.completion_field,
-                         chat_template=data_cfg.chat_template, system=data_cfg.system)
+def format_options(data_cfg: DataConfig) -> FormatOptions:
+    return FormatOptions(
+        template=data_cfg.template,
+        completion_field=data_cfg.completion_field,
+        chat_template=data_cfg.chat_template,
+        system=data_cfg.system,
+    )
 
 
-def resolve_format(data_cfg, task_name: str, rows, source: str) -> str:
+def resolve_format(data_cfg: DataConfig, task_name: str, rows: list[dict], source: str) -> str:
     """The format name, or the task preset's name for structured rows."""
     if task_name in PRESETS:
         return task_name
@@ -60,12 +70,16 @@ def resolve_format(data_cfg, task_name: str, rows, source: str) -> str:
     detected = detect_format(rows, source)
     allowed = TASKS[task_name].formats
     if allowed and detected not in allowed:
-        raise PhituneError(f"{source}: task.name {task_name} expects {' or '.join(allowed)} rows, but the rows look like "
-                           f"{detected}; set data.format or change task.name")
+        raise PhituneError(
+            f"{source}: task.name {task_name} expects {' or '.join(allowed)} rows, but the rows look like "
+            f"{detected}; set data.format or change task.name"
+        )
     return detected
 
 
-def read_split(path: str, data_cfg, task_cfg, spec: TaskSpec | None = None) -> tuple[Split, TaskSpec]:
+def read_split(
+    path: str, data_cfg: DataConfig, task_cfg: TaskConfig, spec: TaskSpec | None = None
+) -> tuple[Split, TaskSpec]:
     """Read and convert one file. The task spec comes from the training file; pass it for validation."""
     rows, errors = read_rows(path)
     if not rows:
@@ -93,7 +107,7 @@ def read_split(path: str, data_cfg, task_cfg, spec: TaskSpec | None = None) -> t
     return split, spec
 
 
-def class_label(sample) -> str:
+def class_label(sample: object) -> str:
     """A classification example's label: the head's label, or the answer of the generative form."""
     if isinstance(sample, Labelled):
         return sample.label
@@ -106,22 +120,30 @@ def _sample_warnings(split: Split, spec: TaskSpec) -> None:
         key = whole_key(sample)
         if key in first:
             split.duplicate_sources.add(where)
-            split.warnings.append(f"{where}: exact duplicate of {first[key]}; it is dropped from training (data.dedupe)")
+            split.warnings.append(
+                f"{where}: exact duplicate of {first[key]}; it is dropped from training (data.dedupe)"
+            )
         else:
             first[key] = where
         if isinstance(sample, Preference) and sample.chosen.strip() == sample.rejected.strip():
-            split.warnings.append(f"{where}: preferred and non-preferred replies are identical; the pair teaches nothing")
+            split.warnings.append(
+                f"{where}: preferred and non-preferred replies are identical; the pair teaches nothing"
+            )
     if spec.name == "classification" and split.samples:
         counts = Counter(class_label(s) for _, s in split.samples)
         once = sorted(label for label, n in counts.items() if n == 1)
         if once:
-            split.warnings.append(f"{split.path}: label(s) seen only once: {', '.join(once)}; the model can hardly learn them")
+            split.warnings.append(
+                f"{split.path}: label(s) seen only once: {', '.join(once)}; the model can hardly learn them"
+            )
     if 0 < len(split.samples) < MIN_EXAMPLES:
-        split.warnings.append(f"{split.path}: only {len(split.samples)} example(s); fine-tuning usually needs at least "
-                              f"{MIN_EXAMPLES} (50-100 well-chosen ones is a good start)")
+        split.warnings.append(
+            f"{split.path}: only {len(split.samples)} example(s); fine-tuning usually needs at least "
+            f"{MIN_EXAMPLES} (50-100 well-chosen ones is a good start)"
+        )
 
 
-def tokenize_split(split: Split, tokenizer, max_length: int, spec: TaskSpec) -> None:
+def tokenize_split(split: Split, tokenizer: PreTrainedTokenizerBase, max_length: int, spec: TaskSpec) -> None:
     label_ids = {label: i for i, label in enumerate(spec.head_labels)} if spec.head else None
     over = []
     for where, sample in split.samples:
@@ -130,15 +152,21 @@ def tokenize_split(split: Split, tokenizer, max_length: int, spec: TaskSpec) -> 
         if n > max_length and not (isinstance(sample, Plain) and sample.pack):
             split.truncated += 1
             over.append(f"{where}: {n} tokens, {n - max_length} over data.max_length={max_length}; it is truncated")
-        if example.num_trained == 0 or (hasattr(example, "chosen") and not (example.chosen.num_trained and example.rejected.num_trained)):
+        if example.num_trained == 0 or (
+            hasattr(example, "chosen") and not (example.chosen.num_trained and example.rejected.num_trained)
+        ):
             split.dropped.append(where)
         else:
             split.examples.append(example)
             split.kept.append((where, sample))
-    split.warnings += over[:MAX_SHOWN] + ([f"... and {len(over) - MAX_SHOWN} more over data.max_length"] if len(over) > MAX_SHOWN else [])
+    split.warnings += over[:MAX_SHOWN] + (
+        [f"... and {len(over) - MAX_SHOWN} more over data.max_length"] if len(over) > MAX_SHOWN else []
+    )
     if split.dropped:
-        split.warnings.append(f"{split.path}: {len(split.dropped)} example(s) have nothing left to train within "
-                              f"data.max_length={max_length} and are dropped (first: {split.dropped[0]}); raise data.max_length")
+        split.warnings.append(
+            f"{split.path}: {len(split.dropped)} example(s) have nothing left to train within "
+            f"data.max_length={max_length} and are dropped (first: {split.dropped[0]}); raise data.max_length"
+        )
 
 
 LOUD = 0.10  # truncated or dropped beyond this fraction: a warning with the numbers, not an info line
@@ -154,22 +182,38 @@ def length_problem(split: Split, max_length: int, max_dropped: float) -> tuple[s
     if (cut + dropped) / n <= LOUD:
         return None, False
     keeps = sorted(split.full_lengths)[max(0, math.ceil(0.99 * n) - 1)]
-    message = (f"{split.path}: data.max_length={max_length} truncates {cut} of {n} examples ({cut / n:.0%}) and drops "
-               f"{dropped} ({dropped / n:.0%}) with nothing left to train; data.max_length={keeps} would keep 99% whole")
+    message = (
+        f"{split.path}: data.max_length={max_length} truncates {cut} of {n} examples ({cut / n:.0%}) and drops "
+        f"{dropped} ({dropped / n:.0%}) with nothing left to train; data.max_length={keeps} would keep 99% whole"
+    )
     refuse = dropped / n > max_dropped
     if refuse:
-        message += f" (more than data.max_dropped={max_dropped:g} dropped: raise max_length, or set data.max_dropped to train anyway)"
+        message += (
+            f" (more than data.max_dropped={max_dropped:g} dropped: "
+            "raise max_length, or set data.max_dropped to train anyway)"
+        )
     return message, refuse
 
 
 def statistics_of(split: Split, spec: TaskSpec) -> dict:
-    stats: dict = {"file": split.path, "format": split.format, "task": spec.name, "examples": len(split.samples),
-                   "errors": len(split.errors), "warnings": len(split.warnings), "duplicates": split.duplicates}
+    stats: dict = {
+        "file": split.path,
+        "format": split.format,
+        "task": spec.name,
+        "examples": len(split.samples),
+        "errors": len(split.errors),
+        "warnings": len(split.warnings),
+        "duplicates": split.duplicates,
+    }
     if split.full_lengths:
         lengths = sorted(split.full_lengths)
-        stats["tokens"] = {"min": lengths[0], "median": int(statistics.median(lengths)),
-                           "p95": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))], "max": lengths[-1],
-                           "total": sum(lengths)}
+        stats["tokens"] = {
+            "min": lengths[0],
+            "median": int(statistics.median(lengths)),
+            "p95": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))],
+            "max": lengths[-1],
+            "total": sum(lengths),
+        }
         stats["truncated"] = split.truncated
         stats["trained_tokens"] = sum(getattr(e, "num_trained", 0) for e in split.examples)
     roles: Counter = Counter()
@@ -192,9 +236,14 @@ def statistics_of(split: Split, spec: TaskSpec) -> dict:
 
 def raise_on_errors(split: Split) -> None:
     if split.errors:
-        shown = split.errors[:MAX_SHOWN] + ([f"... and {len(split.errors) - MAX_SHOWN} more"] if len(split.errors) > MAX_SHOWN else [])
-        raise PhituneError(f"{split.path}: {len(split.errors)} problem(s) in the data file "
-                           f"(run `phitune data validate {split.path}` for the full report)", problems=shown)
+        shown = split.errors[:MAX_SHOWN] + (
+            [f"... and {len(split.errors) - MAX_SHOWN} more"] if len(split.errors) > MAX_SHOWN else []
+        )
+        raise PhituneError(
+            f"{split.path}: {len(split.errors)} problem(s) in the data file "
+            f"(run `phitune data validate {split.path}` for the full report)",
+            problems=shown,
+        )
 
 
 # --- training data: splits, subsets, duplicates, packing ---------------------------------------
@@ -213,13 +262,13 @@ class TrainData:
     leakage: Leakage | None = None  # validation examples also in the training file
 
 
-def use_packing(data_cfg, split: Split) -> bool:
+def use_packing(data_cfg: DataConfig, split: Split) -> bool:
     if data_cfg.packing == "auto":
         return split.format == "text"
     return data_cfg.packing == "on"
 
 
-def load_training_data(cfg, tokenizer) -> TrainData:
+def load_training_data(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> TrainData:
     """Everything `train` needs from the data, or one PhituneError listing every problem."""
     train, spec = read_split(cfg.data.train, cfg.data, cfg.task)
     raise_on_errors(train)
@@ -235,7 +284,10 @@ def load_training_data(cfg, tokenizer) -> TrainData:
     if validation:
         tokenize_split(validation, tokenizer, cfg.data.max_length, spec)
     if not train.examples:
-        raise PhituneError(f"{train.path}: no example has tokens left to train within data.max_length={cfg.data.max_length}; raise data.max_length")
+        raise PhituneError(
+            f"{train.path}: no example has tokens left to train within data.max_length={cfg.data.max_length}; raise "
+            "data.max_length"
+        )
     examples = train.examples
     val_examples = validation.examples if validation else None
     val_samples = validation.kept if validation else None
@@ -254,8 +306,10 @@ def load_training_data(cfg, tokenizer) -> TrainData:
     packed = use_packing(cfg.data, train)
     if packed:
         if spec.head or cfg.method.objective == "dpo":
-            raise PhituneError("data.packing: on works for language-model training only; set it to off for "
-                               "classification heads and DPO")
+            raise PhituneError(
+                "data.packing: on works for language-model training only; set it to off for "
+                "classification heads and DPO"
+            )
         pack = pack_stream if train.format == "text" else pack_whole
         examples = pack(examples, cfg.data.max_length)
     return TrainData(train, validation, spec, examples, val_examples, packed, num_train, val_samples, leakage)
@@ -264,13 +318,23 @@ def load_training_data(cfg, tokenizer) -> TrainData:
 def _check_objective(cfg, train: Split) -> None:
     prefs = any(isinstance(s, Preference) for _, s in train.samples)
     if cfg.method.objective == "dpo" and not prefs:
-        raise PhituneError(f"{train.path}: method.objective dpo needs preference rows ({{input, preferred_output, "
-                           f"non_preferred_output}} or {{prompt, chosen, rejected}}); this file is {train.format}")
+        raise PhituneError(
+            f"{train.path}: method.objective dpo needs preference rows ({{input, preferred_output, "
+            f"non_preferred_output}} or {{prompt, chosen, rejected}}); this file is {train.format}"
+        )
     if cfg.method.objective != "dpo" and prefs:
-        raise PhituneError(f"{train.path}: preference pairs train with method.objective: dpo (set it, or give SFT data)")
+        raise PhituneError(
+            f"{train.path}: preference pairs train with method.objective: dpo (set it, or give SFT data)"
+        )
 
 
-def tokenize_file(tokenizer, path: str, max_length: int, data_cfg=None, task_cfg=None) -> Split:
+def tokenize_file(
+    tokenizer: PreTrainedTokenizerBase,
+    path: str,
+    max_length: int,
+    data_cfg: DataConfig = None,
+    task_cfg: TaskConfig = None,
+) -> Split:
     """One file, checked and tokenized (errors raised): for evaluation, the demo and benchmarks."""
     from phitune.config import DataConfig, TaskConfig
 
@@ -282,15 +346,19 @@ def tokenize_file(tokenizer, path: str, max_length: int, data_cfg=None, task_cfg
 
 
 def summary_lines(stats: dict) -> list[str]:
-    out = [f"format {stats['format']}" + (f", task {stats['task']}" if stats["task"] != "none" else "")
-           + f": {stats['examples']} examples, {stats['errors']} error(s), {stats['warnings']} warning(s), "
-           f"{stats['duplicates']} exact duplicate(s)"]
+    out = [
+        f"format {stats['format']}"
+        + (f", task {stats['task']}" if stats["task"] != "none" else "")
+        + f": {stats['examples']} examples, {stats['errors']} error(s), {stats['warnings']} warning(s), "
+        f"{stats['duplicates']} exact duplicate(s)"
+    ]
     if "tokens" in stats:
         t = stats["tokens"]
-        out.append(f"tokens per example: min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']} "
-                   f"(total {t['total']}, trained {stats['trained_tokens']}); truncated: {stats['truncated']}")
+        out.append(
+            f"tokens per example: min {t['min']}, median {t['median']}, p95 {t['p95']}, max {t['max']} "
+            f"(total {t['total']}, trained {stats['trained_tokens']}); truncated: {stats['truncated']}"
+        )
     for key in ("roles", "labels"):
         if key in stats:
             out.append(f"{key}: " + ", ".join(f"{k} {v}" for k, v in stats[key].items()))
     return out
-

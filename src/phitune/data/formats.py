@@ -19,8 +19,18 @@ from typing import Any, Callable
 from phitune.config import template_fields
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "model": "assistant", "bot": "assistant", "tool": "tool", "observation": "tool", "function": "tool"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "tool": "tool",
+    "observation": "tool",
+    "function": "tool",
+}
 
 
 @dataclass
@@ -79,10 +89,12 @@ def _need(row: dict, where: str, key: str, kinds=(str,), what="a string") -> lis
 
 
 def _not_object(row, where: str, example: str) -> list[str]:
-    return [] if isinstance(row, dict) else [f"{where}: expected a JSON object like {example}, got {type(row).__name__}"]
+    return (
+        [] if isinstance(row, dict) else [f"{where}: expected a JSON object like {example}, got {type(row).__name__}"]
+    )
 
 
-def check_messages(messages, where: str, key: str = "messages", need_assistant: bool = True) -> list[str]:
+def check_messages(messages: object, where: str, key: str = "messages", need_assistant: bool = True) -> list[str]:
     if not isinstance(messages, list) or not messages:
         return [f"{where}: '{key}' must be a non-empty list of {{role, content}} objects"]
     out = []
@@ -115,8 +127,10 @@ def check_messages(messages, where: str, key: str = "messages", need_assistant: 
 
 
 def _clean(messages: list[dict]) -> list[dict]:
-    return [{"role": m["role"], "content": m["content"], **({"weight": m["weight"]} if m.get("weight") is not None else {})}
-            for m in messages]
+    return [
+        {"role": m["role"], "content": m["content"], **({"weight": m["weight"]} if m.get("weight") is not None else {})}
+        for m in messages
+    ]
 
 
 def _with_system(messages: list[dict], opts: FormatOptions) -> list[dict]:
@@ -129,25 +143,30 @@ def _prompt_reply(prompt: str, reply: str, opts: FormatOptions, system: str | No
     if not opts.chat_template:
         return Plain(prompt, reply)
     sys_msg = system or opts.system
-    return Chat(([{"role": "system", "content": sys_msg}] if sys_msg else [])
-                + [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}])
+    return Chat(
+        ([{"role": "system", "content": sys_msg}] if sys_msg else [])
+        + [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+    )
 
 
 # --- the formats ----------------------------------------------------------------------------
 
 
-def chat(row, where: str, opts: FormatOptions) -> Result:
+def chat(row: dict, where: str, opts: FormatOptions) -> Result:
     problems = _not_object(row, where, '{"messages": [{"role": ..., "content": ...}]}')
     if problems:
         return None, problems
     if "messages" not in row:
         keys = ", ".join(sorted(map(str, row))) or "none"
-        return None, [f"{where}: missing key 'messages' (keys present: {keys}); each line must be {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}}"]
+        return None, [
+            f"{where}: missing key 'messages' (keys present: {keys}); each line must be "
+            f'{{"messages": [{{"role": ..., "content": ...}}]}}'
+        ]
     problems = check_messages(row["messages"], where)
     return (None if problems else Chat(_with_system(_clean(row["messages"]), opts))), problems
 
 
-def prompt_completion(row, where: str, opts: FormatOptions) -> Result:
+def prompt_completion(row: dict, where: str, opts: FormatOptions) -> Result:
     """TRL's prompt/completion: strings, or conversational (message lists)."""
     problems = _not_object(row, where, '{"prompt": "...", "completion": "..."}')
     if problems:
@@ -163,7 +182,7 @@ def prompt_completion(row, where: str, opts: FormatOptions) -> Result:
     return (None if problems else _prompt_reply(row["prompt"], row["completion"], opts)), problems
 
 
-def alpaca(row, where: str, opts: FormatOptions) -> Result:
+def alpaca(row: dict, where: str, opts: FormatOptions) -> Result:
     """instruction + optional input -> output; the input follows the instruction after a blank line."""
     problems = _not_object(row, where, '{"instruction": "...", "input": "...", "output": "..."}')
     if problems:
@@ -181,14 +200,16 @@ def alpaca(row, where: str, opts: FormatOptions) -> Result:
     return _prompt_reply(prompt, row["output"], opts, system=system or None), []
 
 
-def sharegpt(row, where: str, opts: FormatOptions) -> Result:
+def sharegpt(row: dict, where: str, opts: FormatOptions) -> Result:
     problems = _not_object(row, where, '{"conversations": [{"from": "human", "value": "..."}]}')
     if problems:
         return None, problems
     turns = row.get("conversations")
     if not isinstance(turns, list) or not turns:
         if "conversations" not in row:
-            return None, [f"{where}: missing key 'conversations' (keys present: {', '.join(sorted(map(str, row))) or 'none'})"]
+            return None, [
+                f"{where}: missing key 'conversations' (keys present: {', '.join(sorted(map(str, row))) or 'none'})"
+            ]
         return None, [f"{where}: 'conversations' must be a non-empty list of {{from, value}} objects"]
     messages = []
     for i, t in enumerate(turns):
@@ -200,8 +221,11 @@ def sharegpt(row, where: str, opts: FormatOptions) -> Result:
         if role is None:
             problems.append(f"{at}: unknown 'from' {t.get('from')!r}; use one of {', '.join(SHAREGPT_ROLES)}")
         messages.append({"role": role or "user", "content": t.get("value")})
-    problems += [p.replace("messages[", "conversations[").replace("'content'", "'value'")
-                 for p in check_messages(messages, where) if "unknown role" not in p]
+    problems += [
+        p.replace("messages[", "conversations[").replace("'content'", "'value'")
+        for p in check_messages(messages, where)
+        if "unknown role" not in p
+    ]
     if problems:
         return None, problems
     system = row.get("system")
@@ -210,12 +234,12 @@ def sharegpt(row, where: str, opts: FormatOptions) -> Result:
     return Chat(_with_system(messages, opts)), []
 
 
-def text(row, where: str, opts: FormatOptions) -> Result:
+def text(row: dict, where: str, opts: FormatOptions) -> Result:
     problems = _not_object(row, where, '{"text": "..."}') or _need(row, where, "text")
     return (None if problems else Plain("", row["text"], pack=True)), problems
 
 
-def template(row, where: str, opts: FormatOptions) -> Result:
+def template(row: dict, where: str, opts: FormatOptions) -> Result:
     """`data.template` filled from the row's columns; from `{completion_field}` on is the completion."""
     problems = _not_object(row, where, "an object with the template's fields")
     if problems:
@@ -229,10 +253,12 @@ def template(row, where: str, opts: FormatOptions) -> Result:
     return Plain(opts.template[:cut].format(**values), opts.template[cut:].format(**values)), []
 
 
-def preference(row, where: str, opts: FormatOptions) -> Result:
+def preference(row: dict, where: str, opts: FormatOptions) -> Result:
     """OpenAI DPO rows ({input: {messages}, preferred_output, non_preferred_output}) or TRL's
     prompt/chosen/rejected (strings or message lists)."""
-    problems = _not_object(row, where, '{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}')
+    problems = _not_object(
+        row, where, '{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}'
+    )
     if problems:
         return None, problems
     if "preferred_output" in row or "input" in row:
@@ -263,8 +289,10 @@ def preference(row, where: str, opts: FormatOptions) -> Result:
             return None, problems
         prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
         problems = check_messages(prompt, where, "prompt", need_assistant=False)
-        chosen, rejected = (r[-1].get("content") if isinstance(r, list) and r and isinstance(r[-1], dict) else r
-                            for r in (row["chosen"], row["rejected"]))
+        chosen, rejected = (
+            r[-1].get("content") if isinstance(r, list) and r and isinstance(r[-1], dict) else r
+            for r in (row["chosen"], row["rejected"])
+        )
         for key, value in (("chosen", chosen), ("rejected", rejected)):
             if not isinstance(value, str) or not value.strip():
                 problems.append(f"{where}: '{key}' must hold a non-empty assistant reply")
@@ -272,9 +300,12 @@ def preference(row, where: str, opts: FormatOptions) -> Result:
             return None, problems
         prompt = _clean(prompt)
     if prompt[-1]["role"] == "assistant":
-        return None, [f"{where}: the prompt ends with an assistant message; it must end with the user turn the replies answer"]
-    return Preference(_with_system([dict(m, weight=0) if m["role"] == "assistant" else m for m in prompt], opts),
-                      chosen, rejected), []
+        return None, [
+            f"{where}: the prompt ends with an assistant message; it must end with the user turn the replies answer"
+        ]
+    return Preference(
+        _with_system([dict(m, weight=0) if m["role"] == "assistant" else m for m in prompt], opts), chosen, rejected
+    ), []
 
 
 FORMATS: dict[str, Callable[[Any, str, FormatOptions], Result]] = {

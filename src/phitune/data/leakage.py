@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from phitune.data.formats import Chat, Labelled, Plain, Preference, Tagged
 
 
-def input_key(sample) -> str:
+def input_key(sample: object) -> str:
     """What the model is given: the conversation before the last reply, the raw prompt, the text."""
     if isinstance(sample, Chat):
         last = max((i for i, m in enumerate(sample.messages) if m["role"] == "assistant"), default=len(sample.messages))
@@ -29,7 +29,7 @@ def input_key(sample) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def whole_key(sample) -> str:
+def whole_key(sample: object) -> str:
     from dataclasses import asdict
 
     return json.dumps(asdict(sample), sort_keys=True, ensure_ascii=False)
@@ -42,16 +42,22 @@ class Leakage:
     same_input: list[tuple[str, str]] = field(default_factory=list)  # the input seen, another answer
 
     def as_dict(self) -> dict:
-        return {"checked": self.checked, "exact": len(self.exact), "same_input": len(self.same_input),
-                "first": (self.exact + self.same_input)[:5]}
+        return {
+            "checked": self.checked,
+            "exact": len(self.exact),
+            "same_input": len(self.same_input),
+            "first": (self.exact + self.same_input)[:5],
+        }
 
     def warning(self, train_path: str) -> str | None:
         if not (self.exact or self.same_input):
             return None
         first_eval, first_train = (self.exact + self.same_input)[0]
-        return (f"leakage: {len(self.exact)} of {self.checked} eval examples also occur in the training data {train_path}"
-                f" and {len(self.same_input)} more share their input with a training example (first: {first_eval} = "
-                f"{first_train}); their scores are not held-out, remove them from one of the files")
+        return (
+            f"leakage: {len(self.exact)} of {self.checked} eval examples also occur in the training data {train_path}"
+            f" and {len(self.same_input)} more share their input with a training example (first: {first_eval} = "
+            f"{first_train}); their scores are not held-out, remove them from one of the files"
+        )
 
 
 def find_leakage(eval_samples: list[tuple[str, object]], train_samples: list[tuple[str, object]]) -> Leakage:

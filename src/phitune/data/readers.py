@@ -24,9 +24,16 @@ class Row:
 
 def file_type(path: Path) -> str:
     if path.is_dir():
-        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        if (
+            (path / "dataset_info.json").is_file()
+            or (path / "dataset_dict.json").is_file()
+            or (path / "state.json").is_file()
+        ):
             return "datasets"
-        raise PhituneError(f"{path}: a directory, but not one written by datasets' save_to_disk; give a .jsonl, .json, .csv or .parquet file")
+        raise PhituneError(
+            f"{path}: a directory, but not one written by datasets' save_to_disk; give a .jsonl, .json, .csv or "
+            ".parquet file"
+        )
     suffix = path.suffix.lower().lstrip(".")
     if suffix in ("jsonl", "ndjson"):
         return "jsonl"
@@ -34,7 +41,9 @@ def file_type(path: Path) -> str:
         return suffix
     if suffix == "tsv":
         return "csv"
-    raise PhituneError(f"{path}: unknown file type '.{suffix}'; use .jsonl, .json, .csv, .tsv, .parquet or a datasets directory")
+    raise PhituneError(
+        f"{path}: unknown file type '.{suffix}'; use .jsonl, .json, .csv, .tsv, .parquet or a datasets directory"
+    )
 
 
 def read_rows(path: str | Path) -> tuple[list[Row], list[str]]:
@@ -48,7 +57,9 @@ def read_rows(path: str | Path) -> tuple[list[Row], list[str]]:
 
 def _jsonl(path: Path) -> tuple[list[Row], list[str]]:
     rows, problems = [], []
-    with open(path, encoding="utf-8-sig", errors="strict") as f:  # -sig: a byte-order mark (Windows editors) is not data
+    with open(
+        path, encoding="utf-8-sig", errors="strict"
+    ) as f:  # -sig: a byte-order mark (Windows editors) is not data
         try:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -56,7 +67,10 @@ def _jsonl(path: Path) -> tuple[list[Row], list[str]]:
                 try:
                     rows.append(Row(f"{path}:{lineno}", json.loads(line)))
                 except json.JSONDecodeError as exc:
-                    problems.append(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object")
+                    problems.append(
+                        f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}); each line must be one "
+                        "JSON object"
+                    )
         except UnicodeDecodeError as exc:
             problems.append(f"{path}: not UTF-8 text (byte {exc.start} of the file); save it as UTF-8")
     return rows, problems
@@ -78,7 +92,7 @@ def _json(path: Path) -> tuple[list[Row], list[str]]:
     else:
         key = None
     if not isinstance(whole, list):
-        return [], [f"{path}: expected a JSON array of examples (or {{\"data\": [...]}}), got {type(whole).__name__}"]
+        return [], [f'{path}: expected a JSON array of examples (or {{"data": [...]}}), got {type(whole).__name__}']
     # Element start offsets, to report lines: decode the array element by element.
     decoder = json.JSONDecoder()
     start = text.index("[", text.index(key) if key else 0) + 1
@@ -109,8 +123,10 @@ def _csv(path: Path) -> tuple[list[Row], list[str]]:
             if not any(v.strip() for v in values):
                 continue
             if len(values) != len(header):
-                problems.append(f"{path}:{start}: {len(values)} fields but the header has {len(header)}; "
-                                "quote fields that contain the delimiter")
+                problems.append(
+                    f"{path}:{start}: {len(values)} fields but the header has {len(header)}; "
+                    "quote fields that contain the delimiter"
+                )
                 continue
             rows.append(Row(f"{path}:{start}", dict(zip(header, values))))
     return rows, problems
@@ -136,6 +152,9 @@ def _datasets(path: Path) -> tuple[list[Row], list[str]]:
     ds = load_from_disk(str(path))
     if isinstance(ds, DatasetDict):
         if "train" not in ds:
-            raise PhituneError(f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(ds)}); point at one split's directory")
+            raise PhituneError(
+                f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(ds)}); point at one split's "
+                "directory"
+            )
         ds = ds["train"]
     return [Row(f"{path}:row {i + 1}", r) for i, r in enumerate(ds)], []

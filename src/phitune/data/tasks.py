@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from phitune.data.formats import FormatOptions, Labelled, Tagged, _need, _not_object, _prompt_reply
 from phitune.registry import TASKS
+
+if TYPE_CHECKING:
+    from phitune.config import TaskConfig
 
 
 @dataclass
@@ -51,7 +54,7 @@ class TaskSpec:
         return cls(**json.loads(text))
 
 
-def make_spec(task_cfg, rows: list, opts: FormatOptions) -> TaskSpec:
+def make_spec(task_cfg: TaskConfig, rows: list, opts: FormatOptions) -> TaskSpec:
     """The spec for this run; classification labels and NER types come from the training rows
     (sorted) unless `task.labels` lists them."""
     name = task_cfg.name if task_cfg else "none"
@@ -63,12 +66,19 @@ def make_spec(task_cfg, rows: list, opts: FormatOptions) -> TaskSpec:
     spec.instruction = task_cfg.instruction or task.instruction
     spec.source_language, spec.target_language = task_cfg.source_language, task_cfg.target_language
     if name == "translation" and spec.instruction:
-        spec.instruction = spec.instruction.format(source_language=spec.source_language, target_language=spec.target_language)
+        spec.instruction = spec.instruction.format(
+            source_language=spec.source_language, target_language=spec.target_language
+        )
     if task_cfg.labels:
         spec.labels = list(task_cfg.labels)
     elif name == "classification":
-        spec.labels = sorted({_label(r.value.get(spec.fields.get("label", "label"))) for r in rows
-                              if isinstance(r.value, dict) and _label_ok(r.value.get(spec.fields.get("label", "label")))})
+        spec.labels = sorted(
+            {
+                _label(r.value.get(spec.fields.get("label", "label")))
+                for r in rows
+                if isinstance(r.value, dict) and _label_ok(r.value.get(spec.fields.get("label", "label")))
+            }
+        )
     elif name == "ner":
         types = set()
         for r in rows:
@@ -103,7 +113,7 @@ def _col(spec: TaskSpec, name: str) -> str:
 # --- presets ----------------------------------------------------------------------------------
 
 
-def classification(row, where: str, spec: TaskSpec, opts: FormatOptions):
+def classification(row: dict, where: str, spec: TaskSpec, opts: FormatOptions) -> tuple[object, list[str]]:
     problems = _not_object(row, where, '{"text": "...", "label": "..."}')
     if problems:
         return None, problems
@@ -114,7 +124,9 @@ def classification(row, where: str, spec: TaskSpec, opts: FormatOptions):
     elif not _label_ok(raw):
         problems.append(f"{where}: '{_col(spec, 'label')}' must be a non-empty string or integer, got {raw!r}")
     elif _label(raw) not in spec.labels:
-        problems.append(f"{where}: label {_label(raw)!r} is not in task.labels ({', '.join(spec.labels)}); add it or fix the row")
+        problems.append(
+            f"{where}: label {_label(raw)!r} is not in task.labels ({', '.join(spec.labels)}); add it or fix the row"
+        )
     if problems:
         return None, problems
     text, label = _get(row, spec, "text"), _label(raw)
@@ -124,7 +136,7 @@ def classification(row, where: str, spec: TaskSpec, opts: FormatOptions):
     return _prompt_reply(prompt, label, opts), []
 
 
-def ner(row, where: str, spec: TaskSpec, opts: FormatOptions):
+def ner(row: dict, where: str, spec: TaskSpec, opts: FormatOptions) -> tuple[object, list[str]]:
     """`tokens` + BIO `tags`, or `text` + `entities` ([{start, end, label}], character offsets)."""
     problems = _not_object(row, where, '{"tokens": [...], "tags": [...]}')
     if problems:
@@ -137,8 +149,10 @@ def ner(row, where: str, spec: TaskSpec, opts: FormatOptions):
         if not problems:
             tokens, tags, problems = spans_to_bio(_get(row, spec, "text"), _get(row, spec, "entities"), where, spec)
     else:
-        problems = [f"{where}: expected 'tokens' + 'tags' (BIO) or 'text' + 'entities' (character spans); "
-                    f"keys present: {', '.join(sorted(map(str, row))) or 'none'}"]
+        problems = [
+            f"{where}: expected 'tokens' + 'tags' (BIO) or 'text' + 'entities' (character spans); "
+            f"keys present: {', '.join(sorted(map(str, row))) or 'none'}"
+        ]
     if problems:
         return None, problems
     if spec.head:
@@ -148,7 +162,7 @@ def ner(row, where: str, spec: TaskSpec, opts: FormatOptions):
     return _prompt_reply(prompt, json.dumps(entities, ensure_ascii=False), opts), []
 
 
-def check_bio(tokens, tags, where: str, spec: TaskSpec) -> list[str]:
+def check_bio(tokens: object, tags: object, where: str, spec: TaskSpec) -> list[str]:
     t_key, g_key = _col(spec, "tokens"), _col(spec, "tags")
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
         return [f"{where}: '{t_key}' must be a non-empty list of non-empty strings"]
@@ -161,13 +175,19 @@ def check_bio(tokens, tags, where: str, spec: TaskSpec) -> list[str]:
         if tag != "O" and (tag[:2] not in ("B-", "I-") or not tag[2:]):
             out.append(f"{where}: {g_key}[{i}] = {tag!r} is not a BIO tag; use O, B-TYPE or I-TYPE")
         elif tag != "O" and tag[2:] not in spec.labels:
-            out.append(f"{where}: {g_key}[{i}]: entity type {tag[2:]!r} is not in task.labels ({', '.join(spec.labels)})")
+            out.append(
+                f"{where}: {g_key}[{i}]: entity type {tag[2:]!r} is not in task.labels ({', '.join(spec.labels)})"
+            )
         elif tag.startswith("I-") and (i == 0 or tags[i - 1][2:] != tag[2:] or tags[i - 1] == "O"):
-            out.append(f"{where}: {g_key}[{i}] = {tag!r} does not continue an entity of that type; start it with B-{tag[2:]}")
+            out.append(
+                f"{where}: {g_key}[{i}] = {tag!r} does not continue an entity of that type; start it with B-{tag[2:]}"
+            )
     return out
 
 
-def spans_to_bio(text: str, entities, where: str, spec: TaskSpec):
+def spans_to_bio(
+    text: str, entities: object, where: str, spec: TaskSpec
+) -> tuple[list[str] | None, list[str] | None, list[str]]:
     """Whitespace words; a word is in an entity when they overlap. Spans must cover whole words."""
     e_key = _col(spec, "entities")
     if not isinstance(entities, list):
@@ -180,16 +200,22 @@ def spans_to_bio(text: str, entities, where: str, spec: TaskSpec):
     tags = ["O"] * len(words)
     problems = []
     for k, e in enumerate(entities):
-        if not (isinstance(e, dict) and isinstance(e.get("start"), int) and isinstance(e.get("end"), int)
-                and isinstance(e.get("label"), str)):
-            problems.append(f"{where}: {e_key}[{k}] must be {{\"start\": int, \"end\": int, \"label\": str}}")
+        if not (
+            isinstance(e, dict)
+            and isinstance(e.get("start"), int)
+            and isinstance(e.get("end"), int)
+            and isinstance(e.get("label"), str)
+        ):
+            problems.append(f'{where}: {e_key}[{k}] must be {{"start": int, "end": int, "label": str}}')
             continue
         s, t = e["start"], e["end"]
         if not 0 <= s < t <= len(text):
             problems.append(f"{where}: {e_key}[{k}]: span {s}..{t} is outside the text (length {len(text)})")
             continue
         if e["label"] not in spec.labels:
-            problems.append(f"{where}: {e_key}[{k}]: entity type {e['label']!r} is not in task.labels ({', '.join(spec.labels)})")
+            problems.append(
+                f"{where}: {e_key}[{k}]: entity type {e['label']!r} is not in task.labels ({', '.join(spec.labels)})"
+            )
             continue
         inside = [i for i, (a, b, _) in enumerate(words) if a < t and s < b]
         if not inside or words[inside[0]][0] != s or words[inside[-1]][1] != t:
@@ -223,16 +249,22 @@ def missing_columns(name: str, spec: TaskSpec, rows: list, path: str) -> str | N
     unused = [c for c in columns if c not in {_col(spec, f) for f in TASKS[name].fields}]
     mapping = ", ".join(f"{f}: {_closest_column(f, unused)}" for f in gap)
     missing = " and ".join(f"'{_col(spec, f)}'" for f in gap)
-    return (f"{path}: no row has the column{'s' * (len(gap) > 1)} {missing} that the {name} preset reads; the file's "
-            f"columns are {', '.join(columns)}: rename {'them' if len(gap) > 1 else 'it'} or map yours with "
-            f"task.fields: {{{mapping}}}")
+    return (
+        f"{path}: no row has the column{'s' * (len(gap) > 1)} {missing} that the {name} preset reads; the file's "
+        f"columns are {', '.join(columns)}: rename {'them' if len(gap) > 1 else 'it'} or map yours with "
+        f"task.fields: {{{mapping}}}"
+    )
 
 
 # Column names datasets use for a preset's fields (the closest column when names differ).
-SYNONYMS = {"label": ("sentiment", "class", "category", "labels", "target", "y", "intent", "topic", "rating"),
-            "text": ("sentence", "review", "content", "document", "input", "body", "comment", "tweet", "utterance"),
-            "source": ("src", "en", "english", "input"), "target": ("tgt", "translation", "output"),
-            "question": ("query", "q", "prompt"), "answer": ("answers", "a", "response", "output")}
+SYNONYMS = {
+    "label": ("sentiment", "class", "category", "labels", "target", "y", "intent", "topic", "rating"),
+    "text": ("sentence", "review", "content", "document", "input", "body", "comment", "tweet", "utterance"),
+    "source": ("src", "en", "english", "input"),
+    "target": ("tgt", "translation", "output"),
+    "question": ("query", "q", "prompt"),
+    "answer": ("answers", "a", "response", "output"),
+}
 
 
 def _closest_column(field_name: str, columns: list[str]) -> str:
@@ -251,25 +283,29 @@ def _required(row, where: str, spec: TaskSpec, example: str, fields: tuple[str, 
     return _not_object(row, where, example) or [p for f in fields for p in _need(row, where, _col(spec, f))]
 
 
-def translation(row, where: str, spec: TaskSpec, opts: FormatOptions):
+def translation(row: dict, where: str, spec: TaskSpec, opts: FormatOptions) -> tuple[object, list[str]]:
     problems = _required(row, where, spec, '{"source": "...", "target": "..."}', ("source", "target"))
     if problems:
         return None, problems
     return _prompt_reply(f"{spec.instruction}\n\n{_get(row, spec, 'source')}", _get(row, spec, "target"), opts), []
 
 
-def qa(row, where: str, spec: TaskSpec, opts: FormatOptions):
-    problems = _required(row, where, spec, '{"question": "...", "context": "...", "answer": "..."}', ("question", "answer"))
+def qa(row: dict, where: str, spec: TaskSpec, opts: FormatOptions) -> tuple[object, list[str]]:
+    problems = _required(
+        row, where, spec, '{"question": "...", "context": "...", "answer": "..."}', ("question", "answer")
+    )
     context = _get(row, spec, "context") if isinstance(row, dict) else None
     if context is not None and not isinstance(context, str):
         problems.append(f"{where}: '{_col(spec, 'context')}' must be a string, got {type(context).__name__}")
     if problems:
         return None, problems
-    body = (f"Context: {context}\n\n" if context and context.strip() else "") + f"Question: {_get(row, spec, 'question')}"
+    body = (
+        f"Context: {context}\n\n" if context and context.strip() else ""
+    ) + f"Question: {_get(row, spec, 'question')}"
     return _prompt_reply(f"{spec.instruction}\n\n{body}", _get(row, spec, "answer"), opts), []
 
 
-def creative(row, where: str, spec: TaskSpec, opts: FormatOptions):
+def creative(row: dict, where: str, spec: TaskSpec, opts: FormatOptions) -> tuple[object, list[str]]:
     problems = _required(row, where, spec, '{"prompt": "...", "text": "..."}', ("prompt", "text"))
     if problems:
         return None, problems
@@ -283,4 +319,3 @@ PRESETS: dict[str, Any] = {
     "qa": qa,
     "creative": creative,
 }
-

@@ -7,10 +7,14 @@ validator reports ("412 tokens, 156 over data.max_length").
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from phitune.data.chat import IGNORE_INDEX, Example, tokenize_conversation
 from phitune.data.formats import Chat, Labelled, Plain, Preference, Tagged
 from phitune.errors import PhituneError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -51,7 +55,9 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"] if text else []
 
 
-def tokenize_plain(tokenizer, sample: Plain, max_length: int, where: str) -> tuple[Example, int]:
+def tokenize_plain(
+    tokenizer: PreTrainedTokenizerBase, sample: Plain, max_length: int, where: str
+) -> tuple[Example, int]:
     """Raw prompt (untrained) + completion + eos (trained). Prompt and completion are tokenized
     apart, so the boundary never merges a prompt character into a trained token."""
     prompt = _ids(tokenizer, sample.prompt, special=True)
@@ -61,13 +67,17 @@ def tokenize_plain(tokenizer, sample: Plain, max_length: int, where: str) -> tup
     return Example(ids[:max_length], labels[:max_length], where), len(ids)
 
 
-def tokenize_labelled(tokenizer, sample: Labelled, label_ids: dict[str, int], max_length: int, where: str) -> tuple[ClassExample, int]:
+def tokenize_labelled(
+    tokenizer: PreTrainedTokenizerBase, sample: Labelled, label_ids: dict[str, int], max_length: int, where: str
+) -> tuple[ClassExample, int]:
     ids = _ids(tokenizer, sample.text, special=True) + [tokenizer.eos_token_id]
     # Keep the end (with eos): a sequence-classification head reads the last token.
     return ClassExample(ids[-max_length:], label_ids[sample.label], where), len(ids)
 
 
-def tokenize_tagged(tokenizer, sample: Tagged, tag_ids: dict[str, int], max_length: int, where: str) -> tuple[Example, int]:
+def tokenize_tagged(
+    tokenizer: PreTrainedTokenizerBase, sample: Tagged, tag_ids: dict[str, int], max_length: int, where: str
+) -> tuple[Example, int]:
     """Words joined by spaces; each word's first token carries its tag, the rest are ignored."""
     text, starts = "", []
     for i, word in enumerate(sample.tokens):
@@ -88,7 +98,13 @@ def tokenize_tagged(tokenizer, sample: Tagged, tag_ids: dict[str, int], max_leng
     return Example(ids[:max_length], labels[:max_length], where), len(ids)
 
 
-def tokenize_sample(tokenizer, sample, max_length: int, where: str, label_ids: dict[str, int] | None = None):
+def tokenize_sample(
+    tokenizer: PreTrainedTokenizerBase,
+    sample: object,
+    max_length: int,
+    where: str,
+    label_ids: dict[str, int] | None = None,
+) -> tuple[object, int]:
     """(example, untruncated length)."""
     if isinstance(sample, Chat):
         _require_template(tokenizer, where)
@@ -99,8 +115,12 @@ def tokenize_sample(tokenizer, sample, max_length: int, where: str, label_ids: d
         return tokenize_plain(tokenizer, sample, max_length, where)
     if isinstance(sample, Preference):
         _require_template(tokenizer, where)
-        chosen, _ = tokenize_conversation(tokenizer, sample.prompt + [{"role": "assistant", "content": sample.chosen}], 10**9, where)
-        rejected, _ = tokenize_conversation(tokenizer, sample.prompt + [{"role": "assistant", "content": sample.rejected}], 10**9, where)
+        chosen, _ = tokenize_conversation(
+            tokenizer, sample.prompt + [{"role": "assistant", "content": sample.chosen}], 10**9, where
+        )
+        rejected, _ = tokenize_conversation(
+            tokenizer, sample.prompt + [{"role": "assistant", "content": sample.rejected}], 10**9, where
+        )
         n = max(len(chosen.input_ids), len(rejected.input_ids))
         cut = [Example(e.input_ids[:max_length], e.labels[:max_length], where) for e in (chosen, rejected)]
         return PairExample(cut[0], cut[1], where), n

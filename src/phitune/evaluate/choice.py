@@ -9,6 +9,8 @@ when the tokenizer has one), as lm-evaluation-harness computes it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from phitune.data.chat import IGNORE_INDEX, Example
@@ -16,12 +18,21 @@ from phitune.data.readers import read_rows
 from phitune.errors import PhituneError
 from phitune.evaluate import metrics
 
-EXPECTED = '{"question": "...", "choices": ["...", "..."], "answer": 0} or TruthfulQA\'s {"question", "mc1_targets", "mc2_targets"}'
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+EXPECTED = (
+    '{"question": "...", "choices": ["...", "..."], "answer": 0} '
+    'or TruthfulQA\'s {"question", "mc1_targets", "mc2_targets"}'
+)
 
 
 def _targets(value, where: str, key: str) -> tuple[list[str], set[int]] | str:
-    if not (isinstance(value, dict) and isinstance(value.get("choices"), list) and isinstance(value.get("labels"), list)):
-        return f"{where}: '{key}' must be {{\"choices\": [...], \"labels\": [1, 0, ...]}}"
+    if not (
+        isinstance(value, dict) and isinstance(value.get("choices"), list) and isinstance(value.get("labels"), list)
+    ):
+        return f'{where}: \'{key}\' must be {{"choices": [...], "labels": [1, 0, ...]}}'
     choices, labels = value["choices"], value["labels"]
     if len(choices) != len(labels) or not choices or not all(isinstance(c, str) and c.strip() for c in choices):
         return f"{where}: '{key}' needs as many labels as choices, and non-empty choices"
@@ -31,21 +42,28 @@ def _targets(value, where: str, key: str) -> tuple[list[str], set[int]] | str:
     return choices, correct
 
 
-def parse_row(row, where: str) -> tuple[dict, list[str]]:
+def parse_row(row: dict, where: str) -> tuple[dict, list[str]]:
     """{question, sets: {name: (choices, correct)}} or problems."""
     if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
         return {}, [f"{where}: expected {EXPECTED}; 'question' must be a non-empty string"]
     sets, problems = {}, []
     if "choices" in row:
         choices, answer = row["choices"], row.get("answer")
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+        if (
+            not isinstance(choices, list)
+            or len(choices) < 2
+            or not all(isinstance(c, str) and c.strip() for c in choices)
+        ):
             problems.append(f"{where}: 'choices' must be a list of at least two non-empty strings")
         elif isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
             sets["accuracy"] = (choices, {answer})
         elif isinstance(answer, str) and answer in choices:
             sets["accuracy"] = (choices, {choices.index(answer)})
         else:
-            problems.append(f"{where}: 'answer' must be the index of the right choice (0..{len(choices) - 1}) or its text, got {answer!r}")
+            problems.append(
+                f"{where}: 'answer' must be the index of the right choice (0..{len(choices) - 1}) or its text, got "
+                f"{answer!r}"
+            )
     for key in ("mc1_targets", "mc2_targets"):
         if key in row:
             got = _targets(row[key], where, key)
@@ -58,7 +76,7 @@ def parse_row(row, where: str) -> tuple[dict, list[str]]:
     return {"question": row["question"], "sets": sets}, problems
 
 
-def choice_examples(tokenizer, question: str, choices: list[str]) -> list[Example]:
+def choice_examples(tokenizer: PreTrainedTokenizerBase, question: str, choices: list[str]) -> list[Example]:
     from phitune.generate import prompt_ids
 
     if tokenizer.chat_template:
@@ -71,18 +89,29 @@ def choice_examples(tokenizer, question: str, choices: list[str]) -> list[Exampl
 
 
 @torch.no_grad()
-def loglikelihoods(model, tokenizer, examples: list[Example], batch_size: int) -> list[float]:
+def loglikelihoods(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[Example], batch_size: int
+) -> list[float]:
     from phitune.data.batching import collate
     from phitune.loss import sequence_logps
 
     out: list[float] = []
     for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(model.device) for k, v in collate(examples[i : i + batch_size], tokenizer.pad_token_id).items()}
+        batch = {
+            k: v.to(model.device) for k, v in collate(examples[i : i + batch_size], tokenizer.pad_token_id).items()
+        }
         out += sequence_logps(model, batch).float().tolist()
     return out
 
 
-def evaluate_choices(model, tokenizer, data_file: str, *, batch_size: int = 16, limit: int | None = None) -> tuple[dict, int]:
+def evaluate_choices(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    data_file: str,
+    *,
+    batch_size: int = 16,
+    limit: int | None = None,
+) -> tuple[dict, int]:
     rows, errors = read_rows(data_file)
     parsed, problems = [], list(errors)
     for row in rows:
@@ -91,7 +120,9 @@ def evaluate_choices(model, tokenizer, data_file: str, *, batch_size: int = 16, 
         if not bad:
             parsed.append(item)
     if problems:
-        raise PhituneError(f"{data_file}: {len(problems)} problem(s) in the multiple-choice file", problems=problems[:20])
+        raise PhituneError(
+            f"{data_file}: {len(problems)} problem(s) in the multiple-choice file", problems=problems[:20]
+        )
     if not parsed:
         raise PhituneError(f"{data_file}: no questions; expected rows like {EXPECTED}")
     parsed = parsed[:limit] if limit else parsed

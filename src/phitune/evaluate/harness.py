@@ -15,8 +15,17 @@ from phitune.errors import PhituneError
 log = logging.getLogger("phitune")
 
 
-def run_harness(base: str, adapter: str | None, tasks: list[str], *, include: str | None = None, limit: int | None = None,
-                batch_size: int = 8, num_fewshot: int | None = None, chat_template: bool = False) -> dict:
+def run_harness(
+    base: str,
+    adapter: str | None,
+    tasks: list[str],
+    *,
+    include: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    num_fewshot: int | None = None,
+    chat_template: bool = False,
+) -> dict:
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -29,17 +38,30 @@ def run_harness(base: str, adapter: str | None, tasks: list[str], *, include: st
     manager = TaskManager(include_path=include) if include else TaskManager()
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise PhituneError(f"--harness: unknown task(s) {', '.join(unknown)}; list them with `lm-eval ls tasks`"
-                           + ("" if include else ", or add your own task YAML with --harness-include DIR"))
+        raise PhituneError(
+            f"--harness: unknown task(s) {', '.join(unknown)}; list them with `lm-eval ls tasks`"
+            + ("" if include else ", or add your own task YAML with --harness-include DIR")
+        )
     model, tokenizer = load_for_inference(base, adapter, dtype=_dtype(), device=_device())
     if adapter:
         model = model.merge_and_unload()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(_device()))
     try:
-        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=manager,
-                                      apply_chat_template=chat_template, log_samples=False)
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            task_manager=manager,
+            apply_chat_template=chat_template,
+            log_samples=False,
+        )
     except (ConnectionError, OSError) as exc:
-        raise PhituneError(f"--harness: {str(exc).splitlines()[0]}; the task's data must be available locally "
-                           "(cached, or a task YAML over local files with --harness-include)") from exc
-    return {task: {k: v for k, v in values.items() if isinstance(v, (int, float)) and k != "alias"}
-            for task, values in (out or {}).get("results", {}).items()}
+        raise PhituneError(
+            f"--harness: {str(exc).splitlines()[0]}; the task's data must be available locally "
+            "(cached, or a task YAML over local files with --harness-include)"
+        ) from exc
+    return {
+        task: {k: v for k, v in values.items() if isinstance(v, (int, float)) and k != "alias"}
+        for task, values in (out or {}).get("results", {}).items()
+    }

@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from phitune.data.chat import Example
 
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
 
-def lm_metrics(model, examples: list[Example], *, batch_size: int, pad_id: int, device,
-               autocast=contextlib.nullcontext, virtual_tokens: int = 0) -> dict[str, float]:
+    import torch
+
+
+def lm_metrics(
+    model: torch.nn.Module,
+    examples: list[Example],
+    *,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    virtual_tokens: int = 0,
+) -> dict[str, float]:
     from phitune.objectives import SFT, evaluate
 
-    return evaluate(SFT(pad_id, virtual_tokens), model, examples, batch_size=batch_size, device=device, autocast=autocast)
+    return evaluate(
+        SFT(pad_id, virtual_tokens), model, examples, batch_size=batch_size, device=device, autocast=autocast
+    )

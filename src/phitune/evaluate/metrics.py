@@ -49,8 +49,9 @@ def parse_entities(text: str) -> list[tuple[str, str]] | None:
         value = json.loads(text)
     except (json.JSONDecodeError, TypeError):
         return None
-    if not isinstance(value, list) or not all(isinstance(e, dict) and isinstance(e.get("text"), str)
-                                              and isinstance(e.get("type"), str) for e in value):
+    if not isinstance(value, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("text"), str) and isinstance(e.get("type"), str) for e in value
+    ):
         return None
     return [(e["text"], e["type"]) for e in value]
 
@@ -130,11 +131,15 @@ def rouge_l(predictions: list[str], references: list[str]) -> dict:
 def distinct_n(predictions: list[str], n: int = 2) -> dict:
     """Distinct-n (Li et al. 2016): unique word n-grams over all n-grams of all outputs; 0 when
     there are none. Repetitive or copied generations score low."""
-    grams = [tuple(words[i : i + n]) for p in predictions for words in [p.lower().split()] for i in range(len(words) - n + 1)]
+    grams = [
+        tuple(words[i : i + n]) for p in predictions for words in [p.lower().split()] for i in range(len(words) - n + 1)
+    ]
     return {f"distinct_{n}": len(set(grams)) / len(grams) if grams else 0.0}
 
 
-def multiple_choice(logliks: list[list[float]], correct: list[set[int]], lengths: list[list[int]] | None = None) -> dict:
+def multiple_choice(
+    logliks: list[list[float]], correct: list[set[int]], lengths: list[list[int]] | None = None
+) -> dict:
     """Log-likelihood scoring of choices, as lm-evaluation-harness does it.
 
     accuracy: the most likely choice is a correct one (TruthfulQA's MC1 when one is correct);
@@ -163,8 +168,10 @@ def translation(predictions: list[str], references: list[str]) -> dict:
         import sacrebleu
     except ImportError as exc:
         raise PhituneError("translation metrics need sacrebleu: pip install 'phitune[eval]'") from exc
-    return {"bleu": sacrebleu.corpus_bleu(predictions, [references]).score,
-            "chrf": sacrebleu.corpus_chrf(predictions, [references]).score}
+    return {
+        "bleu": sacrebleu.corpus_bleu(predictions, [references]).score,
+        "chrf": sacrebleu.corpus_chrf(predictions, [references]).score,
+    }
 
 
 def _same_length(a: list, b: list) -> None:

@@ -12,33 +12,69 @@ import base64
 import html
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from phitune.errors import PhituneError
 from phitune.evaluate import scoring
 from phitune.evaluate.runner import Evaluated, Subject, evaluate_model, metric_keys, resolve_spec
 
+if TYPE_CHECKING:
+    from phitune.data.tasks import TaskSpec
+
 # Scores reported as fractions (0..1); the chart shows them in percent. BLEU and chrF are 0..100 already.
 HUNDRED_SCALE = {"bleu", "chrf"}
 
 
-def compare(subjects: list[Subject], names: list[str], data_file: str, output: Path, *, task: str | None = None,
-            batch_size: int = 16, max_new_tokens: int | None = None, limit: int | None = None) -> dict:
+def compare(
+    subjects: list[Subject],
+    names: list[str],
+    data_file: str,
+    output: Path,
+    *,
+    task: str | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    limit: int | None = None,
+) -> dict:
     teacher = next((s for s in subjects if s.spec is not None), None)
     spec = resolve_spec(teacher or subjects[0], data_file, task)
     options = (teacher or subjects[0]).data_options
     train_file = next((s.train_file for s in subjects if s.train_file), None)
-    results = [evaluate_model(s, data_file, name=n, task=task, spec=spec, data_options=options, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
-                              train_file=train_file)
-               for s, n in zip(subjects, names)]
+    results = [
+        evaluate_model(
+            s,
+            data_file,
+            name=n,
+            task=task,
+            spec=spec,
+            data_options=options,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            limit=limit,
+            train_file=train_file,
+        )
+        for s, n in zip(subjects, names)
+    ]
     output.mkdir(parents=True, exist_ok=True)
     primary = scoring.primary_metric(spec)
     if primary not in results[0].metrics:  # e.g. preference pairs: scored by preference_accuracy
         primary = next(iter(chart_metrics(spec, results)), "loss")
-    comparison = {"data": str(data_file), "task": spec.name, "primary_metric": primary, "baseline": names[0],
-                  "models": [r.as_json() for r in results], "deltas": deltas(results)}
+    comparison = {
+        "data": str(data_file),
+        "task": spec.name,
+        "primary_metric": primary,
+        "baseline": names[0],
+        "models": [r.as_json() for r in results],
+        "deltas": deltas(results),
+    }
     (output / "comparison.json").write_text(json.dumps(comparison, indent=2, ensure_ascii=False) + "\n")
     charted = chart_metrics(spec, results)
-    chart(results, charted, output / "chart.png", title=f"{spec.name}: before and after fine-tuning ({Path(data_file).name})")
+    chart(
+        results,
+        charted,
+        output / "chart.png",
+        title=f"{spec.name}: before and after fine-tuning ({Path(data_file).name})",
+    )
     (output / "report.md").write_text(markdown(comparison, results, primary))
     (output / "report.html").write_text(html_report(comparison, results, output / "chart.png"))
     return comparison
@@ -50,16 +86,24 @@ def deltas(results: list[Evaluated]) -> dict:
     return {r.name: {k: v - base[k] for k, v in scoring.headline(r.metrics).items() if k in base} for r in results[1:]}
 
 
-def chart_metrics(spec, results: list[Evaluated]) -> list[str]:
+def chart_metrics(spec: TaskSpec, results: list[Evaluated]) -> list[str]:
     """The task's scores (higher is better) present for every model; perplexity only for tasks
     with no other score."""
     present = set.intersection(*(set(scoring.headline(r.metrics)) for r in results))
-    wanted = list(dict.fromkeys([scoring.primary_metric(spec)] + list(spec.metrics) + ["macro_f1", "entity_precision",
-                                                                                       "entity_recall", "mc1", "mc2",
-                                                                                       "accuracy", "accuracy_norm"]))
+    wanted = list(
+        dict.fromkeys(
+            [scoring.primary_metric(spec)]
+            + list(spec.metrics)
+            + ["macro_f1", "entity_precision", "entity_recall", "mc1", "mc2", "accuracy", "accuracy_norm"]
+        )
+    )
     scores = [k for k in wanted if k in present and k not in scoring.LOWER_IS_BETTER]
-    others = [k for r in results[:1] for k in scoring.headline(r.metrics)
-              if k in present and k not in scoring.LOWER_IS_BETTER and k not in scores and k != "logp_margin"]
+    others = [
+        k
+        for r in results[:1]
+        for k in scoring.headline(r.metrics)
+        if k in present and k not in scoring.LOWER_IS_BETTER and k not in scores and k != "logp_margin"
+    ]
     return scores or others or [k for k in ("perplexity",) if k in present]
 
 
@@ -103,18 +147,26 @@ def _rows(comparison: dict, results: list[Evaluated]) -> tuple[list[str], list[l
     rows = []
     for k in keys:
         row = [k + (" ↓" if k in scoring.LOWER_IS_BETTER else "")] + [_cell(r.metrics.get(k, "-")) for r in results]
-        row += [f"{comparison['deltas'][r.name][k]:+.4f}" if k in comparison["deltas"][r.name] else "-" for r in results[1:]]
+        row += [
+            f"{comparison['deltas'][r.name][k]:+.4f}" if k in comparison["deltas"][r.name] else "-" for r in results[1:]
+        ]
         rows.append(row)
     return header, rows
 
 
 def markdown(comparison: dict, results: list[Evaluated], primary: str) -> str:
     header, rows = _rows(comparison, results)
-    lines = [f"# Comparison on {comparison['data']}", "",
-             f"Task: **{comparison['task']}**, {results[0].examples} held-out examples; primary metric: **{primary}**; "
-             f"deltas against **{comparison['baseline']}**. ↓ lower is better.", "",
-             "![before and after](chart.png)", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        f"# Comparison on {comparison['data']}",
+        "",
+        f"Task: **{comparison['task']}**, {results[0].examples} held-out examples; primary metric: **{primary}**; "
+        f"deltas against **{comparison['baseline']}**. ↓ lower is better.",
+        "",
+        "![before and after](chart.png)",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", "Models:", ""] + [f"- **{r.name}**: `{r.path}`" for r in results]
     for r in results:
@@ -123,16 +175,28 @@ def markdown(comparison: dict, results: list[Evaluated], primary: str) -> str:
     confusion = [(r.name, r.metrics["confusion"]) for r in results if "confusion" in r.metrics]
     for name, matrix in confusion:
         columns = list(next(iter(matrix.values()), {}))
-        lines += ["", f"Confusion matrix, {name} (rows: reference, columns: prediction):", "",
-                  "| | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+        lines += [
+            "",
+            f"Confusion matrix, {name} (rows: reference, columns: prediction):",
+            "",
+            "| | " + " | ".join(columns) + " |",
+            "|" + "---|" * (len(columns) + 1),
+        ]
         lines += [f"| {ref} | " + " | ".join(str(matrix[ref][c]) for c in columns) + " |" for ref in matrix]
     sample = [r for r in results if r.predictions]
     if sample:
-        lines += ["", "Examples (first 5):", "", "| input | reference | " + " | ".join(r.name for r in sample) + " |",
-                  "|" + "---|" * (len(sample) + 2)]
+        lines += [
+            "",
+            "Examples (first 5):",
+            "",
+            "| input | reference | " + " | ".join(r.name for r in sample) + " |",
+            "|" + "---|" * (len(sample) + 2),
+        ]
         for i in range(min(5, len(sample[0].predictions))):
             p = sample[0].predictions[i]
-            cells = [_short(p["prompt"]), _short(p["reference"])] + [_short(r.predictions[i]["prediction"]) for r in sample]
+            cells = [_short(p["prompt"]), _short(p["reference"])] + [
+                _short(r.predictions[i]["prediction"]) for r in sample
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -146,13 +210,20 @@ def html_report(comparison: dict, results: list[Evaluated], png: Path) -> str:
     header, rows = _rows(comparison, results)
     image = base64.b64encode(png.read_bytes()).decode()
     esc = html.escape
-    table = ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"
-             + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+    table = (
+        "<table><tr>"
+        + "".join(f"<th>{esc(h)}</th>" for h in header)
+        + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+        + "</table>"
+    )
     models = "".join(f"<li><b>{esc(r.name)}</b>: <code>{esc(r.path)}</code></li>" for r in results)
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>phitune comparison</title><style>"
-            "body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th:first-child,td:first-child{text-align:left}"
-            f"</style></head><body><h1>Comparison on {esc(comparison['data'])}</h1>"
-            f"<p>Task <b>{esc(comparison['task'])}</b>, {results[0].examples} held-out examples; primary metric "
-            f"<b>{esc(comparison['primary_metric'])}</b>; deltas against <b>{esc(comparison['baseline'])}</b>.</p>"
-            f"<img alt='before and after' src='data:image/png;base64,{image}'>{table}<ul>{models}</ul></body></html>\n")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>phitune comparison</title><style>"
+        "body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th:first-child,td:first-child{text-align:left}"
+        f"</style></head><body><h1>Comparison on {esc(comparison['data'])}</h1>"
+        f"<p>Task <b>{esc(comparison['task'])}</b>, {results[0].examples} held-out examples; primary metric "
+        f"<b>{esc(comparison['primary_metric'])}</b>; deltas against <b>{esc(comparison['baseline'])}</b>.</p>"
+        f"<img alt='before and after' src='data:image/png;base64,{image}'>{table}<ul>{models}</ul></body></html>\n"
+    )

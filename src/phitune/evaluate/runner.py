@@ -12,6 +12,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,12 @@ from phitune.data.tokenize import PairExample
 from phitune.errors import PhituneError
 from phitune.evaluate import scoring
 from phitune.registry import EVAL_TASKS, GENERATIVE_TASKS, TASKS
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from phitune.data.dataset import Split
 
 log = logging.getLogger("phitune")
 
@@ -72,8 +79,14 @@ class Evaluated:
     leakage: Leakage | None = None
 
     def as_json(self) -> dict:
-        return {"name": self.name, "model": self.path, "task": self.task, "examples": self.examples,
-                "metrics": self.metrics, "leakage": self.leakage.as_dict() if self.leakage else None}
+        return {
+            "name": self.name,
+            "model": self.path,
+            "task": self.task,
+            "examples": self.examples,
+            "metrics": self.metrics,
+            "leakage": self.leakage.as_dict() if self.leakage else None,
+        }
 
 
 def resolve_spec(subject: Subject, data_file: str, task: str | None, spec: TaskSpec | None = None) -> TaskSpec:
@@ -89,8 +102,10 @@ def resolve_spec(subject: Subject, data_file: str, task: str | None, spec: TaskS
     if task is None and subject.spec is not None:
         return subject.spec
     if task is None:
-        raise PhituneError(f"{subject.path}: no task.json (not a phitune training output); say what to score with "
-                           f"--task {' | '.join(EVAL_TASKS)}")
+        raise PhituneError(
+            f"{subject.path}: no task.json (not a phitune training output); say what to score with "
+            f"--task {' | '.join(EVAL_TASKS)}"
+        )
     if subject.spec is not None and subject.spec.name == task:
         return subject.spec
     rows, _ = read_rows(data_file)
@@ -103,7 +118,7 @@ def _data_config(data_file: str, options: dict):
     return DataConfig(train=str(data_file), **options)
 
 
-def read_eval_split(data_file: str, spec: TaskSpec, options: dict, tokenizer=None):
+def read_eval_split(data_file: str, spec: TaskSpec, options: dict, tokenizer: PreTrainedTokenizerBase = None) -> Split:
     """The file's samples under the task spec (errors raised), tokenized when a tokenizer is given."""
     from phitune.config import TaskConfig
     from phitune.data.dataset import raise_on_errors, read_split, tokenize_split
@@ -124,9 +139,19 @@ def _dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def evaluate_model(subject: Subject, data_file: str, *, name: str | None = None, task: str | None = None,
-                   spec: TaskSpec | None = None, data_options: dict | None = None, batch_size: int = 16,
-                   max_new_tokens: int | None = None, limit: int | None = None, train_file: str | None = None) -> Evaluated:
+def evaluate_model(
+    subject: Subject,
+    data_file: str,
+    *,
+    name: str | None = None,
+    task: str | None = None,
+    spec: TaskSpec | None = None,
+    data_options: dict | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    limit: int | None = None,
+    train_file: str | None = None,
+) -> Evaluated:
     from phitune.models import load_for_inference
 
     name = name or Path(subject.path).name
@@ -139,7 +164,9 @@ def evaluate_model(subject: Subject, data_file: str, *, name: str | None = None,
         return Evaluated(name, subject.path, spec.name, n, values)
     options = data_options if data_options is not None else subject.data_options
     head, labels = spec.model_head
-    model, tokenizer = load_for_inference(subject.base, subject.adapter, dtype=_dtype(), device=_device(), head=head, labels=labels)
+    model, tokenizer = load_for_inference(
+        subject.base, subject.adapter, dtype=_dtype(), device=_device(), head=head, labels=labels
+    )
     split = read_eval_split(data_file, spec, options, tokenizer)
     kept = split.kept[:limit] if limit else split.kept
     examples = split.examples[: len(kept)]
@@ -157,38 +184,56 @@ def evaluate_model(subject: Subject, data_file: str, *, name: str | None = None,
     elif isinstance(examples[0], PairExample):
         values, predictions = score_preferences(model, tokenizer, examples, batch_size), []
     else:
-        values, predictions = score_generative(model, tokenizer, spec, examples, kept, batch_size=batch_size,
-                                               max_new_tokens=max_new_tokens)
+        values, predictions = score_generative(
+            model, tokenizer, spec, examples, kept, batch_size=batch_size, max_new_tokens=max_new_tokens
+        )
     return Evaluated(name, subject.path, spec.name, len(kept), values, predictions, leakage)
 
 
-def score_head(model, tokenizer, spec: TaskSpec, examples: list, kept: list, batch_size: int) -> tuple[dict, list[dict]]:
+def score_head(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: TaskSpec,
+    examples: list,
+    kept: list,
+    batch_size: int,
+) -> tuple[dict, list[dict]]:
     from phitune.evaluate import metrics
     from phitune.objectives import bio_spans, build_objective, evaluate
 
     device = model.device
     objective = build_objective(spec, tokenizer.pad_token_id)  # the head's: sequence or token classification
     with torch.no_grad():
-        guessed = [p for i in range(0, len(examples), batch_size)
-                   for p in objective.predict(model, examples[i : i + batch_size], device)]
+        guessed = [
+            p
+            for i in range(0, len(examples), batch_size)
+            for p in objective.predict(model, examples[i : i + batch_size], device)
+        ]
     loss = evaluate(objective, model, examples, batch_size=batch_size, device=device)["loss"]
     if spec.name == "ner":
         gold = [bio_spans(sample.tags) for _, sample in kept]
         pred = [bio_spans([spec.tag_labels[t] for t in tags]) for tags in guessed]
         ents = metrics.entities([sorted(p) for p in pred], [sorted(g) for g in gold])
         values = {"entity_f1": ents["f1"], "entity_precision": ents["precision"], "entity_recall": ents["recall"]}
-        shown = [(" ".join(s.tokens), " ".join(s.tags), " ".join(spec.tag_labels[t] for t in g)) for (_, s), g in zip(kept, guessed)]
+        shown = [
+            (" ".join(s.tokens), " ".join(s.tags), " ".join(spec.tag_labels[t] for t in g))
+            for (_, s), g in zip(kept, guessed)
+        ]
     else:
         labels = [spec.labels[i] for i in guessed]
         values = metrics.classification(labels, [s.label for _, s in kept], spec.labels)
         shown = [(s.text, s.label, p) for (_, s), p in zip(kept, labels)]
-    predictions = [{"where": w, "prompt": text, "reference": ref, "prediction": pred}
-                   for (w, _), (text, ref, pred) in zip(kept, shown)]
+    predictions = [
+        {"where": w, "prompt": text, "reference": ref, "prediction": pred}
+        for (w, _), (text, ref, pred) in zip(kept, shown)
+    ]
     return values | {"loss": loss}, predictions
 
 
 @torch.no_grad()
-def score_preferences(model, tokenizer, examples: list, batch_size: int) -> dict:
+def score_preferences(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list, batch_size: int
+) -> dict:
     """Preference pairs, without a reference model (so a base and its fine-tune compare): how
     often the preferred reply is the more likely one, and by how much (summed log-probabilities)."""
     from phitune.data.batching import collate
@@ -197,23 +242,42 @@ def score_preferences(model, tokenizer, examples: list, batch_size: int) -> dict
     margins: list[float] = []
     for i in range(0, len(examples), batch_size):
         part = examples[i : i + batch_size]
-        batch = {k: v.to(model.device) for k, v in
-                 collate([e.chosen for e in part] + [e.rejected for e in part], tokenizer.pad_token_id).items()}
+        batch = {
+            k: v.to(model.device)
+            for k, v in collate([e.chosen for e in part] + [e.rejected for e in part], tokenizer.pad_token_id).items()
+        }
         logps = sequence_logps(model, batch).float()
-        margins += (logps[: len(part)] - logps[len(part):]).tolist()
-    return {"preference_accuracy": sum(m > 0 for m in margins) / len(margins), "logp_margin": sum(margins) / len(margins)}
+        margins += (logps[: len(part)] - logps[len(part) :]).tolist()
+    return {
+        "preference_accuracy": sum(m > 0 for m in margins) / len(margins),
+        "logp_margin": sum(margins) / len(margins),
+    }
 
 
-def score_generative(model, tokenizer, spec: TaskSpec, examples: list, kept: list, *, batch_size: int,
-                     max_new_tokens: int | None) -> tuple[dict, list[dict]]:
+def score_generative(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: TaskSpec,
+    examples: list,
+    kept: list,
+    *,
+    batch_size: int,
+    max_new_tokens: int | None,
+) -> tuple[dict, list[dict]]:
     """Loss and perplexity on the references (teacher forcing), then the task metric on greedy
     answers when the task has one."""
     from phitune.evaluate.lm import lm_metrics
     from phitune.generate import complete_batch
     from phitune.models import num_virtual_tokens
 
-    values = lm_metrics(model, examples, batch_size=batch_size, pad_id=tokenizer.pad_token_id, device=model.device,
-                        virtual_tokens=num_virtual_tokens(model))
+    values = lm_metrics(
+        model,
+        examples,
+        batch_size=batch_size,
+        pad_id=tokenizer.pad_token_id,
+        device=model.device,
+        virtual_tokens=num_virtual_tokens(model),
+    )
     asked = [(w, s) for w, s in kept if scoring.generative(s)]
     if spec.name not in GENERATIVE_TASKS or not asked:
         return values, []
@@ -222,8 +286,10 @@ def score_generative(model, tokenizer, spec: TaskSpec, examples: list, kept: lis
         max_new_tokens = scoring.answer_budget(tokenizer, references)
     answers = complete_batch(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size)
     values = values | scoring.score(spec, answers, list(references))
-    predictions = [{"where": w, "prompt": p if isinstance(p, str) else p[-1]["content"], "reference": r, "prediction": a}
-                   for (w, _), p, r, a in zip(asked, prompts, references, answers)]
+    predictions = [
+        {"where": w, "prompt": p if isinstance(p, str) else p[-1]["content"], "reference": r, "prediction": a}
+        for (w, _), p, r, a in zip(asked, prompts, references, answers)
+    ]
     return values, predictions
 
 

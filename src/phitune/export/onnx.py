@@ -40,8 +40,16 @@ def require_builder() -> None:
         raise PhituneError("the ONNX model builder needs onnx-ir: pip install 'phitune[onnx]'") from exc
 
 
-def export_onnx(source: str | Path, output: str | Path, *, precision: str = "int4", device: str = "cpu",
-                base: str | None = None, overwrite: bool = False, options: dict[str, str] | None = None) -> Path:
+def export_onnx(
+    source: str | Path,
+    output: str | Path,
+    *,
+    precision: str = "int4",
+    device: str = "cpu",
+    base: str | None = None,
+    overwrite: bool = False,
+    options: dict[str, str] | None = None,
+) -> Path:
     """`options`: builder --extra_options over phitune's QUANT_OPTIONS for the precision."""
     from phitune.export.merge import merge
     from phitune.models import refuse_classifier, resolve_trained
@@ -69,14 +77,30 @@ def export_onnx(source: str | Path, output: str | Path, *, precision: str = "int
             if folder and (folder / "task.json").is_file():
                 shutil.copy(folder / "task.json", tmp / "task.json")
                 break
-        (tmp / "phitune_export.json").write_text(json.dumps({
-            "source": str(source), "base": base_model, "adapter": adapter,
-            "precision": precision, "device": device, "builder_options": options}, indent=2) + "\n")
+        (tmp / "phitune_export.json").write_text(
+            json.dumps(
+                {
+                    "source": str(source),
+                    "base": base_model,
+                    "adapter": adapter,
+                    "precision": precision,
+                    "device": device,
+                    "builder_options": options,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return output
 
 
-DEFAULT_PROMPTS = ["Hello! Who are you?", "What is the capital of France?", "Write one sentence about coffee.",
-                   "Translate to French: the cup is hot.", "List three colours."]
+DEFAULT_PROMPTS = [
+    "Hello! Who are you?",
+    "What is the capital of France?",
+    "Write one sentence about coffee.",
+    "Translate to French: the cup is hot.",
+    "List three colours.",
+]
 
 
 def _held_out(source: Path, data: str | None, tokenizer):
@@ -92,8 +116,9 @@ def _held_out(source: Path, data: str | None, tokenizer):
     return read_eval_split(data, spec, subject.data_options, tokenizer)
 
 
-def check_export(output: str | Path, source: str | Path, *, data: str | None = None, prompts: int = 16,
-                 max_new_tokens: int = 32) -> dict:
+def check_export(
+    output: str | Path, source: str | Path, *, data: str | None = None, prompts: int = 16, max_new_tokens: int = 32
+) -> dict:
     """Greedy tokens of the ONNX model against the PyTorch (merged) model on the same prompt
     ids, the ONNX tokenizer's prompt ids against transformers', and perplexity on held-out text."""
     from phitune.backends import OnnxBackend
@@ -107,7 +132,9 @@ def check_export(output: str | Path, source: str | Path, *, data: str | None = N
     if hasattr(model, "merge_and_unload"):
         model = merged_model(model)  # the weights the export was built from
     split = _held_out(Path(source), data, tokenizer)
-    asked = [scoring.prompt_and_reference(s)[0] for _, s in (split.kept if split else []) if scoring.generative(s)][:prompts]
+    asked = [scoring.prompt_and_reference(s)[0] for _, s in (split.kept if split else []) if scoring.generative(s)][
+        :prompts
+    ]
     asked = asked or [[{"role": "user", "content": p}] for p in DEFAULT_PROMPTS]
     same_prompt = exact = 0
     agreement = 0.0
@@ -119,14 +146,25 @@ def check_export(output: str | Path, source: str | Path, *, data: str | None = N
         got = list(onnx.generate_ids(ids, max_new_tokens=max_new_tokens))
         exact += got == reference
         longest = max(len(got), len(reference), 1)
-        agreement += next((i for i, (a, b) in enumerate(zip(got, reference)) if a != b), min(len(got), len(reference))) / longest
-    report = {"prompts": len(asked), "greedy_exact": exact / len(asked), "token_agreement": agreement / len(asked),
-              "chat_prompt_ids_equal": same_prompt / max(1, sum(not isinstance(p, str) for p in asked))}
+        agreement += (
+            next((i for i, (a, b) in enumerate(zip(got, reference)) if a != b), min(len(got), len(reference))) / longest
+        )
+    report = {
+        "prompts": len(asked),
+        "greedy_exact": exact / len(asked),
+        "token_agreement": agreement / len(asked),
+        "chat_prompt_ids_equal": same_prompt / max(1, sum(not isinstance(p, str) for p in asked)),
+    }
     if split and split.examples:
         examples = split.examples[:64]
-        torch_ppl = lm_metrics(model, examples, batch_size=8, pad_id=tokenizer.pad_token_id, device=model.device)["perplexity"]
-        report |= {"perplexity_torch": torch_ppl, "perplexity_onnx": _onnx_perplexity(Path(output), examples),
-                   "held_out_examples": len(examples)}
+        torch_ppl = lm_metrics(model, examples, batch_size=8, pad_id=tokenizer.pad_token_id, device=model.device)[
+            "perplexity"
+        ]
+        report |= {
+            "perplexity_torch": torch_ppl,
+            "perplexity_onnx": _onnx_perplexity(Path(output), examples),
+            "held_out_examples": len(examples),
+        }
         report["perplexity_change"] = report["perplexity_onnx"] / torch_ppl - 1.0
     return report
 
@@ -161,12 +199,34 @@ def _onnx_perplexity(output: Path, examples: list) -> float:
 # --- multi-LoRA: one base graph with LoRA inputs, one .onnx_adapter per fine-tune ---------------
 
 
-def _build(model_path: str, out: Path, precision: str, device: str, cache: Path, *, adapter: str | None = None,
-           name: str | None = None, options: dict[str, str] | None = None) -> None:
+def _build(
+    model_path: str,
+    out: Path,
+    precision: str,
+    device: str,
+    cache: Path,
+    *,
+    adapter: str | None = None,
+    name: str | None = None,
+    options: dict[str, str] | None = None,
+) -> None:
     """onnxruntime-genai's model builder in its own process; `out` is removed again when it fails.
     `options`: the builder's --extra_options (KEY=VALUE)."""
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", model_path, "-o", str(out), "-p", precision,
-           "-e", device, "-c", str(cache)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        model_path,
+        "-o",
+        str(out),
+        "-p",
+        precision,
+        "-e",
+        device,
+        "-c",
+        str(cache),
+    ]
     extra = dict(options or {}) | ({"adapter_path": adapter} if adapter else {})
     if extra:
         cmd += ["--extra_options", *(f"{k}={v}" for k, v in extra.items())]
@@ -174,8 +234,10 @@ def _build(model_path: str, out: Path, precision: str, device: str, cache: Path,
     if proc.returncode != 0 or not (out / "genai_config.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
         last = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()][-1:] or ["no output"]
-        raise PhituneError(f"{name or adapter or model_path}: the onnxruntime-genai model builder failed "
-                           f"({last[0].strip()[:300]}); run `python -m onnxruntime_genai.models.builder` yourself to see why")
+        raise PhituneError(
+            f"{name or adapter or model_path}: the onnxruntime-genai model builder failed "
+            f"({last[0].strip()[:300]}); run `python -m onnxruntime_genai.models.builder` yourself to see why"
+        )
 
 
 def _is_lora(name: str) -> bool:
@@ -191,8 +253,15 @@ def _lora_tensors(model_file: Path) -> dict:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if _is_lora(t.name)}
 
 
-def export_multi_lora(base: str, adapters: dict[str, str], output: str | Path, *, precision: str = "fp32",
-                      device: str = "cpu", overwrite: bool = False) -> Path:
+def export_multi_lora(
+    base: str,
+    adapters: dict[str, str],
+    output: str | Path,
+    *,
+    precision: str = "fp32",
+    device: str = "cpu",
+    overwrite: bool = False,
+) -> Path:
     """The base once, with every LoRA weight a graph input defaulting to zero (the base model),
     and each adapter as adapters/NAME.onnx_adapter holding those inputs' values. The builder makes
     each adapter's weights (its split of fused projections, transposes and scaling), so they are
@@ -201,8 +270,10 @@ def export_multi_lora(base: str, adapters: dict[str, str], output: str | Path, *
 
     output = Path(output)
     if precision in ("int4", "int8"):
-        raise PhituneError(f"--adapter with --precision {precision}: the builder would quantize the LoRA weights into the graph, "
-                           "so they could not be swapped; use fp32 (cpu) or fp16 (cuda), or export each fine-tune merged in int4")
+        raise PhituneError(
+            f"--adapter with --precision {precision}: the builder would quantize the LoRA weights into the graph, "
+            "so they could not be swapped; use fp32 (cpu) or fp16 (cuda), or export each fine-tune merged in int4"
+        )
     refuse_non_empty(output, overwrite)
     require_builder()
     resolved = _lora_adapters(base, adapters)
@@ -220,16 +291,27 @@ def export_multi_lora(base: str, adapters: dict[str, str], output: str | Path, *
             tensors = _lora_tensors(built / "model.onnx")
             shutil.rmtree(built)
             if set(tensors) != set(slots) or any(tuple(tensors[k].shape) != tuple(slots[k].dims) for k in slots):
-                raise PhituneError(f"--adapter {name}: its LoRA targets or rank differ from {next(iter(resolved))}'s; "
-                                   "adapters served together need the same target_modules and r")
+                raise PhituneError(
+                    f"--adapter {name}: its LoRA targets or rank differ from {next(iter(resolved))}'s; "
+                    "adapters served together need the same target_modules and r"
+                )
             _write_onnx_adapter(tmp / "adapters" / f"{name}.onnx_adapter", tensors)
         _lora_inputs_default_to_zero(model, slots)
         graph_file.unlink()
         (tmp / "model.onnx.data").unlink(missing_ok=True)
         onnx.save(model, str(graph_file), save_as_external_data=True, location="model.onnx.data")
-        (tmp / "phitune_export.json").write_text(json.dumps({
-            "base": base, "adapters": {n: str(a) for n, a in resolved.items()}, "precision": precision,
-            "device": device}, indent=2) + "\n")
+        (tmp / "phitune_export.json").write_text(
+            json.dumps(
+                {
+                    "base": base,
+                    "adapters": {n: str(a) for n, a in resolved.items()},
+                    "precision": precision,
+                    "device": device,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return output
 
 
@@ -248,14 +330,18 @@ def _lora_adapters(base: str, adapters: dict[str, str]) -> dict[str, str]:
         config = json.loads((Path(adapter) / "adapter_config.json").read_text())
         kind = config.get("peft_type")
         if kind != "LORA" or config.get("use_dora"):
-            raise PhituneError(f"--adapter {name}={path}: a {kind} adapter{' with DoRA' if kind == 'LORA' else ''}; "
-                               "ONNX Runtime adapters carry plain LoRA weights only (merge it and export it alone)")
+            raise PhituneError(
+                f"--adapter {name}={path}: a {kind} adapter{' with DoRA' if kind == 'LORA' else ''}; "
+                "ONNX Runtime adapters carry plain LoRA weights only (merge it and export it alone)"
+            )
         if "lm_head" in (config.get("target_modules") or []):
             # onnxruntime-genai 0.18's builder overwrites lm_head's weight with the LoRA's and wires the
             # sum nowhere: the graph does not load. Seen here; refused until the builder handles it.
-            raise PhituneError(f"--adapter {name}={path}: its LoRA targets lm_head, which the onnxruntime-genai "
-                               "builder cannot export as an adapter; train without lm_head in method.target_modules, "
-                               "or export this fine-tune merged on its own")
+            raise PhituneError(
+                f"--adapter {name}={path}: its LoRA targets lm_head, which the onnxruntime-genai "
+                "builder cannot export as an adapter; train without lm_head in method.target_modules, "
+                "or export this fine-tune merged on its own"
+            )
         if Path(base_of).resolve() != Path(base).resolve() and base_of != base:
             log.warning("--adapter %s was trained on %s, exported on %s", name, base_of, base)
         resolved[name] = adapter

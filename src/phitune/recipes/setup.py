@@ -1,28 +1,53 @@
 """The pieces a run is built from, before its loop: the output directory (resume or refuse),
-the data with its warnings, precision, optimizer, learning-rate schedule and step count."""
+the data with its warnings, precision, the model with its method, the engine with its optimizer
+and learning-rate schedule, the step count and the metric that picks the best checkpoint."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from phitune.config import Config, flatten
 from phitune.data.dataset import TrainData, length_problem, load_training_data
+from phitune.distributed import Runtime
+from phitune.engines import Engine, build_engine
 from phitune.errors import PhituneError
+from phitune.evaluate import scoring
+from phitune.models import apply_method, load_model
+from phitune.objectives import Objective
 from phitune.outputs import list_checkpoints
+from phitune.registry import GENERATIVE_TASKS, TASKS
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from torch.optim.lr_scheduler import LRScheduler
+    from transformers import PreTrainedTokenizerBase
+
+    from phitune.data.tasks import TaskSpec
 
 log = logging.getLogger("phitune")
 
 # Keys that may change between a run and its resumption without breaking exactness.
-RESUMABLE_CHANGES = {"training.max_steps", "training.epochs", "training.save_every", "training.save_total_limit",
-                     "training.eval_every", "training.log_every", "training.tensorboard", "training.early_stopping_patience",
-                     "training.eval_generate", "training.keep_best"}
+RESUMABLE_CHANGES = {
+    "training.max_steps",
+    "training.epochs",
+    "training.save_every",
+    "training.save_total_limit",
+    "training.eval_every",
+    "training.log_every",
+    "training.tensorboard",
+    "training.early_stopping_patience",
+    "training.eval_generate",
+    "training.keep_best",
+}
 
 
 def seed_everything(seed: int) -> None:
@@ -38,7 +63,10 @@ def prepare_output_dir(cfg: Config, *, resume: bool, overwrite: bool, is_main: b
     checkpoints = list_checkpoints(out / "checkpoints")
     if resume:
         if not checkpoints:
-            raise PhituneError(f"{out}: --resume given but there is no checkpoint in {out / 'checkpoints'}; set training.save_every and run without --resume")
+            raise PhituneError(
+                f"{out}: --resume given but there is no checkpoint in {out / 'checkpoints'}; set training.save_every "
+                "and run without --resume"
+            )
         saved = out / "config.yaml"
         if saved.is_file():
             _check_resumable(saved, cfg)
@@ -77,16 +105,26 @@ def _check_resumable(saved: Path, cfg: Config) -> None:
     changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
     if changed:
         diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
-        raise PhituneError(f"{saved}: the run started with a different configuration ({diffs}); resume with the same settings or use a new output_dir")
+        raise PhituneError(
+            f"{saved}: the run started with a different configuration ({diffs}); resume with the same settings or "
+            "use a new output_dir"
+        )
 
 
-def load_data(cfg: Config, tokenizer) -> TrainData:
+def load_data(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> TrainData:
     data = load_training_data(cfg, tokenizer)
     for name, split in (("train", data.train), ("validation", data.validation)):
         if split and (split.truncated or split.dropped or split.duplicates):
-            log.warning("%s: %d example(s) truncated to data.max_length=%d, %d dropped with nothing left to train, "
-                        "%d exact duplicate(s)%s", name, split.truncated, cfg.data.max_length, len(split.dropped),
-                        split.duplicates, " removed" if name == "train" and cfg.data.dedupe else "")
+            log.warning(
+                "%s: %d example(s) truncated to data.max_length=%d, %d dropped with nothing left to train, "
+                "%d exact duplicate(s)%s",
+                name,
+                split.truncated,
+                cfg.data.max_length,
+                len(split.dropped),
+                split.duplicates,
+                " removed" if name == "train" and cfg.data.dedupe else "",
+            )
     message, refuse = length_problem(data.train, cfg.data.max_length, cfg.data.max_dropped)
     if refuse:
         raise PhituneError(message)
@@ -95,8 +133,12 @@ def load_data(cfg: Config, tokenizer) -> TrainData:
     if data.leakage and (warning := data.leakage.warning(data.train.path)):
         log.warning("%s", warning)
     if data.packed:
-        log.info("packing: %d examples in %d sequences of up to %d tokens", data.num_train_examples,
-                 len(data.train_examples), cfg.data.max_length)
+        log.info(
+            "packing: %d examples in %d sequences of up to %d tokens",
+            data.num_train_examples,
+            len(data.train_examples),
+            cfg.data.max_length,
+        )
     return data
 
 
@@ -120,7 +162,7 @@ def resolve_precision(cfg: Config) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[p]
 
 
-def build_optimizer(cfg: Config, model):
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     t = cfg.training
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -134,13 +176,18 @@ def build_optimizer(cfg: Config, model):
     try:
         import bitsandbytes as bnb
     except ImportError as exc:
-        raise PhituneError(f"training.optimizer={t.optimizer} needs bitsandbytes: pip install 'phitune[qlora]'") from exc
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[t.optimizer]
+        raise PhituneError(
+            f"training.optimizer={t.optimizer} needs bitsandbytes: pip install 'phitune[qlora]'"
+        ) from exc
+    cls = {
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+    }[t.optimizer]
     return cls(groups, lr=t.learning_rate)
 
 
-def build_scheduler(cfg: Config, optimizer, total_steps: int):
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int) -> LRScheduler:
     t = cfg.training
     warmup = t.warmup_steps or int(round(t.warmup_ratio * total_steps))
 
@@ -162,3 +209,118 @@ def total_steps(cfg: Config, num_examples: int) -> int:
     if t.max_steps:
         return t.max_steps
     return max(1, math.ceil((t.epochs or 1.0) * math.ceil(num_examples / t.batch_size)))
+
+
+def setup_engine(
+    cfg: Config,
+    model: torch.nn.Module,
+    accelerator: Accelerator,
+    runtime: Runtime,
+    precision: str,
+    ds_config: dict | None,
+    steps: int,
+) -> tuple[Engine, LRScheduler]:
+    """(the engine that wraps the model and its optimizer, the learning-rate schedule)."""
+    built = {}  # the optimizer itself: the schedule drives it, whatever the engine wraps it in
+
+    def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
+        built["optimizer"] = build_optimizer(cfg, module)
+        return built["optimizer"]
+
+    engine = build_engine(
+        runtime.strategy,
+        model=model,
+        make_optimizer=make_optimizer,
+        accelerator=accelerator,
+        runtime=runtime,
+        precision=precision,
+        deepspeed_config=ds_config,
+    )
+    return engine, build_scheduler(cfg, built["optimizer"], steps)
+
+
+def scores_answers(cfg: Config, data: TrainData) -> bool:
+    """Whether evaluations generate answers and score them with the task's metrics."""
+    return (
+        not data.spec.head
+        and cfg.method.objective == "sft"
+        and data.spec.name in GENERATIVE_TASKS
+        and cfg.training.eval_generate > 0
+        and bool(data.validation_samples)
+    )
+
+
+def setup_model(
+    cfg: Config,
+    accelerator: Accelerator,
+    runtime: Runtime,
+    precision: str,
+    tokenizer: PreTrainedTokenizerBase,
+    head: str,
+    labels: list[str] | None,
+) -> tuple[torch.nn.Module, torch.nn.Module | None, dict]:
+    """(the model with its method applied, DPO's frozen reference or None, the weight counts for run.json)."""
+    model = load_model(cfg, accelerator.device, precision, head=head, labels=labels)
+    model.config.use_cache = False
+    model.config.pad_token_id = tokenizer.pad_token_id  # the sequence-classification head finds the last token by it
+    # DPO's reference for full fine-tuning is a frozen copy of the start (adapters switch themselves off instead).
+    reference = (
+        copy.deepcopy(model).requires_grad_(False).eval().to(accelerator.device)
+        if cfg.method.objective == "dpo" and not cfg.is_adapter
+        else None
+    )
+    model = apply_method(model, cfg, tokenizer, head=head)
+    weights = {
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "weight_memory_mb": round(model.get_memory_footprint() / 2**20, 1),
+    }
+    mb = weights["weight_memory_mb"]
+    log.info(
+        "%s: %s trainable parameters, %s MB of weights%s",
+        cfg.method.name,
+        f"{weights['trainable_parameters']:,}",
+        f"{mb:.2g}" if mb < 10 else f"{mb:.0f}",
+        f"; {runtime.world} processes, {runtime.strategy}"
+        if runtime.parallel or runtime.strategy == "deepspeed"
+        else "",
+    )
+    if cfg.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, reference, weights
+
+
+def check_best_metric(cfg: Config, data: TrainData, objective: Objective, answers_scored: bool) -> str:
+    """training.best_metric resolved, and refused when this run's evaluation does not compute it."""
+    best = resolve_best_metric(cfg, data.spec, answers_scored)
+    if data.validation_examples and cfg.training.eval_every:
+        computed = set(objective.eval_names) | set(TASKS[data.spec.name].metrics if answers_scored else ())
+        if best not in computed:
+            raise PhituneError(
+                f"training.best_metric: {best} is not computed by this run's evaluation (it gives "
+                f"{', '.join(sorted(computed))}); choose one of those"
+                + ("" if answers_scored or data.spec.head else " or set task.name and training.eval_generate")
+            )
+    return best
+
+
+def save_initial_adapter(cfg: Config, engine: Engine, runtime: Runtime, out: Path) -> Path | None:
+    """PiSSA and OLoRA rewrite the base weights at initialisation. Saved as-is, their adapters would
+    only work on that rewritten base; converted against the initial adapter (kept here), they
+    become plain LoRA adapters (rank 2r) for the original base, like any other."""
+    if cfg.method.init not in ("pissa", "olora") or not cfg.is_adapter:
+        return None
+    initial = out / "checkpoints" / "initial_adapter"
+    if not (initial / "adapter_config.json").is_file():
+        with engine.gathered():
+            if runtime.is_main:
+                engine.unwrap().save_pretrained(initial)
+        runtime.barrier()
+    return initial
+
+
+def resolve_best_metric(cfg: Config, spec: TaskSpec, answers_scored: bool) -> str:
+    """training.best_metric, with auto resolved: the task's primary metric when this run computes
+    it (a head's, or one scored on generated answers), else the loss."""
+    if cfg.training.best_metric != "auto":
+        return cfg.training.best_metric
+    return scoring.primary_metric(spec) if spec.head or answers_scored else "loss"

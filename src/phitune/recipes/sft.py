@@ -3,19 +3,21 @@
 The loop is plain PyTorch on Accelerate (device placement, mixed precision) and an engine
 (engines.py: one process or DDP, DeepSpeed ZeRO, FSDP2), with gradient accumulation done by hand
 so the loss is normalised by the whole optimizer step's trained tokens (or examples, or pairs).
-What the loss is comes from an objective (recipes/objectives.py): next-token SFT, a
-classification head, DPO. The pieces a run is built from are in recipes/setup.py.
+What the loss is comes from an objective (objectives.py): next-token SFT, a
+classification head, DPO. The pieces a run is built from (model, engine, schedule) are in
+recipes/setup.py.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,26 +27,35 @@ from phitune.config import Config, dump_config
 from phitune.data.batching import epoch_batches, split_micro
 from phitune.data.dataset import TrainData, statistics_of
 from phitune.distributed import Runtime, peak_memory_mb, run_deepspeed_config, start
-from phitune.engines import Engine, build_engine
+from phitune.engines import Engine
 from phitune.errors import PhituneError
 from phitune.evaluate import scoring
 from phitune.generate import complete_batch
-from phitune.models import HEADS, apply_method, load_model, load_tokenizer, num_virtual_tokens, write_base_quantization
+from phitune.models import HEADS, load_tokenizer, num_virtual_tokens, write_base_quantization
 from phitune.objectives import Objective, add_sums, build_objective, evaluate
 from phitune.outputs import staged
 from phitune.progress import Progress
 from phitune.recipes.setup import (
-    build_optimizer,
-    build_scheduler,
+    check_best_metric,
     load_data,
     prepare_output_dir,
     resolve_precision,
+    save_initial_adapter,
+    scores_answers,
     seed_everything,
+    setup_engine,
+    setup_model,
     total_steps,
 )
-from phitune.registry import GENERATIVE_TASKS, TASKS
 from phitune.runcard import write_run_card
 from phitune.tracking import MetricsLog
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    from transformers import PreTrainedTokenizerBase
+
+    from phitune.data.tasks import TaskSpec
 
 log = logging.getLogger("phitune")
 
@@ -121,19 +132,16 @@ def setup(cfg: Config, *, resume: bool, overwrite: bool) -> Run:
     ds_config, zero3_loading = run_deepspeed_config(cfg, runtime)  # the second must live as long as the model
     model, reference, weights = setup_model(cfg, accelerator, runtime, precision, tokenizer, head, labels)
     steps = total_steps(cfg, len(data.train_examples))
-    built = {}  # the optimizer itself: the schedule drives it, whatever the engine wraps it in
-
-    def make_optimizer(module):
-        built["optimizer"] = build_optimizer(cfg, module)
-        return built["optimizer"]
-
-    engine = build_engine(runtime.strategy, model=model, make_optimizer=make_optimizer, accelerator=accelerator,
-                          runtime=runtime, precision=precision, deepspeed_config=ds_config)
-    scheduler = build_scheduler(cfg, built["optimizer"], steps)
-    objective = build_objective(data.spec, tokenizer.pad_token_id, objective=cfg.method.objective,
-                                virtual=num_virtual_tokens(engine.unwrap()), beta=cfg.method.beta, reference=reference)
-    answers_scored = (not data.spec.head and cfg.method.objective == "sft" and data.spec.name in GENERATIVE_TASKS
-                      and cfg.training.eval_generate > 0 and bool(data.validation_samples))
+    engine, scheduler = setup_engine(cfg, model, accelerator, runtime, precision, ds_config, steps)
+    objective = build_objective(
+        data.spec,
+        tokenizer.pad_token_id,
+        objective=cfg.method.objective,
+        virtual=num_virtual_tokens(engine.unwrap()),
+        beta=cfg.method.beta,
+        reference=reference,
+    )
+    answers_scored = scores_answers(cfg, data)
     best_metric = check_best_metric(cfg, data, objective, answers_scored)
 
     state = TrainState()
@@ -142,57 +150,13 @@ def setup(cfg: Config, *, resume: bool, overwrite: bool) -> Run:
         log.info("resumed from %s (step %d)", resume_from, state.step)
     elif runtime.parallel:
         torch.manual_seed(cfg.training.seed + runtime.rank)  # dropout differs between processes, as their examples do
-    run = Run(cfg, out, accelerator, runtime, tokenizer, data, chosen, engine, scheduler, objective, steps,
-              answers_scored, best_metric, state, resume_from is not None, weights,
-              initial=save_initial_adapter(cfg, engine, runtime, out), zero3_loading=zero3_loading)
-    return run
-
-
-def setup_model(cfg: Config, accelerator, runtime: Runtime, precision: str, tokenizer, head: str, labels):
-    """(the model with its method applied, DPO's frozen reference or None, the weight counts for run.json)."""
-    model = load_model(cfg, accelerator.device, precision, head=head, labels=labels)
-    model.config.use_cache = False
-    model.config.pad_token_id = tokenizer.pad_token_id  # the sequence-classification head finds the last token by it
-    # DPO's reference for full fine-tuning is a frozen copy of the start (adapters switch themselves off instead).
-    reference = (copy.deepcopy(model).requires_grad_(False).eval().to(accelerator.device)
-                 if cfg.method.objective == "dpo" and not cfg.is_adapter else None)
-    model = apply_method(model, cfg, tokenizer, head=head)
-    weights = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-               "weight_memory_mb": round(model.get_memory_footprint() / 2**20, 1)}
-    mb = weights["weight_memory_mb"]
-    log.info("%s: %s trainable parameters, %s MB of weights%s", cfg.method.name, f"{weights['trainable_parameters']:,}",
-             f"{mb:.2g}" if mb < 10 else f"{mb:.0f}",
-             f"; {runtime.world} processes, {runtime.strategy}" if runtime.parallel or runtime.strategy == "deepspeed" else "")
-    if cfg.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, reference, weights
-
-
-def check_best_metric(cfg: Config, data: TrainData, objective: Objective, answers_scored: bool) -> str:
-    """training.best_metric resolved, and refused when this run's evaluation does not compute it."""
-    best = resolve_best_metric(cfg, data.spec, answers_scored)
-    if data.validation_examples and cfg.training.eval_every:
-        computed = set(objective.eval_names) | set(TASKS[data.spec.name].metrics if answers_scored else ())
-        if best not in computed:
-            raise PhituneError(f"training.best_metric: {best} is not computed by this run's evaluation (it gives "
-                               f"{', '.join(sorted(computed))}); choose one of those"
-                               + ("" if answers_scored or data.spec.head else " or set task.name and training.eval_generate"))
-    return best
-
-
-def save_initial_adapter(cfg: Config, engine: Engine, runtime: Runtime, out: Path) -> Path | None:
-    """PiSSA and OLoRA rewrite the base weights at initialisation. Saved as-is, their adapters would
-    only work on that rewritten base; converted against the initial adapter (kept here), they
-    become plain LoRA adapters (rank 2r) for the original base, like any other."""
-    if cfg.method.init not in ("pissa", "olora") or not cfg.is_adapter:
-        return None
-    initial = out / "checkpoints" / "initial_adapter"
-    if not (initial / "adapter_config.json").is_file():
-        with engine.gathered():
-            if runtime.is_main:
-                engine.unwrap().save_pretrained(initial)
-        runtime.barrier()
-    return initial
+    initial = save_initial_adapter(cfg, engine, runtime, out)
+    return Run(
+        *(cfg, out, accelerator, runtime, tokenizer, data, chosen, engine, scheduler, objective, steps),
+        *(answers_scored, best_metric, state, resume_from is not None, weights),
+        initial=initial,
+        zero3_loading=zero3_loading,
+    )
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -216,7 +180,9 @@ def fit(run: Run) -> None:
                 step = train_step(run, examples)
                 tps = step["real_tokens"] / max(time.perf_counter() - step_start, 1e-9)
                 state.elapsed_s = time.perf_counter() - started
-                after_step(run, step, lr=lr, tokens_per_second=tps, epoch=state.epoch + state.batch_index / len(batches))
+                after_step(
+                    run, step, lr=lr, tokens_per_second=tps, epoch=state.epoch + state.batch_index / len(batches)
+                )
             if state.batch_index >= len(batches):
                 state.epoch, state.batch_index = state.epoch + 1, 0
     finally:
@@ -255,10 +221,17 @@ def train_step(run: Run, examples: list) -> dict:
     state.trained_tokens += step_tokens
     run.last_loss = loss_sum / step_tokens
     if not math.isfinite(run.last_loss):
-        raise PhituneError(f"training diverged at step {state.step} (loss {run.last_loss}); lower training.learning_rate "
-                           f"(now {t.learning_rate}) or use precision fp32/bf16")
-    return {"loss": run.last_loss, "sums": sums, "step_tokens": step_tokens, "real_tokens": real_tokens,
-            "grad_norm": grad_norm}
+        raise PhituneError(
+            f"training diverged at step {state.step} (loss {run.last_loss}); lower training.learning_rate "
+            f"(now {t.learning_rate}) or use precision fp32/bf16"
+        )
+    return {
+        "loss": run.last_loss,
+        "sums": sums,
+        "step_tokens": step_tokens,
+        "real_tokens": real_tokens,
+        "grad_norm": grad_norm,
+    }
 
 
 def after_step(run: Run, step: dict, *, lr: float, tokens_per_second: float, epoch: float) -> None:
@@ -268,10 +241,19 @@ def after_step(run: Run, step: dict, *, lr: float, tokens_per_second: float, epo
     last = state.step == run.steps
     record = None
     if state.step % t.log_every == 0 or last:
-        record = {"step": state.step, "epoch": epoch, "loss": step["loss"], "lr": lr, "grad_norm": step["grad_norm"],
-                  "tokens_per_second": tokens_per_second, **run.objective.metrics(step["sums"], step["step_tokens"]),
-                  "trained_tokens": state.trained_tokens, "tokens_seen": state.tokens_seen,
-                  "elapsed_s": round(state.elapsed_s, 3), "time": round(time.time(), 3)}
+        record = {
+            "step": state.step,
+            "epoch": epoch,
+            "loss": step["loss"],
+            "lr": lr,
+            "grad_norm": step["grad_norm"],
+            "tokens_per_second": tokens_per_second,
+            **run.objective.metrics(step["sums"], step["step_tokens"]),
+            "trained_tokens": state.trained_tokens,
+            "tokens_seen": state.tokens_seen,
+            "elapsed_s": round(state.elapsed_s, 3),
+            "time": round(time.time(), 3),
+        }
         if torch.cuda.is_available():
             record["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     stop_early = False
@@ -283,19 +265,32 @@ def after_step(run: Run, step: dict, *, lr: float, tokens_per_second: float, epo
         if improved and t.keep_best:
             save_final(run, name="best")
             if run.runtime.is_main:
-                (run.out / "best" / "best.json").write_text(json.dumps(
-                    {"step": state.step, "metric": run.best_metric, "value": state.best_value}) + "\n")
+                (run.out / "best" / "best.json").write_text(
+                    json.dumps({"step": state.step, "metric": run.best_metric, "value": state.best_value}) + "\n"
+                )
     if record and run.metrics:
         run.metrics.write(record)
     if run.progress:
         run.progress.update(state.step, step["loss"], lr, tokens_per_second, record)
     if t.save_every and state.step % t.save_every == 0:
-        save_checkpoint(run.out / "checkpoints", run.engine, run.scheduler, state, run.runtime,
-                        save_adapter=(lambda path: save_adapter(run, path)) if run.cfg.is_adapter else None,
-                        keep=t.save_total_limit)
+        save_checkpoint(
+            run.out / "checkpoints",
+            run.engine,
+            run.scheduler,
+            state,
+            run.runtime,
+            save_adapter=(lambda path: save_adapter(run, path)) if run.cfg.is_adapter else None,
+            keep=t.save_total_limit,
+        )
     if stop_early:
-        log.info("early stopping at step %d: eval %s did not improve for %d evaluations (best %.4f at step %d)",
-                 state.step, run.best_metric, t.early_stopping_patience, state.best_value, state.best_step)
+        log.info(
+            "early stopping at step %d: eval %s did not improve for %d evaluations (best %.4f at step %d)",
+            state.step,
+            run.best_metric,
+            t.early_stopping_patience,
+            state.best_value,
+            state.best_step,
+        )
         run.steps = state.step
 
 
@@ -310,28 +305,37 @@ def split_micro_padded(examples: list, parts: int) -> list[list]:
 
 def evaluate_now(run: Run) -> dict:
     t = run.cfg.training
-    values = evaluate(run.objective, run.engine.model, run.data.validation_examples, batch_size=t.batch_size,
-                      device=run.accelerator.device, autocast=run.accelerator.autocast, runtime=run.runtime,
-                      forward=run.engine.forward)
+    values = evaluate(
+        run.objective,
+        run.engine.model,
+        run.data.validation_examples,
+        batch_size=t.batch_size,
+        device=run.accelerator.device,
+        autocast=run.accelerator.autocast,
+        runtime=run.runtime,
+        forward=run.engine.forward,
+    )
     if run.answers_scored:
-        values |= generated_metrics(run.engine, run.tokenizer, run.data.spec, run.data.validation_samples[: t.eval_generate],
-                                    run.runtime, batch_size=t.batch_size, autocast=run.accelerator.autocast)
+        values |= generated_metrics(
+            run.engine,
+            run.tokenizer,
+            run.data.spec,
+            run.data.validation_samples[: t.eval_generate],
+            run.runtime,
+            batch_size=t.batch_size,
+            autocast=run.accelerator.autocast,
+        )
     return values
-
-
-def resolve_best_metric(cfg: Config, spec, answers_scored: bool) -> str:
-    """training.best_metric, with auto resolved: the task's primary metric when this run computes
-    it (a head's, or one scored on generated answers), else the loss."""
-    if cfg.training.best_metric != "auto":
-        return cfg.training.best_metric
-    return scoring.primary_metric(spec) if spec.head or answers_scored else "loss"
 
 
 def update_best(state: TrainState, values: dict, metric: str) -> bool:
     """Record this evaluation against the best so far; True when it is the new best."""
     value = values[metric]
-    better = (value < state.best_value if metric in scoring.LOWER_IS_BETTER else value > state.best_value) \
-        if state.best_value is not None else True
+    better = (
+        (value < state.best_value if metric in scoring.LOWER_IS_BETTER else value > state.best_value)
+        if state.best_value is not None
+        else True
+    )
     if better:
         state.best_value, state.best_step, state.evals_without_improvement = value, state.step, 0
     else:
@@ -339,8 +343,16 @@ def update_best(state: TrainState, values: dict, metric: str) -> bool:
     return better
 
 
-def generated_metrics(engine: Engine, tokenizer, spec, samples: list, runtime: Runtime, *, batch_size: int,
-                      autocast) -> dict:
+def generated_metrics(
+    engine: Engine,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: TaskSpec,
+    samples: list,
+    runtime: Runtime,
+    *,
+    batch_size: int,
+    autocast: Callable[[], AbstractContextManager],
+) -> dict:
     """The task metric on greedy answers to validation examples. Each process answers every
     world-th one; when the weights are sharded (ZeRO-3, FSDP) the processes generate in step
     (synced) and each makes as many calls as the others, padding with a repeat of a prompt."""
@@ -357,8 +369,14 @@ def generated_metrics(engine: Engine, tokenizer, spec, samples: list, runtime: R
     with autocast():
         # Through the engine's forward, as every other computation: under FSDP the root's weights
         # (embeddings, head) are only gathered there.
-        answers = engine.forward(complete_batch, tokenizer, [prompts[i] for i in padded], batch_size,
-                                 scoring.answer_budget(tokenizer, references), runtime.parallel and engine.sharded)
+        answers = engine.forward(
+            complete_batch,
+            tokenizer,
+            [prompts[i] for i in padded],
+            batch_size,
+            scoring.answer_budget(tokenizer, references),
+            runtime.parallel and engine.sharded,
+        )
     model.train(was_training)
     by_index: dict[int, str] = {}
     for part in runtime.gather(list(zip(mine, answers[: len(mine)]))):
@@ -386,23 +404,44 @@ def run_summary(run: Run, artifact: Path) -> dict:
     """What run.json says of a finished run."""
     cfg, data, state, t = run.cfg, run.data, run.state, run.cfg.training
     head, labels = data.spec.model_head
-    return {"steps": state.step, "epochs_completed": state.epoch, "trained_tokens": state.trained_tokens,
-            "tokens_seen": state.tokens_seen, "train_examples": data.num_train_examples,
-            "truncated_examples": data.train.truncated, "dropped_examples": len(data.train.dropped),
-            "duplicates_removed": data.train.duplicates if cfg.data.dedupe else 0,
-            "packed_sequences": len(data.train_examples) if data.packed else None,
-            "data": statistics_of(data.train, data.spec), "task": data.spec.name, "objective": run.objective.name,
-            "hyperparameters": {"epochs": t.epochs, "batch_size": t.batch_size, "learning_rate": t.learning_rate,
-                                "max_steps": t.max_steps, "auto": run.chosen},
-            "model_class": HEADS[head], "num_labels": len(labels) if labels else None,
-            "processes": run.runtime.world, "strategy": run.runtime.strategy,
-            "peak_memory_per_process": run.runtime.gather(peak_memory_mb()),
-            **run.weights, "final_train_loss": run.last_loss, "eval": run.eval_metrics,
-            "elapsed_s": round(state.elapsed_s, 2),
-            "best": {"metric": run.best_metric, "value": state.best_value, "step": state.best_step,
-                     "saved": str(run.out / "best") if t.keep_best and state.best_step else None},
-            "leakage": data.leakage.as_dict() if data.leakage else None,
-            "artifact": str(artifact)}
+    return {
+        "steps": state.step,
+        "epochs_completed": state.epoch,
+        "trained_tokens": state.trained_tokens,
+        "tokens_seen": state.tokens_seen,
+        "train_examples": data.num_train_examples,
+        "truncated_examples": data.train.truncated,
+        "dropped_examples": len(data.train.dropped),
+        "duplicates_removed": data.train.duplicates if cfg.data.dedupe else 0,
+        "packed_sequences": len(data.train_examples) if data.packed else None,
+        "data": statistics_of(data.train, data.spec),
+        "task": data.spec.name,
+        "objective": run.objective.name,
+        "hyperparameters": {
+            "epochs": t.epochs,
+            "batch_size": t.batch_size,
+            "learning_rate": t.learning_rate,
+            "max_steps": t.max_steps,
+            "auto": run.chosen,
+        },
+        "model_class": HEADS[head],
+        "num_labels": len(labels) if labels else None,
+        "processes": run.runtime.world,
+        "strategy": run.runtime.strategy,
+        "peak_memory_per_process": run.runtime.gather(peak_memory_mb()),
+        **run.weights,
+        "final_train_loss": run.last_loss,
+        "eval": run.eval_metrics,
+        "elapsed_s": round(state.elapsed_s, 2),
+        "best": {
+            "metric": run.best_metric,
+            "value": state.best_value,
+            "step": state.best_step,
+            "saved": str(run.out / "best") if t.keep_best and state.best_step else None,
+        },
+        "leakage": data.leakage.as_dict() if data.leakage else None,
+        "artifact": str(artifact),
+    }
 
 
 # --- saving ------------------------------------------------------------------------------------
@@ -413,8 +452,11 @@ def save_adapter(run: Run, path: Path) -> None:
     gathers it; only the main one writes."""
     state_dict = run.engine.adapter_state_dict()
     if run.runtime.is_main:
-        run.engine.unwrap().save_pretrained(path, state_dict=state_dict,
-                                            path_initial_model_for_weight_conversion=str(run.initial) if run.initial else None)
+        run.engine.unwrap().save_pretrained(
+            path,
+            state_dict=state_dict,
+            path_initial_model_for_weight_conversion=str(run.initial) if run.initial else None,
+        )
         run.tokenizer.save_pretrained(path)
         (path / "task.json").write_text(run.data.spec.to_json())
         if run.cfg.method.name == "qlora":

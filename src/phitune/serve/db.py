@@ -10,9 +10,26 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Connection,
+    Executable,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 
 def new_id(prefix: str) -> str:
@@ -103,8 +120,16 @@ class Checkpoint(Base):
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
-def add_event(db, job_id: str, message: str, *, level: str = "info", type: str = "message", data: dict | None = None,
-              step: int | None = None) -> None:
+def add_event(
+    db: Session | Connection,
+    job_id: str,
+    message: str,
+    *,
+    level: str = "info",
+    type: str = "message",
+    data: dict | None = None,
+    step: int | None = None,
+) -> None:
     """A job event in the caller's transaction (the API's state changes, the worker's progress)."""
     db.add(Event(id=new_id("ftevent"), job_id=job_id, message=message, level=level, type=type, data=data, step=step))
 
@@ -115,8 +140,9 @@ def _engine(url: str, *, immediate: bool):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     engine = create_engine(url, **kwargs)
     if url.startswith("sqlite"):
+
         @event.listens_for(engine, "connect")
-        def _wal(dbapi_connection, _record):
+        def _wal(dbapi_connection, _record) -> None:
             dbapi_connection.isolation_level = None  # transactions begin below, not in the driver
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
@@ -124,28 +150,30 @@ def _engine(url: str, *, immediate: bool):
             cursor.close()
 
         if immediate:
+
             @event.listens_for(engine, "begin")
-            def _begin(conn):
+            def _begin(conn) -> None:
                 # Writers take the write lock at the start: a transaction that reads and then
                 # writes would otherwise fail at once (SQLITE_BUSY) when another process wrote in
                 # between, instead of waiting its turn. Readers never wait (WAL) and run each
                 # statement on its own (autocommit): no BEGIN/ROLLBACK round trips per request.
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
+
     return engine
 
 
-def first(db, stmt, **params):
+def first(db: Session | Connection, stmt: Executable, **params: object) -> object:
     """One object or None: an ORM object from a write Session, a Row (the same attribute names)
     from a read Connection."""
     return db.scalar(stmt, params) if isinstance(db, Session) else db.execute(stmt, params).first()
 
 
-def connect(url: str):
+def connect(url: str) -> tuple[Engine, sessionmaker, Callable[[], Connection]]:
     """(engine, ORM sessions for writing, plain connections for reading); tables created when
     missing. Reads skip the ORM (rows, not objects): a read request costs about a third less.
     On PostgreSQL both share one engine."""
     if url.startswith("postgresql://"):  # psycopg 3 (phitune[serve]) rather than SQLAlchemy's default psycopg2
-        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
     engine = _engine(url, immediate=True)
     Base.metadata.create_all(engine)
     reader = _engine(url, immediate=False) if url.startswith("sqlite") else engine

@@ -48,8 +48,11 @@ async def organization(request: Request) -> str:
     if org is None and not orgs and state.settings.open_when_keyless:
         return "local"
     if org is None:
-        raise ApiError(401, "Incorrect API key provided." if key else "Missing API key: send Authorization: Bearer <key>.",
-                       code="invalid_api_key")
+        raise ApiError(
+            401,
+            "Incorrect API key provided." if key else "Missing API key: send Authorization: Bearer <key>.",
+            code="invalid_api_key",
+        )
     return org
 
 

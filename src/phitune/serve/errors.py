@@ -7,19 +7,37 @@ import re
 
 from fastapi import HTTPException
 
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-         405: "invalid_request_error", 413: "invalid_request_error"}
+TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+}
 
 
 class ApiError(HTTPException):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ) -> None:
         super().__init__(status_code=status, detail=message, headers=headers)
         self.param, self.code = param, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.detail, "type": TYPES.get(self.status_code, "server_error"),
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.detail,
+                "type": TYPES.get(self.status_code, "server_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 def not_found(kind: str, ident: str, param: str | None = None) -> ApiError:
@@ -27,8 +45,10 @@ def not_found(kind: str, ident: str, param: str | None = None) -> ApiError:
 
 
 # Where pydantic's error locations name a branch of a union or a validator, not a key.
-_BRANCH = re.compile(r"^(literal\[|function-|constrained-|tagged-union|list\[|dict\[|union\[|json-or-python|lax-or-strict)"
-                     r"|^(float|int|str|bool|none|list|dict|[A-Z]\w*)$")
+_BRANCH = re.compile(
+    r"^(literal\[|function-|constrained-|tagged-union|list\[|dict\[|union\[|json-or-python|lax-or-strict)"
+    r"|^(float|int|str|bool|none|list|dict|[A-Z]\w*)$"
+)
 
 
 def validation_message(errors: list[dict]) -> tuple[str | None, str]:

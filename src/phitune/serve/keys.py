@@ -4,6 +4,7 @@ revoked. `phitune keys` calls these; the queries stay with the service."""
 from __future__ import annotations
 
 import secrets
+from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, select
 
@@ -11,8 +12,11 @@ from phitune.errors import PhituneError
 from phitune.serve.db import ApiKey, connect
 from phitune.serve.deps import hash_key, key_id
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import sessionmaker
 
-def any_key(sessions) -> bool:
+
+def any_key(sessions: sessionmaker) -> bool:
     with sessions() as db:
         return db.scalar(select(ApiKey.seq).limit(1)) is not None
 
@@ -51,8 +55,10 @@ def revoke_key(db_url: str, key_or_id: str) -> str:
     with sessions() as db:
         hashes = list(db.scalars(select(ApiKey.key_hash).where(ApiKey.key_hash.startswith(ident))))
         if len(hashes) != 1:
-            raise PhituneError(f"{key_or_id!r}: {'no key has' if not hashes else f'{len(hashes)} keys have'} this id; "
-                               "see `phitune keys list`")
+            raise PhituneError(
+                f"{key_or_id!r}: {'no key has' if not hashes else f'{len(hashes)} keys have'} this id; "
+                "see `phitune keys list`"
+            )
         db.execute(delete(ApiKey).where(ApiKey.key_hash == hashes[0]))
         db.commit()
     return key_id(hashes[0])

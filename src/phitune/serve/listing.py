@@ -3,20 +3,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from fastapi import Query
 from sqlalchemy import select
 
 from phitune.serve.errors import ApiError
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
 MAX_LIMIT = 10000
 
 
-def limit_query(default: int):
+def limit_query(default: int) -> int:
     """The `limit` query parameter of a list route: 1..MAX_LIMIT (else a 400 from the schema)."""
     return Query(default, ge=1, le=MAX_LIMIT, description="items per page")
 
 
-def page(db, model, where: list, *, after: str | None, limit: int, newest_first: bool, render) -> dict:
+def page(
+    db: Session,
+    model: type,
+    where: list,
+    *,
+    after: str | None,
+    limit: int,
+    newest_first: bool,
+    render: Callable[[object], dict],
+) -> dict:
     """One page of `model` rows on a read connection, rendered (`limit` checked by the route)."""
     stmt = select(model).where(*where)
     if after:
@@ -27,5 +42,10 @@ def page(db, model, where: list, *, after: str | None, limit: int, newest_first:
     stmt = stmt.order_by(model.seq.desc() if newest_first else model.seq.asc()).limit(limit + 1)
     rows = db.execute(stmt).all()
     data = [render(r) for r in rows[:limit]]
-    return {"object": "list", "data": data, "has_more": len(rows) > limit,
-            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+    return {
+        "object": "list",
+        "data": data,
+        "has_more": len(rows) > limit,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }

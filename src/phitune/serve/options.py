@@ -20,7 +20,7 @@ from phitune.config import _SECTIONS
 # key path (a section or one key) -> who sets it instead
 SERVER_OWNED: dict[str, str] = {
     "model": "the job's `model` names a served model; its path, tokenizer, revision, dtype, attention kernel and "
-             "remote-code trust are the server's",
+    "remote-code trust are the server's",
     "distributed": "the server decides where and how a job runs",
     "output_dir": "the server writes each job to its own run directory",
     "data.train": "use `training_file` (a file id of your organization)",
@@ -38,22 +38,69 @@ SERVER_OWNED: dict[str, str] = {
 }
 
 TENANT: dict[str, tuple[str, ...]] = {
-    "method": ("name", "r", "alpha", "dropout", "target_modules", "modules_to_save", "use_rslora", "init", "quant_type",
-               "double_quant", "compute_dtype", "num_virtual_tokens", "prompt_init_text"),
-    "data": ("format", "template", "completion_field", "chat_template", "system", "max_length", "max_dropped", "packing",
-             "validation_split", "subset", "dedupe"),
+    "method": (
+        "name",
+        "r",
+        "alpha",
+        "dropout",
+        "target_modules",
+        "modules_to_save",
+        "use_rslora",
+        "init",
+        "quant_type",
+        "double_quant",
+        "compute_dtype",
+        "num_virtual_tokens",
+        "prompt_init_text",
+    ),
+    "data": (
+        "format",
+        "template",
+        "completion_field",
+        "chat_template",
+        "system",
+        "max_length",
+        "max_dropped",
+        "packing",
+        "validation_split",
+        "subset",
+        "dedupe",
+    ),
     "task": ("name", "head", "labels", "instruction", "source_language", "target_language", "fields"),
-    "training": ("learning_rate", "gradient_accumulation_steps", "lr_scheduler", "warmup_steps", "warmup_ratio",
-                 "weight_decay", "max_grad_norm", "optimizer", "precision", "gradient_checkpointing", "eval_every",
-                 "early_stopping_patience", "eval_generate", "best_metric", "keep_best"),
+    "training": (
+        "learning_rate",
+        "gradient_accumulation_steps",
+        "lr_scheduler",
+        "warmup_steps",
+        "warmup_ratio",
+        "weight_decay",
+        "max_grad_norm",
+        "optimizer",
+        "precision",
+        "gradient_checkpointing",
+        "eval_every",
+        "early_stopping_patience",
+        "eval_generate",
+        "best_metric",
+        "keep_best",
+    ),
 }
 
 # Upper bounds where the config has none (a finite number can still overflow float32 or memory).
-LIMITS: dict[str, float] = {"method.r": 1024, "method.alpha": 1e4, "method.num_virtual_tokens": 1024,
-                            "data.max_length": 32768, "training.learning_rate": 1.0, "training.gradient_accumulation_steps": 256,
-                            "training.warmup_steps": 10**6, "training.weight_decay": 10.0, "training.max_grad_norm": 1e6,
-                            "training.eval_every": 10**6, "training.early_stopping_patience": 1000,
-                            "training.eval_generate": 10_000}
+LIMITS: dict[str, float] = {
+    "method.r": 1024,
+    "method.alpha": 1e4,
+    "method.num_virtual_tokens": 1024,
+    "data.max_length": 32768,
+    "training.learning_rate": 1.0,
+    "training.gradient_accumulation_steps": 256,
+    "training.warmup_steps": 10**6,
+    "training.weight_decay": 10.0,
+    "training.max_grad_norm": 1e6,
+    "training.eval_every": 10**6,
+    "training.early_stopping_patience": 1000,
+    "training.eval_generate": 10_000,
+}
 TEXT_LIMIT = 4096  # characters of a free-text option (system message, instruction, template)
 
 
@@ -92,12 +139,16 @@ def _refuse_keys(section: str, allowed: tuple[str, ...]):
                 if classify(path) == "server":
                     inner = value[key]  # name the exact key: phitune.model.tokenizer, not phitune.model
                     shown = f"{path}.{next(iter(inner))}" if not section and isinstance(inner, dict) and inner else path
-                    raise ValueError(f"phitune.{shown} is set by the server, not by a job: "
-                                     f"{SERVER_OWNED.get(path) or SERVER_OWNED[path.split('.')[0]]}")
+                    raise ValueError(
+                        f"phitune.{shown} is set by the server, not by a job: "
+                        f"{SERVER_OWNED.get(path) or SERVER_OWNED[path.split('.')[0]]}"
+                    )
                 if key not in allowed:
                     close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.5)
-                    raise ValueError(f"phitune.{path}: unknown {kind}" + (f"; did you mean '{close[0]}'?" if close else
-                                     f"; a job may set {', '.join(allowed)}"))
+                    raise ValueError(
+                        f"phitune.{path}: unknown {kind}"
+                        + (f"; did you mean '{close[0]}'?" if close else f"; a job may set {', '.join(allowed)}")
+                    )
         return value
 
     return model_validator(mode="before")(classmethod(check))
@@ -114,8 +165,13 @@ def _section_model(section: str) -> type[BaseModel]:
         info = config_model.model_fields[name]
         annotation = _bounded(info.annotation, LIMITS.get(f"{section}.{name}"))
         fields[name] = (annotation, Field(info.default, description=info.description, **_metadata(info)))
-    return create_model(f"{section.title()}Options", __base__=_Options, __doc__=f"The {section} options a job may set.",
-                        __validators__={"server_keys": _refuse_keys(section, TENANT[section])}, **fields)
+    return create_model(
+        f"{section.title()}Options",
+        __base__=_Options,
+        __doc__=f"The {section} options a job may set.",
+        __validators__={"server_keys": _refuse_keys(section, TENANT[section])},
+        **fields,
+    )
 
 
 def _metadata(info) -> dict:
@@ -132,10 +188,12 @@ _MODELS = {section: _section_model(section) for section in TENANT}
 
 
 JobOptions: type[BaseModel] = create_model(
-    "JobOptions", __base__=_Options,
-    __doc__="phitune's own job options (`extra_body={'phitune': {...}}`): the part of the training config a job may set.",
+    "JobOptions",
+    __base__=_Options,
+    __doc__="phitune options (`extra_body={'phitune': {...}}`): the part of the training config a job may set.",
     __validators__={"server_keys": _refuse_keys("", tuple(TENANT))},
-    **{section: (Optional[model], None) for section, model in _MODELS.items()})
+    **{section: (Optional[model], None) for section, model in _MODELS.items()},
+)
 
 
 def tenant_options(raw: Any) -> dict:

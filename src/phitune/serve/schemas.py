@@ -42,8 +42,9 @@ class Dpo(_Request):
 
 
 class Method(_Request):
-    type: Literal["supervised", "dpo"] = Field(description="supervised (SFT) or dpo (preference pairs); reinforcement "
-                                               "is not run by this server.")
+    type: Literal["supervised", "dpo"] = Field(
+        description="supervised (SFT) or dpo (preference pairs); reinforcement is not run by this server."
+    )
     supervised: Optional[Supervised] = None
     dpo: Optional[Dpo] = None
 
@@ -55,6 +56,7 @@ MetaValue = Annotated[str, StringConstraints(max_length=512)]
 
 class JobCreate(_Request):
     """POST /v1/fine_tuning/jobs. phitune's own options go in `phitune` (the SDK's extra_body)."""
+
     model: Id = Field(description="A base model served here (GET /v1/models lists them).")
     training_file: Id = Field(description="A file id of your organization, purpose fine-tune.")
     validation_file: Optional[Id] = None
@@ -64,7 +66,8 @@ class JobCreate(_Request):
     method: Optional[Method] = None
     hyperparameters: Optional[DpoHyperparameters] = Field(None, description="Deprecated by OpenAI: use method.")
     integrations: Optional[Annotated[list[Any], Field(max_length=0)]] = Field(
-        None, description="Not supported here (an empty list is accepted).")
+        None, description="Not supported here (an empty list is accepted)."
+    )
     phitune: Optional[JobOptions] = None  # type: ignore[valid-type]
 
 
@@ -77,12 +80,15 @@ class Message(BaseModel):
     content: str
 
 
-Stop = Union[Annotated[str, StringConstraints(min_length=1)],
-             Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(max_length=4)]]
+Stop = Union[
+    Annotated[str, StringConstraints(min_length=1)],
+    Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(max_length=4)],
+]
 
 
 class ChatRequest(BaseModel):
     """POST /v1/chat/completions. Other OpenAI parameters (user, presence_penalty, ...) are ignored."""
+
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
     model: Id
     messages: Annotated[list[Message], Field(min_length=1)]
@@ -262,6 +268,11 @@ def documented(model: type[BaseModel], *codes: int, description: str = "success"
 
 def errors(*codes: int) -> dict:
     """The `responses=` of a route: its error statuses, each with OpenAI's error body."""
-    meaning = {400: "invalid request", 401: "missing or wrong API key", 404: "no such object in your organization",
-               413: "upload larger than the server's limit", 500: "the server's own model failed to load"}
+    meaning = {
+        400: "invalid request",
+        401: "missing or wrong API key",
+        404: "no such object in your organization",
+        413: "upload larger than the server's limit",
+        500: "the server's own model failed to load",
+    }
     return {code: {"model": ErrorResponse, "description": meaning[code]} for code in codes}

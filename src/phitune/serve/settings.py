@@ -63,7 +63,9 @@ def parse_models(specs: list[str] | None) -> dict[str, str]:
         if not eq:
             name, path = Path(spec.rstrip("/")).name, spec
         if not name or "/" in name or name.startswith("ft:"):
-            raise PhituneError(f"--model {spec}: the model id must be a plain name (no '/', not ft:...), e.g. phi3=models/phi3")
+            raise PhituneError(
+                f"--model {spec}: the model id must be a plain name (no '/', not ft:...), e.g. phi3=models/phi3"
+            )
         out[name] = path
     return out
 

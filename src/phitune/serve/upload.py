@@ -21,7 +21,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 class Upload:
     """The parsed form: `fields` (plain values) and the file written to `path` (`size`, `filename`)."""
 
-    def __init__(self, path: Path, limit: int):
+    def __init__(self, path: Path, limit: int) -> None:
         self.path, self.limit = path, limit
         self.fields: dict[str, str] = {}
         self.filename: str | None = None
@@ -32,13 +32,13 @@ class Upload:
 
     # --- parser callbacks ---------------------------------------------------------------------
 
-    def _header_field(self, data, start, end):
+    def _header_field(self, data, start, end) -> None:
         self._field += data[start:end]
 
-    def _header_value(self, data, start, end):
+    def _header_value(self, data, start, end) -> None:
         self._value += data[start:end]
 
-    def _header_end(self):
+    def _header_end(self) -> None:
         self._headers[self._field.decode("latin-1").lower()] = self._value.decode("latin-1")
         self._field, self._value = b"", b""
 
@@ -47,7 +47,9 @@ class Upload:
         self._name = params.get(b"name", b"").decode("utf-8", "replace")
         if b"filename" in params:
             if self._name != "file":
-                raise ApiError(400, f"multipart field {self._name!r}: only the field `file` carries the upload", param="file")
+                raise ApiError(
+                    400, f"multipart field {self._name!r}: only the field `file` carries the upload", param="file"
+                )
             if self._out is not None:
                 raise ApiError(400, "multipart body: one file per upload", param="file")
             self.filename = params[b"filename"].decode("utf-8", "replace")
@@ -60,8 +62,12 @@ class Upload:
         if self._name == "file" and self._out is not None and not self._out.closed:
             self.size += len(chunk)
             if self.size > self.limit:
-                raise ApiError(413, f"file: larger than this server's limit of {self.limit} bytes", param="file",
-                               code="file_too_large")
+                raise ApiError(
+                    413,
+                    f"file: larger than this server's limit of {self.limit} bytes",
+                    param="file",
+                    code="file_too_large",
+                )
             self._out.write(chunk)
             return
         value = self.fields.get(self._name, "") + chunk.decode("utf-8", "replace")
@@ -69,7 +75,7 @@ class Upload:
             raise ApiError(400, f"{self._name}: a form field of at most {FIELD_LIMIT} bytes", param=self._name)
         self.fields[self._name] = value
 
-    def _part_end(self):
+    def _part_end(self) -> None:
         if self._out is not None and not self._out.closed:
             self._out.close()
         self._headers = {}
@@ -83,12 +89,23 @@ class Upload:
             raise ApiError(400, "the upload must be multipart/form-data with `file` and `purpose` fields")
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > self.limit + FORM_SLACK:
-            raise ApiError(413, f"file: larger than this server's limit of {self.limit} bytes (Content-Length {length})",
-                           param="file", code="file_too_large")
-        parser = MultipartParser(params[b"boundary"], {
-            "on_header_field": self._header_field, "on_header_value": self._header_value,
-            "on_header_end": self._header_end, "on_headers_finished": self._headers_finished,
-            "on_part_data": self._part_data, "on_part_end": self._part_end})
+            raise ApiError(
+                413,
+                f"file: larger than this server's limit of {self.limit} bytes (Content-Length {length})",
+                param="file",
+                code="file_too_large",
+            )
+        parser = MultipartParser(
+            params[b"boundary"],
+            {
+                "on_header_field": self._header_field,
+                "on_header_value": self._header_value,
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished,
+                "on_part_data": self._part_data,
+                "on_part_end": self._part_end,
+            },
+        )
         try:
             async for chunk in request.stream():
                 parser.write(chunk)

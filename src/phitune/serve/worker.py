@@ -38,7 +38,7 @@ log = logging.getLogger("phitune")
 
 
 class Worker:
-    def __init__(self, settings: Settings, sessions, name: str | None = None):
+    def __init__(self, settings: Settings, sessions, name: str | None = None) -> None:
         self.settings, self.sessions = settings, sessions
         self.name = f"{name or 'worker'}@{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
 
@@ -47,7 +47,9 @@ class Worker:
     def run(self, stop: threading.Event) -> None:
         """Training jobs one at a time; file validation on a lane of its own, so a broken file
         fails in seconds even while a long job trains."""
-        lane = threading.Thread(target=self._loop, args=(stop, self.validate_next), daemon=True, name="phitune-validate")
+        lane = threading.Thread(
+            target=self._loop, args=(stop, self.validate_next), daemon=True, name="phitune-validate"
+        )
         lane.start()
         self._loop(stop, lambda: self.step(stop, validate=False))
         lane.join(timeout=30)
@@ -82,18 +84,27 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - whatever went wrong, the job ends failed with the reason
                 log.exception("job %s failed in the worker", job.id)
                 reason = exc.one_line() if isinstance(exc, PhituneError) else f"{type(exc).__name__}: {exc}"
-                self.finish(job.id, "failed", error={"code": "training_failed", "message": reason[:500], "param": None},
-                            message=f"Training failed: {reason[:500]}")
+                self.finish(
+                    job.id,
+                    "failed",
+                    error={"code": "training_failed", "message": reason[:500], "param": None},
+                    message=f"Training failed: {reason[:500]}",
+                )
             return True
         return False
 
     def claim(self, status: str, to: str) -> Job | None:
         """Take one unowned job in `status`; the conditional UPDATE makes it one worker's only."""
         with self.sessions() as db:
-            ids = list(db.scalars(select(Job.id).where(Job.status == status, Job.worker.is_(None)).order_by(Job.seq).limit(5)))
+            ids = list(
+                db.scalars(select(Job.id).where(Job.status == status, Job.worker.is_(None)).order_by(Job.seq).limit(5))
+            )
             for job_id in ids:
-                claimed = db.execute(update(Job).where(Job.id == job_id, Job.status == status, Job.worker.is_(None))
-                                     .values(status=to, worker=self.name, heartbeat=time.time()))
+                claimed = db.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.status == status, Job.worker.is_(None))
+                    .values(status=to, worker=self.name, heartbeat=time.time())
+                )
                 db.commit()
                 if claimed.rowcount == 1:
                     return db.scalar(select(Job).where(Job.id == job_id))
@@ -102,30 +113,65 @@ class Worker:
     def requeue_stale(self) -> None:
         limit = time.time() - self.settings.stale_seconds
         with self.sessions() as db:
-            stale = list(db.scalars(select(Job).where(Job.status.in_(("running", "validating_files")),
-                                                      Job.worker.is_not(None), Job.heartbeat < limit)))
+            stale = list(
+                db.scalars(
+                    select(Job).where(
+                        Job.status.in_(("running", "validating_files")), Job.worker.is_not(None), Job.heartbeat < limit
+                    )
+                )
+            )
             for job in stale:
                 if job.requested in ("cancel", "pause"):  # what the caller asked for wins over a re-queue
                     status = "cancelled" if job.requested == "cancel" else "paused"
-                    moved = db.execute(update(Job).where(Job.id == job.id, Job.heartbeat == job.heartbeat).values(
-                        status=status, worker=None, requested=None, finished_at=now() if status == "cancelled" else None))
+                    moved = db.execute(
+                        update(Job)
+                        .where(Job.id == job.id, Job.heartbeat == job.heartbeat)
+                        .values(
+                            status=status,
+                            worker=None,
+                            requested=None,
+                            finished_at=now() if status == "cancelled" else None,
+                        )
+                    )
                     if moved.rowcount == 1:
-                        add_event(db, job.id, "The job was cancelled" if status == "cancelled" else
-                                  "The job was paused; resume continues from its last checkpoint")
+                        add_event(
+                            db,
+                            job.id,
+                            "The job was cancelled"
+                            if status == "cancelled"
+                            else "The job was paused; resume continues from its last checkpoint",
+                        )
                     continue
-                moved = db.execute(update(Job).where(Job.id == job.id, Job.heartbeat == job.heartbeat)
-                                   .values(status="queued" if job.status == "running" else "validating_files",
-                                           worker=None, requested=None))
+                moved = db.execute(
+                    update(Job)
+                    .where(Job.id == job.id, Job.heartbeat == job.heartbeat)
+                    .values(
+                        status="queued" if job.status == "running" else "validating_files", worker=None, requested=None
+                    )
+                )
                 if moved.rowcount == 1:
-                    add_event(db, job.id, "The worker running this job stopped; it was re-queued and continues from "
-                               "its last checkpoint", level="warn")
+                    add_event(
+                        db,
+                        job.id,
+                        "The worker running this job stopped; it was re-queued and continues from its last checkpoint",
+                        level="warn",
+                    )
             db.commit()
 
-    def finish(self, job_id: str, status: str, *, error: dict | None = None, message: str, **values) -> None:
+    def finish(self, job_id: str, status: str, *, error: dict | None = None, message: str, **values: object) -> None:
         with self.sessions() as db:
-            db.execute(update(Job).where(Job.id == job_id).values(status=status, error=error, finished_at=now()
-                                                                  if status != "paused" else None,
-                                                                  worker=None, requested=None, **values))
+            db.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(
+                    status=status,
+                    error=error,
+                    finished_at=now() if status != "paused" else None,
+                    worker=None,
+                    requested=None,
+                    **values,
+                )
+            )
             add_event(db, job_id, message, level="error" if status == "failed" else "info")
             db.commit()
 
@@ -147,21 +193,35 @@ class Worker:
                     problems = [shown(p) for p in split.errors[:5]] or [f"{file_id}: no examples"]
                     more = f" (and {len(split.errors) - 5} more)" if len(split.errors) > 5 else ""
                     code = "invalid_training_file" if param == "training_file" else "invalid_validation_file"
-                    return self.finish(job.id, "failed", error={"code": code, "message": "; ".join(problems) + more,
-                                                                "param": param},
-                                       message=f"{param} {file_id} is invalid: {problems[0]}")
+                    return self.finish(
+                        job.id,
+                        "failed",
+                        error={"code": code, "message": "; ".join(problems) + more, "param": param},
+                        message=f"{param} {file_id} is invalid: {problems[0]}",
+                    )
                 counts[param] = len(split.samples)
         except PhituneError as exc:
             message = shown(exc.one_line())
-            return self.finish(job.id, "failed", error={"code": "invalid_training_file", "message": message,
-                                                        "param": "training_file"}, message=message)
+            return self.finish(
+                job.id,
+                "failed",
+                error={"code": "invalid_training_file", "message": message, "param": "training_file"},
+                message=message,
+            )
         chosen = choose_hyperparameters(job.hyperparameters, counts["training_file"])
         with self.sessions() as db:
-            db.execute(update(Job).where(Job.id == job.id, Job.status == "validating_files")
-                       .values(status="queued", hyperparameters=chosen, worker=None))
-            add_event(db, job.id, f"Files validated: {counts['training_file']} training examples"
-                       + (f", {counts['validation_file']} validation" if "validation_file" in counts else "")
-                       + f"; hyperparameters: {json.dumps(chosen)}")
+            db.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.status == "validating_files")
+                .values(status="queued", hyperparameters=chosen, worker=None)
+            )
+            add_event(
+                db,
+                job.id,
+                f"Files validated: {counts['training_file']} training examples"
+                + (f", {counts['validation_file']} validation" if "validation_file" in counts else "")
+                + f"; hyperparameters: {json.dumps(chosen)}",
+            )
             add_event(db, job.id, "Fine-tuning job queued")
             db.commit()
 
@@ -176,10 +236,22 @@ class Worker:
         with self.sessions() as db:
             add_event(db, job.id, f"Fine-tuning job started on {self.name}")
             db.commit()
+        returncode, requested = self.watch(job, name, stop)
+        self.conclude(job, name, returncode, requested, stopping=stop is not None and stop.is_set())
+
+    def watch(self, job: Job, name: str, stop: threading.Event | None) -> tuple[int, str | None]:
+        """Run the training process, syncing its progress until it ends or is asked to stop;
+        (its exit code, the cancel / pause request that stopped it or None)."""
+        folder = self.settings.job_dir(job.id)
         logf = (folder / "train.log").open("ab")
-        proc = subprocess.Popen([sys.executable, "-m", "phitune", "train", str(folder / "config.yaml"), "--auto-resume"],
-                                stdout=logf, stderr=subprocess.STDOUT, cwd=os.getcwd(), start_new_session=True,
-                                env={**os.environ, "PHITUNE_PARENT_PID": str(os.getpid())})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "phitune", "train", str(folder / "config.yaml"), "--auto-resume"],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            cwd=os.getcwd(),
+            start_new_session=True,
+            env={**os.environ, "PHITUNE_PARENT_PID": str(os.getpid())},
+        )
         requested = None
         started = time.time()
         while proc.poll() is None:
@@ -195,27 +267,44 @@ class Worker:
         proc.wait()
         logf.close()
         self.sync(job, name, started)
+        return proc.returncode, requested
+
+    def conclude(self, job: Job, name: str, returncode: int, requested: str | None, *, stopping: bool) -> None:
+        """The job's final status from how its training process ended."""
         if requested == "cancel":
             return self.finish(job.id, "cancelled", message="The job was cancelled")
         if requested == "pause":
-            return self.finish(job.id, "paused", message="The job was paused; resume continues from its last checkpoint")
-        if stop is not None and stop.is_set() and proc.returncode != 0:
+            return self.finish(
+                job.id, "paused", message="The job was paused; resume continues from its last checkpoint"
+            )
+        if stopping and returncode != 0:
             # The server is shutting down: leave the job for the next worker (it resumes from a checkpoint).
             with self.sessions() as db:
                 db.execute(update(Job).where(Job.id == job.id).values(status="queued", worker=None))
                 db.commit()
             return None
-        if proc.returncode != 0:
-            reason = _last_error(folder / "train.log")
-            return self.finish(job.id, "failed", error={"code": "training_failed", "message": reason, "param": None},
-                               message=f"Training failed: {reason}")
+        if returncode != 0:
+            reason = _last_error(self.settings.job_dir(job.id) / "train.log")
+            return self.finish(
+                job.id,
+                "failed",
+                error={"code": "training_failed", "message": reason, "param": None},
+                message=f"Training failed: {reason}",
+            )
         summary = self.settings.run_dir(job.id) / "run.json"
         if not summary.is_file():
             raise PhituneError(f"the training run ended without writing {summary.name}")
         run = json.loads(summary.read_text())
         result = self.result_file(job)
-        self.finish(job.id, "succeeded", message="The job has successfully completed", fine_tuned_model=name,
-                    trained_tokens=run.get("trained_tokens"), result_files=[result], estimated_finish=None)
+        self.finish(
+            job.id,
+            "succeeded",
+            message="The job has successfully completed",
+            fine_tuned_model=name,
+            trained_tokens=run.get("trained_tokens"),
+            result_files=[result],
+            estimated_finish=None,
+        )
 
     def sync(self, job: Job, name: str, started: float) -> str | None:
         """Metrics -> events, checkpoints -> objects, heartbeat; returns a cancel / pause request."""
@@ -232,17 +321,31 @@ class Worker:
                     continue
                 last = r["step"]
                 data = _metric_data(r, total)
-                add_event(db, job.id, f"Step {r['step']}" + (f"/{total}" if total else "") + f": training loss={r['loss']:.4f}"
-                           if "loss" in r else f"Step {r['step']}: validation loss={r.get('eval_loss', float('nan')):.4f}",
-                           type="metrics", data=data, step=r["step"])
+                add_event(
+                    db,
+                    job.id,
+                    f"Step {r['step']}" + (f"/{total}" if total else "") + f": training loss={r['loss']:.4f}"
+                    if "loss" in r
+                    else f"Step {r['step']}: validation loss={r.get('eval_loss', float('nan')):.4f}",
+                    type="metrics",
+                    data=data,
+                    step=r["step"],
+                )
             known = set(db.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job.id)))
             for ck in list_checkpoints(run / "checkpoints"):
                 step = checkpoint_step(ck)
                 if step in known or not (ck / "adapter").is_dir():
                     continue
                 metrics = _metric_data(next((r for r in records if r["step"] == step), {"step": step}), total)
-                db.add(Checkpoint(id=new_id("ftckpt"), job_id=job.id, step=step, metrics=metrics,
-                                  model_name=f"{name}:ckpt-step-{step}"))
+                db.add(
+                    Checkpoint(
+                        id=new_id("ftckpt"),
+                        job_id=job.id,
+                        step=step,
+                        metrics=metrics,
+                        model_name=f"{name}:ckpt-step-{step}",
+                    )
+                )
             values: dict = {"heartbeat": time.time()}
             if total is None and (run / "config.yaml").is_file():
                 values["total_steps"] = total = _total_steps(run, records)
@@ -259,13 +362,22 @@ class Worker:
         writer = csv.writer(out)
         writer.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"])
         for r in read_metrics(self.settings.run_dir(job.id) / "metrics.jsonl"):
-            writer.writerow([r["step"], r.get("loss", ""), r.get("mean_token_accuracy", r.get("accuracy", "")),
-                             r.get("eval_loss", ""), r.get("eval_mean_token_accuracy", "")])
+            writer.writerow(
+                [
+                    r["step"],
+                    r.get("loss", ""),
+                    r.get("mean_token_accuracy", r.get("accuracy", "")),
+                    r.get("eval_loss", ""),
+                    r.get("eval_mean_token_accuracy", ""),
+                ]
+            )
         file_id = new_id("file")
         data = out.getvalue().encode()
         self.settings.file_path(file_id, "fine-tune-results").write_bytes(data)
         with self.sessions() as db:
-            db.add(File(id=file_id, org=job.org, filename="step_metrics.csv", purpose="fine-tune-results", bytes=len(data)))
+            db.add(
+                File(id=file_id, org=job.org, filename="step_metrics.csv", purpose="fine-tune-results", bytes=len(data))
+            )
             db.commit()
         return file_id
 
@@ -286,13 +398,22 @@ def _estimated_finish(records: list[dict], total: int | None, started: float) ->
 
 def _metric_data(r: dict, total: int | None) -> dict:
     """OpenAI's metric keys, plus DPO's rewards (train_reward_margin, valid_reward_accuracy, ...)."""
-    rewards = {("valid_" + k[5:] if k.startswith("eval_") else "train_" + k): v for k, v in r.items()
-               if k.startswith(("reward_", "eval_reward_"))}
-    return {"step": r["step"], "total_steps": total, "train_loss": r.get("loss"),
-            "train_mean_token_accuracy": r.get("mean_token_accuracy", r.get("accuracy")),
-            "valid_loss": r.get("eval_loss"), "valid_mean_token_accuracy": r.get("eval_mean_token_accuracy"),
-            "full_valid_loss": r.get("eval_loss"), "full_valid_mean_token_accuracy": r.get("eval_mean_token_accuracy"),
-            **rewards}
+    rewards = {
+        ("valid_" + k[5:] if k.startswith("eval_") else "train_" + k): v
+        for k, v in r.items()
+        if k.startswith(("reward_", "eval_reward_"))
+    }
+    return {
+        "step": r["step"],
+        "total_steps": total,
+        "train_loss": r.get("loss"),
+        "train_mean_token_accuracy": r.get("mean_token_accuracy", r.get("accuracy")),
+        "valid_loss": r.get("eval_loss"),
+        "valid_mean_token_accuracy": r.get("eval_mean_token_accuracy"),
+        "full_valid_loss": r.get("eval_loss"),
+        "full_valid_mean_token_accuracy": r.get("eval_mean_token_accuracy"),
+        **rewards,
+    }
 
 
 def _total_steps(run: Path, records: list[dict]) -> int | None:
@@ -319,6 +440,10 @@ def _terminate(proc: subprocess.Popen) -> None:
 
 
 def _last_error(log_file: Path) -> str:
-    lines = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()] if log_file.is_file() else []
+    lines = (
+        [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
+        if log_file.is_file()
+        else []
+    )
     errors = [line for line in lines if "error" in line.lower()]
     return (errors or lines or ["the training process exited without output"])[-1].replace("phitune: error: ", "")[:500]

@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, ContextManager
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -24,6 +25,9 @@ from phitune.serve.deps import Org
 from phitune.serve.errors import ApiError, not_found
 from phitune.serve.schemas import ChatRequest
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
 router = APIRouter(tags=["chat"])
 _LOAD_LOCK = threading.Lock()
 
@@ -36,16 +40,22 @@ def resolve(request: Request, org: str, model: str) -> tuple[str, str | None, bo
         return settings.models[model], None, model in settings.trusted
     if model.startswith("ft:"):
         with request.app.state.reads() as db:
-            job = db.execute(select(Job.id, Job.model).where(Job.org == org, Job.fine_tuned_model == model,
-                                                             Job.model_deleted.is_(False))).first()
+            job = db.execute(
+                select(Job.id, Job.model).where(
+                    Job.org == org, Job.fine_tuned_model == model, Job.model_deleted.is_(False)
+                )
+            ).first()
             if job is not None:
                 run = settings.run_dir(job.id)
                 trusted = job.model in settings.trusted
                 if (run / "model").is_dir():
                     return str(run / "model"), None, trusted
                 return settings.models[job.model], str(run / "adapter"), trusted
-            ck = db.execute(select(Job.id, Job.model, Checkpoint.step).join(Job, Job.id == Checkpoint.job_id)
-                            .where(Job.org == org, Checkpoint.model_name == model, Checkpoint.deleted.is_(False))).first()
+            ck = db.execute(
+                select(Job.id, Job.model, Checkpoint.step)
+                .join(Job, Job.id == Checkpoint.job_id)
+                .where(Job.org == org, Checkpoint.model_name == model, Checkpoint.deleted.is_(False))
+            ).first()
             if ck is not None:
                 adapter = checkpoint_dir(settings.run_dir(ck.id) / "checkpoints", ck.step) / "adapter"
                 return settings.models[ck.model], str(adapter), ck.model in settings.trusted
@@ -55,14 +65,14 @@ def resolve(request: Request, org: str, model: str) -> tuple[str, str | None, bo
 class Served:
     """A base model in memory with the adapters loaded onto it so far."""
 
-    def __init__(self, base: str, trusted: bool = False):
+    def __init__(self, base: str, trusted: bool = False) -> None:
         from phitune.models import load_for_inference
 
         self.model, self.tokenizer = load_for_inference(base, safetensors_only=True, trust_remote_code=trusted)
         self.lock = threading.Lock()
         self.adapters: set[str] = set()
 
-    def select(self, adapter: str | None):
+    def select(self, adapter: str | None) -> ContextManager:
         """The model to run, with `adapter` active (None: the base); call under self.lock."""
         import contextlib
 
@@ -96,8 +106,14 @@ def _options(body: ChatRequest) -> dict:
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
     clean = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
     limit = body.max_completion_tokens or body.max_tokens or 256
-    return {"messages": clean, "max_new_tokens": limit, "temperature": 1.0 if body.temperature is None else body.temperature,
-            "top_p": 1.0 if body.top_p is None else body.top_p, "seed": body.seed or 0, "stop": stop}
+    return {
+        "messages": clean,
+        "max_new_tokens": limit,
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "top_p": 1.0 if body.top_p is None else body.top_p,
+        "seed": body.seed or 0,
+        "stop": stop,
+    }
 
 
 def _fit(target: "Served", options: dict, model_id: str) -> int:
@@ -108,15 +124,19 @@ def _fit(target: "Served", options: dict, model_id: str) -> int:
     positions = getattr(target.model.config, "max_position_embeddings", None)
     n = len(prompt_ids(target.tokenizer, options["messages"]))
     if positions and n >= positions:
-        raise ApiError(400, f"messages: the prompt is {n} tokens; model '{model_id}' takes at most {positions} "
-                       "(prompt and reply together); shorten the conversation", param="messages",
-                       code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"messages: the prompt is {n} tokens; model '{model_id}' takes at most {positions} "
+            "(prompt and reply together); shorten the conversation",
+            param="messages",
+            code="context_length_exceeded",
+        )
     if positions:
         options["max_new_tokens"] = min(options["max_new_tokens"], positions - n)
     return n
 
 
-def until_stop(pieces, stops: list[str]):
+def until_stop(pieces: Iterable[str], stops: list[str]) -> Iterator[str]:
     """The text pieces up to (not including) the first stop string. The tail that could still be
     the start of one is held back; returning early closes `pieces`, which ends the generation."""
     if not stops:
@@ -132,21 +152,29 @@ def until_stop(pieces, stops: list[str]):
                     yield held[:cut]
                 return
             if len(held) > keep:
-                yield held[:len(held) - keep]
-                held = held[len(held) - keep:]
+                yield held[: len(held) - keep]
+                held = held[len(held) - keep :]
         if held:
             yield held
     finally:
         pieces.close()
 
 
-CHAT_RESPONSES = schemas.documented(schemas.ChatCompletion, 400, 401, 404, 500, description=(
-    "a chat.completion, or with `stream: true` server-sent chat.completion.chunk events ending in `data: [DONE]`"))
+CHAT_RESPONSES = schemas.documented(
+    schemas.ChatCompletion,
+    400,
+    401,
+    404,
+    500,
+    description=(
+        "a chat.completion, or with `stream: true` server-sent chat.completion.chunk events ending in `data: [DONE]`"
+    ),
+)
 CHAT_RESPONSES["responses"][200]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
 
 
 @router.post("/chat/completions", **CHAT_RESPONSES)
-async def chat_completions(body: ChatRequest, request: Request, org: Org):
+async def chat_completions(body: ChatRequest, request: Request, org: Org) -> dict | StreamingResponse:
     options = _options(body)
     base, adapter, trusted = resolve(request, org, body.model)
     if adapter and not (Path(adapter) / "adapter_model.safetensors").is_file():  # never a pickle (.bin) on this path
@@ -157,14 +185,24 @@ async def chat_completions(body: ChatRequest, request: Request, org: Org):
     prompt_tokens = await anyio.to_thread.run_sync(_fit, target, options, body.model)  # tokenizing: off the event loop
     completion_id, created = new_id("chatcmpl"), int(time.time())
     if body.stream:
-        return StreamingResponse(_stream(target, adapter, options, body.model, completion_id, created),
-                                 media_type="text/event-stream")
+        return StreamingResponse(
+            _stream(target, adapter, options, body.model, completion_id, created), media_type="text/event-stream"
+        )
     text, completion_tokens, finish = await anyio.to_thread.run_sync(_generate, target, adapter, options)
-    return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                         "logprobs": None}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": body.model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
 
 
 def _pieces(target: Served, options: dict):
@@ -183,10 +221,20 @@ def _generate(target: Served, adapter, options: dict):
 
 
 def _stream(target: Served, adapter, options: dict, model_id, completion_id, created):
-    def chunk(delta: dict, finish=None) -> str:
-        return "data: " + json.dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                                      "model": model_id, "choices": [{"index": 0, "delta": delta,
-                                                                      "finish_reason": finish, "logprobs": None}]}) + "\n\n"
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        return (
+            "data: "
+            + json.dumps(
+                {
+                    "id": completion_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model_id,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                }
+            )
+            + "\n\n"
+        )
 
     yield chunk({"role": "assistant", "content": ""})
     with target.lock, target.select(adapter):

@@ -3,7 +3,7 @@ the uploaded name is shown back but never becomes a path."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
@@ -16,28 +16,54 @@ from phitune.serve.errors import ApiError, not_found
 from phitune.serve.listing import limit_query, page
 from phitune.serve.upload import Upload
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
 router = APIRouter(tags=["files"])
 UPLOADABLE = ("fine-tune",)
 
 
 def render(f: File) -> dict:
-    return {"id": f.id, "object": "file", "bytes": f.bytes, "created_at": f.created_at, "filename": f.filename,
-            "purpose": f.purpose, "status": f.status, "status_details": f.status_details, "expires_at": None}
+    return {
+        "id": f.id,
+        "object": "file",
+        "bytes": f.bytes,
+        "created_at": f.created_at,
+        "filename": f.filename,
+        "purpose": f.purpose,
+        "status": f.status,
+        "status_details": f.status_details,
+        "expires_at": None,
+    }
 
 
 FILE = select(File).where(File.id == bindparam("id"), File.org == bindparam("org"), File.deleted.is_(False))
 
 
-def get_file(db, org: str, file_id: str, param: str | None = None) -> File:
+def get_file(db: Session, org: str, file_id: str, param: str | None = None) -> File:
     f = first(db, FILE, id=file_id, org=org)
     if f is None:
         raise not_found("file", file_id, param)
     return f
 
 
-UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["file", "purpose"],
-    "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": list(UPLOADABLE)}}}}}}}
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "purpose": {"type": "string", "enum": list(UPLOADABLE)},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 @router.post("/files", **schemas.documented(schemas.FileObject, 400, 401, 413), openapi_extra=UPLOAD_BODY)
@@ -57,8 +83,14 @@ async def create_file(request: Request, org: Org, settings: ServerSettings, sess
 
 
 @router.get("/files", **schemas.documented(schemas.FileList, 400, 401))
-async def list_files(org: Org, reads: Reads, purpose: str | None = None, after: str | None = None,
-                     limit: int = limit_query(10000), order: Literal["asc", "desc"] = "desc") -> dict:
+async def list_files(
+    org: Org,
+    reads: Reads,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: int = limit_query(10000),
+    order: Literal["asc", "desc"] = "desc",
+) -> dict:
     where = [File.org == org, File.deleted.is_(False)] + ([File.purpose == purpose] if purpose else [])
     with reads() as db:
         return page(db, File, where, after=after, limit=limit, newest_first=order == "desc", render=render)
@@ -70,10 +102,18 @@ async def retrieve_file(org: Org, reads: Reads, file_id: str) -> dict:
         return render(get_file(db, org, file_id))
 
 
-@router.get("/files/{file_id}/content", response_class=FileResponse, responses={
-    200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-          "description": "the file's bytes"}, **schemas.errors(401, 404)})
-async def file_content(org: Org, reads: Reads, settings: ServerSettings, file_id: str):
+@router.get(
+    "/files/{file_id}/content",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "the file's bytes",
+        },
+        **schemas.errors(401, 404),
+    },
+)
+async def file_content(org: Org, reads: Reads, settings: ServerSettings, file_id: str) -> FileResponse:
     with reads() as db:
         f = get_file(db, org, file_id)
     return FileResponse(settings.file_path(f.id, f.purpose), media_type="application/octet-stream")

@@ -7,7 +7,7 @@ succeed is a 400 now, not a failure minutes later. The data itself is validated 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from sqlalchemy import bindparam, select
@@ -21,26 +21,49 @@ from phitune.serve.listing import limit_query, page
 from phitune.serve.routes.files import get_file
 from phitune.serve.schemas import JobCreate, Method
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
 router = APIRouter(tags=["fine_tuning"])
 
 
 def render(job: Job) -> dict:
     hyper = {k: job.hyperparameters.get(k, "auto") for k in ("batch_size", "learning_rate_multiplier", "n_epochs")}
     method: dict[str, Any] = {"type": job.method.get("type", "supervised")}
-    method[method["type"]] = {"hyperparameters": {**hyper, **({"beta": job.hyperparameters.get("beta", "auto")}
-                                                              if method["type"] == "dpo" else {})}}
-    return {"id": job.id, "object": "fine_tuning.job", "created_at": job.created_at, "error": job.error,
-            "fine_tuned_model": None if job.model_deleted else job.fine_tuned_model, "finished_at": job.finished_at,
-            "hyperparameters": hyper, "model": job.model, "organization_id": job.org, "result_files": job.result_files,
-            "seed": job.seed, "status": job.status, "trained_tokens": job.trained_tokens,
-            "training_file": job.training_file, "validation_file": job.validation_file, "estimated_finish": job.estimated_finish,
-            "integrations": [], "metadata": job.meta, "method": method, "user_provided_suffix": job.suffix}
+    method[method["type"]] = {
+        "hyperparameters": {
+            **hyper,
+            **({"beta": job.hyperparameters.get("beta", "auto")} if method["type"] == "dpo" else {}),
+        }
+    }
+    return {
+        "id": job.id,
+        "object": "fine_tuning.job",
+        "created_at": job.created_at,
+        "error": job.error,
+        "fine_tuned_model": None if job.model_deleted else job.fine_tuned_model,
+        "finished_at": job.finished_at,
+        "hyperparameters": hyper,
+        "model": job.model,
+        "organization_id": job.org,
+        "result_files": job.result_files,
+        "seed": job.seed,
+        "status": job.status,
+        "trained_tokens": job.trained_tokens,
+        "training_file": job.training_file,
+        "validation_file": job.validation_file,
+        "estimated_finish": job.estimated_finish,
+        "integrations": [],
+        "metadata": job.meta,
+        "method": method,
+        "user_provided_suffix": job.suffix,
+    }
 
 
 JOB = select(Job).where(Job.id == bindparam("id"), Job.org == bindparam("org"))
 
 
-def get_job(db, org: str, job_id: str) -> Job:
+def get_job(db: Session, org: str, job_id: str) -> Job:
     job = first(db, JOB, id=job_id, org=org)
     if job is None:
         raise not_found("fine-tuning job", job_id)
@@ -68,8 +91,12 @@ def create_job(body: JobCreate, org: Org, settings: ServerSettings, sessions: Se
     from phitune.serve.jobconfig import build_config, choose_hyperparameters
 
     if body.model not in settings.models:
-        raise ApiError(400, f"model '{body.model}': not served here; available: {', '.join(sorted(settings.models)) or 'none'}",
-                       param="model", code="model_not_available")
+        raise ApiError(
+            400,
+            f"model '{body.model}': not served here; available: {', '.join(sorted(settings.models)) or 'none'}",
+            param="model",
+            code="model_not_available",
+        )
     kind, asked = _hyperparameters(body)
     options = body.phitune.model_dump(exclude_unset=True) if body.phitune else {}
     with sessions() as db:
@@ -79,12 +106,25 @@ def create_job(body: JobCreate, org: Org, settings: ServerSettings, sessions: Se
                 continue
             f = get_file(db, org, file_id, param)
             if f.purpose != "fine-tune":
-                raise ApiError(400, f"{param} '{file_id}': purpose is '{f.purpose}', not 'fine-tune'", param=param,
-                               code="invalid_file_purpose")
-        job = Job(id=new_id("ftjob"), org=org, model=body.model, training_file=body.training_file,
-                  validation_file=body.validation_file, suffix=body.suffix, seed=42 if body.seed is None else body.seed,
-                  meta=body.metadata, method={"type": kind, kind: {"hyperparameters": asked}}, hyperparameters=asked,
-                  phitune=options)
+                raise ApiError(
+                    400,
+                    f"{param} '{file_id}': purpose is '{f.purpose}', not 'fine-tune'",
+                    param=param,
+                    code="invalid_file_purpose",
+                )
+        job = Job(
+            id=new_id("ftjob"),
+            org=org,
+            model=body.model,
+            training_file=body.training_file,
+            validation_file=body.validation_file,
+            suffix=body.suffix,
+            seed=42 if body.seed is None else body.seed,
+            meta=body.metadata,
+            method={"type": kind, kind: {"hyperparameters": asked}},
+            hyperparameters=asked,
+            phitune=options,
+        )
         try:  # the options against the config schema, with placeholder sizes; the worker rebuilds it with real ones
             build_config(settings, job, choose_hyperparameters(asked, 100))
         except PhituneError as exc:
@@ -97,8 +137,9 @@ def create_job(body: JobCreate, org: Org, settings: ServerSettings, sessions: Se
 
 
 @router.get("/fine_tuning/jobs", **schemas.documented(schemas.JobList, 400, 401))
-async def list_jobs(request: Request, org: Org, reads: Reads, after: str | None = None,
-                    limit: int = limit_query(20)) -> dict:
+async def list_jobs(
+    request: Request, org: Org, reads: Reads, after: str | None = None, limit: int = limit_query(20)
+) -> dict:
     where = [Job.org == org]
     for key, value in request.query_params.multi_items():  # metadata[key]=value filters
         if key.startswith("metadata[") and key.endswith("]"):
@@ -159,29 +200,52 @@ def resume_job(org: Org, sessions: Sessions, job_id: str) -> dict:
 
 
 def render_event(e: Event) -> dict:
-    return {"id": e.id, "object": "fine_tuning.job.event", "created_at": e.created_at, "level": e.level,
-            "message": e.message, "type": e.type, "data": e.data}
+    return {
+        "id": e.id,
+        "object": "fine_tuning.job.event",
+        "created_at": e.created_at,
+        "level": e.level,
+        "message": e.message,
+        "type": e.type,
+        "data": e.data,
+    }
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events", **schemas.documented(schemas.EventList, 400, 401, 404))
-async def list_events(org: Org, reads: Reads, job_id: str, after: str | None = None,
-                      limit: int = limit_query(20)) -> dict:
+async def list_events(
+    org: Org, reads: Reads, job_id: str, after: str | None = None, limit: int = limit_query(20)
+) -> dict:
     with reads() as db:
         get_job(db, org, job_id)
-        return page(db, Event, [Event.job_id == job_id], after=after, limit=limit, newest_first=True, render=render_event)
+        return page(
+            db, Event, [Event.job_id == job_id], after=after, limit=limit, newest_first=True, render=render_event
+        )
 
 
 def render_checkpoint(c: Checkpoint) -> dict:
-    return {"id": c.id, "object": "fine_tuning.job.checkpoint", "created_at": c.created_at,
-            "fine_tuned_model_checkpoint": c.model_name, "fine_tuning_job_id": c.job_id, "step_number": c.step,
-            "metrics": c.metrics}
+    return {
+        "id": c.id,
+        "object": "fine_tuning.job.checkpoint",
+        "created_at": c.created_at,
+        "fine_tuned_model_checkpoint": c.model_name,
+        "fine_tuning_job_id": c.job_id,
+        "step_number": c.step,
+        "metrics": c.metrics,
+    }
 
 
-@router.get("/fine_tuning/jobs/{job_id}/checkpoints",
-            **schemas.documented(schemas.CheckpointList, 400, 401, 404))
-async def list_checkpoints(org: Org, reads: Reads, job_id: str, after: str | None = None,
-                           limit: int = limit_query(10)) -> dict:
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints", **schemas.documented(schemas.CheckpointList, 400, 401, 404))
+async def list_checkpoints(
+    org: Org, reads: Reads, job_id: str, after: str | None = None, limit: int = limit_query(10)
+) -> dict:
     with reads() as db:
         get_job(db, org, job_id)
-        return page(db, Checkpoint, [Checkpoint.job_id == job_id, Checkpoint.deleted.is_(False)], after=after,
-                    limit=limit, newest_first=True, render=render_checkpoint)
+        return page(
+            db,
+            Checkpoint,
+            [Checkpoint.job_id == job_id, Checkpoint.deleted.is_(False)],
+            after=after,
+            limit=limit,
+            newest_first=True,
+            render=render_checkpoint,
+        )

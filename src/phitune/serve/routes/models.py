@@ -12,10 +12,17 @@ from phitune.serve.deps import Org
 from phitune.serve.errors import ApiError, not_found
 
 router = APIRouter(tags=["models"])
-FINE_TUNES = (select(Job.fine_tuned_model, func.coalesce(Job.finished_at, Job.created_at))
-              .where(Job.org == bindparam("org"), Job.status == "succeeded", Job.model_deleted.is_(False)).order_by(Job.seq))
-CHECKPOINTS = (select(Checkpoint.model_name, Checkpoint.created_at).join(Job, Job.id == Checkpoint.job_id)
-               .where(Job.org == bindparam("org"), Checkpoint.deleted.is_(False)).order_by(Checkpoint.seq))
+FINE_TUNES = (
+    select(Job.fine_tuned_model, func.coalesce(Job.finished_at, Job.created_at))
+    .where(Job.org == bindparam("org"), Job.status == "succeeded", Job.model_deleted.is_(False))
+    .order_by(Job.seq)
+)
+CHECKPOINTS = (
+    select(Checkpoint.model_name, Checkpoint.created_at)
+    .join(Job, Job.id == Checkpoint.job_id)
+    .where(Job.org == bindparam("org"), Checkpoint.deleted.is_(False))
+    .order_by(Checkpoint.seq)
+)
 
 
 def catalogue(request: Request, org: str) -> list[dict]:
@@ -46,7 +53,9 @@ async def retrieve_model(request: Request, org: Org, model: str) -> dict:
 def delete_model(request: Request, org: Org, model: str) -> dict:
     if not model.startswith("ft:"):
         if model in request.app.state.settings.models:
-            raise ApiError(400, f"model '{model}' is a base model of this server; only fine-tuned models can be deleted")
+            raise ApiError(
+                400, f"model '{model}' is a base model of this server; only fine-tuned models can be deleted"
+            )
         raise not_found("model", model)
     with request.app.state.sessions() as db:
         job = db.scalar(select(Job).where(Job.org == org, Job.fine_tuned_model == model, Job.model_deleted.is_(False)))

@@ -1,0 +1,48 @@
+"""The configuration written out: flattened key paths, YAML, and the reference table."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal, Union, get_args, get_origin
+
+import yaml
+
+from phitune.config.schema import _SECTIONS, Config
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: config key paths and their values."""
+    flat = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        flat.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return flat
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _type_name(ann) -> str:
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Literal:
+        return " / ".join(f"`{a}`" for a in args)
+    if origin is Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is Annotated:  # PositiveInt and the like: the type, its bound is in the description
+        return f"{_type_name(args[0])} > 0"
+    return getattr(ann, "__name__", str(ann))
+
+
+def reference_markdown() -> str:
+    """Every key with its type, default and description, for the README and `phitune config-reference`."""
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for section, model in _SECTIONS.items():
+        for name, field in model.model_fields.items():
+            value = field.default_factory() if field.default_factory else field.default
+            default = "required" if field.is_required() else f"`{json.dumps(value)}`"
+            rows.append(f"| `{section}.{name}` | {_type_name(field.annotation)} | {default} | {field.description} |")
+    rows.append(f'| `output_dir` | str | `"runs/latest"` | {Config.model_fields["output_dir"].description} |')
+    return "\n".join(rows)
