@@ -41,6 +41,7 @@ print(
             "steps": records[-1]["step"],
             "real_tokens": records[-1]["tokens_seen"],
             "train_seconds": records[-1]["elapsed_s"],
+            "train_start": train_start,
             "losses": [r["loss"] for r in records],
             "peak_rss_mb": peak_rss_mb(),
             "weight_memory_mb": run["weight_memory_mb"],

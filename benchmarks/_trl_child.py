@@ -26,6 +26,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--packing", action="store_true")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (TrainingArguments.bf16)")
+    p.add_argument("--padding-free", action="store_true", help="SFTConfig.padding_free: rows flattened, no padding")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
     if args.threads:
@@ -53,8 +55,9 @@ def main():
         save_strategy="no",
         report_to=[],
         use_cpu=True,
-        bf16=False,
+        bf16=args.bf16,
         packing=args.packing,
+        padding_free=args.padding_free,
         lr_scheduler_type="linear",
         seed=args.seed,
         **({"gradient_checkpointing": False} if args.no_gradient_checkpointing else {}),
@@ -67,6 +70,7 @@ def main():
     )
     # Real tokens: what the collator feeds the model, without padding (one epoch sees each once).
     real_tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
+    train_start = time.time()
     started = time.perf_counter()
     out = trainer.train()
     seconds = time.perf_counter() - started
@@ -78,6 +82,7 @@ def main():
                 "steps": trainer.state.global_step,
                 "real_tokens": real_tokens,
                 "train_seconds": seconds,
+                "train_start": train_start,
                 "train_runtime": out.metrics.get("train_runtime"),
                 "losses": losses,
                 "peak_rss_mb": peak_rss_mb(),

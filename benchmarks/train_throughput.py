@@ -1,18 +1,24 @@
 """phitune vs TRL SFTTrainer + PEFT LoRA, side by side in one invocation.
 
-    python benchmarks/train_throughput.py                 # CPU table (small preset, ~29M Phi-3)
-    python benchmarks/train_throughput.py --qlora-memory  # + QLoRA vs LoRA-bf16 memory on ~260M
+    python benchmarks/train_throughput.py                          # real model, short dictionary rows
+    python benchmarks/train_throughput.py --data longtail          # real model, long-tailed chat
+    python benchmarks/train_throughput.py --model small --data longtail --tag toy   # ~29M random Phi-3
+    python benchmarks/train_throughput.py --model medium --qlora-memory             # + QLoRA vs LoRA memory
 
-Same model (built with `phitune create-model`), same long-tailed data (fixed seed), same LoRA
-(r=16, alpha=32, no dropout as in PEFT's LoraConfig default, all-linear), same examples (one epoch), each run in its own
-process, one after the other. Prints a markdown table and writes it, with the raw numbers, to
-benchmarks/results/. TRL needs `pip install trl datasets` (not a phitune dependency).
+The headline is the real model (SmolLM2-135M-Instruct, `make real-model`). Both sides get the same
+file (benchmarks/real_data.py: English-German dictionary pairs as chat turns; or long-tailed chat),
+the same LoRA (r=16, alpha=32, no dropout as in PEFT's LoraConfig default, all-linear), lr 2e-4, one
+epoch, each run in its own process, one after the other. TRL is tried as a user would tune it:
+defaults (activation checkpointing on), checkpointing off, bf16 (where the CPU has native bf16),
+packing and padding-free. TRL needs `pip install trl datasets` (not a phitune dependency).
 
-Columns: real (non-pad) tokens per second of training-loop time; mean step time; peak RSS of the
-process; model FLOPs utilisation = useful FLOPs / time / measured bf16 matmul peak, with useful
-FLOPs per real token = 4 x (linear-layer parameters) for adapter training (forward + input
-gradients) plus attention (3 x the forward's 4 x layers x d_model x position); held-out loss of
-the saved adapter, computed by the same code for every run.
+Columns: real (non-pad) tokens per second of training-loop time; whole-process wall time
+(imports, loading, tokenising, training, saving) and start-up (process start to the first step);
+peak RSS; model FLOPs utilisation = useful FLOPs / training time / the matmul peak measured in this
+run for the precision that is native here, with useful FLOPs per real token = 4 x (linear-layer
+parameters) (forward + input gradients; frozen weights get no weight gradient) plus attention
+(3 x the forward's 4 x layers x d_model x position); held-out loss of the saved adapter, computed by
+the same code for every run. Writes benchmarks/results/train_throughput[_TAG].{md,json}.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from longtail_data import write as write_data  # noqa: E402
+from real_data import REAL_MODEL, dictionary_chat  # noqa: E402
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10, trials: int = 5) -> float:
@@ -61,12 +68,19 @@ def useful_flops(model_dir: Path, lengths: list[int]) -> float:
 
 
 def run_child(cmd: list[str], log: Path) -> dict:
+    """The child's own JSON line, plus the whole process's wall time and its start-up (process
+    start to the first training step)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}); see {log}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["process_seconds"] = time.time() - started
+    if "train_start" in out:
+        out["startup_seconds"] = out["train_start"] - started
+    return out
 
 
 def heldout_loss(model_dir: Path, adapter: Path, val: Path, max_length: int) -> float:
@@ -122,125 +136,192 @@ def trl_cmd(model: Path, data: Path, out: Path, args, *extra: str) -> list[str]:
     ]
 
 
+# name -> (label, needs native bf16, command(model, data, out, args))
+RUNS = {
+    "phitune": (
+        "phitune LoRA, precision auto",
+        False,
+        lambda m, d, o, a: phitune_cmd(m, d, o, a, "auto"),
+    ),
+    "phitune-bf16": ("phitune LoRA, bf16 autocast", True, lambda m, d, o, a: phitune_cmd(m, d, o, a, "bf16")),
+    "phitune-fp32": ("phitune LoRA, fp32", False, lambda m, d, o, a: phitune_cmd(m, d, o, a, "fp32")),
+    "trl": (
+        "TRL SFTTrainer + PEFT, defaults (fp32, activation checkpointing on)",
+        False,
+        lambda m, d, o, a: trl_cmd(m, d, o, a),
+    ),
+    "trl-no-gc": (
+        "TRL, checkpointing off",
+        False,
+        lambda m, d, o, a: trl_cmd(m, d, o, a, "--no-gradient-checkpointing"),
+    ),
+    "trl-bf16": (
+        "TRL, bf16, checkpointing off",
+        True,
+        lambda m, d, o, a: trl_cmd(m, d, o, a, "--bf16", "--no-gradient-checkpointing"),
+    ),
+    "trl-packing": (
+        "TRL, packing, checkpointing off",
+        False,
+        lambda m, d, o, a: trl_cmd(m, d, o, a, "--packing", "--no-gradient-checkpointing"),
+    ),
+    "trl-padding-free": (
+        "TRL, padding-free, checkpointing off",
+        False,
+        lambda m, d, o, a: trl_cmd(m, d, o, a, "--padding-free", "--no-gradient-checkpointing"),
+    ),
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default=str(HERE / ".work"))
-    p.add_argument("--preset", default="small")
+    p.add_argument(
+        "--model",
+        default="real",
+        help="real: SmolLM2-135M-Instruct (make real-model); or a create-model preset (tiny, small, medium)",
+    )
+    p.add_argument(
+        "--data",
+        default="dictionary",
+        choices=["dictionary", "longtail"],
+        help="dictionary: short real rows (English-German pairs as chat turns); longtail: long-tailed chat",
+    )
     p.add_argument("--examples", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument(
         "--runs",
-        default="phitune-bf16,phitune-fp32,trl,trl-no-gc,trl-packing",
-        help="comma-separated subset of: phitune-bf16, phitune-fp32, trl, trl-no-gc, trl-packing",
+        default="phitune,phitune-bf16,trl,trl-no-gc,trl-bf16,trl-packing,trl-padding-free",
+        help="comma-separated subset of: " + ", ".join(RUNS),
     )
     p.add_argument(
         "--loss-seeds",
         type=int,
-        default=4,
-        help="held-out loss of phitune-bf16 over this many seeds, to show the seed-to-seed spread",
+        default=1,
+        help="held-out loss of phitune over this many seeds, to show the seed-to-seed spread",
     )
     p.add_argument(
         "--qlora-memory", action="store_true", help="also compare QLoRA and LoRA-bf16 peak memory on the medium preset"
     )
+    p.add_argument("--tag", default="", help="results go to train_throughput[_TAG].{md,json}")
     args = p.parse_args()
 
     from transformers import AutoTokenizer
 
-    from phitune.create_model import create_model
     from phitune.data.dataset import tokenize_file
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    model = work / f"phi3-{args.preset}"
-    if not (model / "config.json").is_file():
-        create_model(model, "phi3", args.preset, overwrite=True)
-    data = write_data(work / "train.jsonl", args.examples, seed=0)
-    val = write_data(work / "val.jsonl", 64, seed=1)
+    model, data, val = model_and_data(work, args)
     tok = AutoTokenizer.from_pretrained(model)
     lengths = [len(e.input_ids) for e in tokenize_file(tok, data, args.max_length).examples]
     flops = useful_flops(model, lengths)
-    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16) if native_bf16 else None}
 
-    runs = {
-        "phitune-bf16": ("phitune LoRA, bf16 autocast", lambda out: phitune_cmd(model, data, out, args, "bf16")),
-        "phitune-fp32": ("phitune LoRA, fp32", lambda out: phitune_cmd(model, data, out, args, "fp32")),
-        "trl": (
-            "TRL SFTTrainer + PEFT (defaults: activation checkpointing on)",
-            lambda out: trl_cmd(model, data, out, args),
-        ),
-        "trl-no-gc": (
-            "TRL SFTTrainer + PEFT, checkpointing off",
-            lambda out: trl_cmd(model, data, out, args, "--no-gradient-checkpointing"),
-        ),
-        "trl-packing": (
-            "TRL SFTTrainer + PEFT, packing, checkpointing off",
-            lambda out: trl_cmd(model, data, out, args, "--packing", "--no-gradient-checkpointing"),
-        ),
-    }
-    results = []
+    results, skipped = [], []
     for name in filter(None, args.runs.split(",")):
-        label, cmd = runs[name]
+        label, needs_bf16, cmd = RUNS[name]
+        if needs_bf16 and not native_bf16:
+            skipped.append(f"{label}: skipped, this CPU has no native bf16 matmul (AVX512-BF16 or AMX)")
+            continue
         out = work / f"run-{name}"
         print(f"running {label} ...", file=sys.stderr, flush=True)
-        r = run_child(cmd(out), work / f"{name}.log")
+        r = run_child(cmd(model, data, out, args), work / f"{name}.log")
         r["tokens_per_second"] = r["real_tokens"] / r["train_seconds"]
         r["step_seconds"] = r["train_seconds"] / r["steps"]
         r["heldout_loss"] = heldout_loss(model, out / "adapter", val, args.max_length)
         results.append({"run": name, "label": label, **r})
 
     # Measured again after the runs, the best of both: MFU is then never flattered by a slow moment.
-    peak = {
-        "fp32": max(peak["fp32"], matmul_peak(torch.float32)),
-        "bf16": max(peak["bf16"], matmul_peak(torch.bfloat16)),
-    }
+    peak["fp32"] = max(peak["fp32"], matmul_peak(torch.float32))
+    if native_bf16:
+        peak["bf16"] = max(peak["bf16"], matmul_peak(torch.bfloat16))
     for r in results:
-        r["mfu_bf16"] = flops / r["train_seconds"] / 1e9 / peak["bf16"]
-    base = next((r for r in results if r["run"] == "trl"), None)
-    params = json.loads((model / "phitune_model.json").read_text())["parameters"]
-    lines = [
-        f"Model: Phi-3 architecture, `{args.preset}` preset ({params / 1e6:.1f}M parameters), "
-        f"{args.examples} long-tailed chat examples (median {sorted(lengths)[len(lengths) // 2]} tokens, "
-        f"max {max(lengths)}), batch {args.batch_size}, max_length {args.max_length}, LoRA r=16 all-linear, one epoch, "
-        f"{torch.get_num_threads()} threads. Matmul peak measured in this run: fp32 {peak['fp32']:.0f} GFLOP/s, "
-        f"bf16 {peak['bf16']:.0f} GFLOP/s.",
-        "",
-        "| run | real tokens/s | vs TRL default | step time (s) | peak RSS (MB) | MFU (of bf16 peak) | held-out loss |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        r["mfu"] = flops / r["train_seconds"] / 1e9 / (peak["bf16"] or peak["fp32"])
+    trl = [r for r in results if r["run"].startswith("trl")]
+    fastest = max(trl, key=lambda r: r["tokens_per_second"], default=None)
+    lines = [describe(model, args, lengths, peak), ""]
+    lines += [
+        f"| run | real tokens/s | vs fastest TRL | whole process (s) | vs fastest TRL | start-up (s) | peak RSS (MB) "
+        f"| MFU (of {'bf16' if native_bf16 else 'fp32'} peak) | held-out loss |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
-        ratio = f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x" if base else "-"
+        tps = f"{r['tokens_per_second'] / fastest['tokens_per_second']:.2f}x" if fastest else "-"
+        wall = f"{fastest['process_seconds'] / r['process_seconds']:.2f}x" if fastest else "-"
         lines.append(
-            f"| {r['label']} | {r['tokens_per_second']:.0f} | {ratio} | {r['step_seconds']:.2f} | "
-            f"{r['peak_rss_mb']:.0f} | {r['mfu_bf16']:.1%} | {r['heldout_loss']:.4f} |"
+            f"| {r['label']} | {r['tokens_per_second']:.0f} | {tps} | {r['process_seconds']:.0f} | {wall} | "
+            f"{r.get('startup_seconds', float('nan')):.1f} | {r['peak_rss_mb']:.0f} | {r['mfu']:.1%} | "
+            f"{r['heldout_loss']:.4f} |"
         )
-    if args.loss_seeds > 1 and any(r["run"] == "phitune-bf16" for r in results):
+    lines += [f"- {line}" for line in skipped]
+    if args.loss_seeds > 1 and results and results[0]["run"].startswith("phitune"):
         lines += ["", seed_spread(model, data, val, work, args, results)]
     if args.qlora_memory:
         lines += ["", *qlora_memory(work, args)]
     table = "\n".join(lines)
     print(table)
-    results_dir = HERE / "results"
-    results_dir.mkdir(exist_ok=True)
-    (results_dir / "train_throughput.md").write_text(table + "\n")
-    (results_dir / "train_throughput.json").write_text(json.dumps({"peak": peak, "runs": results}, indent=2) + "\n")
+    name = "train_throughput" + (f"_{args.tag}" if args.tag else "")
+    command = f"Command: `python benchmarks/train_throughput.py {' '.join(sys.argv[1:])}`\n\n"
+    (HERE / "results" / f"{name}.md").write_text(command + table + "\n")
+    (HERE / "results" / f"{name}.json").write_text(json.dumps({"peak": peak, "runs": results}, indent=2) + "\n")
+
+
+def model_and_data(work: Path, args) -> tuple[Path, Path, Path]:
+    """(model directory, training file, held-out file) for --model and --data."""
+    from phitune.create_model import create_model
+
+    if args.model == "real":
+        model = REAL_MODEL
+        if not (model / "config.json").is_file():
+            raise SystemExit(f"{model}: the real model is not imported; run `make real-model`")
+    else:
+        model = work / f"phi3-{args.model}"
+        if not (model / "config.json").is_file():
+            create_model(model, "phi3", args.model, overwrite=True)
+    if args.data == "dictionary":
+        data = dictionary_chat(work / f"dictionary-{args.examples}.jsonl", rows=args.examples)
+        val = dictionary_chat(work / "dictionary-val.jsonl", rows=64, split="val")
+    else:
+        data = write_data(work / "train.jsonl", args.examples, seed=0)
+        val = write_data(work / "val.jsonl", 64, seed=1)
+    return model, data, val
+
+
+def describe(model: Path, args, lengths: list[int], peak: dict) -> str:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    name = "SmolLM2-135M-Instruct" if args.model == "real" else f"Phi-3 architecture, `{args.model}` preset"
+    rows = "dictionary pairs as chat turns" if args.data == "dictionary" else "long-tailed chat examples"
+    bf16 = f"bf16 {peak['bf16']:.0f} GFLOP/s" if peak["bf16"] else "bf16: no native support on this CPU"
+    return (
+        f"Model: {name} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, vocabulary "
+        f"{config.vocab_size}). {len(lengths)} {rows} (median {sorted(lengths)[len(lengths) // 2]} tokens, max "
+        f"{max(lengths)}), batch {args.batch_size}, max_length {args.max_length}, LoRA r=16 alpha 32 all-linear, "
+        f"lr 2e-4, one epoch, {torch.get_num_threads()} threads. Matmul peak measured in this run: fp32 "
+        f"{peak['fp32']:.0f} GFLOP/s, {bf16}. MFU counts 4 x (linear-layer parameters) FLOPs per real token "
+        "(forward and input gradients; the frozen weights get no weight gradient) plus attention."
+    )
 
 
 def seed_spread(model: Path, data: Path, val: Path, work: Path, args, results: list[dict]) -> str:
     """The same phitune run with other seeds (LoRA init, data order): how much held-out loss moves by chance."""
-    first = next(r for r in results if r["run"] == "phitune-bf16")
+    first = results[0]
     losses = [first["heldout_loss"]]
     for seed in range(1, args.loss_seeds):
-        out = work / f"run-phitune-bf16-seed{seed}"
-        print(f"running phitune LoRA, bf16, seed {seed} ...", file=sys.stderr, flush=True)
+        out = work / f"run-phitune-seed{seed}"
+        print(f"running phitune LoRA, seed {seed} ...", file=sys.stderr, flush=True)
         run_child(
-            phitune_cmd(model, data, out, args, "bf16") + ["--set", f"training.seed={seed}"], work / f"seed{seed}.log"
+            phitune_cmd(model, data, out, args, "auto") + ["--set", f"training.seed={seed}"], work / f"seed{seed}.log"
         )
         losses.append(heldout_loss(model, out / "adapter", val, args.max_length))
     mean = sum(losses) / len(losses)
     trl = ", ".join(f"{r['label']}: {r['heldout_loss']:.4f}" for r in results if r["run"].startswith("trl"))
     return (
-        f"Held-out loss of phitune LoRA bf16 over seeds 0-{len(losses) - 1}: mean {mean:.4f}, "
+        f"Held-out loss of phitune LoRA over seeds 0-{len(losses) - 1}: mean {mean:.4f}, "
         f"range {min(losses):.4f}-{max(losses):.4f} (seed-to-seed spread; {trl})."
     )
 

@@ -390,6 +390,9 @@ def test_bad_requests(server, train_file, tmp_path):
     assert "suffix" in bad(openai.BadRequestError, suffix="x" * 65)["message"]
     err = bad(openai.BadRequestError, extra_body={"phitune": {"method": {"nmae": "qlora"}}})
     assert "nmae" in err["message"] and "name" in err["message"]
+    # Several problems: each is said once.
+    err = bad(openai.BadRequestError, extra_body={"phitune": {"method": {"nmae": "qlora"}, "training": {"seeed": 1}}})
+    assert err["message"].count("nmae") == 1 and err["message"].count("seeed") == 1, err["message"]
     assert "extra_body" in bad(openai.BadRequestError, extra_body={"lora_rank": 4})["message"]
     with pytest.raises(openai.BadRequestError):
         c.files.create(file=train_file.open("rb"), purpose="assistants")

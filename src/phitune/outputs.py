@@ -1,8 +1,9 @@
-"""Directories that commands write (merged models, exports, manifests): never over a non-empty
-one unless told to, and a finished one appears whole or not at all."""
+"""What commands write (merged models, exports, checkpoints, metrics): never over a non-empty
+directory unless told to, and a finished directory or rewritten file appears whole or not at all."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +31,14 @@ def staged(output: Path, *, writer: bool = True) -> Iterator[Path]:
         if output.exists():
             shutil.rmtree(output)
         tmp.rename(output)
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Rewrite PATH with TEXT: through PATH.tmp and a rename, so a crash leaves the old or the new
+    file, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 CHECKPOINT_PREFIX = "step-"
