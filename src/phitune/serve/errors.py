@@ -52,8 +52,9 @@ _BRANCH = re.compile(
 
 
 def validation_message(errors: list[dict]) -> tuple[str | None, str]:
-    """(param, one line) for a request that failed its schema: the first bad key, its value and
-    every way it could have been right ("'auto' or a number <= 100")."""
+    """(param, one line) for a request that failed its schema: the first bad key (the param), its
+    value and every way it could have been right ("'auto' or a number <= 100"), then each other
+    bad key the same way, once each."""
     if not errors:
         return None, "invalid request"
     first = errors[0]
@@ -61,13 +62,20 @@ def validation_message(errors: list[dict]) -> tuple[str | None, str]:
         if first["type"] == "missing":
             return None, "the request body is missing: send a JSON object"
         return None, "the request body must be a JSON object"
+    groups: dict[str, list[dict]] = {}
+    for err in errors:
+        groups.setdefault(_path(err), []).append(err)
+    said = [_key_message(key, same) for key, same in groups.items()]
+    return said[0][0], "; ".join(dict.fromkeys(message for _, message in said))
 
-    def path(err: dict) -> str:
-        parts = [p for p in err.get("loc", ())[1:] if isinstance(p, int) or not _BRANCH.match(str(p))]
-        return ".".join(str(p) for p in parts)
 
-    param = path(first)
-    same = [e for e in errors if path(e) == param]
+def _path(err: dict) -> str:
+    parts = [p for p in err.get("loc", ())[1:] if isinstance(p, int) or not _BRANCH.match(str(p))]
+    return ".".join(str(p) for p in parts)
+
+
+def _key_message(param: str, same: list[dict]) -> tuple[str | None, str]:
+    first = same[0]
     reasons = list(dict.fromkeys(_reason(e) for e in same))
     own = re.match(r"(phitune\.[\w.]+)[ :]", reasons[0])
     if first["type"] == "value_error" and own:  # the options allow-list names the exact key itself
