@@ -321,6 +321,10 @@ def _lora(model, cfg: Config, tokenizer, task_type: str):
         use_dora=m.name == "dora",
         init_lora_weights=init,
     )
+    if m.fused and m.name == "lora":  # QLoRA's 4-bit layers are bitsandbytes' own; DoRA is a PEFT variant
+        from phitune import fused_lora
+
+        fused_lora.register(peft_cfg)
     return _attach(model, peft_cfg)
 
 

@@ -65,6 +65,11 @@ class MethodConfig(_Section):
         None, description="Extra modules trained in full and saved with the adapter."
     )
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling alpha / sqrt(r).")
+    fused: bool = Field(
+        True,
+        description="LoRA: each adapted layer computed as one fused step (the update accumulated into the base "
+        "matmul; same numbers, less memory traffic); false runs PEFT's own layer. Not used by DoRA or QLoRA.",
+    )
     init: Literal["default", "gaussian", "pissa", "olora"] = Field("default", description="LoRA weight initialisation.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA 4-bit data type.")
     double_quant: bool = Field(True, description="QLoRA: quantise the quantisation constants too.")

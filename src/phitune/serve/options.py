@@ -46,6 +46,7 @@ TENANT: dict[str, tuple[str, ...]] = {
         "target_modules",
         "modules_to_save",
         "use_rslora",
+        "fused",
         "init",
         "quant_type",
         "double_quant",

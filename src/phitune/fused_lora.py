@@ -1,0 +1,124 @@
+"""LoRA linear layers computed as one autograd node: y = x W^T + b + s (x_d A^T) B^T.
+
+PEFT's `lora.Linear` runs the base layer, then `lora_B(lora_A(dropout(x))) * scaling` and adds the
+two: on a CPU (or any memory-bound step) the scale and the add each read and write a whole
+(tokens x out_features) tensor, forward and backward, in every adapted layer, and the backward
+adds the LoRA branch's input gradient to the base's in one more pass. Here the LoRA update is
+accumulated into the base output by the matmul itself (`addmm_`), the scale is applied to the
+rank-r intermediate, and the backward accumulates both input gradients in one `addmm_`. The
+arithmetic is the same as PEFT's (tests/test_fused_lora.py checks losses and gradients against it).
+
+The layer is a `peft.tuners.lora.Linear` subclass handed to PEFT through its custom-module
+registry (`LoraConfig._register_custom_module`), so adapters keep PEFT's parameter names and
+save and load as plain PEFT adapters. Anything this path does not cover (DoRA and other
+variants, several active adapters, merged or disabled adapters, LoRA bias, mixed-batch
+inference, a base weight that is sharded or of another dtype than the input) goes through
+PEFT's own forward, unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.lora import Linear as PeftLoraLinear
+
+
+class _LoraMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        x_dropped: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        same = x_dropped is x
+        xd2 = x2 if same else x_dropped.reshape(-1, shape[-1])
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        h = xd2 @ a.t()
+        y = torch.addmm(bias.to(x.dtype), x2, weight.t()) if bias is not None else x2 @ weight.t()
+        y.addmm_(h, b.t(), alpha=scaling)
+        ctx.save_for_backward(xd2, weight, a, b, h)
+        ctx.scaling, ctx.shape, ctx.same = scaling, shape, same
+        ctx.dtypes = (lora_a.dtype, lora_b.dtype, None if bias is None else bias.dtype)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple:
+        xd2, weight, a, b, h = ctx.saved_tensors
+        s, shape = ctx.scaling, ctx.shape
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(h.dtype)
+        need_x, need_xd, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad  # the base weight is frozen
+        dh = (dy2 @ b).mul_(s)  # rank-r wide: the scale costs nothing here
+        dx = dxd = dbias = da = db = None
+        if need_x or (ctx.same and need_xd):
+            dx = dy2 @ weight
+            if ctx.same:
+                dx.addmm_(dh, a)
+            dx = dx.reshape(shape)
+        if need_xd and not ctx.same:
+            dxd = (dh @ a).reshape(shape)
+        if need_bias:
+            dbias = dy2.sum(0).to(ctx.dtypes[2])
+        if need_a:
+            da = (dh.t() @ xd2).to(ctx.dtypes[0])
+        if need_b:
+            db = (dy2.t() @ h).mul_(s).to(ctx.dtypes[1])
+        return dx, dxd, None, dbias, da, db, None
+
+
+def _fusable_weight(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    # ZeRO-3 leaves an empty placeholder outside its gather hooks; DTensors (FSDP2, tensor
+    # parallel) and quantised weights need their own kernels; another dtype than the input's
+    # needs the casts PEFT's path does.
+    return (
+        type(weight) in (torch.Tensor, torch.nn.Parameter)
+        and weight.numel() > 0
+        and not hasattr(weight, "ds_id")
+        and weight.dtype == x.dtype
+        and not weight.requires_grad
+    )
+
+
+class FusedLoraLinear(PeftLoraLinear):
+    """PEFT's LoRA linear layer with the fused forward and backward above where it applies."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter = self.active_adapters[0] if len(self.active_adapters) == 1 else None
+        base = self.base_layer
+        if (
+            args
+            or kwargs
+            or adapter is None
+            or self.disable_adapters
+            or self.merged
+            or adapter not in self.lora_A
+            or adapter in self.lora_variant
+            or self.fan_in_fan_out
+            or type(base) is not torch.nn.Linear
+            or self.lora_B[adapter].bias is not None
+            or not _fusable_weight(base.weight, x)
+        ):
+            return super().forward(x, *args, **kwargs)
+        dropout = self.lora_dropout[adapter]
+        x_dropped = dropout(x) if isinstance(dropout, torch.nn.Dropout) and self.training and dropout.p > 0 else x
+        return _LoraMatmul.apply(
+            x,
+            x_dropped,
+            base.weight,
+            base.bias,
+            self.lora_A[adapter].weight,
+            self.lora_B[adapter].weight,
+            float(self.scaling[adapter]),
+        )
+
+
+def register(peft_config: Any) -> None:
+    """Have PEFT build FusedLoraLinear for the nn.Linear layers this LoraConfig adapts."""
+    peft_config._register_custom_module({torch.nn.Linear: FusedLoraLinear})

@@ -1,0 +1,129 @@
+"""The fused LoRA layer (phitune.fused_lora) computes what PEFT's own layer computes: the same loss
+and the same gradients, with and without dropout, and it falls back to PEFT where it does not apply."""
+
+import copy
+
+import pytest
+import torch
+from peft.tuners.lora import Linear as PeftLoraLinear
+
+from phitune.config import parse_config
+from phitune.fused_lora import FusedLoraLinear
+from phitune.models import apply_method, load_model, load_tokenizer
+
+from helpers import DEMO_TRAIN
+
+
+def _pair(model_dir, *, dropout=0.0, name="lora", precision="no"):
+    """(PEFT's own LoRA model, phitune's fused one) with identical, non-zero adapter weights."""
+
+    def build(fused):
+        cfg = parse_config(
+            {
+                "model": str(model_dir),
+                "method": {"name": name, "dropout": dropout, "fused": fused, "target_modules": ["all-linear"]},
+                "data": str(DEMO_TRAIN),
+            },
+            source="test",
+        )
+        torch.manual_seed(0)
+        model = load_model(cfg, torch.device("cpu"), precision)
+        return apply_method(model, cfg, load_tokenizer(cfg.model))
+
+    plain, fused = build(False), build(True)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for (n, p), (n2, q) in zip(plain.named_parameters(), fused.named_parameters()):
+            assert n == n2
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.05)
+                q.copy_(p)
+    return plain, fused
+
+
+def _batch(vocab, rows=3, length=11):
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, vocab - 1, (rows, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -4:] = 0  # one padded row
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def _graph_nodes(loss):
+    """The names of the autograd nodes behind LOSS."""
+    seen, todo, names = set(), [loss.grad_fn], []
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        todo += [f for f, _ in fn.next_functions]
+    return names
+
+
+def _loss_and_grads(model, batch, seed=3):
+    torch.manual_seed(seed)  # the same dropout masks on both sides
+    model.zero_grad()
+    loss = model(**batch).loss
+    nodes = _graph_nodes(loss)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, sum("LoraMatmul" in n for n in nodes)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_lora_gives_peft_losses_and_gradients(tiny_phi3, dropout):
+    plain, fused = _pair(tiny_phi3, dropout=dropout)
+    assert not any(isinstance(m, FusedLoraLinear) for m in plain.modules())
+    layers = [m for m in fused.modules() if isinstance(m, FusedLoraLinear)]
+    assert len(layers) == sum(isinstance(m, PeftLoraLinear) for m in plain.modules()) > 0
+    plain.train(), fused.train()
+    batch = _batch(plain.config.vocab_size)
+    loss_p, grads_p, fused_p = _loss_and_grads(plain, batch)
+    loss_f, grads_f, fused_f = _loss_and_grads(fused, batch)
+    assert fused_p == 0 and fused_f == len(layers)  # every adapted layer took the fused path
+    assert torch.allclose(loss_p, loss_f, rtol=1e-5, atol=1e-5), (loss_p, loss_f)
+    assert grads_p.keys() == grads_f.keys() and len(grads_p) == 2 * len(layers)
+    for n in grads_p:
+        assert torch.allclose(grads_p[n], grads_f[n], rtol=1e-4, atol=1e-6), n
+    # Held out (eval mode, no dropout): the same logits.
+    plain.eval(), fused.eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(**batch).logits, fused(**batch).logits, atol=1e-5)
+
+
+def test_fused_lora_falls_back_where_it_does_not_apply(tiny_phi3):
+    plain, fused = _pair(tiny_phi3)
+    fused.eval()
+    batch = _batch(plain.config.vocab_size)
+    with torch.no_grad():
+        with fused.disable_adapter():  # DPO's reference: the base model alone
+            off = fused(**batch).logits
+        base = copy.deepcopy(fused).merge_and_unload()  # merging uses PEFT's own code
+        merged = base(**batch).logits
+        on = fused(**batch).logits
+        plain.eval()
+        with plain.disable_adapter():
+            plain_off = plain(**batch).logits
+    assert torch.allclose(off, plain_off, atol=1e-6)
+    assert torch.allclose(on, merged, atol=1e-4)
+    assert not torch.allclose(on, off, atol=1e-3)
+    # DoRA is a PEFT variant: never built fused.
+    _, dora = _pair(tiny_phi3, name="dora")
+    assert not any(isinstance(m, FusedLoraLinear) for m in dora.modules())
+
+
+def test_fused_lora_in_bf16_matches_peft_in_bf16(tiny_phi3):
+    plain, fused = _pair(tiny_phi3, precision="bf16")
+    batch = _batch(plain.config.vocab_size)
+    plain.train(), fused.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_p, grads_p, _ = _loss_and_grads(plain, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_f, grads_f, fused_f = _loss_and_grads(fused, batch)
+    assert fused_f > 0
+    assert torch.allclose(loss_p, loss_f, rtol=2e-2), (loss_p, loss_f)
+    for n in grads_p:
+        cos = torch.nn.functional.cosine_similarity(grads_p[n].flatten().float(), grads_f[n].flatten().float(), dim=0)
+        assert cos > 0.99, (n, float(cos))
