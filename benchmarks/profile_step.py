@@ -38,7 +38,15 @@ CATEGORIES = (
     "embedding and loss",
     "other operators",
 )
-MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_mkldnn_matmul", "mkldnn::matmul")
+MATMULS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::addmm_",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::_mkldnn_matmul",
+    "mkldnn::matmul",
+)
 CASTS = ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous", "aten::_copy_from")
 ELEMENTWISE = (
     "aten::mul",

@@ -145,6 +145,11 @@ RUNS = {
     ),
     "phitune-bf16": ("phitune LoRA, bf16 autocast", True, lambda m, d, o, a: phitune_cmd(m, d, o, a, "bf16")),
     "phitune-fp32": ("phitune LoRA, fp32", False, lambda m, d, o, a: phitune_cmd(m, d, o, a, "fp32")),
+    "phitune-unfused": (
+        "phitune LoRA, precision auto, PEFT's own LoRA layer (method.fused false)",
+        False,
+        lambda m, d, o, a: phitune_cmd(m, d, o, a, "auto") + ["--set", "method.fused=false"],
+    ),
     "trl": (
         "TRL SFTTrainer + PEFT, defaults (fp32, activation checkpointing on)",
         False,
@@ -192,7 +197,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument(
         "--runs",
-        default="phitune,phitune-bf16,trl,trl-no-gc,trl-bf16,trl-packing,trl-padding-free",
+        default="phitune,phitune-unfused,phitune-bf16,trl,trl-no-gc,trl-bf16,trl-packing,trl-padding-free",
         help="comma-separated subset of: " + ", ".join(RUNS),
     )
     p.add_argument(
