@@ -48,7 +48,8 @@ def main():
     config = SFTConfig(
         output_dir=args.output,
         per_device_train_batch_size=args.batch_size,
-        max_length=args.max_length,
+        # Padding-free without packing does not truncate (TRL refuses a max_length): the rows here fit.
+        max_length=None if args.padding_free and not args.packing else args.max_length,
         learning_rate=args.lr,
         num_train_epochs=args.epochs,
         logging_steps=1,

@@ -15,9 +15,10 @@ packing and padding-free. TRL needs `pip install trl datasets` (not a phitune de
 Columns: real (non-pad) tokens per second of training-loop time; whole-process wall time
 (imports, loading, tokenising, training, saving) and start-up (process start to the first step);
 peak RSS; model FLOPs utilisation = useful FLOPs / training time / the matmul peak measured in this
-run for the precision that is native here, with useful FLOPs per real token = 4 x (linear-layer
-parameters) (forward + input gradients; frozen weights get no weight gradient) plus attention
-(3 x the forward's 4 x layers x d_model x position); held-out loss of the saved adapter, computed by
+run for the precision that is native here, with useful FLOPs = 4 x (decoder linear-layer
+parameters) per real token (forward + input gradients; frozen weights get no weight gradient),
+4 x (head parameters) per labelled token, and attention (3 x the forward's
+4 x layers x d_model x position); held-out loss of the saved adapter, computed by
 the same code for every run. Writes benchmarks/results/train_throughput[_TAG].{md,json}.
 """
 
@@ -54,17 +55,21 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10, trials: int =
     return best
 
 
-def useful_flops(model_dir: Path, lengths: list[int]) -> float:
+def useful_flops(model_dir: Path, lengths: list[int], labelled: int) -> float:
+    """Model FLOPs a LoRA step needs for these examples: 4 x (decoder linear-layer parameters) per
+    real token (forward, and the input gradients the frozen weights pass back), the output head
+    4 x its parameters per labelled token only (no other position needs logits), and attention
+    (3 x the forward's 4 x layers x d_model x position)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    head = model.get_output_embeddings()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
     layers, d = config.num_hidden_layers, config.hidden_size
-    tokens = sum(lengths)
     attention_fwd = sum(4 * layers * d * n * (n + 1) / 2 for n in lengths)
-    return 4 * linear * tokens + 3 * attention_fwd
+    return 4 * linear * sum(lengths) + 4 * head.weight.numel() * labelled + 3 * attention_fwd
 
 
 def run_child(cmd: list[str], log: Path) -> dict:
@@ -220,8 +225,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model, data, val = model_and_data(work, args)
     tok = AutoTokenizer.from_pretrained(model)
-    lengths = [len(e.input_ids) for e in tokenize_file(tok, data, args.max_length).examples]
-    flops = useful_flops(model, lengths)
+    examples = tokenize_file(tok, data, args.max_length).examples
+    lengths = [len(e.input_ids) for e in examples]
+    flops = useful_flops(model, lengths, sum(sum(label != -100 for label in e.labels) for e in examples))
     native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16) if native_bf16 else None}
 
@@ -233,7 +239,11 @@ def main() -> None:
             continue
         out = work / f"run-{name}"
         print(f"running {label} ...", file=sys.stderr, flush=True)
-        r = run_child(cmd(model, data, out, args), work / f"{name}.log")
+        try:
+            r = run_child(cmd(model, data, out, args), work / f"{name}.log")
+        except SystemExit as exc:  # one configuration that does not run is a row of the table, not the end
+            skipped.append(f"{label}: failed ({exc})")
+            continue
         r["tokens_per_second"] = r["real_tokens"] / r["train_seconds"]
         r["step_seconds"] = r["train_seconds"] / r["steps"]
         r["heldout_loss"] = heldout_loss(model, out / "adapter", val, args.max_length)
