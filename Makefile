@@ -50,9 +50,9 @@ test-all: real-model
 	$(BIN)/python -m pytest -q
 
 # Side-by-side throughput against TRL + PEFT (installs trl and datasets into .venv; ~15 min on 2 cores).
-bench: venv
+bench: real-model
 	$(BIN)/python -m pip install --quiet trl datasets
-	$(BIN)/python benchmarks/train_throughput.py --qlora-memory
+	$(BIN)/python benchmarks/train_throughput.py --examples 256 --batch-size 16 --max-length 128 --qlora-memory
 
 clean:
 	rm -rf runs/demo .pytest_cache

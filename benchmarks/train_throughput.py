@@ -317,8 +317,9 @@ def describe(model: Path, args, lengths: list[int], peak: dict) -> str:
         f"{config.vocab_size}). {len(lengths)} {rows} (median {sorted(lengths)[len(lengths) // 2]} tokens, max "
         f"{max(lengths)}), batch {args.batch_size}, max_length {args.max_length}, LoRA r=16 alpha 32 all-linear, "
         f"lr 2e-4, one epoch, {torch.get_num_threads()} threads. Matmul peak measured in this run: fp32 "
-        f"{peak['fp32']:.0f} GFLOP/s, {bf16}. MFU counts 4 x (linear-layer parameters) FLOPs per real token "
-        "(forward and input gradients; the frozen weights get no weight gradient) plus attention."
+        f"{peak['fp32']:.0f} GFLOP/s, {bf16}. MFU counts 4 x (decoder linear-layer parameters) FLOPs per real "
+        "token (forward and input gradients; the frozen weights get no weight gradient), 4 x (head parameters) per "
+        "labelled token, plus attention."
     )
 
 
@@ -349,7 +350,7 @@ def qlora_memory(work: Path, args) -> list[str]:
     model = work / "phi3-medium"
     if not (model / "config.json").is_file():
         create_model(model, "phi3", "medium", overwrite=True, dtype="bfloat16")
-    data = work / "train.jsonl"
+    data = write_data(work / "longtail-memory.jsonl", args.examples, seed=0)  # long-tailed chat, whatever --data
     baseline = run_child([sys.executable, "-c", IMPORTS_ONLY], work / "mem-imports.log")["peak_rss_mb"]
     rows = [
         f"~260M-parameter Phi-3 (`medium` preset, bf16 checkpoint), batch {args.batch_size}, max_length "
