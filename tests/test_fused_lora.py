@@ -127,3 +127,15 @@ def test_fused_lora_in_bf16_matches_peft_in_bf16(tiny_phi3):
     for n in grads_p:
         cos = torch.nn.functional.cosine_similarity(grads_p[n].flatten().float(), grads_f[n].flatten().float(), dim=0)
         assert cos > 0.99, (n, float(cos))
+
+
+def test_fp32_weights_under_bf16_autocast_take_peft_s_path(tiny_phi3):
+    """Autocast would cast the fused matmuls but not its in-place accumulate: PEFT's path runs."""
+    plain, fused = _pair(tiny_phi3)  # fp32 base
+    batch = _batch(plain.config.vocab_size)
+    plain.train(), fused.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_p, _, _ = _loss_and_grads(plain, batch)
+        loss_f, _, fused_f = _loss_and_grads(fused, batch)
+    assert fused_f == 0
+    assert torch.allclose(loss_p, loss_f, rtol=1e-5)

@@ -75,8 +75,12 @@ class _LoraMatmul(torch.autograd.Function):
 
 def _fusable_weight(weight: torch.Tensor, x: torch.Tensor) -> bool:
     # ZeRO-3 leaves an empty placeholder outside its gather hooks; DTensors (FSDP2, tensor
-    # parallel) and quantised weights need their own kernels; another dtype than the input's
+    # parallel) and quantised weights need their own kernels; another dtype than the input's, or
+    # than the one autocast computes in (its matmuls would cast, the in-place addmm_ would not),
     # needs the casts PEFT's path does.
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype:
+        return False
     return (
         type(weight) in (torch.Tensor, torch.nn.Parameter)
         and weight.numel() > 0
