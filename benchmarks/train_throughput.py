@@ -55,11 +55,12 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10, trials: int =
     return best
 
 
-def useful_flops(model_dir: Path, lengths: list[int], labelled: int) -> float:
+def useful_flops(model_dir: Path, lengths: list[int], labelled: int, full: bool = False) -> float:
     """Model FLOPs a LoRA step needs for these examples: 4 x (decoder linear-layer parameters) per
     real token (forward, and the input gradients the frozen weights pass back), the output head
     4 x its parameters per labelled token only (no other position needs logits), and attention
-    (3 x the forward's 4 x layers x d_model x position)."""
+    (3 x the forward's 4 x layers x d_model x position). Full fine-tuning (`full`) adds the weight
+    gradients: 6 x instead of 4 x for the linear layers and the head."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -69,7 +70,8 @@ def useful_flops(model_dir: Path, lengths: list[int], labelled: int) -> float:
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
     layers, d = config.num_hidden_layers, config.hidden_size
     attention_fwd = sum(4 * layers * d * n * (n + 1) / 2 for n in lengths)
-    return 4 * linear * sum(lengths) + 4 * head.weight.numel() * labelled + 3 * attention_fwd
+    per = 6 if full else 4
+    return per * linear * sum(lengths) + per * head.weight.numel() * labelled + 3 * attention_fwd
 
 
 def run_child(cmd: list[str], log: Path) -> dict:
@@ -88,12 +90,16 @@ def run_child(cmd: list[str], log: Path) -> dict:
     return out
 
 
-def heldout_loss(model_dir: Path, adapter: Path, val: Path, max_length: int) -> float:
+def heldout_loss(model_dir: Path, out: Path, val: Path, max_length: int) -> float:
+    """Loss on the held-out rows of the run's adapter (or, for full fine-tuning, its whole model)."""
     from phitune.data.dataset import tokenize_file
     from phitune.evaluate.lm import lm_metrics
     from phitune.models import load_for_inference
 
-    model, tok = load_for_inference(str(model_dir), str(adapter), device="cpu")
+    if (out / "adapter").is_dir():
+        model, tok = load_for_inference(str(model_dir), str(out / "adapter"), device="cpu")
+    else:
+        model, tok = load_for_inference(str(out / "model"), device="cpu")
     examples = tokenize_file(tok, val, max_length).examples
     return lm_metrics(model, examples, batch_size=8, pad_id=tok.pad_token_id, device="cpu")["loss"]
 
@@ -154,6 +160,18 @@ RUNS = {
         "phitune LoRA, precision auto, PEFT's own LoRA layer (method.fused false)",
         False,
         lambda m, d, o, a: phitune_cmd(m, d, o, a, "auto") + ["--set", "method.fused=false"],
+    ),
+    "phitune-qlora": (
+        "phitune QLoRA (NF4 base, double quant, fp32 compute), precision auto",
+        False,
+        lambda m, d, o, a: phitune_cmd(m, d, o, a, "auto") + ["--set", "method.name=qlora"],
+    ),
+    "phitune-full": (
+        "phitune full fine-tuning (lr 2e-5), precision auto",
+        False,
+        lambda m, d, o, a: (
+            phitune_cmd(m, d, o, a, "auto") + ["--set", "method.name=full", "--set", "training.learning_rate=2e-5"]
+        ),
     ),
     "trl": (
         "TRL SFTTrainer + PEFT, defaults (fp32, activation checkpointing on)",
@@ -227,7 +245,8 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model)
     examples = tokenize_file(tok, data, args.max_length).examples
     lengths = [len(e.input_ids) for e in examples]
-    flops = useful_flops(model, lengths, sum(sum(label != -100 for label in e.labels) for e in examples))
+    labelled = sum(sum(label != -100 for label in e.labels) for e in examples)
+    flops = {full: useful_flops(model, lengths, labelled, full) for full in (False, True)}
     native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16) if native_bf16 else None}
 
@@ -246,7 +265,7 @@ def main() -> None:
             continue
         r["tokens_per_second"] = r["real_tokens"] / r["train_seconds"]
         r["step_seconds"] = r["train_seconds"] / r["steps"]
-        r["heldout_loss"] = heldout_loss(model, out / "adapter", val, args.max_length)
+        r["heldout_loss"] = heldout_loss(model, out, val, args.max_length)
         results.append({"run": name, "label": label, **r})
 
     # Measured again after the runs, the best of both: MFU is then never flattered by a slow moment.
@@ -254,7 +273,7 @@ def main() -> None:
     if native_bf16:
         peak["bf16"] = max(peak["bf16"], matmul_peak(torch.bfloat16))
     for r in results:
-        r["mfu"] = flops / r["train_seconds"] / 1e9 / (peak["bf16"] or peak["fp32"])
+        r["mfu"] = flops[r["run"] == "phitune-full"] / r["train_seconds"] / 1e9 / (peak["bf16"] or peak["fp32"])
     trl = [r for r in results if r["run"].startswith("trl")]
     fastest = max(trl, key=lambda r: r["tokens_per_second"], default=None)
     lines = [describe(model, args, lengths, peak), ""]
@@ -272,7 +291,7 @@ def main() -> None:
             f"{r['heldout_loss']:.4f} |"
         )
     lines += [f"- {line}" for line in skipped]
-    if args.loss_seeds > 1 and results and results[0]["run"].startswith("phitune"):
+    if args.loss_seeds > 1:
         lines += ["", seed_spread(model, data, val, work, args, results)]
     if args.qlora_memory:
         lines += ["", *qlora_memory(work, args)]
@@ -324,22 +343,35 @@ def describe(model: Path, args, lengths: list[int], peak: dict) -> str:
 
 
 def seed_spread(model: Path, data: Path, val: Path, work: Path, args, results: list[dict]) -> str:
-    """The same phitune run with other seeds (LoRA init, data order): how much held-out loss moves by chance."""
-    first = results[0]
-    losses = [first["heldout_loss"]]
-    for seed in range(1, args.loss_seeds):
-        out = work / f"run-phitune-seed{seed}"
-        print(f"running phitune LoRA, seed {seed} ...", file=sys.stderr, flush=True)
-        run_child(
-            phitune_cmd(model, data, out, args, "auto") + ["--set", f"training.seed={seed}"], work / f"seed{seed}.log"
+    """phitune LoRA and TRL without checkpointing (TRL's fastest here) again with other seeds (LoRA
+    init, data order): how much held-out loss moves by chance on each side."""
+
+    def phitune_seed(out: Path, seed: int) -> list[str]:
+        return phitune_cmd(model, data, out, args, "auto") + ["--set", f"training.seed={seed}"]
+
+    def trl_seed(out: Path, seed: int) -> list[str]:
+        return trl_cmd(model, data, out, args, "--no-gradient-checkpointing", "--seed", str(seed))
+
+    lines = []
+    for run, label, cmd in (
+        ("phitune", "phitune LoRA", phitune_seed),
+        ("trl-no-gc", "TRL, checkpointing off", trl_seed),
+    ):
+        first = next((r for r in results if r["run"] == run), None)
+        if first is None:
+            continue
+        losses = [first["heldout_loss"]]
+        for seed in range(1, args.loss_seeds):
+            out = work / f"run-{run}-seed{seed}"
+            print(f"running {label}, seed {seed} ...", file=sys.stderr, flush=True)
+            run_child(cmd(out, seed), work / f"{run}-seed{seed}.log")
+            losses.append(heldout_loss(model, out, val, args.max_length))
+        mean = sum(losses) / len(losses)
+        lines.append(
+            f"- {label}, seeds 0-{len(losses) - 1}: held-out loss mean {mean:.4f}, "
+            f"range {min(losses):.4f}-{max(losses):.4f} ({', '.join(f'{x:.4f}' for x in losses)})"
         )
-        losses.append(heldout_loss(model, out / "adapter", val, args.max_length))
-    mean = sum(losses) / len(losses)
-    trl = ", ".join(f"{r['label']}: {r['heldout_loss']:.4f}" for r in results if r["run"].startswith("trl"))
-    return (
-        f"Held-out loss of phitune LoRA over seeds 0-{len(losses) - 1}: mean {mean:.4f}, "
-        f"range {min(losses):.4f}-{max(losses):.4f} (seed-to-seed spread; {trl})."
-    )
+    return "Seed-to-seed spread of the held-out loss (LoRA init and data order):\n" + "\n".join(lines)
 
 
 def qlora_memory(work: Path, args) -> list[str]:

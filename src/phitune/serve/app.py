@@ -44,7 +44,8 @@ def app_from_env() -> FastAPI:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    from phitune.serve.routes import chat, files, jobs, models
+    from phitune.serve.portal.pages import mount as mount_portal
+    from phitune.serve.routes import chat, files, jobs, models, stream
 
     settings.files_dir.mkdir(parents=True, exist_ok=True)
     settings.jobs_dir.mkdir(parents=True, exist_ok=True)
@@ -60,6 +61,8 @@ def create_app(settings: Settings) -> FastAPI:
         version="1",
         lifespan=lifespan,
         description="OpenAI-compatible fine-tuning API: files, fine_tuning.jobs, models, chat.completions.",
+        docs_url=None,  # the portal serves /docs from its vendored Swagger UI (FastAPI's loads a CDN)
+        redoc_url=None,
     )
     app.state.settings, app.state.sessions, app.state.reads = settings, sessions, reads
     app.state.chat_cache = {}
@@ -86,10 +89,11 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse(ApiError(400, message, param=param).body(), status_code=400)
 
     app.add_middleware(_Unexpected)
-    routers = [module.router for module in (files, jobs, models, chat)]
+    routers = [module.router for module in (files, jobs, stream, models, chat)]
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
     app.openapi = lambda: _openapi(app)
+    mount_portal(app)
     return app
 
 

@@ -86,6 +86,11 @@ Stop = Union[
 ]
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool = False  # a last chunk with `usage` and no choices, as OpenAI sends
+
+
 class ChatRequest(BaseModel):
     """POST /v1/chat/completions. Other OpenAI parameters (user, presence_penalty, ...) are ignored."""
 
@@ -100,6 +105,7 @@ class ChatRequest(BaseModel):
     stop: Optional[Stop] = None
     seed: Optional[int] = None
     stream: Optional[bool] = None
+    stream_options: Optional[StreamOptions] = None
 
 
 # --- responses ---------------------------------------------------------------------------------
@@ -126,6 +132,38 @@ class FileObject(BaseModel):
     status: str
     status_details: Optional[str] = None
     expires_at: Optional[int] = None
+
+
+class Problem(BaseModel):
+    line: Optional[int] = None
+    message: str
+
+
+class Segment(BaseModel):
+    text: str
+    trained: bool
+
+
+class PreviewExample(BaseModel):
+    line: Optional[int] = None
+    tokens: int
+    trained_tokens: int
+    segments: list[Segment]
+
+
+class FileCheck(BaseModel):
+    """phitune's extension: a file as a job on `model` reads it."""
+
+    object: Literal["file.check"]
+    file_id: str
+    model: str
+    format: str
+    examples: int
+    valid: bool
+    errors: list[Problem]
+    errors_total: int
+    warnings: list[str]
+    preview: list[PreviewExample]
 
 
 class Deleted(BaseModel):

@@ -179,9 +179,9 @@ class Worker:
 
     def validate(self, job: Job) -> None:
         from phitune.data.dataset import read_split
+        from phitune.serve.filecheck import public_text
 
-        files = self.settings.files_dir
-        shown = lambda text: text.replace(str(files) + "/", "").replace(".jsonl", "")  # noqa: E731 - file-id:line
+        shown = lambda text: public_text(self.settings, text)  # noqa: E731 - file-id:line, no server path
         try:
             cfg = build_config(self.settings, job, choose_hyperparameters(job.hyperparameters, 100))
             counts = {}
@@ -406,6 +406,7 @@ def _metric_data(r: dict, total: int | None) -> dict:
     return {
         "step": r["step"],
         "total_steps": total,
+        "epoch": r.get("epoch"),
         "train_loss": r.get("loss"),
         "train_mean_token_accuracy": r.get("mean_token_accuracy", r.get("accuracy")),
         "valid_loss": r.get("eval_loss"),

@@ -186,7 +186,8 @@ async def chat_completions(body: ChatRequest, request: Request, org: Org) -> dic
     completion_id, created = new_id("chatcmpl"), int(time.time())
     if body.stream:
         return StreamingResponse(
-            _stream(target, adapter, options, body.model, completion_id, created), media_type="text/event-stream"
+            _stream(target, adapter, options, body.model, completion_id, created, usage_of(body, prompt_tokens)),
+            media_type="text/event-stream",
         )
     text, completion_tokens, finish = await anyio.to_thread.run_sync(_generate, target, adapter, options)
     return {
@@ -220,26 +221,31 @@ def _generate(target: Served, adapter, options: dict):
     return text, produced, finish
 
 
-def _stream(target: Served, adapter, options: dict, model_id, completion_id, created):
-    def chunk(delta: dict, finish: str | None = None) -> str:
-        return (
-            "data: "
-            + json.dumps(
-                {
-                    "id": completion_id,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model_id,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-                }
-            )
-            + "\n\n"
-        )
+def usage_of(body: ChatRequest, prompt_tokens: int) -> int | None:
+    """The prompt's token count when the stream is to end with a usage chunk, else None."""
+    return prompt_tokens if body.stream_options and body.stream_options.include_usage else None
+
+
+def _stream(target: Served, adapter, options: dict, model_id, completion_id, created, prompt_tokens: int | None):
+    def chunk(delta: dict | None, finish: str | None = None, **extra) -> str:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id}
+        return "data: " + json.dumps({**body, "choices": choices, **extra}) + "\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
+    text = ""
     with target.lock, target.select(adapter):
         for piece in _pieces(target, options):
             if piece:
+                text += piece
                 yield chunk({"content": piece})
-    yield chunk({}, finish="stop")
+    produced = len(target.tokenizer(text.strip(), add_special_tokens=False)["input_ids"])
+    yield chunk({}, finish="length" if produced >= options["max_new_tokens"] else "stop")
+    if prompt_tokens is not None:
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": produced,
+            "total_tokens": prompt_tokens + produced,
+        }
+        yield chunk(None, usage=usage)
     yield "data: [DONE]\n\n"

@@ -1,14 +1,15 @@
-"""/v1/files: upload (multipart), list, retrieve, content, delete. Stored as storage/files/<id>:
+"""/v1/files: upload (multipart), list, retrieve, content, check, delete. Stored as storage/files/<id>:
 the uploaded name is shown back but never becomes a path."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 from sqlalchemy import bindparam, select
 
+from phitune.errors import PhituneError
 from phitune.serve import schemas
 from phitune.serve.db import File, first, new_id
 from phitune.serve.deps import Org, Reads, ServerSettings, Sessions
@@ -117,6 +118,37 @@ async def file_content(org: Org, reads: Reads, settings: ServerSettings, file_id
     with reads() as db:
         f = get_file(db, org, file_id)
     return FileResponse(settings.file_path(f.id, f.purpose), media_type="application/octet-stream")
+
+
+@router.get("/files/{file_id}/check", **schemas.documented(schemas.FileCheck, 400, 401, 404))
+def check_file(
+    org: Org,
+    settings: ServerSettings,
+    reads: Reads,
+    file_id: str,
+    model: str,
+    method: Literal["supervised", "dpo"] = "supervised",
+    examples: int = Query(3, ge=0, le=20, description="examples to render with their trained tokens"),
+) -> dict:
+    """phitune's extension: the file checked as a job on `model` would read it (every problem with
+    its line), and a few examples through the model's chat template with the trained tokens marked."""
+    from phitune.serve.filecheck import check_file as check
+
+    if model not in settings.models:
+        raise ApiError(
+            400,
+            f"model '{model}': not served here; available: {', '.join(sorted(settings.models)) or 'none'}",
+            param="model",
+            code="model_not_available",
+        )
+    with reads() as db:
+        f = get_file(db, org, file_id)
+    if f.purpose != "fine-tune":
+        raise ApiError(400, f"file '{file_id}': purpose is '{f.purpose}', not 'fine-tune'", param="file_id")
+    try:
+        return check(settings, file_id, model, method, examples)
+    except PhituneError as exc:
+        raise ApiError(400, exc.one_line(), param="model") from None
 
 
 @router.delete("/files/{file_id}", **schemas.documented(schemas.Deleted, 401, 404))

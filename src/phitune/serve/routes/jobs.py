@@ -136,14 +136,21 @@ def create_job(body: JobCreate, org: Org, settings: ServerSettings, sessions: Se
         return render(job)
 
 
+def job_filter(org: str, metadata: dict[str, str]) -> list:
+    """The organization's jobs, those whose metadata has each of these values."""
+    return [Job.org == org, *(Job.meta[key].as_string() == value for key, value in metadata.items())]
+
+
 @router.get("/fine_tuning/jobs", **schemas.documented(schemas.JobList, 400, 401))
 async def list_jobs(
     request: Request, org: Org, reads: Reads, after: str | None = None, limit: int = limit_query(20)
 ) -> dict:
-    where = [Job.org == org]
-    for key, value in request.query_params.multi_items():  # metadata[key]=value filters
-        if key.startswith("metadata[") and key.endswith("]"):
-            where.append(Job.meta[key[9:-1]].as_string() == value)
+    metadata = {  # metadata[key]=value filters
+        key[9:-1]: value
+        for key, value in request.query_params.multi_items()
+        if key.startswith("metadata[") and key.endswith("]")
+    }
+    where = job_filter(org, metadata)
     with reads() as db:
         return page(db, Job, where, after=after, limit=limit, newest_first=True, render=render)
 

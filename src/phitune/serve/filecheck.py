@@ -1,0 +1,120 @@
+"""A file checked the way a job will use it: phitune's own reader and validator for a served
+model (the same config a job builds), every problem with its line, and a few examples rendered
+through the model's chat template with the trained tokens marked. For `GET /v1/files/{id}/check`
+and the portal's new-job page: users see their data as the model will, before paying for compute."""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import TYPE_CHECKING
+
+from phitune.errors import PhituneError
+from phitune.serve.db import Job
+from phitune.serve.jobconfig import build_config, choose_hyperparameters
+
+if TYPE_CHECKING:
+    from phitune.serve.settings import Settings
+
+MAX_PROBLEMS = 100
+WHERE = re.compile(r"^(?P<file>file-[0-9a-zA-Z]+):(?P<line>\d+)(?:[:\s]+)?(?P<message>.*)$", re.S)
+_tokenizers: dict[str, object] = {}
+_tokenizers_lock = threading.Lock()
+
+
+def public_text(settings: Settings, text: str) -> str:
+    """A validator message with the server's storage path taken out: `file-abc:3: ...`."""
+    return text.replace(str(settings.files_dir) + "/", "").replace(".jsonl", "")
+
+
+def _problem(settings: Settings, text: str) -> dict:
+    text = public_text(settings, text)
+    m = WHERE.match(text)
+    if m is None:
+        return {"line": None, "message": text}
+    return {"line": int(m["line"]), "message": m["message"] or text}
+
+
+def _tokenizer(settings: Settings, model: str):
+    """The served model's tokenizer, loaded once per process (the chat template comes with it)."""
+    from transformers import AutoTokenizer
+
+    with _tokenizers_lock:
+        if model not in _tokenizers:
+            _tokenizers[model] = AutoTokenizer.from_pretrained(
+                settings.models[model], trust_remote_code=model in settings.trusted
+            )
+        return _tokenizers[model]
+
+
+def segments(tokenizer, input_ids: list[int], labels: list[int]) -> list[dict]:
+    """The example as runs of text, each trained (its tokens are in the loss) or not."""
+    runs: list[tuple[bool, list[int]]] = []
+    for token, label in zip(input_ids, labels):
+        trained = label != -100
+        if runs and runs[-1][0] == trained:
+            runs[-1][1].append(token)
+        else:
+            runs.append((trained, [token]))
+    return [{"text": tokenizer.decode(ids), "trained": trained} for trained, ids in runs]
+
+
+def check_file(settings: Settings, file_id: str, model: str, method: str = "supervised", examples: int = 3) -> dict:
+    """The check of one uploaded file for one served model; a PhituneError for a config that cannot
+    be built (the message names the key)."""
+    from phitune.data.dataset import read_split, tokenize_split
+
+    job = Job(
+        id="ftjob-check",
+        model=model,
+        training_file=file_id,
+        validation_file=None,
+        seed=0,
+        method={"type": method},
+        hyperparameters={},
+        phitune={},
+    )
+    cfg = build_config(settings, job, choose_hyperparameters({}, 100))
+    split, spec = read_split(str(settings.file_path(file_id)), cfg.data, cfg.task)
+    out = {
+        "object": "file.check",
+        "file_id": file_id,
+        "model": model,
+        "format": split.format,
+        "examples": len(split.samples),
+        "valid": not split.errors and bool(split.samples),
+        "errors": [_problem(settings, p) for p in split.errors[:MAX_PROBLEMS]],
+        "errors_total": len(split.errors),
+        "warnings": [],
+        "preview": [],
+    }
+    if not split.samples:
+        if not split.errors:
+            out["errors"] = [{"line": None, "message": "the file has no examples"}]
+        return out
+    shown = type(split)(split.path, split.format, samples=split.samples[:examples])
+    try:
+        tokenize_split(shown, _tokenizer(settings, model), cfg.data.max_length, spec)
+    except PhituneError as exc:
+        out["errors"].append(_problem(settings, exc.one_line()))
+        out["valid"] = False
+        return out
+    out["warnings"] = [public_text(settings, w) for w in split.warnings + shown.warnings]
+    tokenizer = _tokenizer(settings, model)
+    for (where, _), example in zip(shown.kept, shown.examples):
+        ids, labels = _first_sequence(example)
+        out["preview"].append(
+            {
+                "line": _problem(settings, where)["line"],
+                "tokens": len(ids),
+                "trained_tokens": sum(1 for x in labels if x != -100),
+                "segments": segments(tokenizer, ids, labels),
+            }
+        )
+    return out
+
+
+def _first_sequence(example) -> tuple[list[int], list[int]]:
+    """input ids and labels; a preference pair shows its chosen reply."""
+    chosen = getattr(example, "chosen", None)
+    return (chosen.input_ids, chosen.labels) if chosen is not None else (example.input_ids, example.labels)
