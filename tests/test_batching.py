@@ -41,3 +41,19 @@ def test_collate_pads_right_with_masked_labels():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
     assert split_micro(list(range(8)), 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_auto_groups_only_where_random_batches_would_mostly_pad():
+    from phitune.data.batching import padding_fraction, should_group
+
+    uniform = [random.Random(1).randint(40, 51) for _ in range(256)]
+    tailed = long_tailed()
+    assert not should_group(uniform, 16, seed=0) and should_group(tailed, 8, seed=0)
+    assert should_group(uniform, 16, 0, "on") and not should_group(tailed, 8, 0, "off")
+    plain = epoch_batches(tailed, 8, seed=3, epoch=1, group=False)
+    assert sorted(i for b in plain for i in b) == list(range(len(tailed)))  # each example once
+    assert plain == epoch_batches(tailed, 8, seed=3, epoch=1, group=False)  # a resume sees the same
+    assert padding_fraction(tailed, plain) > 0.4 > 0.1 > padding_fraction(tailed, epoch_batches(tailed, 8, 3, 1))
+    # Random batches are random: their lengths are as mixed as the data's, not sorted
+    spreads = [max(tailed[i] for i in b) - min(tailed[i] for i in b) for b in plain]
+    assert sum(spreads) / len(spreads) > 50

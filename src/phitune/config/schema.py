@@ -136,7 +136,12 @@ class DataConfig(_Section):
     packing: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Pack several examples into one sequence (positions restart per example, attention never "
-        "crosses examples). auto: on for raw text (format text / task domain), else length-grouped batches.",
+        "crosses examples). auto: on for raw text (format text / task domain), else batches (see data.group_by_length).",
+    )
+    group_by_length: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Batches of alike lengths (less padding) instead of random ones (more representative). "
+        "auto: grouped only when random batches would spend over 20% of their tokens on padding.",
     )
     subset: float = Field(
         1.0, gt=0, le=1, description="Train on this fraction of the training examples (fixed seed), for quick runs."

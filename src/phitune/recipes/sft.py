@@ -24,7 +24,7 @@ import torch
 from phitune import hyperparameters
 from phitune.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from phitune.config import Config, dump_config
-from phitune.data.batching import epoch_batches, split_micro
+from phitune.data.batching import epoch_batches, should_group, split_micro
 from phitune.data.dataset import TrainData, statistics_of
 from phitune.distributed import Runtime, peak_memory_mb, run_deepspeed_config, start
 from phitune.engines import Engine
@@ -165,6 +165,7 @@ def setup(cfg: Config, *, resume: bool, overwrite: bool) -> Run:
 def fit(run: Run) -> None:
     t, state, examples_all = run.cfg.training, run.state, run.data.train_examples
     lengths = [len(e.input_ids) for e in examples_all]
+    group = should_group(lengths, t.batch_size, t.seed, run.cfg.data.group_by_length)
     if run.runtime.is_main:
         run.metrics = MetricsLog(run.out, tensorboard=t.tensorboard, resume_step=state.step if run.resumed else None)
         run.progress = Progress(total=run.steps, start=state.step)
@@ -172,7 +173,7 @@ def fit(run: Run) -> None:
     started = time.perf_counter() - state.elapsed_s
     try:
         while state.step < run.steps:
-            batches = epoch_batches(lengths, t.batch_size, t.seed, state.epoch)
+            batches = epoch_batches(lengths, t.batch_size, t.seed, state.epoch, group)
             while state.batch_index < len(batches) and state.step < run.steps:
                 step_start = time.perf_counter()
                 examples = [examples_all[i] for i in batches[state.batch_index]]

@@ -63,6 +63,7 @@ TENANT: dict[str, tuple[str, ...]] = {
         "max_length",
         "max_dropped",
         "packing",
+        "group_by_length",
         "validation_split",
         "subset",
         "dedupe",

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
+from phitune.serve import schemas
 from phitune.serve.db import Event
 from phitune.serve.deps import Org, Reads
 from phitune.serve.errors import ApiError
@@ -39,10 +40,12 @@ def message(data: dict, *, event: str, id: str | None = None) -> str:
     return (f"id: {id}\n" if id else "") + f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-@router.get(
-    "/fine_tuning/jobs/{job_id}/events/stream",
-    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": "events"}},
-)
+STREAM = schemas.documented(schemas.Event, 400, 401, 404, description="the job's events as server-sent events")
+STREAM["responses"][200]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+STREAM.pop("response_model")
+
+
+@router.get("/fine_tuning/jobs/{job_id}/events/stream", **STREAM)
 async def stream_events(request: Request, org: Org, reads: Reads, job_id: str, after: str | None = None):
     after = request.headers.get("last-event-id") or after
     with reads() as db:
