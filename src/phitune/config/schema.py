@@ -136,7 +136,7 @@ class DataConfig(_Section):
     packing: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Pack several examples into one sequence (positions restart per example, attention never "
-        "crosses examples). auto: on for raw text (format text / task domain), else batches (see data.group_by_length).",
+        "crosses examples). auto: on for raw text (format text / task domain), else batches (data.group_by_length).",
     )
     group_by_length: Literal["auto", "on", "off"] = Field(
         "auto",
