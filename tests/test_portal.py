@@ -138,6 +138,9 @@ def test_a_file_is_checked_with_its_lines_and_shown_as_text(portal):
     assert ex["trained_tokens"] < ex["tokens"]
     html = alpha.get("/portal/files/check", params={"training_file": good_id, "model": "tiny"}).text
     assert "<script>" not in html and "&lt;script&gt;" in html and 'class="trained"' in html
+    assert alpha.get("/portal/options/models", params={"kind": "all", "none": 1}).text.startswith(
+        '<option value="">none</option>'
+    )  # the playground's second and third model may stay empty
     options = alpha.get("/portal/options/files").text
     assert "<img" not in options and "&lt;img src=x" in options  # the uploaded name, escaped
     # Another organization's file, an unknown model, a bad count: the API's errors

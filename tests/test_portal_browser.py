@@ -232,6 +232,7 @@ def test_the_portal_end_to_end_in_a_browser(browser, service, tmp_path, shots):
         )
         stats = text_of(driver, f".answer[data-index='{i}'] .answer-stats")
         assert "first token" in stats and "completion tokens" in stats, stats
+    assert not driver.find_element(By.CSS_SELECTOR, ".answer[data-index='2']").is_displayed()  # none picked
     assert text_of(driver, ".answer[data-index='0'] .answer-model") == "tiny"
     assert text_of(driver, ".answer[data-index='1'] .answer-model") == fine_tuned
     driver.save_screenshot(str(shots / "portal-playground.png"))

@@ -89,7 +89,7 @@ async def model_options(
     request: Request, org: Org, kind: Literal["base", "all"] = "base", selected: str = "", none: bool = False
 ):
     listed = [m for m in models.catalogue(request, org) if kind == "all" or m["owned_by"] == "system"]
-    return html("fragments/model_options.html", models=listed, selected=selected, none=none)
+    return html("fragments/model_options.html", models=listed, selected=selected, with_none=none)
 
 
 @router.get("/options/files")
