@@ -140,6 +140,17 @@ class Server:
                 self.kill()
 
 
+def create_key(storage, org: str, db: list[str]) -> str:
+    """`phitune keys create --org ORG` for a server's storage (and database); the key it printed."""
+    out = subprocess.run(
+        [sys.executable, "-m", "phitune", "keys", "create", "--org", org, "--storage", str(storage), *db],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
 STARTED: list[Server] = []  # every server a test started, stopped by test_serve's fixtures whatever the outcome
 
 

@@ -8,14 +8,12 @@ compared, and organization B seeing none of A's jobs. Every page is photographed
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import DEMO_TRAIN, STARTED, Server, wait_for_job
+from helpers import DEMO_TRAIN, STARTED, Server, create_key, wait_for_job
 
 webdriver = pytest.importorskip("selenium.webdriver")
 pytest.importorskip("fastapi")
@@ -58,15 +56,7 @@ def browser():
 def service(tiny_phi3, tmp_path_factory):
     store = tmp_path_factory.mktemp("portal-store")
     server = Server(store, tiny_phi3)
-    keys = {}
-    for org in ("alpha", "beta"):
-        out = subprocess.run(
-            [sys.executable, "-m", "phitune", "keys", "create", "--org", org, "--storage", str(store), *server.db],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        keys[org] = out.stdout.strip()
+    keys = {org: create_key(store, org, server.db) for org in ("alpha", "beta")}
     server.start()
     yield server, keys
     server.stop()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import DEMO_TRAIN, POSTGRES, REPO, STARTED, Server, free_port, until, wait_for_job
+from helpers import DEMO_TRAIN, POSTGRES, REPO, STARTED, Server, create_key, free_port, until, wait_for_job
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -292,15 +292,7 @@ def test_sigkill_of_server_and_worker_loses_nothing(tiny_phi3, tmp_path, train_f
 def test_organizations_are_isolated_and_keys_required(tiny_phi3, tmp_path, train_file):
     store = tmp_path / "store"
     server = Server(store, tiny_phi3, "--api-processes", "2")  # also: several API processes on one port
-    keys = {}
-    for org in ("alpha", "beta"):
-        out = subprocess.run(
-            [sys.executable, "-m", "phitune", "keys", "create", "--org", org, "--storage", str(store), *server.db],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        keys[org] = out.stdout.strip()
+    keys = {org: create_key(store, org, server.db) for org in ("alpha", "beta")}
     if not POSTGRES:
         assert keys["alpha"].startswith("sk-phitune-") and keys["alpha"] not in (
             store / "phitune.db"

@@ -61,12 +61,21 @@ ACTIONS = {"cancel": jobs.cancel_job, "pause": jobs.pause_job, "resume": jobs.re
 @router.post("/jobs/{job_id}/{action}")
 def job_action(org: Org, sessions: Sessions, job_id: str, action: Literal["cancel", "pause", "resume"]):
     """The API's cancel / pause / resume; lists and summaries refresh on the `jobs-changed` event."""
+
+    def act() -> str:
+        return f"{job_id}: {action} requested (status {ACTIONS[action](org, sessions, job_id)['status']})"
+
+    return _outcome(act, "jobs-changed")
+
+
+def _outcome(act, event: str):
+    """What an API action said (its message, or the API's error) as a notice, and the htmx event
+    that refreshes whatever shows what it changed."""
     try:
-        job = ACTIONS[action](org, sessions, job_id)
-        notice, error = f"{job_id}: {action} requested (status {job['status']})", False
+        notice, error = act(), False
     except ApiError as exc:
         notice, error = exc.detail, True
-    return html("fragments/notice.html", notice=notice, error=error, headers={"HX-Trigger": "jobs-changed"})
+    return html("fragments/notice.html", notice=notice, error=error, headers={"HX-Trigger": event})
 
 
 @router.get("/jobs/{job_id}/summary")
@@ -161,12 +170,11 @@ async def model_rows(request: Request, org: Org):
 
 @router.delete("/models/{model:path}")
 def delete_model(request: Request, org: Org, model: str):
-    try:
+    def act() -> str:
         models.delete_model(request, org, model)
-        notice, error = f"{model} deleted", False
-    except ApiError as exc:
-        notice, error = exc.detail, True
-    return html("fragments/notice.html", notice=notice, error=error, headers={"HX-Trigger": "models-changed"})
+        return f"{model} deleted"
+
+    return _outcome(act, "models-changed")
 
 
 @router.get("/compare/choices")
