@@ -8,6 +8,12 @@ accumulated into the base output by the matmul itself (`addmm_`), the scale is a
 rank-r intermediate, and the backward accumulates both input gradients in one `addmm_`. The
 arithmetic is the same as PEFT's (tests/test_fused_lora.py checks losses and gradients against it).
 
+Under bf16 (autocast, or a bf16 base) with fp32 adapter weights, PEFT adds the update to the base
+output in bf16, whose 8-bit mantissa rounds away most of a young adapter's small update: on the
+real-model benchmark bf16 training reached a held-out loss of 4.52 against fp32's 4.40. Here the
+base matmul stays in bf16 and the update is computed and added in the adapter's own precision
+(the layer's output is then fp32): held-out loss 4.41, at bf16's speed.
+
 The layer is a `peft.tuners.lora.Linear` subclass handed to PEFT through its custom-module
 registry (`LoraConfig._register_custom_module`), so adapters keep PEFT's parameter names and
 save and load as plain PEFT adapters. Anything this path does not cover (DoRA and other
@@ -73,6 +79,16 @@ class _LoraMatmul(torch.autograd.Function):
         return dx, dxd, None, dbias, da, db, None
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _plain(weight: torch.Tensor) -> bool:
+    """A whole, ordinary tensor: not ZeRO-3's empty placeholder, not a DTensor or a quantised one."""
+    return type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.numel() > 0 and not hasattr(weight, "ds_id")
+
+
 def _fusable_weight(weight: torch.Tensor, x: torch.Tensor) -> bool:
     # ZeRO-3 leaves an empty placeholder outside its gather hooks; DTensors (FSDP2, tensor
     # parallel) and quantised weights need their own kernels; another dtype than the input's, or
@@ -81,13 +97,7 @@ def _fusable_weight(weight: torch.Tensor, x: torch.Tensor) -> bool:
     device = x.device.type
     if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype:
         return False
-    return (
-        type(weight) in (torch.Tensor, torch.nn.Parameter)
-        and weight.numel() > 0
-        and not hasattr(weight, "ds_id")
-        and weight.dtype == x.dtype
-        and not weight.requires_grad
-    )
+    return _plain(weight) and weight.dtype == x.dtype and not weight.requires_grad
 
 
 class FusedLoraLinear(PeftLoraLinear):
@@ -107,11 +117,15 @@ class FusedLoraLinear(PeftLoraLinear):
             or self.fan_in_fan_out
             or type(base) is not torch.nn.Linear
             or self.lora_B[adapter].bias is not None
-            or not _fusable_weight(base.weight, x)
         ):
             return super().forward(x, *args, **kwargs)
         dropout = self.lora_dropout[adapter]
         x_dropped = dropout(x) if isinstance(dropout, torch.nn.Dropout) and self.training and dropout.p > 0 else x
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        if _compute_dtype(x).itemsize < a.dtype.itemsize and _plain(a) and _plain(b):
+            return self._update_in_adapter_precision(x, x_dropped, adapter)
+        if not _fusable_weight(base.weight, x):
+            return super().forward(x, *args, **kwargs)
         return _LoraMatmul.apply(
             x,
             x_dropped,
@@ -121,6 +135,15 @@ class FusedLoraLinear(PeftLoraLinear):
             self.lora_B[adapter].weight,
             float(self.scaling[adapter]),
         )
+
+    def _update_in_adapter_precision(self, x: torch.Tensor, x_dropped: torch.Tensor, adapter: str) -> torch.Tensor:
+        """The base matmul in the narrow compute dtype, the LoRA update computed and added in the
+        adapter weights' dtype (autocast would narrow it again: it is off for the update)."""
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        y = self.base_layer(x)
+        with torch.autocast(x.device.type, enabled=False):
+            h = (x_dropped.to(a.dtype) @ a.t()) * float(self.scaling[adapter])  # the scale on the rank-r side
+            return torch.addmm(y.to(a.dtype).flatten(0, -2), h.flatten(0, -2), b.t()).view(*y.shape[:-1], -1)
 
 
 def register(peft_config: Any) -> None:

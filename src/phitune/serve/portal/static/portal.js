@@ -185,7 +185,24 @@
       if ($("#axis").value === "step") return steps;
       return steps.map((s) => points.find((p) => p.step === s)).filter(Boolean).map((p) => p.epoch);
     }
+    function offerMetrics() {
+      // Every metric the run reports (loss, token accuracy, DPO's reward margin, ...), train and valid on one chart
+      const select = $("#metric");
+      const known = new Set($$("option", select).map((o) => o.value));
+      for (const p of points.slice(-1)) {
+        for (const name of Object.keys(p)) {
+          const m = /^(?:train|valid)_(.+)$/.exec(name);
+          if (!m || known.has(m[1]) || p[name] == null) continue;
+          known.add(m[1]);
+          const option = document.createElement("option");
+          option.value = m[1];
+          option.textContent = m[1].replace(/_/g, " ");
+          select.append(option);
+        }
+      }
+    }
     function draw() {
+      offerMetrics();
       const metric = $("#metric").value;
       const log = $("#logscale").checked;
       const rows = points.filter((p) => x(p) != null);
