@@ -138,6 +138,16 @@ def test_under_bf16_the_update_stays_in_the_adapter_s_precision(tiny_phi3, preci
     assert ours.dtype == torch.float32 and peft.dtype == torch.bfloat16
     assert torch.allclose(ours - base_out.float(), exact, rtol=1e-4, atol=1e-7)
     assert (peft.float() - base_out.float() - exact).abs().mean() > 0.3 * exact.abs().mean()  # mostly rounded away
+    # An adapter that learned nothing gives exactly the base alone (DPO's reference, adapter disabled)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.lora_B["default"].weight.zero_()
+        zero = layer(x)
+        with fused.disable_adapter():
+            off = layer(x)
+    assert torch.equal(zero, off)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.copy_(torch.randn_like(layer.lora_B["default"].weight) * 5e-5)
 
     batch = _batch(plain.config.vocab_size)
     plain.train(), fused.train()

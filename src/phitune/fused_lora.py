@@ -110,7 +110,6 @@ class FusedLoraLinear(PeftLoraLinear):
             args
             or kwargs
             or adapter is None
-            or self.disable_adapters
             or self.merged
             or adapter not in self.lora_A
             or adapter in self.lora_variant
@@ -119,10 +118,13 @@ class FusedLoraLinear(PeftLoraLinear):
             or self.lora_B[adapter].bias is not None
         ):
             return super().forward(x, *args, **kwargs)
+        if self.disable_adapters:
+            # The base alone (DPO's reference), in the dtype the enabled path returns: an adapter
+            # that has learned nothing yet gives exactly the reference's numbers.
+            return base(x).to(self.lora_A[adapter].weight.dtype) if self._widens(x, adapter) else base(x)
         dropout = self.lora_dropout[adapter]
         x_dropped = dropout(x) if isinstance(dropout, torch.nn.Dropout) and self.training and dropout.p > 0 else x
-        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-        if _compute_dtype(x).itemsize < a.dtype.itemsize and _plain(a) and _plain(b):
+        if self._widens(x, adapter):
             return self._update_in_adapter_precision(x, x_dropped, adapter)
         if not _fusable_weight(base.weight, x):
             return super().forward(x, *args, **kwargs)
@@ -135,6 +137,12 @@ class FusedLoraLinear(PeftLoraLinear):
             self.lora_B[adapter].weight,
             float(self.scaling[adapter]),
         )
+
+    def _widens(self, x: torch.Tensor, adapter: str) -> bool:
+        """Whether the update is kept in the adapter's precision: its weights are wider than the
+        dtype the layer computes in (bf16 autocast, a bf16 base), and whole tensors."""
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        return _compute_dtype(x).itemsize < a.dtype.itemsize and _plain(a) and _plain(b)
 
     def _update_in_adapter_precision(self, x: torch.Tensor, x_dropped: torch.Tensor, adapter: str) -> torch.Tensor:
         """The base matmul in the narrow compute dtype, the LoRA update computed and added in the

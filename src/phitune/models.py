@@ -142,6 +142,8 @@ def load_model(
         raise _hub_error(m.name_or_path, exc) from exc
     if getattr(model.config, "phitune_untrained", False):
         log.info("note: %s is an UNTRAINED model made by phitune create-model (random weights)", m.name_or_path)
+    if cfg.method.name == "qlora":
+        exact_4bit_inference(model)  # evaluations during training: the numbers training computes
     return model
 
 
@@ -477,4 +479,16 @@ def load_for_inference(
         model = PeftModel.from_pretrained(model, adapter)
     ensure_distinct_pad(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id  # a sequence head finds each row's last token by it
+    if quantization is not None:
+        exact_4bit_inference(model)
     return (model if quantization is not None else model.to(device)).eval(), tokenizer
+
+
+def exact_4bit_inference(model: nn.Module) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes' Linear4bit repacks its weights on the first eval
+    forward and computes in a bf16 kernel: numbers the adapter was never trained with (logits off by
+    up to 1.6 on the real model against the merged model), and weights that `dequantize_4bit` then
+    misreads. Off: inference dequantizes in the run's compute dtype, as training did."""
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.support_avx512bf16_for_cpu = False
