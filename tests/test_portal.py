@@ -98,9 +98,17 @@ def test_every_fragment_and_action_needs_the_key(portal):
     for path in gets:
         r = anonymous.get(path)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
-    for path in ["/portal/jobs", "/portal/jobs/x/cancel", "/portal/jobs/x/pause", "/portal/jobs/x/resume"]:
+    for path in [
+        "/portal/jobs",
+        "/portal/jobs/request",
+        "/portal/jobs/x/cancel",
+        "/portal/jobs/x/pause",
+        "/portal/jobs/x/resume",
+    ]:
         assert anonymous.post(path, data={"model": "tiny"}).status_code == 401, path
     assert anonymous.delete("/portal/models/ft:tiny:alpha::x").status_code == 401
+    big = clients["alpha"].post("/portal/jobs/request", data={"suffix": "x" * 70000})
+    assert big.status_code == 413 and "larger than" in big.json()["error"]["message"]
     wrong = TestClient(clients["alpha"].app, headers={"Authorization": "Bearer nope"})
     assert wrong.get("/portal/jobs").status_code == 401
     # A cookie is no key: a page elsewhere cannot act through the browser's cookies

@@ -123,13 +123,18 @@ def file_check(request: Request, org: Org, settings: ServerSettings, reads: Read
     return html("fragments/check.html", check=check, error=None)
 
 
+FORM_LIMIT = 64 * 1024  # bytes of a portal form (files go to /v1/files, never through a form here)
+
+
 async def _form(request: Request) -> dict[str, str]:
-    form = await request.form()
+    if int(request.headers.get("content-length") or FORM_LIMIT + 1) > FORM_LIMIT:
+        raise ApiError(413, f"the form is larger than {FORM_LIMIT} bytes (or has no Content-Length)")
+    form = await request.form(max_files=0)
     return {k: v for k, v in form.items() if isinstance(v, str)}
 
 
 @router.post("/jobs/request")
-async def request_preview(request: Request):
+async def request_preview(request: Request, org: Org):  # noqa: ARG001 - the key is checked like everywhere
     """The exact request the form will send, as JSON and as the openai SDK call."""
     body = job_request(await _form(request))
     extra = body.pop("phitune", None)
