@@ -9,10 +9,10 @@ rank-r intermediate, and the backward accumulates both input gradients in one `a
 arithmetic is the same as PEFT's (tests/test_fused_lora.py checks losses and gradients against it).
 
 Under bf16 (autocast, or a bf16 base) with fp32 adapter weights, PEFT adds the update to the base
-output in bf16, whose 8-bit mantissa rounds away most of a young adapter's small update: on the
-real-model benchmark bf16 training reached a held-out loss of 4.52 against fp32's 4.40. Here the
-base matmul stays in bf16 and the update is computed and added in the adapter's own precision
-(the layer's output is then fp32): held-out loss 4.41, at bf16's speed.
+output in bf16, whose 8-bit mantissa rounds away most of a young adapter's small update (bf16
+training then lands measurably worse than fp32: README "Speed and memory"). Here the base matmul
+stays in bf16 and the update is computed and added in the adapter's own precision (the layer's
+output is then fp32), at bf16's speed.
 
 The layer is a `peft.tuners.lora.Linear` subclass handed to PEFT through its custom-module
 registry (`LoraConfig._register_custom_module`), so adapters keep PEFT's parameter names and
