@@ -487,7 +487,8 @@ def load_for_inference(
 def exact_4bit_inference(model: nn.Module) -> None:
     """On CPUs with AVX512-BF16, bitsandbytes' Linear4bit repacks its weights on the first eval
     forward and computes in a bf16 kernel: numbers the adapter was never trained with (far off the
-    merged model's), and weights that `dequantize_4bit` then misreads. Off: inference dequantizes in the run's compute dtype, as training did."""
+    merged model's), and weights that `dequantize_4bit` then misreads. Off: inference dequantizes
+    in the run's compute dtype, as training did."""
     for module in model.modules():
         if type(module).__name__ == "Linear4bit":
             module.support_avx512bf16_for_cpu = False
