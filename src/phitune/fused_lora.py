@@ -94,8 +94,7 @@ def _fusable_weight(weight: torch.Tensor, x: torch.Tensor) -> bool:
     # parallel) and quantised weights need their own kernels; another dtype than the input's, or
     # than the one autocast computes in (its matmuls would cast, the in-place addmm_ would not),
     # needs the casts PEFT's path does.
-    device = x.device.type
-    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype:
+    if _compute_dtype(x) != x.dtype:
         return False
     return _plain(weight) and weight.dtype == x.dtype and not weight.requires_grad
 

@@ -36,6 +36,17 @@ def _key_orgs(state) -> dict[str, str]:
     return state.key_orgs
 
 
+def require_served(settings: Settings, model: str) -> None:
+    """A 400 naming the served models, for a request whose `model` is not one of them."""
+    if model not in settings.models:
+        raise ApiError(
+            400,
+            f"model '{model}': not served here; available: {', '.join(sorted(settings.models)) or 'none'}",
+            param="model",
+            code="model_not_available",
+        )
+
+
 async def organization(request: Request) -> str:
     """The caller's organization from `Authorization: Bearer <key>`. With no key at all, a
     loopback server lets every caller in as the organization `local`; a server on another

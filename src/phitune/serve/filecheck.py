@@ -14,6 +14,7 @@ from phitune.serve.db import Job
 from phitune.serve.jobconfig import build_config, choose_hyperparameters
 
 if TYPE_CHECKING:
+    from phitune.config import Config
     from phitune.serve.settings import Settings
 
 MAX_PROBLEMS = 100
@@ -35,15 +36,14 @@ def _problem(settings: Settings, text: str) -> dict:
     return {"line": int(m["line"]), "message": m["message"] or text}
 
 
-def _tokenizer(settings: Settings, model: str):
-    """The served model's tokenizer, loaded once per process (the chat template comes with it)."""
-    from transformers import AutoTokenizer
+def _tokenizer(model: str, cfg: Config):
+    """The served model's tokenizer as training loads it (`models.load_tokenizer`, chat template
+    and pad token included), once per process."""
+    from phitune.models import load_tokenizer
 
     with _tokenizers_lock:
         if model not in _tokenizers:
-            _tokenizers[model] = AutoTokenizer.from_pretrained(
-                settings.models[model], trust_remote_code=model in settings.trusted
-            )
+            _tokenizers[model] = load_tokenizer(cfg.model)
         return _tokenizers[model]
 
 
@@ -93,14 +93,14 @@ def check_file(settings: Settings, file_id: str, model: str, method: str = "supe
             out["errors"] = [{"line": None, "message": "the file has no examples"}]
         return out
     shown = type(split)(split.path, split.format, samples=split.samples[:examples])
+    tokenizer = _tokenizer(model, cfg)
     try:
-        tokenize_split(shown, _tokenizer(settings, model), cfg.data.max_length, spec)
+        tokenize_split(shown, tokenizer, cfg.data.max_length, spec)
     except PhituneError as exc:
         out["errors"].append(_problem(settings, exc.one_line()))
         out["valid"] = False
         return out
     out["warnings"] = [public_text(settings, w) for w in split.warnings + shown.warnings]
-    tokenizer = _tokenizer(settings, model)
     for (where, _), example in zip(shown.kept, shown.examples):
         ids, labels = _first_sequence(example)
         out["preview"].append(

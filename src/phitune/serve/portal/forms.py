@@ -53,9 +53,8 @@ def job_request(form: dict[str, str]) -> dict:
     if form.get("validation_file"):
         body["validation_file"] = form["validation_file"]
     body["method"] = {"type": kind, kind: {"hyperparameters": hyper}} if hyper else {"type": kind}
-    for key in ("suffix",):
-        if form.get(key, "").strip():
-            body[key] = form[key].strip()
+    if form.get("suffix", "").strip():
+        body["suffix"] = form["suffix"].strip()
     if form.get("seed", "").strip():
         body["seed"] = _number(form["seed"])
     metadata = metadata_of(form.get("metadata", ""))

@@ -188,7 +188,7 @@ async def compare_choices(request: Request, reads: Reads, org: Org):
     return html("fragments/compare_choices.html", jobs=_jobs(reads, org), selected=selected)
 
 
-def _settings_of(job: Job, rendered: dict, final: dict) -> dict:
+def _settings_of(job: Job, final: dict) -> dict:
     """One column of the comparison: what a run was asked to do, and how it ended."""
     out = {
         "model": job.model,
@@ -219,7 +219,7 @@ async def compare_table(request: Request, reads: Reads, org: Org):
                 .order_by(Event.seq.desc())
                 .limit(1)
             )
-            columns.append((job_id, _settings_of(job, jobs.render(job), last or {})))
+            columns.append((job_id, _settings_of(job, last or {})))
     keys = list(dict.fromkeys(k for _, c in columns for k in c))
     rows = [(k, [c.get(k) for _, c in columns]) for k in keys]
     return html("fragments/compare_table.html", ids=[i for i, _ in columns], rows=rows)

@@ -12,7 +12,7 @@ from sqlalchemy import bindparam, select
 from phitune.errors import PhituneError
 from phitune.serve import schemas
 from phitune.serve.db import File, first, new_id
-from phitune.serve.deps import Org, Reads, ServerSettings, Sessions
+from phitune.serve.deps import Org, Reads, ServerSettings, Sessions, require_served
 from phitune.serve.errors import ApiError, not_found
 from phitune.serve.listing import limit_query, page
 from phitune.serve.upload import Upload
@@ -134,13 +134,7 @@ def check_file(
     its line), and a few examples through the model's chat template with the trained tokens marked."""
     from phitune.serve.filecheck import check_file as check
 
-    if model not in settings.models:
-        raise ApiError(
-            400,
-            f"model '{model}': not served here; available: {', '.join(sorted(settings.models)) or 'none'}",
-            param="model",
-            code="model_not_available",
-        )
+    require_served(settings, model)
     with reads() as db:
         f = get_file(db, org, file_id)
     if f.purpose != "fine-tune":

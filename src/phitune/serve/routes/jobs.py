@@ -15,7 +15,7 @@ from sqlalchemy import bindparam, select
 from phitune.errors import PhituneError
 from phitune.serve import schemas
 from phitune.serve.db import Checkpoint, Event, Job, add_event, first, new_id, now
-from phitune.serve.deps import Org, Reads, ServerSettings, Sessions
+from phitune.serve.deps import Org, Reads, ServerSettings, Sessions, require_served
 from phitune.serve.errors import ApiError, not_found
 from phitune.serve.listing import limit_query, page
 from phitune.serve.routes.files import get_file
@@ -90,13 +90,7 @@ def _hyperparameters(body: JobCreate) -> tuple[str, dict]:
 def create_job(body: JobCreate, org: Org, settings: ServerSettings, sessions: Sessions) -> dict:
     from phitune.serve.jobconfig import build_config, choose_hyperparameters
 
-    if body.model not in settings.models:
-        raise ApiError(
-            400,
-            f"model '{body.model}': not served here; available: {', '.join(sorted(settings.models)) or 'none'}",
-            param="model",
-            code="model_not_available",
-        )
+    require_served(settings, body.model)
     kind, asked = _hyperparameters(body)
     options = body.phitune.model_dump(exclude_unset=True) if body.phitune else {}
     with sessions() as db:
