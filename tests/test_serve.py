@@ -97,7 +97,15 @@ def test_fine_tune_end_to_end_with_the_openai_sdk(server, train_file):
         seed=7,
         metadata={"team": "a"},
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 2}}},
-        extra_body=FAST,
+        # Pinned to fp32 and length-grouped batches, the setting this exact-reply check was calibrated
+        # on: with bf16 (auto on a CPU with native bf16) or random batches (auto for these lengths) the
+        # 28M toy model blends two replies near their end ("...45 minutes of your receipt.").
+        extra_body={
+            "phitune": {
+                "training": {**FAST["phitune"]["training"], "precision": "fp32"},
+                "data": {"group_by_length": "on"},
+            }
+        },
     )  # 3 epochs of 20 batches: 60 steps
     assert job.status == "validating_files" and job.organization_id == "local"
     job = wait_for_job(c, job.id)
@@ -146,10 +154,7 @@ def test_fine_tune_end_to_end_with_the_openai_sdk(server, train_file):
         for m in json.loads(line)["messages"]
         if m["role"] == "assistant"
     }
-    # Answers like the bot: the reply opens as one of its training replies does (the 28M toy model
-    # may blend two near its end: "...45 minutes of your receipt."; the untrained base is noise).
-    assert tuned.choices[0].message.content == streamed.strip()
-    assert max(len(os.path.commonprefix([streamed.strip(), r])) for r in replies) >= 30, streamed
+    assert tuned.choices[0].message.content == streamed.strip() and streamed.strip() in replies  # answers like the bot
     assert base.choices[0].message.content != tuned.choices[0].message.content != ckpt.choices[0].message.content
     assert tuned.usage.prompt_tokens > 0 and tuned.usage.completion_tokens > 0
     # stop: the reply ends before the first stop string, streamed or not.
