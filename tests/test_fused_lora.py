@@ -8,7 +8,7 @@ import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
 
 from phitune.config import parse_config
-from phitune.fused_lora import FusedLoraLinear
+from phitune.fused_lora import FusedLoraLinear, dropout, keep_mask
 from phitune.models import apply_method, load_model, load_tokenizer
 
 from helpers import DEMO_TRAIN
@@ -72,9 +72,25 @@ def _loss_and_grads(model, batch, seed=3):
     return loss.detach(), grads, sum("LoraMatmul" in n for n in nodes)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_fused_lora_gives_peft_losses_and_gradients(tiny_phi3, dropout):
-    plain, fused = _pair(tiny_phi3, dropout=dropout)
+class _PhituneDropout(torch.nn.Module):
+    """PEFT's dropout module with phitune's mask (tested on its own below), so that both sides
+    draw the same masks and the comparison is of the fused arithmetic."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return dropout(x, self.p) if self.training else x
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1])
+def test_fused_lora_gives_peft_losses_and_gradients(tiny_phi3, rate):
+    plain, fused = _pair(tiny_phi3, dropout=rate)
+    if rate:
+        for m in plain.modules():
+            if isinstance(m, PeftLoraLinear):
+                m.lora_dropout["default"] = _PhituneDropout(rate)
     assert not any(isinstance(m, FusedLoraLinear) for m in plain.modules())
     layers = [m for m in fused.modules() if isinstance(m, FusedLoraLinear)]
     assert len(layers) == sum(isinstance(m, PeftLoraLinear) for m in plain.modules()) > 0
@@ -91,6 +107,25 @@ def test_fused_lora_gives_peft_losses_and_gradients(tiny_phi3, dropout):
     plain.eval(), fused.eval()
     with torch.no_grad():
         assert torch.allclose(plain(**batch).logits, fused(**batch).logits, atol=1e-5)
+
+
+def test_dropout_keeps_1_minus_p_unbiased_and_passes_gradients_through_the_mask():
+    torch.manual_seed(0)
+    keep = keep_mask(torch.Size([1000, 1000]), 0.05, torch.device("cpu"))
+    assert keep.dtype == torch.bool and abs(keep.float().mean().item() - 0.95) < 4 * (0.05 * 0.95 / 1e6) ** 0.5
+    assert keep_mask(torch.Size([7]), 0.0, torch.device("cpu")).all()
+    assert abs(keep[:, :500].float().mean() - keep[:, 500:].float().mean()) < 2e-3  # every 16-bit slice alike
+    x = torch.randn(64, 300, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(1)
+    y = dropout(x, 0.3)
+    torch.manual_seed(1)
+    kept = keep_mask(x.shape, 0.3, x.device)
+    scale = 2**15 / (2**15 - round(0.3 * 2**15))
+    assert torch.equal(y, torch.where(kept, x * scale, 0.0))
+    assert abs(y.sum().item() - x.sum().item()) < 0.05 * x.abs().sum().item()  # unbiased in expectation
+    (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.equal(g, kept * torch.tensor(scale, dtype=torch.float64))
+    assert torch.autograd.gradcheck(lambda t: (torch.manual_seed(2), dropout(t, 0.3))[1], (x[:3, :5].detach().requires_grad_(),))
 
 
 def test_fused_lora_falls_back_where_it_does_not_apply(tiny_phi3):

@@ -14,6 +14,12 @@ training then lands measurably worse than fp32: README "Speed and memory"). Here
 stays in bf16 and the update is computed and added in the adapter's own precision (the layer's
 output is then fp32), at bf16's speed.
 
+Dropout on the LoRA input (`dropout` below) draws its keep-mask from 15-bit slices of 64-bit
+random words: one generator call per four elements instead of `torch.nn.Dropout`'s one Bernoulli
+draw per element, which on a CPU costs as much as the base matmul it feeds (PEFT applies it in every
+adapted layer, seven times per decoder layer). The rate is rounded to a multiple of 2^-15 and the
+kept values are scaled by the exact inverse of that rate, so the output is still unbiased.
+
 The layer is a `peft.tuners.lora.Linear` subclass handed to PEFT through its custom-module
 registry (`LoraConfig._register_custom_module`), so adapters keep PEFT's parameter names and
 save and load as plain PEFT adapters. Anything this path does not cover (DoRA and other
@@ -28,6 +34,40 @@ from typing import Any
 
 import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
+
+
+_DROPOUT_BITS = 15  # a 64-bit random word gives four 16-bit slices; its top bit is always 0, so 15 of each
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """A boolean mask of `shape`, each element True with probability 1 - p (p rounded to a multiple
+    of 2^-15), from the default generator of `device`."""
+    n = shape.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
+    slices = words.view(torch.int16)[:n].view(shape)
+    return (slices & (2**_DROPOUT_BITS - 1)) >= round(p * 2**_DROPOUT_BITS)
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
+        keep = keep_mask(x.shape, p, x.device)
+        ctx.scale = 2**_DROPOUT_BITS / (2**_DROPOUT_BITS - round(p * 2**_DROPOUT_BITS))
+        ctx.save_for_backward(keep)
+        return torch.where(keep, x * ctx.scale, 0.0)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple:
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, dy * ctx.scale, 0.0), None
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout with rate p, as `torch.nn.functional.dropout(x, p, training=True)` computes
+    it, with the cheaper mask of `keep_mask` on a CPU (elsewhere torch's own kernel is fast)."""
+    if x.device.type != "cpu":
+        return torch.nn.functional.dropout(x, p, training=True)
+    return _Dropout.apply(x, p)
 
 
 class _LoraMatmul(torch.autograd.Function):
@@ -121,12 +161,13 @@ class FusedLoraLinear(PeftLoraLinear):
             # The base alone (DPO's reference), in the dtype the enabled path returns: an adapter
             # that has learned nothing yet gives exactly the reference's numbers.
             return base(x).to(self.lora_A[adapter].weight.dtype) if self._widens(x, adapter) else base(x)
-        dropout = self.lora_dropout[adapter]
-        x_dropped = dropout(x) if isinstance(dropout, torch.nn.Dropout) and self.training and dropout.p > 0 else x
-        if self._widens(x, adapter):
-            return self._update_in_adapter_precision(x, x_dropped, adapter)
-        if not _fusable_weight(base.weight, x):
+        widens = self._widens(x, adapter)
+        if not widens and not _fusable_weight(base.weight, x):
             return super().forward(x, *args, **kwargs)
+        drop = self.lora_dropout[adapter]
+        x_dropped = dropout(x, drop.p) if isinstance(drop, torch.nn.Dropout) and self.training and drop.p > 0 else x
+        if widens:
+            return self._update_in_adapter_precision(x, x_dropped, adapter)
         return _LoraMatmul.apply(
             x,
             x_dropped,
