@@ -35,7 +35,6 @@ from typing import Any
 import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
 
-
 _DROPOUT_BITS = 15  # a 64-bit random word gives four 16-bit slices; its top bit is always 0, so 15 of each
 
 
