@@ -22,6 +22,7 @@ def main():
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--r", type=int, default=16)
+    p.add_argument("--dropout", type=float, default=0.0, help="LoraConfig.lora_dropout (PEFT's default: 0)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--packing", action="store_true")
@@ -64,7 +65,7 @@ def main():
         **({"gradient_checkpointing": False} if args.no_gradient_checkpointing else {}),
     )
     peft_config = LoraConfig(
-        r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout, target_modules="all-linear", task_type="CAUSAL_LM"
     )
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=ds, processing_class=tokenizer, peft_config=peft_config

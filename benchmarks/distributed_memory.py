@@ -7,6 +7,10 @@ Twice: with glibc's default allocator settings, and with a fixed mmap threshold
 to the system, so the peak follows live memory more closely than the allocator's retention.
 
     python benchmarks/distributed_memory.py [--steps 6]   # writes benchmarks/results/distributed_memory.{md,json}
+    python benchmarks/distributed_memory.py --breakdown   # where each strategy's memory is: ..._breakdown.{md,json}
+
+The breakdown runs phitune's setup and train_step under torchrun (benchmarks/_memory_census.py)
+and reads, per process, the live tensors by owner and the RSS peak inside each part of a step.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ def build_model(root: Path) -> tuple[Path, int]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--breakdown", action="store_true", help="live tensors by owner and peaks by phase instead")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="phitune-dist-mem-"))
     model, n_params = build_model(work)
@@ -89,18 +94,24 @@ def main() -> None:
             }
         )
     )
+    name = "distributed_memory_breakdown" if args.breakdown else "distributed_memory"
     tables, everything = [], []
     for allocator, env in (("glibc defaults", {}), ("MALLOC_MMAP_THRESHOLD_=65536", MALLOC_ENV)):
+        if args.breakdown:
+            rows = [census(cfg, work, env, strategy) for strategy in ("DDP", "ZeRO-3", "ZeRO-3 + offload", "FSDP2")]
+            everything.append({"allocator": allocator, "rows": rows})
+            tables.append(breakdown_table(rows, n_params, allocator))
+            print(tables[-1], flush=True)
+            continue
         rows = run_all(cfg, work, env)
         everything.append({"allocator": allocator, "rows": rows})
         tables.append(table(rows, n_params, args.steps, allocator))
         print(tables[-1], flush=True)
     results = REPO / "benchmarks" / "results"
     results.mkdir(exist_ok=True)
-    (results / "distributed_memory.md").write_text("\n\n".join(tables) + "\n")
-    (results / "distributed_memory.json").write_text(
-        json.dumps({"parameters": n_params, "runs": everything}, indent=2) + "\n"
-    )
+    command = f"Command: `python benchmarks/distributed_memory.py {' '.join(sys.argv[1:])}`\n\n"
+    (results / f"{name}.md").write_text(command + "\n\n".join(tables) + "\n")
+    (results / f"{name}.json").write_text(json.dumps({"parameters": n_params, "runs": everything}, indent=2) + "\n")
 
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -145,6 +156,65 @@ def run_all(cfg: Path, work: Path, env: dict) -> list[dict]:
         )
         print(rows[-1], flush=True)
     return rows
+
+
+def census(cfg: Path, work: Path, env: dict, strategy: str) -> dict:
+    """benchmarks/_memory_census.py under torchrun, 2 processes: rank 0's report."""
+    import os
+
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
+            *(str(REPO / "benchmarks" / "_memory_census.py"), str(cfg), "--set", f"output_dir={work / 'census'}"),
+            *STRATEGIES[strategy],
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **env),
+    )
+    reports = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("CENSUS ")]
+    if proc.returncode or not reports:
+        raise SystemExit(f"{strategy} census failed:\n{proc.stderr[-3000:]}")
+    report = min(reports, key=lambda r: r["rank"])
+    print(strategy, json.dumps(report["peak_rss_within_step"]), flush=True)
+    return {"strategy": strategy, **report}
+
+
+# Owners of the live tensors, as _memory_census.py names them, in the table's columns.
+OWNERS = {
+    "parameters (whole, or FSDP2's shards)": ("parameters (local)",),
+    "ZeRO-3 parameter shards": ("parameter shards (ZeRO-3 ds_tensor)",),
+    "DeepSpeed fp32 master shards": ("DeepSpeed optimizer .fp32_partitioned_groups_flat",),
+    "DeepSpeed gradient shards": ("DeepSpeed optimizer ._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition",),
+    "optimizer state": ("optimizer state",),
+}
+
+
+def breakdown_table(rows: list[dict], n_params: int, allocator: str) -> str:
+    """Live tensors after the third step by owner, RSS then, and the RSS peak in each part of the
+    steps (the worst of steps 2 and 3: step 1 also creates the optimizer state)."""
+    ddp = max(max(s.values()) for s in rows[0]["peak_rss_within_step"][1:])
+    lines = [
+        f"Full fine-tuning, {n_params / 1e6:.0f}M-parameter Phi-3, fp32 + AdamW, 2 processes (gloo), rank 0; "
+        f"allocator: {allocator}. MB.",
+        "",
+        "| strategy | " + " | ".join(OWNERS) + " | other live tensors | all live tensors | RSS between steps "
+        "| peak in forward | peak in backward | peak in optimizer step | peak vs DDP |",
+        "| --- |" + " ---: |" * (len(OWNERS) + 7),
+    ]
+    for r in rows:
+        rest = r["phases"][-1]
+        owned = [sum(rest.get(k, 0.0) for k in keys) for keys in OWNERS.values()]
+        other = sum(
+            v for k, v in rest.items() if k.startswith("DeepSpeed") and not any(k in ks for ks in OWNERS.values())
+        )
+        peaks = {part: max(s[part] for s in r["peak_rss_within_step"][1:]) for part in r["peak_rss_within_step"][0]}
+        cells = [*owned, rest.get("other live tensors", 0.0) + other, rest["all live tensors"], rest["rss_mb"]]
+        cells += [peaks["forward"], peaks["backward"], peaks["optimizer step"]]
+        lines.append(
+            f"| {r['strategy']} | " + " | ".join(f"{c:,.0f}" for c in cells) + f" | {max(peaks.values()) / ddp:.0%} |"
+        )
+    return "\n".join(lines)
 
 
 def table(rows: list[dict], n_params: int, steps: int, allocator: str) -> str:

@@ -161,6 +161,11 @@ RUNS = {
         False,
         lambda m, d, o, a: phitune_cmd(m, d, o, a, "auto") + ["--set", "method.fused=false"],
     ),
+    "phitune-dropout": (
+        "phitune LoRA, precision auto, LoRA dropout 0.05 (phitune's default)",
+        False,
+        lambda m, d, o, a: phitune_cmd(m, d, o, a, "auto") + ["--set", "method.dropout=0.05"],
+    ),
     "phitune-qlora": (
         "phitune QLoRA (NF4 base, double quant, fp32 compute), precision auto",
         False,
@@ -187,6 +192,16 @@ RUNS = {
         "TRL, bf16, checkpointing off",
         True,
         lambda m, d, o, a: trl_cmd(m, d, o, a, "--bf16", "--no-gradient-checkpointing"),
+    ),
+    "trl-dropout": (
+        "TRL, checkpointing off, LoRA dropout 0.05",
+        False,
+        lambda m, d, o, a: trl_cmd(m, d, o, a, "--no-gradient-checkpointing", "--dropout", "0.05"),
+    ),
+    "trl-bf16-dropout": (
+        "TRL, bf16, checkpointing off, LoRA dropout 0.05",
+        True,
+        lambda m, d, o, a: trl_cmd(m, d, o, a, "--bf16", "--no-gradient-checkpointing", "--dropout", "0.05"),
     ),
     "trl-packing": (
         "TRL, packing, checkpointing off",

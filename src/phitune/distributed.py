@@ -150,6 +150,13 @@ def start(cfg: Config, precision: str) -> tuple[Accelerator, Runtime]:
         )
     if strategy == "deepspeed":
         _deepspeed_available()
+        if cfg.distributed.zero_stage == 3 and not torch.cuda.is_available() and rank == 0:
+            # benchmarks/results/distributed_memory_breakdown.md: ZeRO-3 keeps an fp32 master copy
+            # and a gradient buffer beside its parameter shards; FSDP2 keeps neither.
+            log.info(
+                "on CPU, distributed.strategy: fsdp holds less memory per process than ZeRO-3 "
+                "(README: Memory per process)"
+            )
     if strategy in ("deepspeed", "fsdp") and world == 1:  # both want a process group even for one process
         for key, value in (
             ("RANK", "0"),
@@ -231,6 +238,9 @@ def deepspeed_config(cfg: Config, world: int, hidden_size: int | None = None) ->
             stage3_param_persistence_threshold=10 * hidden_size,
             stage3_max_live_parameters=32 * h2,
             stage3_max_reuse_distance=32 * h2,
+            # The optimizer steps one sub-group of the shard at a time; DeepSpeed's 1e9-element
+            # default is the whole shard at once, and AdamW's temporaries are then shard-sized.
+            sub_group_size=32 * h2,
         )
     if d.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from pathlib import Path
 
 from phitune.outputs import replace_file
@@ -70,3 +72,34 @@ def read_metrics(path: Path) -> list[dict]:
         except ValueError:  # a line being written
             break
     return out
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux: from /proc), else since this module was imported."""
+    try:
+        started_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(uptime - started_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()
+
+
+class Startup:
+    """Where the time from the process's start to training went, phase by phase (run.json's
+    `startup_s`): what a user waits for before the first step and the first checkpoint."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {"imports_and_config": round(process_age(), 2)}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._last, 2)
+        self._last = now
+
+    def reached(self, milestone: str) -> None:
+        """The first time MILESTONE happens: seconds since the process started."""
+        self.seconds.setdefault(milestone, round(process_age(), 2))

@@ -48,7 +48,7 @@ from phitune.recipes.setup import (
     total_steps,
 )
 from phitune.runcard import write_run_card
-from phitune.tracking import MetricsLog
+from phitune.tracking import MetricsLog, Startup
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
@@ -96,6 +96,7 @@ class Run:
     progress: Progress | None = field(default=None, repr=False)
     # transformers' ZeRO-3 switch (HfDeepSpeedConfig): weakly referenced there, so held here for the run.
     zero3_loading: object = field(default=None, repr=False)
+    startup: Startup = field(default_factory=Startup, repr=False)
 
 
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunResult:
@@ -110,15 +111,18 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
 
 
 def setup(cfg: Config, *, resume: bool, overwrite: bool) -> Run:
+    startup = Startup()
     out = Path(cfg.output_dir)
     precision = resolve_precision(cfg)
     accelerator, runtime = start(cfg, precision)
     resume_from = prepare_output_dir(cfg, resume=resume, overwrite=overwrite, is_main=runtime.is_main)
     runtime.barrier()
+    startup.lap("accelerator_and_output_dir")
 
     # Data first: a bad file fails in seconds, before the model is loaded.
     tokenizer = load_tokenizer(cfg.model)
     data = load_data(cfg, tokenizer)
+    startup.lap("tokenizer_and_data")
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))
@@ -131,6 +135,7 @@ def setup(cfg: Config, *, resume: bool, overwrite: bool) -> Run:
     head, labels = data.spec.model_head
     ds_config, zero3_loading = run_deepspeed_config(cfg, runtime)  # the second must live as long as the model
     model, reference, weights = setup_model(cfg, accelerator, runtime, precision, tokenizer, head, labels)
+    startup.lap("model")
     steps = total_steps(cfg, len(data.train_examples))
     engine, scheduler = setup_engine(cfg, model, accelerator, runtime, precision, ds_config, steps)
     objective = build_objective(
@@ -151,11 +156,13 @@ def setup(cfg: Config, *, resume: bool, overwrite: bool) -> Run:
     elif runtime.parallel:
         torch.manual_seed(cfg.training.seed + runtime.rank)  # dropout differs between processes, as their examples do
     initial = save_initial_adapter(cfg, engine, runtime, out)
+    startup.lap("engine_and_resume")
     return Run(
         *(cfg, out, accelerator, runtime, tokenizer, data, chosen, engine, scheduler, objective, steps),
         *(answers_scored, best_metric, state, resume_from is not None, weights),
         initial=initial,
         zero3_loading=zero3_loading,
+        startup=startup,
     )
 
 
@@ -179,6 +186,7 @@ def fit(run: Run) -> None:
                 examples = [examples_all[i] for i in batches[state.batch_index]]
                 lr = run.scheduler.get_last_lr()[0]
                 step = train_step(run, examples)
+                run.startup.reached("first_step_done")
                 tps = step["real_tokens"] / max(time.perf_counter() - step_start, 1e-9)
                 state.elapsed_s = time.perf_counter() - started
                 after_step(
@@ -283,6 +291,7 @@ def after_step(run: Run, step: dict, *, lr: float, tokens_per_second: float, epo
             save_adapter=(lambda path: save_adapter(run, path)) if run.cfg.is_adapter else None,
             keep=t.save_total_limit,
         )
+        run.startup.reached("first_checkpoint_written")
     if stop_early:
         log.info(
             "early stopping at step %d: eval %s did not improve for %d evaluations (best %.4f at step %d)",
@@ -434,6 +443,7 @@ def run_summary(run: Run, artifact: Path) -> dict:
         "final_train_loss": run.last_loss,
         "eval": run.eval_metrics,
         "elapsed_s": round(state.elapsed_s, 2),
+        "startup_s": run.startup.seconds,
         "best": {
             "metric": run.best_metric,
             "value": state.best_value,
