@@ -24,7 +24,7 @@ import torch
 
 from phitune.config import load_config
 from phitune.data.batching import epoch_batches
-from phitune.recipes.sft import setup, train_step
+from phitune.recipes.sft import finish, setup, train_step
 
 
 def storages(obj) -> dict[int, int]:
@@ -111,7 +111,11 @@ def main() -> None:
         spans += (("optimizer step", marks["backward"], end),)
         within.append({name: max((r for t, r in samples if a <= t <= b), default=0.0) for name, a, b in spans})
         phase(f"after optimizer step {i + 1}", run)
-    report = {"rank": run.runtime.rank, "phases": phases, "peak_rss_within_step": within}
+    start = time.time()
+    finish(run)  # the final weights saved: under sharding they are gathered first
+    end = time.time()
+    saving = max((r for t, r in samples if start <= t <= end), default=0.0)
+    report = {"rank": run.runtime.rank, "phases": phases, "peak_rss_within_step": within, "peak_rss_saving": saving}
     print("CENSUS " + json.dumps(report), flush=True)
 
 

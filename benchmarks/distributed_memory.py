@@ -191,16 +191,17 @@ OWNERS = {
 
 
 def breakdown_table(rows: list[dict], n_params: int, allocator: str) -> str:
-    """Live tensors after the third step by owner, RSS then, and the RSS peak in each part of the
-    steps (the worst of steps 2 and 3: step 1 also creates the optimizer state)."""
+    """Live tensors after the third step by owner, RSS then, the RSS peak in each part of the
+    steps (the worst of steps 2 and 3: step 1 also creates the optimizer state), and while the
+    final model is saved."""
     ddp = max(max(s.values()) for s in rows[0]["peak_rss_within_step"][1:])
     lines = [
         f"Full fine-tuning, {n_params / 1e6:.0f}M-parameter Phi-3, fp32 + AdamW, 2 processes (gloo), rank 0; "
         f"allocator: {allocator}. MB.",
         "",
         "| strategy | " + " | ".join(OWNERS) + " | other live tensors | all live tensors | RSS between steps "
-        "| peak in forward | peak in backward | peak in optimizer step | peak vs DDP |",
-        "| --- |" + " ---: |" * (len(OWNERS) + 7),
+        "| peak in forward | peak in backward | peak in optimizer step | peak vs DDP | peak saving the model |",
+        "| --- |" + " ---: |" * (len(OWNERS) + 8),
     ]
     for r in rows:
         rest = r["phases"][-1]
@@ -212,7 +213,8 @@ def breakdown_table(rows: list[dict], n_params: int, allocator: str) -> str:
         cells = [*owned, rest.get("other live tensors", 0.0) + other, rest["all live tensors"], rest["rss_mb"]]
         cells += [peaks["forward"], peaks["backward"], peaks["optimizer step"]]
         lines.append(
-            f"| {r['strategy']} | " + " | ".join(f"{c:,.0f}" for c in cells) + f" | {max(peaks.values()) / ddp:.0%} |"
+            f"| {r['strategy']} | " + " | ".join(f"{c:,.0f}" for c in cells) + f" | {max(peaks.values()) / ddp:.0%} "
+            f"| {r['peak_rss_saving']:,.0f} |"
         )
     return "\n".join(lines)
 

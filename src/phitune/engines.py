@@ -214,11 +214,27 @@ class DeepSpeedEngine:
         return out
 
     def whole_state_dict(self) -> dict | None:
-        """Under ZeRO-3, every weight gathered whole, on every process."""
+        """Under ZeRO-3, every weight whole on the main process (a collective: every process calls
+        it). One parameter is gathered at a time and only the main process keeps a copy: gathering
+        the whole model at once made the end of a run its memory peak (the model twice over on
+        every process, benchmarks/results/distributed_memory.md)."""
         if self.stage != 3:
             return None
-        with self.gathered():
-            return {k: v.detach().cpu().clone() for k, v in self.unwrap().state_dict().items()}
+        import deepspeed
+
+        model = self.unwrap()
+        self.model.empty_partition_cache()
+        params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under each name
+        out = {}
+        for name, tensor in model.state_dict().items():
+            param = params.get(name)
+            if param is None:  # a buffer: never partitioned
+                out[name] = tensor.detach().cpu().clone()
+                continue
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if self.runtime.is_main:
+                    out[name] = param.detach().cpu().clone()
+        return out if self.runtime.is_main else {}
 
     def save_weights(self, path: Path) -> None:
         # Every process writes its own optimizer shard; frozen base weights are not repeated.
