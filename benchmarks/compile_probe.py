@@ -91,8 +91,11 @@ def main() -> None:
         f"{steady['compiled']:.2f} |",
         "",
         f"Compiled / eager steady step time: {steady['compiled'] / steady['eager']:.2f}. Compile cost: {extra:.0f} s, "
-        f"repaid after {extra / max(steady['eager'] - steady['compiled'], 1e-9):.0f} steps"
-        + (" (never: not faster)" if steady["compiled"] >= steady["eager"] else "")
+        + (
+            f"repaid after {extra / (steady['eager'] - steady['compiled']):.0f} steps"
+            if steady["compiled"] < steady["eager"]
+            else "never repaid (not faster)"
+        )
         + f". Largest per-step loss difference: {diff:.2e}.",
     ]
     table = "\n".join(lines)
