@@ -21,6 +21,7 @@ import time
 
 import psutil
 import torch
+from _memory import peak_rss_mb
 
 from phitune.config import load_config
 from phitune.data.batching import epoch_batches
@@ -83,7 +84,7 @@ def main() -> None:
 
     def phase(name: str, run) -> None:
         gc.collect()
-        phases.append({"phase": name, "rss_mb": proc.memory_info().rss / 2**20, "hwm_mb": _vm_hwm(), **census(run)})
+        phases.append({"phase": name, "rss_mb": proc.memory_info().rss / 2**20, "hwm_mb": peak_rss_mb(), **census(run)})
 
     samples: list[tuple[float, float]] = []
     threading.Thread(target=_sample, args=(samples, proc), daemon=True).start()
@@ -123,13 +124,6 @@ def _sample(samples: list, proc: psutil.Process) -> None:
     while True:
         samples.append((time.time(), proc.memory_info().rss / 2**20))
         time.sleep(0.002)
-
-
-def _vm_hwm() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 if __name__ == "__main__":

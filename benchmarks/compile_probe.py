@@ -24,7 +24,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from real_data import REAL_MODEL, dictionary_chat  # noqa: E402
+from real_data import dictionary_chat, lora_sets  # noqa: E402
 
 
 def timed_run(sets: list[str], steps: int, compiled: bool) -> dict:
@@ -59,20 +59,7 @@ def main() -> None:
 
     work = Path(args.work)
     data = dictionary_chat(work / "dictionary-compile.jsonl", rows=args.batch_size * args.steps)
-    sets = [
-        f"model.name_or_path={REAL_MODEL}",
-        f"data.train={data}",
-        "data.max_length=128",
-        "method.name=lora",
-        "method.r=16",
-        "method.alpha=32",
-        "method.dropout=0.0",
-        f"training.batch_size={args.batch_size}",
-        "training.learning_rate=2e-4",
-        f"training.precision={args.precision}",
-        "training.tensorboard=off",
-        f"output_dir={work / 'compile-run'}",
-    ]
+    sets = lora_sets(data, work / "compile-run", batch_size=args.batch_size, precision=args.precision)
     eager = timed_run(sets, args.steps, compiled=False)
     compiled = timed_run(sets, args.steps, compiled=True)
     steady = {k: statistics.median(r["seconds"][args.warmup :]) for k, r in (("eager", eager), ("compiled", compiled))}

@@ -26,7 +26,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from real_data import REAL_MODEL, dictionary_chat  # noqa: E402
+from real_data import dictionary_chat, lora_sets  # noqa: E402
 
 CATEGORIES = (
     "base matmuls",
@@ -111,21 +111,8 @@ def main() -> None:
 
     work = Path(args.work)
     data = dictionary_chat(work / "dictionary-chat.jsonl", rows=args.batch_size * (args.warmup + args.steps))
-    sets = [
-        f"model.name_or_path={REAL_MODEL}",
-        f"data.train={data}",
-        "data.max_length=128",
-        "method.name=lora",
-        f"method.r={args.r}",
-        f"method.alpha={2 * args.r}",
-        "method.dropout=0.0",
-        f"training.batch_size={args.batch_size}",
-        "training.learning_rate=2e-4",
-        f"training.precision={args.precision}",
-        "training.tensorboard=off",
-        f"output_dir={work / 'profile-run'}",
-        *args.set,
-    ]
+    out = work / "profile-run"
+    sets = [*lora_sets(data, out, batch_size=args.batch_size, precision=args.precision, r=args.r), *args.set]
     cfg = load_config(None, sets)
     run = setup(cfg, resume=False, overwrite=True)
     examples = run.data.train_examples

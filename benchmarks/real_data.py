@@ -37,3 +37,22 @@ def dictionary_chat(path: Path, rows: int | None = None, split: str = "train") -
             ]
             f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
     return path
+
+
+def lora_sets(data: Path, out: Path, *, batch_size: int, precision: str = "auto", r: int = 16) -> list[str]:
+    """`--set KEY=VALUE` overrides for phitune LoRA on the real model as the benchmarks compare it
+    with TRL: r and alpha 2r on all linear layers, no dropout (PEFT's default), lr 2e-4."""
+    return [
+        f"model.name_or_path={REAL_MODEL}",
+        f"data.train={data}",
+        "data.max_length=128",
+        "method.name=lora",
+        f"method.r={r}",
+        f"method.alpha={2 * r}",
+        "method.dropout=0.0",
+        f"training.batch_size={batch_size}",
+        "training.learning_rate=2e-4",
+        f"training.precision={precision}",
+        "training.tensorboard=off",
+        f"output_dir={out}",
+    ]

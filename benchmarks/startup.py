@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from real_data import REAL_MODEL, dictionary_chat  # noqa: E402
+from real_data import REAL_MODEL, dictionary_chat, lora_sets  # noqa: E402
 from train_throughput import phitune_child, run_child, trl_cmd  # noqa: E402
 
 PHASES = (
@@ -45,19 +45,7 @@ def main() -> None:
     phitune, trl = [], []
     for i in range(args.repeats):
         out = work / "startup-phitune"
-        sets = [
-            f"model.name_or_path={REAL_MODEL}",
-            f"data.train={data}",
-            "data.max_length=128",
-            "method.name=lora",
-            "method.r=16",
-            "method.alpha=32",
-            "method.dropout=0.0",
-            "training.batch_size=16",
-            "training.save_every=1",
-            "training.tensorboard=off",
-            f"output_dir={out}",
-        ]
+        sets = [*lora_sets(data, out, batch_size=16), "training.save_every=1"]
         print(f"repeat {i + 1}: phitune ...", file=sys.stderr, flush=True)
         r = run_child(phitune_child(sets), work / "startup-phitune.log")
         phitune.append({**json.loads((out / "run.json").read_text())["startup_s"], "process": r["process_seconds"]})

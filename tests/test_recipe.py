@@ -88,6 +88,22 @@ def test_epochs_count_whole_passes_and_validation_split(tmp_path, tiny_phi3, cha
     assert "eval_loss" in _records(out)[-1]
 
 
+def test_run_json_says_where_the_start_up_went(tmp_path, tiny_phi3, chat_files):
+    out = tmp_path / "su"
+    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat_files[0], out, max_steps=2)
+    raw = json.loads(cfg.read_text())
+    raw["training"]["save_every"] = 2
+    cfg.write_text(json.dumps(raw))
+    assert run_cli("train", cfg) == 0
+    startup = json.loads((out / "run.json").read_text())["startup_s"]
+    phases = ["imports_and_config", "accelerator_and_output_dir", "tokenizer_and_data", "model", "engine_and_resume"]
+    assert list(startup) == [*phases, "first_step_done", "first_checkpoint_written"]
+    assert all(startup[k] >= 0 for k in startup) and startup["model"] > 0
+    # Milestones count from the process's start: after every phase, the checkpoint after the first step.
+    assert sum(startup[k] for k in phases) <= startup["first_step_done"] + 0.05
+    assert startup["first_step_done"] <= startup["first_checkpoint_written"]
+
+
 def test_early_stopping_stops_when_eval_loss_stalls(tmp_path, tiny_phi3, chat_files):
     out = tmp_path / "es"
     # A learning rate of zero after warmup cannot improve eval_loss: stop after `patience` evals.

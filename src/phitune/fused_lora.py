@@ -38,20 +38,25 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 _DROPOUT_BITS = 15  # a 64-bit random word gives four 16-bit slices; its top bit is always 0, so 15 of each
 
 
+def _dropped_slices(p: float) -> int:
+    """How many of the 2^15 slice values drop an element: the rate p, rounded."""
+    return round(p * 2**_DROPOUT_BITS)
+
+
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
     """A boolean mask of `shape`, each element True with probability 1 - p (p rounded to a multiple
     of 2^-15), from the default generator of `device`."""
     n = shape.numel()
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
     slices = words.view(torch.int16)[:n].view(shape)
-    return (slices & (2**_DROPOUT_BITS - 1)) >= round(p * 2**_DROPOUT_BITS)
+    return (slices & (2**_DROPOUT_BITS - 1)) >= _dropped_slices(p)
 
 
 class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
         keep = keep_mask(x.shape, p, x.device)
-        ctx.scale = 2**_DROPOUT_BITS / (2**_DROPOUT_BITS - round(p * 2**_DROPOUT_BITS))
+        ctx.scale = 2**_DROPOUT_BITS / (2**_DROPOUT_BITS - _dropped_slices(p))
         ctx.save_for_backward(keep)
         return torch.where(keep, x * ctx.scale, 0.0)
 

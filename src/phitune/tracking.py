@@ -102,4 +102,5 @@ class Startup:
 
     def reached(self, milestone: str) -> None:
         """The first time MILESTONE happens: seconds since the process started."""
-        self.seconds.setdefault(milestone, round(process_age(), 2))
+        if milestone not in self.seconds:  # called on every step: /proc is read once
+            self.seconds[milestone] = round(process_age(), 2)
