@@ -199,6 +199,7 @@ def test_two_machines_over_loopback(single, tmp_path):
 
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp"])
 def test_full_fine_tuning_with_sharded_parameters_saves_the_whole_model(strategy, tmp_path, tiny_phi3, chat_files):
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     outs = {}
@@ -219,6 +220,12 @@ def test_full_fine_tuning_with_sharded_parameters_saves_the_whole_model(strategy
         _run("train", cfg, *extra)
         outs[name] = tmp_path / name
     _close(losses(outs[strategy]), losses(outs["single"]))
+    # The sharded run streams its weights into the file itself: the same tensors under the same names.
+    files = {n: sorted(p.name for p in (outs[n] / "model").iterdir()) for n in (strategy, "single")}
+    assert files[strategy] == files["single"]
+    with safe_open(str(outs[strategy] / "model" / "model.safetensors"), "pt") as f:
+        with safe_open(str(outs["single"] / "model" / "model.safetensors"), "pt") as g:
+            assert sorted(f.keys()) == sorted(g.keys())
     a, b = (AutoModelForCausalLM.from_pretrained(outs[n] / "model").state_dict() for n in (strategy, "single"))
     assert a.keys() == b.keys()
     for k in a:

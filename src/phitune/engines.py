@@ -8,15 +8,40 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, NamedTuple, Protocol
 
 import torch
 
 from phitune.distributed import Runtime
 from phitune.errors import PhituneError
+from phitune.streamed_safetensors import Slot
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+
+class WholeWeights(NamedTuple):
+    """A sharded model's weights as they are gathered: the header of the file (`slots`) first,
+    then each tensor whole on the main process. Every process must exhaust `tensors`: each
+    gather is a collective; the other processes get nothing."""
+
+    slots: list[Slot]
+    tensors: Iterator[tuple[str, torch.Tensor]]
+
+
+def state_tensors(model: torch.nn.Module, names: set[str] | None = None) -> list[tuple[str, torch.Tensor]]:
+    """(name, parameter or buffer) in state-dict order: the names asked for, or else every
+    tensor, a tied parameter under its first name only (the one save_pretrained keeps)."""
+    state = model.state_dict(keep_vars=True)
+    if names is not None:
+        return [(n, t) for n, t in state.items() if n in names]
+    seen: set[int] = set()
+    out = []
+    for name, tensor in state.items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            out.append((name, tensor))
+    return out
 
 
 class Engine(Protocol):
@@ -41,8 +66,9 @@ class Engine(Protocol):
     def adapter_state_dict(self) -> dict | None:
         """The adapter's tensors, whole (a collective); None when PEFT can read them itself."""
 
-    def whole_state_dict(self) -> dict | None:
-        """Every weight, whole (a collective); None when the model's own state dict is whole."""
+    def whole_weights(self) -> WholeWeights | None:
+        """Every weight, gathered one at a time (a collective); None when the model's own state
+        dict is whole."""
 
     def save_weights(self, path: Path) -> None: ...
 
@@ -120,7 +146,7 @@ class PlainEngine:
     def adapter_state_dict(self) -> dict | None:
         return None  # PEFT reads the (whole) weights itself
 
-    def whole_state_dict(self) -> dict | None:
+    def whole_weights(self) -> WholeWeights | None:
         return None  # the model's own state dict is whole
 
     def save_weights(self, path: Path) -> None:
@@ -213,28 +239,28 @@ class DeepSpeedEngine:
                     out[name] = param.detach().cpu().clone()
         return out
 
-    def whole_state_dict(self) -> dict | None:
-        """Under ZeRO-3, every weight whole on the main process (a collective: every process calls
-        it). One parameter is gathered at a time and only the main process keeps a copy: gathering
-        the whole model at once made the end of a run its memory peak (the model twice over on
-        every process, benchmarks/results/distributed_memory.md)."""
+    def whole_weights(self) -> WholeWeights | None:
+        """Under ZeRO-3, each weight gathered in turn and copied to the main process only. Holding
+        the whole model at once made saving the run's memory peak
+        (benchmarks/results/distributed_memory_breakdown.md)."""
         if self.stage != 3:
             return None
+        self.model.empty_partition_cache()
+        entries = state_tensors(self.unwrap())
+        slots = [Slot(n, tuple(getattr(t, "ds_shape", t.shape)), t.dtype) for n, t in entries]
+        return WholeWeights(slots, self._gather_each(entries))
+
+    def _gather_each(self, entries: list[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         import deepspeed
 
-        model = self.unwrap()
-        self.model.empty_partition_cache()
-        params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under each name
-        out = {}
-        for name, tensor in model.state_dict().items():
-            param = params.get(name)
-            if param is None:  # a buffer: never partitioned
-                out[name] = tensor.detach().cpu().clone()
-                continue
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                if self.runtime.is_main:
-                    out[name] = param.detach().cpu().clone()
-        return out if self.runtime.is_main else {}
+        for name, tensor in entries:
+            if hasattr(tensor, "ds_id"):  # a ZeRO-3 partition; buffers are never partitioned
+                with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+                    whole = tensor.detach().cpu().clone() if self.runtime.is_main else None
+            else:
+                whole = tensor.detach().cpu()
+            if self.runtime.is_main:
+                yield name, whole
 
     def save_weights(self, path: Path) -> None:
         # Every process writes its own optimizer shard; frozen base weights are not repeated.
@@ -312,18 +338,26 @@ class FsdpEngine:
         return self.model.inner
 
     def gathered(self, params: list | None = None) -> ContextManager:
-        return contextlib.nullcontext()  # whole weights come from whole_state_dict() instead
+        return contextlib.nullcontext()  # whole weights come from whole_weights() instead
 
-    def whole_state_dict(self, names: set[str] | None = None) -> dict:
-        """The model's weights, whole, on the main process (a collective: every process calls it)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    def whole_weights(self, names: set[str] | None = None) -> WholeWeights:
+        """Each weight (or only `names`) gathered in turn, copied to the main process only: torch's
+        full state dict gathers all of them at once, which made saving the run's memory peak."""
+        entries = state_tensors(self.unwrap(), names)
+        slots = [Slot(n, tuple(t.shape), t.dtype) for n, t in entries]  # a DTensor's shape is the whole one
+        return WholeWeights(slots, self._gather_each(entries))
 
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        out = {k.removeprefix("inner."): v for k, v in full.items()}
-        return {k: v for k, v in out.items() if names is None or k in names}
+    def _gather_each(self, entries: list[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        from torch.distributed.tensor import DTensor
+
+        for name, tensor in entries:
+            whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # a collective
+            if self.runtime.is_main:
+                yield name, whole.detach().cpu()
+            del whole
 
     def adapter_state_dict(self) -> dict:
-        return self.whole_state_dict(adapter_tensor_names(self.unwrap()))
+        return dict(self.whole_weights(adapter_tensor_names(self.unwrap())).tensors)
 
     def save_weights(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp

@@ -10,6 +10,7 @@ recipes/setup.py.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from phitune import hyperparameters
+from phitune import hyperparameters, streamed_safetensors
 from phitune.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from phitune.config import Config, dump_config
 from phitune.data.batching import epoch_batches, should_group, split_micro
@@ -484,11 +485,23 @@ def save_final(run: Run, name: str | None = None) -> Path:
 
 
 def save_whole_model(run: Run, path: Path) -> None:
-    """The full fine-tune in transformers' format, tokenizer and task beside."""
-    whole = run.engine.whole_state_dict()  # a collective under sharding: every process takes part
+    """The full fine-tune in transformers' format, tokenizer and task beside. Sharded weights are
+    streamed into model.safetensors as they are gathered, so that no process ever holds the
+    whole model; transformers writes the rest (a state dict of nothing: config files only).
+    A model loaded through a weight conversion (renamed or fused tensors) is saved by
+    transformers, which knows how to undo it."""
+    model = run.engine.unwrap()
+    model.config.use_cache = True
+    weights = run.engine.whole_weights()  # a collective under sharding: every process takes part
+    if weights is None or getattr(model, "_weight_conversions", None):
+        whole = None if weights is None else dict(weights.tensors)
+        if run.runtime.is_main:
+            model.save_pretrained(path, state_dict=whole)
+    elif run.runtime.is_main:
+        model.save_pretrained(path, state_dict={})
+        streamed_safetensors.write(path / "model.safetensors", weights.slots, weights.tensors, {"format": "pt"})
+    else:
+        collections.deque(weights.tensors, maxlen=0)  # this process's part of each gather
     if run.runtime.is_main:
-        model = run.engine.unwrap()
-        model.config.use_cache = True
-        model.save_pretrained(path, state_dict=whole)
         run.tokenizer.save_pretrained(path)
         (path / "task.json").write_text(run.data.spec.to_json())
