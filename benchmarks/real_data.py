@@ -52,6 +52,7 @@ def lora_sets(data: Path, out: Path, *, batch_size: int, precision: str = "auto"
         "method.dropout=0.0",
         f"training.batch_size={batch_size}",
         "training.learning_rate=2e-4",
+        "training.epochs=1",  # `auto` would pick several epochs for a small file; TRL runs one
         f"training.precision={precision}",
         "training.tensorboard=off",
         f"output_dir={out}",

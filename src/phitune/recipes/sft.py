@@ -220,7 +220,7 @@ def train_step(run: Run, examples: list) -> dict:
         # multiply by their number (gradients are averaged over processes): every token weighs
         # the same, however the batch is split.
         engine.backward(loss * (weight * runtime.world / step_tokens))
-        loss_sum += weight * float(loss)
+        loss_sum += weight * float(loss.detach())
         add_sums(sums, {k: weight * v for k, v in part_sums.items()})
     grad_norm = engine.step(t.max_grad_norm)
     run.scheduler.step()
