@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 import threading
 import time
@@ -117,7 +118,8 @@ def main() -> None:
     end = time.time()
     saving = max((r for t, r in samples if start <= t <= end), default=0.0)
     report = {"rank": run.runtime.rank, "phases": phases, "peak_rss_within_step": within, "peak_rss_saving": saving}
-    print("CENSUS " + json.dumps(report), flush=True)
+    # One write of one whole line: both processes share the pipe, and print() writes in pieces.
+    os.write(1, f"\nCENSUS {json.dumps(report)}\n".encode())
 
 
 def _sample(samples: list, proc: psutil.Process) -> None:

@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from phitune.streamed_safetensors import Slot, write
+from phitune.streamed_safetensors import Slot, saved_as_is, write
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -54,12 +54,8 @@ def test_a_tensor_that_breaks_the_promised_header_stops_the_write(tmp_path, spoi
         write(tmp_path / "model.safetensors", _slots(tensors), iter(spoil(list(tensors.items()))), {"format": "pt"})
 
 
-def test_a_tied_model_streamed_as_the_recipe_does_loads_back_with_the_same_logits(tmp_path):
-    """The whole-model path of a sharded run, on one process: save_pretrained's config files,
-    the streamed weights (each tied parameter under its first name only), from_pretrained."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    from phitune.engines import state_tensors
+def _tiny_llama(**extra):
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -69,9 +65,36 @@ def test_a_tied_model_streamed_as_the_recipe_does_loads_back_with_the_same_logit
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=96,
-        tie_word_embeddings=True,
+        **extra,
     )
-    model = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval()
+
+
+def test_a_model_that_transformers_would_rename_on_saving_is_not_streamed():
+    """The legacy renamings transformers attaches (LayerNorm.gamma and the like) touch no Llama
+    name: streamed. A renaming that does touch one: left to save_pretrained."""
+    from transformers.core_model_loading import WeightRenaming
+
+    from phitune.engines import state_tensors
+
+    model = _tiny_llama()
+    slots = [Slot(n, tuple(t.shape), t.dtype) for n, t in state_tensors(model)]
+    model._weight_conversions = [
+        WeightRenaming(source_patterns=["LayerNorm.gamma"], target_patterns=["LayerNorm.weight"])
+    ]
+    assert saved_as_is(model, slots)
+    model._weight_conversions = [WeightRenaming(source_patterns=["feed_forward"], target_patterns=["mlp"])]
+    assert not saved_as_is(model, slots)
+
+
+def test_a_tied_model_streamed_as_the_recipe_does_loads_back_with_the_same_logits(tmp_path):
+    """The whole-model path of a sharded run, on one process: save_pretrained's config files,
+    the streamed weights (each tied parameter under its first name only), from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    from phitune.engines import state_tensors
+
+    model = _tiny_llama(tie_word_embeddings=True)
     reference = tmp_path / "reference"
     model.save_pretrained(reference)
     entries = state_tensors(model)
@@ -82,6 +105,7 @@ def test_a_tied_model_streamed_as_the_recipe_does_loads_back_with_the_same_logit
     model.save_pretrained(streamed, state_dict={})
     assert not (streamed / "model.safetensors").exists()  # config files only: the weights are ours to write
     slots = [Slot(n, tuple(t.shape), t.dtype) for n, t in entries]
+    assert saved_as_is(model, slots)
     write(streamed / "model.safetensors", slots, iter(entries), {"format": "pt"})
     assert sorted(p.name for p in streamed.iterdir()) == sorted(p.name for p in reference.iterdir())
 

@@ -67,3 +67,20 @@ def write(path: Path, slots: list[Slot], tensors: Iterable[tuple[str, torch.Tens
             if (name, tuple(tensor.shape), tensor.dtype) != tuple(slot):
                 raise ValueError(f"{path}: expected {slot}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
             f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def saved_as_is(model: torch.nn.Module, slots: list[Slot]) -> bool:
+    """Whether transformers' save_pretrained would write these tensors under these names
+    unchanged. A model loaded through a weight conversion (renamed or fused tensors) is saved
+    with the conversion undone, which only transformers knows how to do; it is asked with
+    shape-only (meta) tensors, and anything it renames, reshapes or fails on answers no."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # another transformers: let save_pretrained do it all
+        return False
+    probes = {s.name: torch.empty(s.shape, dtype=s.dtype, device="meta") for s in slots}
+    try:
+        back = revert_weight_conversion(model, dict(probes))
+    except Exception:  # a converter that cannot run on meta tensors: not ours to second-guess
+        return False
+    return back.keys() == probes.keys() and all(back[k] is probes[k] for k in probes)

@@ -54,6 +54,12 @@ def split_micro(batch: list, parts: int) -> list[list]:
     return [batch[i : i + size] for i in range(0, len(batch), size)]
 
 
+def split_micro_padded(examples: list, parts: int) -> list[list]:
+    """`parts` micro-batches, empty ones included, so every process runs as many as the others."""
+    micro = split_micro(examples, parts) if examples else []
+    return micro + [[] for _ in range(parts - len(micro))]
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example of this micro-batch only.
 

@@ -25,7 +25,7 @@ import torch
 from phitune import hyperparameters, streamed_safetensors
 from phitune.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from phitune.config import Config, dump_config
-from phitune.data.batching import epoch_batches, should_group, split_micro
+from phitune.data.batching import epoch_batches, should_group, split_micro_padded
 from phitune.data.dataset import TrainData, statistics_of
 from phitune.distributed import Runtime, peak_memory_mb, run_deepspeed_config, start
 from phitune.engines import Engine
@@ -305,12 +305,6 @@ def after_step(run: Run, step: dict, *, lr: float, tokens_per_second: float, epo
         run.steps = state.step
 
 
-def split_micro_padded(examples: list, parts: int) -> list[list]:
-    """`parts` micro-batches, empty ones included, so every process runs as many as the others."""
-    micro = split_micro(examples, parts) if examples else []
-    return micro + [[] for _ in range(parts - len(micro))]
-
-
 # --- evaluation --------------------------------------------------------------------------------
 
 
@@ -486,14 +480,12 @@ def save_final(run: Run, name: str | None = None) -> Path:
 
 def save_whole_model(run: Run, path: Path) -> None:
     """The full fine-tune in transformers' format, tokenizer and task beside. Sharded weights are
-    streamed into model.safetensors as they are gathered, so that no process ever holds the
-    whole model; transformers writes the rest (a state dict of nothing: config files only).
-    A model loaded through a weight conversion (renamed or fused tensors) is saved by
-    transformers, which knows how to undo it."""
+    streamed into model.safetensors as they are gathered (no process holds the whole model),
+    unless transformers would rename or convert them on saving."""
     model = run.engine.unwrap()
     model.config.use_cache = True
     weights = run.engine.whole_weights()  # a collective under sharding: every process takes part
-    if weights is None or getattr(model, "_weight_conversions", None):
+    if weights is None or not streamed_safetensors.saved_as_is(model, weights.slots):
         whole = None if weights is None else dict(weights.tensors)
         if run.runtime.is_main:
             model.save_pretrained(path, state_dict=whole)
