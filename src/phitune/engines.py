@@ -44,6 +44,13 @@ def state_tensors(model: torch.nn.Module, names: set[str] | None = None) -> list
     return out
 
 
+def gathering(entries: list[tuple[str, torch.Tensor]], gather: Callable) -> WholeWeights:
+    """`entries` as `gather(entries)` yields them whole; a ZeRO-3 partition tells its whole shape
+    by `ds_shape`, a DTensor by its own shape."""
+    slots = [Slot(n, tuple(getattr(t, "ds_shape", t.shape)), t.dtype) for n, t in entries]
+    return WholeWeights(slots, gather(entries))
+
+
 class Engine(Protocol):
     model: torch.nn.Module  # what train()/eval() switch: the model, or the wrapper around it
     optimizer: Any
@@ -66,9 +73,9 @@ class Engine(Protocol):
     def adapter_state_dict(self) -> dict | None:
         """The adapter's tensors, whole (a collective); None when PEFT can read them itself."""
 
-    def whole_weights(self) -> WholeWeights | None:
-        """Every weight, gathered one at a time (a collective); None when the model's own state
-        dict is whole."""
+    def whole_weights(self, names: set[str] | None = None) -> WholeWeights | None:
+        """Every weight (or only `names`), gathered one at a time (a collective); None when the
+        model's own state dict is whole."""
 
     def save_weights(self, path: Path) -> None: ...
 
@@ -146,7 +153,7 @@ class PlainEngine:
     def adapter_state_dict(self) -> dict | None:
         return None  # PEFT reads the (whole) weights itself
 
-    def whole_weights(self) -> WholeWeights | None:
+    def whole_weights(self, names: set[str] | None = None) -> WholeWeights | None:
         return None  # the model's own state dict is whole
 
     def save_weights(self, path: Path) -> None:
@@ -223,32 +230,19 @@ class DeepSpeedEngine:
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def adapter_state_dict(self) -> dict | None:
-        """Under ZeRO-3, the adapter's tensors (see adapter_tensor_names) gathered whole, one at a
-        time, on every process."""
+        """Under ZeRO-3, the adapter's tensors (see adapter_tensor_names), gathered one at a time."""
         if self.stage != 3:
             return None
-        import deepspeed
+        return dict(self.whole_weights(adapter_tensor_names(self.unwrap())).tensors)
 
-        model = self.unwrap()
-        wanted = adapter_tensor_names(model)
-        self.model.empty_partition_cache()
-        out = {}
-        for name, param in model.named_parameters():
-            if name in wanted:
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                    out[name] = param.detach().cpu().clone()
-        return out
-
-    def whole_weights(self) -> WholeWeights | None:
-        """Under ZeRO-3, each weight gathered in turn and copied to the main process only. Holding
-        the whole model at once made saving the run's memory peak
+    def whole_weights(self, names: set[str] | None = None) -> WholeWeights | None:
+        """Under ZeRO-3, each weight (or only `names`) gathered in turn and copied to the main
+        process only. Holding the whole model at once made saving the run's memory peak
         (benchmarks/results/distributed_memory_breakdown.md)."""
         if self.stage != 3:
             return None
         self.model.empty_partition_cache()
-        entries = state_tensors(self.unwrap())
-        slots = [Slot(n, tuple(getattr(t, "ds_shape", t.shape)), t.dtype) for n, t in entries]
-        return WholeWeights(slots, self._gather_each(entries))
+        return gathering(state_tensors(self.unwrap(), names), self._gather_each)
 
     def _gather_each(self, entries: list[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         import deepspeed
@@ -343,9 +337,7 @@ class FsdpEngine:
     def whole_weights(self, names: set[str] | None = None) -> WholeWeights:
         """Each weight (or only `names`) gathered in turn, copied to the main process only: torch's
         full state dict gathers all of them at once, which made saving the run's memory peak."""
-        entries = state_tensors(self.unwrap(), names)
-        slots = [Slot(n, tuple(t.shape), t.dtype) for n, t in entries]  # a DTensor's shape is the whole one
-        return WholeWeights(slots, self._gather_each(entries))
+        return gathering(state_tensors(self.unwrap(), names), self._gather_each)
 
     def _gather_each(self, entries: list[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         from torch.distributed.tensor import DTensor
