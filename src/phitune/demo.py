@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from phitune.config import Config
-    from phitune.recipes.sft import RunResult
+    from phitune.recipes.run import RunResult
 
 console = Console()
 

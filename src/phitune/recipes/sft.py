@@ -5,37 +5,37 @@ The loop is plain PyTorch on Accelerate (device placement, mixed precision) and 
 so the loss is normalised by the whole optimizer step's trained tokens (or examples, or pairs).
 What the loss is comes from an objective (objectives.py): next-token SFT, a
 classification head, DPO. The pieces a run is built from (model, engine, schedule) are in
-recipes/setup.py.
+recipes/setup.py, what a run holds in recipes/run.py, and how its weights are saved in
+recipes/saving.py.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from phitune import hyperparameters, streamed_safetensors
+from phitune import hyperparameters
 from phitune.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from phitune.config import Config, dump_config
 from phitune.data.batching import epoch_batches, should_group, split_micro_padded
-from phitune.data.dataset import TrainData, statistics_of
+from phitune.data.dataset import statistics_of
 from phitune.distributed import Runtime, peak_memory_mb, run_deepspeed_config, start
 from phitune.engines import Engine
 from phitune.errors import PhituneError
 from phitune.evaluate import scoring
 from phitune.generate import complete_batch
-from phitune.models import HEADS, load_tokenizer, num_virtual_tokens, write_base_quantization
-from phitune.objectives import Objective, add_sums, build_objective, evaluate
-from phitune.outputs import staged
+from phitune.models import HEADS, load_tokenizer, num_virtual_tokens
+from phitune.objectives import add_sums, build_objective, evaluate
 from phitune.progress import Progress
+from phitune.recipes.run import Run, RunResult
+from phitune.recipes.saving import save_adapter, save_final
 from phitune.recipes.setup import (
     check_best_metric,
     load_data,
@@ -59,45 +59,6 @@ if TYPE_CHECKING:
     from phitune.data.tasks import TaskSpec
 
 log = logging.getLogger("phitune")
-
-
-@dataclass
-class RunResult:
-    output_dir: Path
-    state: TrainState
-    final_train_loss: float | None
-    eval_metrics: dict | None
-    artifact: Path
-
-
-@dataclass
-class Run:
-    """A run once set up: what the loop, the evaluations and the saving read."""
-
-    cfg: Config
-    out: Path
-    accelerator: object
-    runtime: Runtime
-    tokenizer: object
-    data: TrainData
-    chosen: dict | None  # what `auto` hyperparameters became, and why
-    engine: Engine
-    scheduler: object
-    objective: Objective
-    steps: int
-    answers_scored: bool  # the evaluation also scores generated answers with the task metric
-    best_metric: str
-    state: TrainState
-    resumed: bool
-    weights: dict  # trainable parameters and weight memory, for run.json
-    initial: Path | None  # PiSSA / OLoRA's initial adapter, which saving converts against
-    eval_metrics: dict | None = None
-    last_loss: float | None = None
-    metrics: MetricsLog | None = field(default=None, repr=False)
-    progress: Progress | None = field(default=None, repr=False)
-    # transformers' ZeRO-3 switch (HfDeepSpeedConfig): weakly referenced there, so held here for the run.
-    zero3_loading: object = field(default=None, repr=False)
-    startup: Startup = field(default_factory=Startup, repr=False)
 
 
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunResult:
@@ -448,52 +409,3 @@ def run_summary(run: Run, artifact: Path) -> dict:
         "leakage": data.leakage.as_dict() if data.leakage else None,
         "artifact": str(artifact),
     }
-
-
-# --- saving ------------------------------------------------------------------------------------
-
-
-def save_adapter(run: Run, path: Path) -> None:
-    """The adapter in PEFT's format, tokenizer and task beside. Under ZeRO-3 every process
-    gathers it; only the main one writes."""
-    state_dict = run.engine.adapter_state_dict()
-    if run.runtime.is_main:
-        run.engine.unwrap().save_pretrained(
-            path,
-            state_dict=state_dict,
-            path_initial_model_for_weight_conversion=str(run.initial) if run.initial else None,
-        )
-        run.tokenizer.save_pretrained(path)
-        (path / "task.json").write_text(run.data.spec.to_json())
-        if run.cfg.method.name == "qlora":
-            write_base_quantization(path, run.cfg.method)
-
-
-def save_final(run: Run, name: str | None = None) -> Path:
-    """OUT/adapter (PEFT format) or OUT/model (transformers format), or OUT/<name>, tokenizer
-    beside; sharded weights are gathered first, and only the main process writes."""
-    target = run.out / (name or ("adapter" if run.cfg.is_adapter else "model"))
-    with staged(target, writer=run.runtime.is_main) as tmp:
-        (save_adapter if run.cfg.is_adapter else save_whole_model)(run, tmp)
-    return target
-
-
-def save_whole_model(run: Run, path: Path) -> None:
-    """The full fine-tune in transformers' format, tokenizer and task beside. Sharded weights are
-    streamed into model.safetensors as they are gathered (no process holds the whole model),
-    unless transformers would rename or convert them on saving."""
-    model = run.engine.unwrap()
-    model.config.use_cache = True
-    weights = run.engine.whole_weights()  # a collective under sharding: every process takes part
-    if weights is None or not streamed_safetensors.saved_as_is(model, weights.slots):
-        whole = None if weights is None else dict(weights.tensors)
-        if run.runtime.is_main:
-            model.save_pretrained(path, state_dict=whole)
-    elif run.runtime.is_main:
-        model.save_pretrained(path, state_dict={})
-        streamed_safetensors.write(path / "model.safetensors", weights.slots, weights.tensors, {"format": "pt"})
-    else:
-        collections.deque(weights.tensors, maxlen=0)  # this process's part of each gather
-    if run.runtime.is_main:
-        run.tokenizer.save_pretrained(path)
-        (path / "task.json").write_text(run.data.spec.to_json())

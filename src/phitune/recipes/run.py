@@ -1,0 +1,55 @@
+"""What a fine-tuning run is once set up (`Run`, read by the loop, the evaluations and the saving)
+and what it returns (`RunResult`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from phitune.checkpoint import TrainState
+from phitune.config import Config
+from phitune.data.dataset import TrainData
+from phitune.distributed import Runtime
+from phitune.engines import Engine
+from phitune.objectives import Objective
+from phitune.progress import Progress
+from phitune.tracking import MetricsLog, Startup
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    state: TrainState
+    final_train_loss: float | None
+    eval_metrics: dict | None
+    artifact: Path
+
+
+@dataclass
+class Run:
+    """A run once set up: what the loop, the evaluations and the saving read."""
+
+    cfg: Config
+    out: Path
+    accelerator: object
+    runtime: Runtime
+    tokenizer: object
+    data: TrainData
+    chosen: dict | None  # what `auto` hyperparameters became, and why
+    engine: Engine
+    scheduler: object
+    objective: Objective
+    steps: int
+    answers_scored: bool  # the evaluation also scores generated answers with the task metric
+    best_metric: str
+    state: TrainState
+    resumed: bool
+    weights: dict  # trainable parameters and weight memory, for run.json
+    initial: Path | None  # PiSSA / OLoRA's initial adapter, which saving converts against
+    eval_metrics: dict | None = None
+    last_loss: float | None = None
+    metrics: MetricsLog | None = field(default=None, repr=False)
+    progress: Progress | None = field(default=None, repr=False)
+    # transformers' ZeRO-3 switch (HfDeepSpeedConfig): weakly referenced there, so held here for the run.
+    zero3_loading: object = field(default=None, repr=False)
+    startup: Startup = field(default_factory=Startup, repr=False)
