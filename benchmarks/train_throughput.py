@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -124,6 +125,16 @@ def phitune_cmd(model: Path, data: Path, out: Path, args, precision: str) -> lis
     return phitune_child([f"{k}={v}" for k, v in sets.items()])
 
 
+def packed_sets(args) -> list[str]:
+    """Packed rows holding about as many real tokens per step as `batch_size` examples do (so the
+    optimizer takes about as many steps), each row at least as long as the longest example."""
+    per_step = args.batch_size * sum(args.lengths) / len(args.lengths)
+    rows = max(1, round(per_step / args.max_length))
+    length = max(max(args.lengths), math.ceil(per_step / rows))
+    sets = {"data.packing": "on", "training.batch_size": rows, "data.max_length": length}
+    return [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+
+
 def phitune_child(sets: list[str]) -> list[str]:
     """`phitune train --overwrite --set KEY=VALUE ...` in a child that reports time and memory."""
     return [sys.executable, str(HERE / "_phitune_child.py"), "--overwrite", *[x for s in sets for x in ("--set", s)]]
@@ -177,6 +188,11 @@ RUNS = {
         lambda m, d, o, a: (
             phitune_cmd(m, d, o, a, "auto") + ["--set", "method.name=full", "--set", "training.learning_rate=2e-5"]
         ),
+    ),
+    "phitune-packing": (
+        "phitune LoRA, precision auto, packing with isolation (block-diagonal attention)",
+        False,
+        lambda m, d, o, a: phitune_cmd(m, d, o, a, "auto") + packed_sets(a),
     ),
     "trl": (
         "TRL SFTTrainer + PEFT, defaults (fp32, activation checkpointing on)",
@@ -260,6 +276,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model)
     examples = tokenize_file(tok, data, args.max_length).examples
     lengths = [len(e.input_ids) for e in examples]
+    args.lengths = lengths  # what packed runs size their rows by
     labelled = sum(sum(label != -100 for label in e.labels) for e in examples)
     flops = {full: useful_flops(model, lengths, labelled, full) for full in (False, True)}
     native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()

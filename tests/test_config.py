@@ -27,6 +27,17 @@ def test_minimal_config_with_shorthands(tmp_path, tiny_phi3, chat_files):
     assert cfg.training.max_steps == 200 and cfg.training.save_every == 50
 
 
+def test_bare_on_off_mean_the_words_not_booleans(tmp_path, tiny_phi3, chat_files):
+    # YAML 1.1 reads `on` / `off` as true / false, in a file and in --set alike.
+    p = _cfg(tmp_path, f"model: {tiny_phi3}\ndata: {{train: {chat_files[0]}, packing: on, group_by_length: off}}\n")
+    cfg = load_config(p, ["training.tensorboard=off"])
+    assert (cfg.data.packing, cfg.data.group_by_length, cfg.training.tensorboard) == ("on", "off", "off")
+    cfg = load_config(p, ["data.packing=off", "data.group_by_length=on"])
+    assert (cfg.data.packing, cfg.data.group_by_length) == ("off", "on")
+    with pytest.raises(PhituneError, match="data.packing"):
+        load_config(p, ["data.packing=sometimes"])
+
+
 def test_unknown_key_suggests_closest_and_names_line(tmp_path, tiny_phi3, chat_files):
     p = _cfg(tmp_path, f"model: {tiny_phi3}\ndata: {chat_files[0]}\ntraining:\n  lerning_rate: 0.1\n")
     with pytest.raises(PhituneError) as exc:

@@ -20,6 +20,11 @@ def template_fields(pattern: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(pattern) if name]
 
 
+def yaml_on_off(value):
+    """YAML 1.1 (a config file, or `--set KEY=on`) reads a bare `on` / `off` as true / false."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -148,6 +153,11 @@ class DataConfig(_Section):
     )
     dedupe: bool = Field(True, description="Drop exact duplicate training examples (reported).")
 
+    @field_validator("packing", "group_by_length", mode="before")
+    @classmethod
+    def _on_off(cls, value):
+        return yaml_on_off(value)
+
 
 class TaskConfig(_Section):
     name: Literal[TRAINABLE_TASKS] = Field(
@@ -241,9 +251,8 @@ class TrainingConfig(_Section):
 
     @field_validator("tensorboard", mode="before")
     @classmethod
-    def _yaml_on_off(cls, value):
-        # YAML 1.1 reads a bare `on` / `off` as true / false.
-        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+    def _on_off(cls, value):
+        return yaml_on_off(value)
 
 
 class DistributedConfig(_Section):
