@@ -73,9 +73,11 @@ class TorchBackend:
         temperature: float = 0.0,
         seed: int = 0,
         top_p: float = 1.0,
+        cancel: threading.Event | None = None,
     ) -> Iterator[str]:
         """Text pieces as they are generated. Closing the iterator early (a stop string, a client
-        that went away) stops the generation too, before this returns: the model is free again."""
+        that went away) stops the generation too, before this returns: the model is free again.
+        Setting `cancel` (from any thread) stops it at the next token."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -85,7 +87,7 @@ class TorchBackend:
             def __call__(self, input_ids, scores, **kwargs):
                 return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
-        cancel = threading.Event()
+        cancel = cancel or threading.Event()
         ids = torch.tensor([prompt_ids(self.tokenizer, messages)], device=self.model.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(

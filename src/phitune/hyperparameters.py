@@ -18,6 +18,7 @@ benchmarks/auto_vs_trl.py measures the result against hand-set TRL on the real m
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -163,13 +164,19 @@ def for_manifest(cfg: Config, examples: int | None, width: int | None = None) ->
     return cfg.model_copy(update={"training": training}), []
 
 
+# transformers' lazy module is not thread-safe on first import: two threads (the service worker's
+# validation lane and its training loop) importing AutoConfig at once saw "cannot import name".
+_IMPORTING = threading.Lock()
+
+
 def model_width(
     name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None, local_only: bool = False
 ) -> int | None:
     """The model's hidden size from its config (None when it cannot be read). `local_only`: a
     directory or the hub cache, never the network (for commands that do not train)."""
     try:
-        from transformers import AutoConfig
+        with _IMPORTING:
+            from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(
             name_or_path, trust_remote_code=trust_remote_code, revision=revision, local_files_only=local_only

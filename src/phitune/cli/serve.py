@@ -25,14 +25,16 @@ def serve_settings(args: argparse.Namespace) -> Settings:
                 f"--trust-remote-code {name}: not a served model; give the NAME of a --model NAME=PATH "
                 f"(served: {', '.join(models) or 'none'})"
             )
-    if args.max_upload_mb <= 0:
-        raise PhituneError(f"--max-upload-mb {args.max_upload_mb}: must be > 0")
+    for flag in ("max_upload_mb", "max_request_mb"):
+        if getattr(args, flag) <= 0:
+            raise PhituneError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be > 0")
     return Settings(
         storage=Path(args.storage),
         db_url=args.db or "",
         models=models,
         trusted=list(args.trust_remote_code or []),
         max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_request_bytes=int(args.max_request_mb * 2**20),
         stale_seconds=args.stale_seconds,
     )
 
@@ -43,12 +45,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from phitune.serve.app import listen, serve_api
     from phitune.serve.db import connect
+    from phitune.serve.guard import allowed_hosts
     from phitune.serve.keys import any_key
     from phitune.serve.settings import is_loopback
     from phitune.serve.worker import Worker
 
     settings = serve_settings(args)
     settings.open_when_keyless = is_loopback(args.host)
+    settings.allowed_hosts = allowed_hosts(args.host, args.allow_host)
+    settings.max_connections, settings.read_timeout = args.max_connections, args.read_timeout
+    _raise_file_limit(args.max_connections * args.api_processes)
     settings.storage.mkdir(parents=True, exist_ok=True)
     _, sessions, _ = connect(settings.db_url)  # the worker's too
     has_keys = any_key(sessions)
@@ -82,6 +88,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if thread:
             thread.join(timeout=30)
     return 0
+
+
+def _raise_file_limit(connections: int) -> None:
+    """Descriptors for every allowed connection plus the server's own files (the soft limit is
+    often 1024; the hard one is the most a process may raise it to)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard)
+        )
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -154,6 +173,12 @@ def storage_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-upload-mb", type=float, default=512, help="largest accepted upload (default 512)")
     parser.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=8,
+        help="largest body of any other request, refused before it is read (default 8)",
+    )
+    parser.add_argument(
         "--stale-seconds",
         type=float,
         default=30,
@@ -166,6 +191,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     storage_options(sv)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument(
+        "--allow-host",
+        action="append",
+        metavar="NAME",
+        help="a Host name a keyless server also answers to (repeatable; it always answers to 127.0.0.1, "
+        "localhost, ::1 and --host)",
+    )
+    sv.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=1000,
+        help="open connections per API process; more are answered 503 (default 1000)",
+    )
+    sv.add_argument(
+        "--read-timeout",
+        type=float,
+        default=30,
+        help="seconds a request body may pause before the request is refused with 408 (default 30)",
+    )
     sv.add_argument("--no-worker", action="store_true", help="API only; run `phitune worker` processes instead")
     sv.add_argument(
         "--api-processes",

@@ -20,6 +20,26 @@ def template_fields(pattern: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(pattern) if name]
 
 
+def template_problem(pattern: str) -> str | None:
+    """Why a data.template pattern is refused, or None. Only plain `{column}` substitutions: a
+    format spec (`{a:>25000000}` pads to any width), a conversion, an attribute or index
+    (`{a.b}`, `{a[0]}`) or a positional field (`{}`, `{0}`) would let a row, or a tenant of the
+    service, run more than a substitution."""
+    try:
+        parsed = list(string.Formatter().parse(pattern))
+    except ValueError as exc:
+        return f"not a valid pattern ({exc}); write a column as {{name}} and a literal brace as {{{{ or }}}}"
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        whole = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if not name.isidentifier():
+            return f"{whole}: a field is a column name, e.g. {{question}} (no positions, attributes or indexes)"
+        if spec or conversion:
+            return f"{whole}: only plain substitutions; write {{{name}}} (no format spec or conversion)"
+    return None
+
+
 def yaml_on_off(value):
     """YAML 1.1 (a config file, or `--set KEY=on`) reads a bare `on` / `off` as true / false."""
     return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
@@ -120,6 +140,15 @@ class DataConfig(_Section):
     completion_field: Optional[str] = Field(
         None, description="format template: the field where the trained completion starts."
     )
+
+    @field_validator("template")
+    @classmethod
+    def _plain_fields(cls, value: str | None) -> str | None:
+        problem = None if value is None else template_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
     chat_template: bool = Field(
         True,
         description="Render prompt/completion, Alpaca and task rows through the model's chat template (they then "

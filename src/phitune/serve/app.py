@@ -25,6 +25,7 @@ from starlette.routing import Match
 from phitune.errors import PhituneError
 from phitune.serve.db import connect
 from phitune.serve.errors import ApiError, validation_message
+from phitune.serve.guard import Guard
 from phitune.serve.settings import Settings
 
 if TYPE_CHECKING:
@@ -40,7 +41,34 @@ SETTINGS_ENV = "PHITUNE_SERVE_SETTINGS"  # how `serve_api` hands the settings to
 
 def app_from_env() -> FastAPI:
     """The app factory each of uvicorn's API processes calls (`serve_api`)."""
+    _end_with_supervisor()
     return create_app(Settings.from_json(os.environ[SETTINGS_ENV]))
+
+
+def _end_with_supervisor() -> None:
+    """An API process ends when the process that supervises it dies, however it dies (kill -9
+    included): an orphan would keep the port, and a restart would fail with "Address already in
+    use". Linux's parent-death signal where there is one; a watch of the parent's pid everywhere."""
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if parent == 1:  # the supervisor died before this process asked for the signal
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, daemon=True, name="phitune-supervisor-watch").start()
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -89,6 +117,7 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse(ApiError(400, message, param=param).body(), status_code=400)
 
     app.add_middleware(_Unexpected)
+    app.add_middleware(Guard, settings=settings)  # added last: outermost, before any body is read
     routers = [module.router for module in (files, jobs, stream, models, chat)]
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
@@ -181,6 +210,8 @@ def serve_api(settings: Settings, sock: socket.socket, *, processes: int) -> Non
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
+    from phitune.serve.guard import TimedHttpTools
+
     os.environ[SETTINGS_ENV] = settings.to_json()
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(
@@ -191,5 +222,8 @@ def serve_api(settings: Settings, sock: socket.socket, *, processes: int) -> Non
         port=port,
         log_level="warning",
         loop="asyncio",
+        http=TimedHttpTools,  # request headers within guard.HEADER_TIMEOUT
+        limit_concurrency=settings.max_connections,  # connections and requests past it: 503 at once
+        timeout_graceful_shutdown=10,  # SIGTERM ends open streams after 10 s, never waits on a client
     )
     Multiprocess(config, sockets=[sock]).run()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Mapping
 from typing import Annotated, Callable
 
 from fastapi import Depends, Request
@@ -47,12 +48,16 @@ def require_served(settings: Settings, model: str) -> None:
         )
 
 
-async def organization(request: Request) -> str:
+def is_keyless(state) -> bool:
+    """No API key exists and the server lets everyone in as `local` (loopback servers only)."""
+    return state.settings.open_when_keyless and not _key_orgs(state)
+
+
+def caller_org(state, headers: Mapping[str, str]) -> str:
     """The caller's organization from `Authorization: Bearer <key>`. With no key at all, a
     loopback server lets every caller in as the organization `local`; a server on another
     address never does (its last key may have been revoked)."""
-    state = request.app.state
-    header = request.headers.get("authorization", "")
+    header = headers.get("authorization", "")
     key = header[7:].strip() if header.lower().startswith("bearer ") else ""
     orgs = _key_orgs(state)  # read first: a request without a key must not meet an empty cache
     org = orgs.get(hash_key(key)) if key else None
@@ -65,6 +70,10 @@ async def organization(request: Request) -> str:
             code="invalid_api_key",
         )
     return org
+
+
+async def organization(request: Request) -> str:
+    return caller_org(request.app.state, request.headers)
 
 
 # async: FastAPI would run a plain `def` dependency in its threadpool, a thread hop per request

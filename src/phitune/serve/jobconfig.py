@@ -99,8 +99,10 @@ def raw_config(settings: Settings, job: Job, hyper: dict) -> dict:
         raw["method"] |= {"objective": "dpo", "beta": hyper.get("beta", 0.1)}
     raw = merge(raw, asked)
     lr = asked.get("training", {}).get("learning_rate")
-    if lr is not None:  # phitune's own learning rate is the base the multiplier scales
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool):  # the tenant's rate is what the multiplier scales
         raw["training"]["learning_rate"] = lr * hyper["learning_rate_multiplier"]
+    elif lr == "auto":  # phitune's auto rate, which the server already computed and scaled
+        raw["training"]["learning_rate"] = base_learning_rate(settings, job, method) * hyper["learning_rate_multiplier"]
     return raw
 
 

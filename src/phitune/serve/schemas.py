@@ -103,7 +103,7 @@ class ChatRequest(BaseModel):
     top_p: Optional[Annotated[float, Field(gt=0, le=1)]] = None
     n: Optional[Literal[1]] = None
     stop: Optional[Stop] = None
-    seed: Optional[int] = None
+    seed: Optional[Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]] = None  # int64, what torch's seed takes
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
 

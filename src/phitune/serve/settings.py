@@ -19,6 +19,10 @@ class Settings:
     models: dict[str, str] = field(default_factory=dict)  # served base model id -> local path or hub id
     trusted: list[str] = field(default_factory=list)  # served model ids whose own modelling code may run
     max_upload_bytes: int = 512 * 2**20
+    max_request_bytes: int = 8 * 2**20  # any other request body (chat, jobs, forms)
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names a keyless server answers to
+    max_connections: int = 1000  # per API process; more are answered 503
+    read_timeout: float = 30.0  # seconds a request body may pause between chunks
     poll_seconds: float = 0.5  # how often a worker looks for work and at its running job
     stale_seconds: float = 30.0  # a running job whose worker sent no heartbeat for this long is re-queued
     open_when_keyless: bool = True  # with no API key, let anyone in as `local`: loopback servers only

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from phitune.serve.errors import ApiError
 
 FIELD_LIMIT = 1024  # bytes of a plain form field (purpose)
+MAX_PARTS = 8  # parts of one upload (the form has two): a flood of small fields is refused early
 FORM_SLACK = 64 * 1024  # multipart headers and plain fields around the file, for the Content-Length check
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -25,7 +26,7 @@ class Upload:
         self.path, self.limit = path, limit
         self.fields: dict[str, str] = {}
         self.filename: str | None = None
-        self.size = 0
+        self.size = self.parts = 0
         self._out = None
         self._headers: dict[str, str] = {}
         self._field, self._value, self._name = b"", b"", None
@@ -43,6 +44,9 @@ class Upload:
         self._field, self._value = b"", b""
 
     def _headers_finished(self):
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise ApiError(400, f"multipart body: more than {MAX_PARTS} parts; send `file` and `purpose` only")
         _, params = parse_options_header(self._headers.get("content-disposition", ""))
         self._name = params.get(b"name", b"").decode("utf-8", "replace")
         if b"filename" in params:

@@ -200,8 +200,10 @@ class Worker:
                         message=f"{param} {file_id} is invalid: {problems[0]}",
                     )
                 counts[param] = len(split.samples)
-        except PhituneError as exc:
-            message = shown(exc.one_line())
+        except Exception as exc:  # noqa: BLE001 - whatever the cause, the job ends failed with it, never re-queued
+            if not isinstance(exc, PhituneError):
+                log.exception("job %s: validating its files failed", job.id)
+            message = shown(exc.one_line() if isinstance(exc, PhituneError) else f"{type(exc).__name__}: {exc}")[:500]
             return self.finish(
                 job.id,
                 "failed",

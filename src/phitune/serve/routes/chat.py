@@ -2,7 +2,7 @@
 
 Each base model is loaded once; fine-tunes are PEFT adapters loaded onto it by name and switched
 per request (`set_adapter`, or the adapter disabled for the base itself). One generation at a
-time per base (a lock): adapters are state of the shared model.
+time per base (a lock, held by the generating thread alone): adapters are state of the shared model.
 """
 
 from __future__ import annotations
@@ -30,6 +30,18 @@ if TYPE_CHECKING:
 
 router = APIRouter(tags=["chat"])
 _LOAD_LOCK = threading.Lock()
+
+
+class _ClosingStream(StreamingResponse):
+    """A stream whose generator is closed as soon as the response ends, however it ends: a client
+    that disconnects while a chunk is being sent would otherwise leave it suspended until garbage
+    collection (and its generation running)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 def resolve(request: Request, org: str, model: str) -> tuple[str, str | None, bool]:
@@ -71,6 +83,7 @@ class Served:
         self.model, self.tokenizer = load_for_inference(base, safetensors_only=True, trust_remote_code=trusted)
         self.lock = threading.Lock()
         self.adapters: set[str] = set()
+        self.longest_token = max(map(len, self.tokenizer.get_vocab()), default=1) or 1
 
     def select(self, adapter: str | None) -> ContextManager:
         """The model to run, with `adapter` active (None: the base); call under self.lock."""
@@ -122,18 +135,27 @@ def _fit(target: "Served", options: dict, model_id: str) -> int:
     from phitune.generate import prompt_ids
 
     positions = getattr(target.model.config, "max_position_embeddings", None)
+    if positions:
+        # No token is longer than the vocabulary's longest entry: a prompt this long cannot fit,
+        # refused without spending seconds of CPU tokenizing megabytes.
+        chars = sum(len(m["content"]) for m in options["messages"])
+        _refuse_past(positions, -(-chars // target.longest_token), model_id, "at least ")
     n = len(prompt_ids(target.tokenizer, options["messages"]))
-    if positions and n >= positions:
+    if positions:
+        _refuse_past(positions, n, model_id)
+        options["max_new_tokens"] = min(options["max_new_tokens"], positions - n)
+    return n
+
+
+def _refuse_past(positions: int, n: int, model_id: str, bound: str = "") -> None:
+    if n >= positions:
         raise ApiError(
             400,
-            f"messages: the prompt is {n} tokens; model '{model_id}' takes at most {positions} "
+            f"messages: the prompt is {bound}{n} tokens; model '{model_id}' takes at most {positions} "
             "(prompt and reply together); shorten the conversation",
             param="messages",
             code="context_length_exceeded",
         )
-    if positions:
-        options["max_new_tokens"] = min(options["max_new_tokens"], positions - n)
-    return n
 
 
 def until_stop(pieces: Iterable[str], stops: list[str]) -> Iterator[str]:
@@ -185,11 +207,11 @@ async def chat_completions(body: ChatRequest, request: Request, org: Org) -> dic
     prompt_tokens = await anyio.to_thread.run_sync(_fit, target, options, body.model)  # tokenizing: off the event loop
     completion_id, created = new_id("chatcmpl"), int(time.time())
     if body.stream:
-        return StreamingResponse(
+        return _ClosingStream(
             _stream(target, adapter, options, body.model, completion_id, created, usage_of(body, prompt_tokens)),
             media_type="text/event-stream",
         )
-    text, completion_tokens, finish = await anyio.to_thread.run_sync(_generate, target, adapter, options)
+    text, completion_tokens, finish = await _generate(target, adapter, options)
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -206,16 +228,80 @@ async def chat_completions(body: ChatRequest, request: Request, org: Org) -> dic
     }
 
 
-def _pieces(target: Served, options: dict):
-    from phitune.backends import TorchBackend
+class Generation:
+    """One reply generated on a thread of its own, which holds the base's lock for the generation
+    alone: never while a client reads. The route takes the pieces from an asyncio queue and calls
+    `cancel()` when it stops taking them (the client went away: RST, FIN, or the server cancelled
+    the stream); a client that stops reading without closing is cut off after STALL_SECONDS of
+    pieces waiting. Either way the model is free within a token or so, for every organization."""
 
-    generation = {k: v for k, v in options.items() if k != "stop"}
-    return until_stop(TorchBackend(target.model, target.tokenizer).stream(**generation), options["stop"])
+    STALL_SECONDS = 10.0
+    END = object()
+
+    def __init__(self, target: Served, adapter: str | None, options: dict) -> None:
+        import asyncio
+
+        self.target, self.adapter, self.options = target, adapter, options
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.stopped = threading.Event()  # set by the reader (cancel) or by the stall check
+        self.taken_at = time.monotonic()
+        threading.Thread(target=self._run, daemon=True, name="phitune-chat").start()
+
+    def cancel(self) -> None:
+        self.stopped.set()
+
+    async def pieces(self):
+        """The reply's text pieces; a generation error is raised here."""
+        try:
+            while True:
+                item = await self.queue.get()
+                self.taken_at = time.monotonic()
+                if item is self.END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancel()
+
+    def _run(self) -> None:
+        from contextlib import closing
+
+        from phitune.backends import TorchBackend
+
+        target, options = self.target, self.options
+        generation = {k: v for k, v in options.items() if k != "stop"}
+        try:
+            with target.lock:
+                if self.stopped.is_set():  # the client left while waiting for the model
+                    return
+                with target.select(self.adapter):
+                    stream = TorchBackend(target.model, target.tokenizer).stream(**generation, cancel=self.stopped)
+                    with closing(until_stop(stream, options["stop"])) as pieces:
+                        for piece in pieces:
+                            self._put(piece)
+                            if self.stopped.is_set() or self._stalled():
+                                break
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader, raised there
+            self._put(exc)
+        finally:
+            self._put(self.END)
+
+    def _stalled(self) -> bool:
+        """Pieces wait unread and the reader has taken none for STALL_SECONDS."""
+        return self.queue.qsize() > 0 and time.monotonic() - self.taken_at > self.STALL_SECONDS
+
+    def _put(self, item: object) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            self.stopped.set()
 
 
-def _generate(target: Served, adapter, options: dict):
-    with target.lock, target.select(adapter):
-        text = "".join(_pieces(target, options)).strip()
+async def _generate(target: Served, adapter, options: dict):
+    generation = Generation(target, adapter, options)
+    text = "".join([piece async for piece in generation.pieces()]).strip()
     produced = len(target.tokenizer(text, add_special_tokens=False)["input_ids"])
     finish = "length" if produced >= options["max_new_tokens"] else "stop"
     return text, produced, finish
@@ -226,7 +312,7 @@ def usage_of(body: ChatRequest, prompt_tokens: int) -> int | None:
     return prompt_tokens if body.stream_options and body.stream_options.include_usage else None
 
 
-def _stream(target: Served, adapter, options: dict, model_id, completion_id, created, prompt_tokens: int | None):
+async def _stream(target: Served, adapter, options: dict, model_id, completion_id, created, prompt_tokens: int | None):
     def chunk(delta: dict | None, finish: str | None = None, **extra) -> str:
         choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id}
@@ -234,11 +320,14 @@ def _stream(target: Served, adapter, options: dict, model_id, completion_id, cre
 
     yield chunk({"role": "assistant", "content": ""})
     text = ""
-    with target.lock, target.select(adapter):
-        for piece in _pieces(target, options):
+    generation = Generation(target, adapter, options)
+    try:
+        async for piece in generation.pieces():
             if piece:
                 text += piece
                 yield chunk({"content": piece})
+    finally:  # the client went away (the stream is cancelled or closed): stop generating for it
+        generation.cancel()
     produced = len(target.tokenizer(text.strip(), add_special_tokens=False)["input_ids"])
     yield chunk({}, finish="length" if produced >= options["max_new_tokens"] else "stop")
     if prompt_tokens is not None:
