@@ -17,9 +17,13 @@ def app(tiny_phi3, tmp_path_factory):
     """The app holding a file and a job, so that list pages return real objects to check."""
     from fastapi.testclient import TestClient
 
-    app = create_app(
-        Settings(storage=tmp_path_factory.mktemp("schema"), models={"tiny": str(tiny_phi3)}, max_upload_bytes=64 * 1024)
+    settings = Settings(
+        storage=tmp_path_factory.mktemp("schema"),
+        models={"tiny": str(tiny_phi3)},
+        max_upload_bytes=64 * 1024,
+        allowed_hosts=["testserver"],  # the in-process clients' Host: a keyless server answers its own names only
     )
+    app = create_app(settings)
     client = TestClient(app)
     row = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
     f = client.post("/v1/files", files={"file": ("t.jsonl", row * 4)}, data={"purpose": "fine-tune"}).json()

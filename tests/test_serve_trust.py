@@ -423,6 +423,57 @@ def test_a_cancel_wins_over_a_requeue(service):
     assert _job(service, paused).status == "paused"
 
 
+def test_a_final_status_is_never_overwritten(service):
+    # Cancel, then pause, on a running job: the accepted cancel stands, the pause is refused.
+    running = _queued_job(service, phitune={})
+    with service["app"].state.sessions() as db:
+        db.query(Job).filter(Job.id == running).update({"status": "running", "worker": "w", "heartbeat": time.time()})
+        db.commit()
+    assert service["alpha"].post(f"/v1/fine_tuning/jobs/{running}/cancel").status_code == 200
+    pause = service["alpha"].post(f"/v1/fine_tuning/jobs/{running}/pause")
+    assert pause.status_code == 400 and "cancel is already requested" in pause.json()["error"]["message"]
+    assert _job(service, running).requested == "cancel"
+    Worker(service["settings"], service["app"].state.sessions).conclude(
+        _job(service, running), "n", -15, "cancel", stopping=False
+    )
+    assert _job(service, running).status == "cancelled"
+    # Cancelled while its files are validated: the validation's own end (failed) does not land.
+    validating = _queued_job(service, phitune={}, status="validating_files", hyperparameters={"n_epochs": "many"})
+    assert service["alpha"].post(f"/v1/fine_tuning/jobs/{validating}/cancel").status_code == 200
+    worker = Worker(service["settings"], service["app"].state.sessions)
+    worker.validate(_job(service, validating))
+    assert _job(service, validating).status == "cancelled"
+    # No final status moves anywhere.
+    for action in ("cancel", "pause", "resume"):
+        r = service["alpha"].post(f"/v1/fine_tuning/jobs/{running}/{action}")
+        assert r.status_code == 400 and _job(service, running).status == "cancelled", action
+
+
+def test_any_error_while_validating_fails_the_job(service):
+    """A stored job whose validation raises something other than phitune's own error (a bad stored
+    value; once, a template's format spec) ends failed with the reason, never re-queued."""
+    job_id = _queued_job(service, phitune={}, status="validating_files", hyperparameters={"n_epochs": "many"})
+    assert _only(service, job_id).validate_next()
+    job = _job(service, job_id)
+    assert job.status == "failed" and job.worker is None and "ValueError" in job.error["message"], job.error
+
+
+@pytest.mark.parametrize(
+    "template", ["Q: {a:>25000000} A: {out}", "{a.b} {out}", "{0} {out}", "{out!r}", "{a[0]} {out}"]
+)
+def test_a_template_is_plain_substitutions_only(service, template):
+    data = {"format": "template", "template": template, "completion_field": "out"}
+    r = _create(service["alpha"], service["file"], phitune={"data": data})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "phitune.data.template", err
+    assert "plain" in err["message"] or "column name" in err["message"]
+
+
+def test_a_learning_rate_of_auto_is_phitunes_own(service):
+    r = _create(service["alpha"], service["file"], phitune={"training": {"learning_rate": "auto"}})
+    assert r.status_code == 200, r.text
+
+
 def test_auto_resume_never_deletes_a_directory_that_is_not_its_run(tiny_phi3, chat_files, tmp_path, capsys):
     from helpers import run_cli, write_config
 

@@ -52,7 +52,7 @@ class Guard:
 
     def __init__(self, app, settings: Settings) -> None:
         self.app, self.settings = app, settings
-        self.hosts = set(settings.allowed_hosts or allowed_hosts("127.0.0.1"))
+        self.hosts = set(allowed_hosts("127.0.0.1", settings.allowed_hosts))
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from phitune.serve.options import JobOptions
+from phitune.serve.status import ALL as STATUSES
 
 
 class _Request(BaseModel):
@@ -214,7 +215,7 @@ class Job(BaseModel):
     organization_id: str
     result_files: list[str]
     seed: int
-    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
+    status: Literal[STATUSES]
     trained_tokens: Optional[int] = None
     training_file: str
     validation_file: Optional[str] = None

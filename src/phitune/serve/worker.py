@@ -29,12 +29,16 @@ from sqlalchemy import func, select, update
 from phitune.config import dump_config
 from phitune.errors import PhituneError
 from phitune.outputs import checkpoint_step, list_checkpoints
+from phitune.serve import status
 from phitune.serve.db import Checkpoint, Event, File, Job, add_event, new_id, now
 from phitune.serve.jobconfig import build_config, choose_hyperparameters, fine_tuned_name
 from phitune.serve.settings import Settings
+from phitune.serve.status import Status
 from phitune.tracking import read_metrics
 
 log = logging.getLogger("phitune")
+PAUSED = "The job was paused; resume continues from its last checkpoint"
+STOPPED = "The worker running this job stopped; it was re-queued and continues from its last checkpoint"
 
 
 class Worker:
@@ -65,7 +69,7 @@ class Worker:
                 stop.wait(self.settings.poll_seconds)
 
     def validate_next(self) -> bool:
-        job = self.claim("validating_files", "validating_files")
+        job = self.claim(Status.VALIDATING, Status.VALIDATING)
         if job is None:
             return False
         self.validate(job)
@@ -77,7 +81,7 @@ class Worker:
         self.requeue_stale()
         if validate and self.validate_next():
             return True
-        job = self.claim("queued", "running")
+        job = self.claim(Status.QUEUED, Status.RUNNING)
         if job is not None:
             try:
                 self.execute(job, stop)
@@ -86,24 +90,26 @@ class Worker:
                 reason = exc.one_line() if isinstance(exc, PhituneError) else f"{type(exc).__name__}: {exc}"
                 self.finish(
                     job.id,
-                    "failed",
+                    Status.FAILED,
                     error={"code": "training_failed", "message": reason[:500], "param": None},
                     message=f"Training failed: {reason[:500]}",
                 )
             return True
         return False
 
-    def claim(self, status: str, to: str) -> Job | None:
-        """Take one unowned job in `status`; the conditional UPDATE makes it one worker's only."""
+    def claim(self, current: Status, to: Status) -> Job | None:
+        """Take one unowned job in `current`; the conditional UPDATE makes it one worker's only."""
         with self.sessions() as db:
             ids = list(
-                db.scalars(select(Job.id).where(Job.status == status, Job.worker.is_(None)).order_by(Job.seq).limit(5))
+                db.scalars(
+                    select(Job.id).where(Job.status == current.value, Job.worker.is_(None)).order_by(Job.seq).limit(5)
+                )
             )
             for job_id in ids:
                 claimed = db.execute(
                     update(Job)
-                    .where(Job.id == job_id, Job.status == status, Job.worker.is_(None))
-                    .values(status=to, worker=self.name, heartbeat=time.time())
+                    .where(Job.id == job_id, Job.status == current.value, Job.worker.is_(None))
+                    .values(status=to.value, worker=self.name, heartbeat=time.time())
                 )
                 db.commit()
                 if claimed.rowcount == 1:
@@ -116,64 +122,52 @@ class Worker:
             stale = list(
                 db.scalars(
                     select(Job).where(
-                        Job.status.in_(("running", "validating_files")), Job.worker.is_not(None), Job.heartbeat < limit
+                        Job.status.in_((Status.RUNNING.value, Status.VALIDATING.value)),
+                        Job.worker.is_not(None),
+                        Job.heartbeat < limit,
                     )
                 )
             )
             for job in stale:
-                if job.requested in ("cancel", "pause"):  # what the caller asked for wins over a re-queue
-                    status = "cancelled" if job.requested == "cancel" else "paused"
-                    moved = db.execute(
-                        update(Job)
-                        .where(Job.id == job.id, Job.heartbeat == job.heartbeat)
-                        .values(
-                            status=status,
-                            worker=None,
-                            requested=None,
-                            finished_at=now() if status == "cancelled" else None,
-                        )
-                    )
-                    if moved.rowcount == 1:
-                        add_event(
-                            db,
-                            job.id,
-                            "The job was cancelled"
-                            if status == "cancelled"
-                            else "The job was paused; resume continues from its last checkpoint",
-                        )
-                    continue
-                moved = db.execute(
-                    update(Job)
-                    .where(Job.id == job.id, Job.heartbeat == job.heartbeat)
-                    .values(
-                        status="queued" if job.status == "running" else "validating_files", worker=None, requested=None
-                    )
-                )
-                if moved.rowcount == 1:
-                    add_event(
-                        db,
-                        job.id,
-                        "The worker running this job stopped; it was re-queued and continues from its last checkpoint",
-                        level="warn",
-                    )
-            db.commit()
-
-    def finish(self, job_id: str, status: str, *, error: dict | None = None, message: str, **values: object) -> None:
-        with self.sessions() as db:
-            db.execute(
-                update(Job)
-                .where(Job.id == job_id)
-                .values(
-                    status=status,
-                    error=error,
-                    finished_at=now() if status != "paused" else None,
+                # What the caller asked for wins over a re-queue; only this heartbeat's owner is moved.
+                to, event, level = Status(job.status), STOPPED, "warn"
+                if job.requested == status.CANCEL:
+                    to, event, level = Status.CANCELLED, "The job was cancelled", "info"
+                elif job.requested == status.PAUSE:
+                    to, event, level = Status.PAUSED, PAUSED, "info"
+                elif job.status == Status.RUNNING:
+                    to = Status.QUEUED
+                status.move(
+                    db,
+                    job.id,
+                    to,
+                    event=event,
+                    level=level,
+                    only_from=frozenset({Status(job.status)}),
+                    where=(Job.heartbeat == job.heartbeat,),
                     worker=None,
                     requested=None,
-                    **values,
+                    finished_at=now() if to == Status.CANCELLED else None,
                 )
-            )
-            add_event(db, job_id, message, level="error" if status == "failed" else "info")
             db.commit()
+
+    def finish(self, job_id: str, to: str, *, error: dict | None = None, message: str, **values: object) -> bool:
+        """The job's end (or pause), unless it already ended: a job cancelled meanwhile stays so."""
+        with self.sessions() as db:
+            moved = status.move(
+                db,
+                job_id,
+                Status(to),
+                event=message,
+                level="error" if to == Status.FAILED else "info",
+                error=error,
+                finished_at=now() if to != Status.PAUSED else None,
+                worker=None,
+                requested=None,
+                **values,
+            )
+            db.commit()
+        return moved
 
     # --- validating_files -----------------------------------------------------------------------
 
@@ -195,7 +189,7 @@ class Worker:
                     code = "invalid_training_file" if param == "training_file" else "invalid_validation_file"
                     return self.finish(
                         job.id,
-                        "failed",
+                        Status.FAILED,
                         error={"code": code, "message": "; ".join(problems) + more, "param": param},
                         message=f"{param} {file_id} is invalid: {problems[0]}",
                     )
@@ -206,25 +200,22 @@ class Worker:
             message = shown(exc.one_line() if isinstance(exc, PhituneError) else f"{type(exc).__name__}: {exc}")[:500]
             return self.finish(
                 job.id,
-                "failed",
+                Status.FAILED,
                 error={"code": "invalid_training_file", "message": message, "param": "training_file"},
                 message=message,
             )
         chosen = choose_hyperparameters(job.hyperparameters, counts["training_file"])
         with self.sessions() as db:
-            db.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.status == "validating_files")
-                .values(status="queued", hyperparameters=chosen, worker=None)
-            )
-            add_event(
-                db,
-                job.id,
+            validated = (
                 f"Files validated: {counts['training_file']} training examples"
                 + (f", {counts['validation_file']} validation" if "validation_file" in counts else "")
-                + f"; hyperparameters: {json.dumps(chosen)}",
+                + f"; hyperparameters: {json.dumps(chosen)}"
             )
-            add_event(db, job.id, "Fine-tuning job queued")
+            only = frozenset({Status.VALIDATING})
+            if status.move(
+                db, job.id, Status.QUEUED, event=validated, only_from=only, hyperparameters=chosen, worker=None
+            ):
+                add_event(db, job.id, "Fine-tuning job queued")
             db.commit()
 
     # --- running ---------------------------------------------------------------------------------
@@ -274,22 +265,20 @@ class Worker:
     def conclude(self, job: Job, name: str, returncode: int, requested: str | None, *, stopping: bool) -> None:
         """The job's final status from how its training process ended."""
         if requested == "cancel":
-            return self.finish(job.id, "cancelled", message="The job was cancelled")
+            return self.finish(job.id, Status.CANCELLED, message="The job was cancelled")
         if requested == "pause":
-            return self.finish(
-                job.id, "paused", message="The job was paused; resume continues from its last checkpoint"
-            )
+            return self.finish(job.id, Status.PAUSED, message=PAUSED)
         if stopping and returncode != 0:
             # The server is shutting down: leave the job for the next worker (it resumes from a checkpoint).
             with self.sessions() as db:
-                db.execute(update(Job).where(Job.id == job.id).values(status="queued", worker=None))
+                status.move(db, job.id, Status.QUEUED, only_from=frozenset({Status.RUNNING}), worker=None)
                 db.commit()
             return None
         if returncode != 0:
             reason = _last_error(self.settings.job_dir(job.id) / "train.log")
             return self.finish(
                 job.id,
-                "failed",
+                Status.FAILED,
                 error={"code": "training_failed", "message": reason, "param": None},
                 message=f"Training failed: {reason}",
             )
@@ -300,7 +289,7 @@ class Worker:
         result = self.result_file(job)
         self.finish(
             job.id,
-            "succeeded",
+            Status.SUCCEEDED,
             message="The job has successfully completed",
             fine_tuned_model=name,
             trained_tokens=run.get("trained_tokens"),

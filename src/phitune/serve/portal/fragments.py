@@ -21,7 +21,6 @@ from phitune.serve.routes import files, jobs, models
 from phitune.serve.schemas import JobCreate
 
 router = APIRouter(prefix="/portal", include_in_schema=False)
-STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
 MAX_JOBS = 1000  # jobs one list shows (newest first)
 
 

@@ -7,19 +7,21 @@ succeed is a 400 now, not a failure minutes later. The data itself is validated 
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from sqlalchemy import bindparam, select
 
 from phitune.errors import PhituneError
-from phitune.serve import schemas
+from phitune.serve import schemas, status
 from phitune.serve.db import Checkpoint, Event, Job, add_event, first, new_id, now
 from phitune.serve.deps import Org, Reads, ServerSettings, Sessions, require_served
 from phitune.serve.errors import ApiError, not_found
 from phitune.serve.listing import limit_query, page
 from phitune.serve.routes.files import get_file
 from phitune.serve.schemas import JobCreate, Method
+from phitune.serve.status import Status
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -122,7 +124,9 @@ def create_job(body: JobCreate, org: Org, settings: ServerSettings, sessions: Se
         try:  # the options against the config schema, with placeholder sizes; the worker rebuilds it with real ones
             build_config(settings, job, choose_hyperparameters(asked, 100))
         except PhituneError as exc:
-            raise ApiError(400, f"phitune options: {exc.one_line()}", param="phitune") from None
+            key = re.match(r"job: ([\w.]+):", exc.problems[0]) if exc.problems else None  # the first bad key
+            param = f"phitune.{key[1]}" if key else "phitune"
+            raise ApiError(400, f"phitune options: {exc.one_line()}", param=param) from None
         db.add(job)
         db.flush()  # the job row first: the event refers to it (PostgreSQL checks the key at once)
         add_event(db, job.id, f"Validating training file: {job.training_file}")
@@ -155,49 +159,52 @@ async def retrieve_job(org: Org, reads: Reads, job_id: str) -> dict:
         return render(get_job(db, org, job_id))
 
 
-FINAL = ("succeeded", "failed", "cancelled")
+FINAL = tuple(s.value for s in status.FINAL)
+NOT_RUNNING = frozenset({Status.VALIDATING, Status.QUEUED, Status.PAUSED})
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel", **schemas.documented(schemas.Job, 400, 401, 404))
 def cancel_job(org: Org, sessions: Sessions, job_id: str) -> dict:
     with sessions() as db:
         job = get_job(db, org, job_id)
-        if job.status in FINAL:
+        # Nothing runs: cancelled now. Running: the worker stops the run within a poll interval.
+        done = status.move(
+            db, job.id, Status.CANCELLED, event="The job was cancelled", only_from=NOT_RUNNING, finished_at=now()
+        )
+        if not done and not status.request(db, job.id, status.CANCEL):
+            db.rollback()
+            job = get_job(db, org, job_id)
             raise ApiError(400, f"job {job_id} is already {job.status}", code="job_not_cancellable")
-        if job.status in ("validating_files", "queued", "paused"):  # nothing runs: cancelled now
-            job.status, job.finished_at = "cancelled", now()
-            add_event(db, job.id, "The job was cancelled")
-        else:
-            job.requested = "cancel"  # the worker stops the run within a poll interval
         db.commit()
-        return render(job)
+        return render(get_job(db, org, job_id))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/pause", **schemas.documented(schemas.Job, 400, 401, 404))
 def pause_job(org: Org, sessions: Sessions, job_id: str) -> dict:
     with sessions() as db:
         job = get_job(db, org, job_id)
-        if job.status not in ("running", "queued"):
+        done = status.move(db, job.id, Status.PAUSED, event="The job was paused", only_from=frozenset({Status.QUEUED}))
+        if not done and not status.request(db, job.id, status.PAUSE):
+            db.rollback()
+            job = get_job(db, org, job_id)
+            if job.requested == status.CANCEL:
+                raise ApiError(400, f"job {job_id}: a cancel is already requested; the job ends cancelled")
             raise ApiError(400, f"job {job_id} is {job.status}; only a queued or running job can be paused")
-        if job.status == "queued":
-            job.status = "paused"
-            add_event(db, job.id, "The job was paused")
-        else:
-            job.requested = "pause"
         db.commit()
-        return render(job)
+        return render(get_job(db, org, job_id))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/resume", **schemas.documented(schemas.Job, 400, 401, 404))
 def resume_job(org: Org, sessions: Sessions, job_id: str) -> dict:
     with sessions() as db:
         job = get_job(db, org, job_id)
-        if job.status != "paused":
+        event = "The job was resumed; it continues from its last checkpoint"
+        if not status.move(
+            db, job.id, Status.QUEUED, event=event, only_from=frozenset({Status.PAUSED}), requested=None
+        ):
             raise ApiError(400, f"job {job_id} is {job.status}; only a paused job can be resumed")
-        job.status, job.requested = "queued", None
-        add_event(db, job.id, "The job was resumed; it continues from its last checkpoint")
         db.commit()
-        return render(job)
+        return render(get_job(db, org, job_id))
 
 
 def render_event(e: Event) -> dict:
