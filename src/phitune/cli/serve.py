@@ -25,6 +25,9 @@ def serve_settings(args: argparse.Namespace) -> Settings:
                 f"--trust-remote-code {name}: not a served model; give the NAME of a --model NAME=PATH "
                 f"(served: {', '.join(models) or 'none'})"
             )
+    if args.keep_checkpoints < 0 or (args.org_quota_mb is not None and args.org_quota_mb <= 0):
+        bad = "--keep-checkpoints" if args.keep_checkpoints < 0 else "--org-quota-mb"
+        raise PhituneError(f"{bad}: must be > 0 (--keep-checkpoints 0 keeps every checkpoint)")
     for flag in ("max_upload_mb", "max_request_mb"):
         if getattr(args, flag) <= 0:
             raise PhituneError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be > 0")
@@ -35,6 +38,8 @@ def serve_settings(args: argparse.Namespace) -> Settings:
         trusted=list(args.trust_remote_code or []),
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         max_request_bytes=int(args.max_request_mb * 2**20),
+        org_quota_bytes=int(args.org_quota_mb * 2**20) if args.org_quota_mb else None,
+        keep_checkpoints=args.keep_checkpoints,
         stale_seconds=args.stale_seconds,
     )
 
@@ -48,6 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from phitune.serve.guard import allowed_hosts
     from phitune.serve.keys import any_key
     from phitune.serve.settings import is_loopback
+    from phitune.serve.storage import recover
     from phitune.serve.worker import Worker
 
     settings = serve_settings(args)
@@ -57,6 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _raise_file_limit(args.max_connections * args.api_processes)
     settings.storage.mkdir(parents=True, exist_ok=True)
     _, sessions, _ = connect(settings.db_url)  # the worker's too
+    recover(settings, sessions)  # uploads a killed server left half-written
     has_keys = any_key(sessions)
     if not has_keys and not settings.open_when_keyless:
         raise PhituneError(
@@ -177,6 +184,17 @@ def storage_options(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=8,
         help="largest body of any other request, refused before it is read (default 8)",
+    )
+    parser.add_argument(
+        "--org-quota-mb",
+        type=float,
+        help="bytes of files and fine-tuning runs one organization may store (default: no quota)",
+    )
+    parser.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=3,
+        help="a job's newest checkpoints kept, plus its best with a validation file (default 3; 0 keeps all)",
     )
     parser.add_argument(
         "--stale-seconds",

@@ -99,7 +99,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)  # ApiError, and Starlette's own 404 / 405
     async def _http_error(request: Request, exc: StarletteHTTPException):
         if isinstance(exc, ApiError):
-            return JSONResponse(exc.body(), status_code=exc.status_code)
+            return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
         headers = {}
         if exc.status_code == 405:
             allowed = _allowed_methods(routers, request.url.path)

@@ -88,13 +88,13 @@ def raw_config(settings: Settings, job: Job, hyper: dict) -> dict:
             "learning_rate": base_learning_rate(settings, job, method) * hyper["learning_rate_multiplier"],
             "log_every": 1,
             "save_every": 10,
-            "save_total_limit": None,
+            "save_total_limit": settings.keep_checkpoints or None,
         },
         "output_dir": owned["output_dir"],
     }
     if job.validation_file:
         raw["data"]["validation"] = owned["data"]["validation"]
-        raw["training"]["eval_every"] = 10
+        raw["training"] |= {"eval_every": 10, "keep_best": True}  # the best survives the rotation
     if job.method.get("type") == "dpo":
         raw["method"] |= {"objective": "dpo", "beta": hyper.get("beta", 0.1)}
     raw = merge(raw, asked)

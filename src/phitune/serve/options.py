@@ -33,7 +33,8 @@ SERVER_OWNED: dict[str, str] = {
     "training.seed": "use `seed`",
     "training.log_every": "the service logs every step (one metrics event each)",
     "training.save_every": "the service checkpoints every 10 steps",
-    "training.save_total_limit": "the service keeps every checkpoint (each is a model you can chat with)",
+    "training.save_total_limit": "the service keeps a job's newest checkpoints (the server's --keep-checkpoints, "
+    "default 3) and its best",
     "training.tensorboard": "the service reports metrics as job events",
 }
 

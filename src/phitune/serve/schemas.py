@@ -158,6 +158,8 @@ class FileCheck(BaseModel):
     object: Literal["file.check"]
     file_id: str
     model: str
+    checked_bytes: int
+    sampled: bool  # true: a large file, checked on its first checked_bytes (whole lines)
     format: str
     examples: int
     valid: bool

@@ -23,6 +23,8 @@ class Settings:
     allowed_hosts: list[str] = field(default_factory=list)  # Host names a keyless server answers to
     max_connections: int = 1000  # per API process; more are answered 503
     read_timeout: float = 30.0  # seconds a request body may pause between chunks
+    org_quota_bytes: int | None = None  # files and runs one organization may store; None: no quota
+    keep_checkpoints: int = 3  # a service job's newest checkpoints kept (and its best, with validation); 0: all
     poll_seconds: float = 0.5  # how often a worker looks for work and at its running job
     stale_seconds: float = 30.0  # a running job whose worker sent no heartbeat for this long is re-queued
     open_when_keyless: bool = True  # with no API key, let anyone in as `local`: loopback servers only

@@ -34,10 +34,12 @@ from phitune.serve.db import Checkpoint, Event, File, Job, add_event, new_id, no
 from phitune.serve.jobconfig import build_config, choose_hyperparameters, fine_tuned_name
 from phitune.serve.settings import Settings
 from phitune.serve.status import Status
+from phitune.serve.storage import quota_error, usage
 from phitune.tracking import read_metrics
 
 log = logging.getLogger("phitune")
 PAUSED = "The job was paused; resume continues from its last checkpoint"
+QUOTA = "quota"  # the organization's storage quota stopped the run (a request of the worker's own)
 STOPPED = "The worker running this job stopped; it was re-queued and continues from its last checkpoint"
 
 
@@ -264,6 +266,15 @@ class Worker:
 
     def conclude(self, job: Job, name: str, returncode: int, requested: str | None, *, stopping: bool) -> None:
         """The job's final status from how its training process ended."""
+        if requested == QUOTA:
+            used = usage_now(self.settings, self.sessions, job.org)
+            error = quota_error(self.settings, used, f"job {job.id}")
+            return self.finish(
+                job.id,
+                Status.FAILED,
+                error={"code": error.code, "message": error.detail, "param": None},
+                message=f"Training stopped: {error.detail}",
+            )
         if requested == "cancel":
             return self.finish(job.id, Status.CANCELLED, message="The job was cancelled")
         if requested == "pause":
@@ -322,11 +333,16 @@ class Worker:
                     data=data,
                     step=r["step"],
                 )
-            known = set(db.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job.id)))
-            for ck in list_checkpoints(run / "checkpoints"):
-                step = checkpoint_step(ck)
-                if step in known or not (ck / "adapter").is_dir():
-                    continue
+            rows = dict(
+                db.execute(select(Checkpoint.step, Checkpoint.deleted).where(Checkpoint.job_id == job.id)).all()
+            )
+            on_disk = {checkpoint_step(ck): ck for ck in list_checkpoints(run / "checkpoints")}
+            gone = [step for step, deleted in rows.items() if not deleted and step not in on_disk]
+            if gone:  # rotated out (--keep-checkpoints): no longer a model to call
+                rotated = update(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step.in_(gone))
+                db.execute(rotated.values(deleted=True))
+            new = [(step, ck) for step, ck in on_disk.items() if step not in rows and (ck / "adapter").is_dir()]
+            for step, ck in new:
                 metrics = _metric_data(next((r for r in records if r["step"] == step), {"step": step}), total)
                 db.add(
                     Checkpoint(
@@ -344,8 +360,13 @@ class Worker:
             if finish is not None:
                 values["estimated_finish"] = finish
             db.execute(update(Job).where(Job.id == job.id).values(**values))
+            over = (
+                bool(new)
+                and self.settings.org_quota_bytes
+                and usage(self.settings, db, job.org) > self.settings.org_quota_bytes
+            )
             db.commit()
-            return current.requested
+            return QUOTA if over and not current.requested else current.requested
 
     def result_file(self, job: Job) -> str:
         """step_metrics.csv as a file of purpose fine-tune-results."""
@@ -371,6 +392,11 @@ class Worker:
             )
             db.commit()
         return file_id
+
+
+def usage_now(settings: Settings, sessions, org: str) -> int:
+    with sessions() as db:
+        return usage(settings, db, org)
 
 
 def _estimated_finish(records: list[dict], total: int | None, started: float) -> int | None:

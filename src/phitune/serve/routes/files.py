@@ -10,11 +10,12 @@ from fastapi.responses import FileResponse
 from sqlalchemy import bindparam, select
 
 from phitune.errors import PhituneError
-from phitune.serve import schemas
+from phitune.serve import schemas, storage
 from phitune.serve.db import File, first, new_id
 from phitune.serve.deps import Org, Reads, ServerSettings, Sessions, require_served
 from phitune.serve.errors import ApiError, not_found
 from phitune.serve.listing import limit_query, page
+from phitune.serve.storage import partial_path
 from phitune.serve.upload import Upload
 
 if TYPE_CHECKING:
@@ -70,8 +71,18 @@ UPLOAD_BODY = {
 @router.post("/files", **schemas.documented(schemas.FileObject, 400, 401, 413), openapi_extra=UPLOAD_BODY)
 async def create_file(request: Request, org: Org, settings: ServerSettings, sessions: Sessions) -> dict:
     """Upload a file (multipart: `file`, `purpose`). Read as it arrives: refused at the limit."""
+    import anyio
+
     file_id = new_id("file")
-    upload = await Upload(settings.file_path(file_id, "fine-tune"), settings.max_upload_bytes).read(request)
+    final = settings.file_path(file_id, "fine-tune")
+    left = await anyio.to_thread.run_sync(_room, settings, sessions, org)  # 403 before a byte is read
+    limit = settings.max_upload_bytes if left is None else min(settings.max_upload_bytes, left)
+    try:
+        upload = await Upload(partial_path(final), limit).read(request)
+    except ApiError as exc:  # past the room left: the quota is what refused it
+        if exc.status_code == 413 and limit != settings.max_upload_bytes:
+            raise storage.quota_error(settings, settings.org_quota_bytes - limit, "file") from None
+        raise
     purpose = upload.fields.get("purpose")
     if purpose not in UPLOADABLE:
         upload.path.unlink(missing_ok=True)
@@ -80,7 +91,13 @@ async def create_file(request: Request, org: Org, settings: ServerSettings, sess
         row = File(id=file_id, org=org, filename=upload.shown_name(), purpose=purpose, bytes=upload.size)
         db.add(row)
         db.commit()
-        return render(row)
+    upload.path.replace(final)  # a final name always has a row (storage.recover finishes this after a kill)
+    return render(row)
+
+
+def _room(settings, sessions, org: str) -> int | None:
+    with sessions() as db:
+        return storage.room(settings, db, org, "file")
 
 
 @router.get("/files", **schemas.documented(schemas.FileList, 400, 401))

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from sqlalchemy import bindparam, select
 
 from phitune.errors import PhituneError
-from phitune.serve import schemas, status
+from phitune.serve import schemas, status, storage
 from phitune.serve.db import Checkpoint, Event, Job, add_event, first, new_id, now
 from phitune.serve.deps import Org, Reads, ServerSettings, Sessions, require_served
 from phitune.serve.errors import ApiError, not_found
@@ -108,6 +108,7 @@ def create_job(body: JobCreate, org: Org, settings: ServerSettings, sessions: Se
                     param=param,
                     code="invalid_file_purpose",
                 )
+        storage.room(settings, db, org, "job")  # a job writes checkpoints: refused when the quota is full
         job = Job(
             id=new_id("ftjob"),
             org=org,

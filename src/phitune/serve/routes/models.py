@@ -10,6 +10,7 @@ from phitune.serve import schemas
 from phitune.serve.db import Checkpoint, Job
 from phitune.serve.deps import Org
 from phitune.serve.errors import ApiError, not_found
+from phitune.serve.storage import remove_weights
 
 router = APIRouter(tags=["models"])
 FINE_TUNES = (
@@ -65,4 +66,5 @@ def delete_model(request: Request, org: Org, model: str) -> dict:
         for ck in db.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id)):
             ck.deleted = True
         db.commit()
+    remove_weights(request.app.state.settings, job.id)
     return {"id": model, "object": "model", "deleted": True}
