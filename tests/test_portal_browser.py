@@ -291,3 +291,21 @@ def test_the_portal_end_to_end_in_a_browser(browser, service, tmp_path, shots):
     # No page asked for anything outside this server
     logs = [e for e in driver.get_log("browser") if "127.0.0.1" not in e["message"] and e["level"] == "SEVERE"]
     assert not logs, logs
+
+
+@pytest.mark.parametrize(
+    "next_",
+    ["/%5C127.0.0.1:19999/x", "/%09/127.0.0.1:19999/x", "//127.0.0.1:19999/x", "http://127.0.0.1:19999/x", "/models"],
+)
+def test_signing_in_never_leaves_this_server(browser, service, next_):
+    """`next` after sign-in: a path here is followed; anything a browser resolves to another origin
+    (`/\\host`, `/<tab>/host`, `//host`, a full URL) lands on the jobs page instead."""
+    server, keys = service
+    base = f"http://127.0.0.1:{server.port}"
+    browser.get(base + "/signin")
+    browser.execute_script("sessionStorage.clear()")
+    browser.get(f"{base}/signin?next={next_}")
+    browser.find_element(By.ID, "api-key").send_keys(keys["alpha"])
+    browser.find_element(By.CSS_SELECTOR, "#signin-form button").click()
+    wait(browser, lambda d: "/signin" not in d.current_url)
+    assert browser.current_url == base + (next_ if next_ == "/models" else "/"), browser.current_url

@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import (
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Executable,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -110,6 +112,7 @@ class Event(Base):
 
 class Checkpoint(Base):
     __tablename__ = "checkpoints"
+    __table_args__ = (Index("ix_checkpoints_job_step", "job_id", "step", unique=True),)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(40), unique=True, index=True)
     job_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id"), index=True)
@@ -168,13 +171,34 @@ def first(db: Session | Connection, stmt: Executable, **params: object) -> objec
     return db.scalar(stmt, params) if isinstance(db, Session) else db.execute(stmt, params).first()
 
 
+def migrate(engine: Engine) -> None:
+    """The database at the newest schema revision (Alembic, `serve/migrations`), in one
+    transaction that holds the write lock: of several processes starting at once, the first
+    upgrades and the others find it done. A database from before migrations (phitune 0.1.0 made
+    its tables with `create_all`) is stamped as the first revision, then upgraded."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import inspect
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(5262851)")  # one migrator at a time
+        config.attributes["connection"] = conn
+        tables = set(inspect(conn).get_table_names())
+        if "jobs" in tables and "alembic_version" not in tables:
+            command.stamp(config, "0001")
+        command.upgrade(config, "head")
+
+
 def connect(url: str) -> tuple[Engine, sessionmaker, Callable[[], Connection]]:
-    """(engine, ORM sessions for writing, plain connections for reading); tables created when
-    missing. Reads skip the ORM (rows, not objects): a read request costs about a third less.
-    On PostgreSQL both share one engine."""
+    """(engine, ORM sessions for writing, plain connections for reading), the schema brought up to
+    date (`migrate`). Reads skip the ORM (rows, not objects): a read request costs about a third
+    less. On PostgreSQL both share one engine."""
     if url.startswith("postgresql://"):  # psycopg 3 (phitune[serve]) rather than SQLAlchemy's default psycopg2
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     engine = _engine(url, immediate=True)
-    Base.metadata.create_all(engine)
+    migrate(engine)
     reader = _engine(url, immediate=False) if url.startswith("sqlite") else engine
     return engine, sessionmaker(engine, expire_on_commit=False), reader.connect

@@ -58,6 +58,16 @@
     $("#who").textContent = key() ? "signed in with a key" : "open server (no keys): organization local";
     $("#signout").hidden = !key();
   }
+  // Where to go after signing in: a path of this server, never another origin. The browser's own
+  // URL parser decides (`/\\host`, `/\thost` and `//host` all resolve elsewhere), not a prefix test.
+  function sameOrigin(next) {
+    try {
+      const url = new URL(next || "/", location.origin);
+      return url.origin === location.origin ? url.pathname + url.search + url.hash : "/";
+    } catch (e) {
+      return "/";
+    }
+  }
   function setupSignin() {
     const form = $("#signin-form");
     if (!form) return;
@@ -70,8 +80,7 @@
         return;
       }
       sessionStorage.setItem(KEY, candidate);
-      const next = new URLSearchParams(location.search).get("next") || "/";
-      location.href = next.startsWith("/") && !next.startsWith("//") ? next : "/";
+      location.href = sameOrigin(new URLSearchParams(location.search).get("next"));
     });
   }
   $("#signout")?.addEventListener("click", () => { sessionStorage.removeItem(KEY); location.href = "/signin"; });
