@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import STARTED, Server, create_key, until
+from helpers import STARTED, Server, create_key, until, wait_for_job
 
 pytest.importorskip("fastapi")
 pytestmark = pytest.mark.slow
@@ -109,13 +109,15 @@ def chat(server, key: str | None, *, timeout: float = 30, **extra) -> tuple[int,
 
 
 def api_processes(server) -> list[int]:
+    """The API processes uvicorn's supervisor spawned (not its resource tracker or a training run)."""
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            spawned = b"spawn_main" in (stat.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(fields[1]) == server.proc.pid:
+        if int(fields[1]) == server.proc.pid and spawned and fields[0] != "Z":
             out.append(int(stat.parent.name))
     return out
 
@@ -378,3 +380,89 @@ def _answers(port: int) -> bool:
             return sock.recv(12).startswith(b"HTTP/1.1 200")
     except OSError:
         return False
+
+
+# --- kill -9 anywhere ---------------------------------------------------------------------------------
+
+
+def _processes_on(store: Path) -> list[int]:
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmd = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(store) in cmd and "phitune" in cmd and _alive(int(cmdline.parent.name)):
+            out.append(int(cmdline.parent.name))
+    return out
+
+
+def _training(store: Path) -> list[int]:
+    return [pid for pid in _processes_on(store) if b"train" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def test_kill_9_anywhere_loses_nothing_and_leaves_nothing(tiny_phi3, tmp_path):
+    from helpers import DEMO_TRAIN
+
+    store = tmp_path / "store"
+    server = Server(store, tiny_phi3, "--read-timeout", "1").start()
+    c = server.client()
+    f = c.files.create(file=DEMO_TRAIN.open("rb"), purpose="fine-tune")
+    long_job = {
+        "model": "tiny",
+        "training_file": f.id,
+        "extra_body": {"phitune": {"training": {"learning_rate": 3e-3}}},
+    }
+    hyper = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 8, "batch_size": 8}}}
+    job = c.fine_tuning.jobs.create(**long_job, method=hyper)
+    until(lambda: len(c.fine_tuning.jobs.checkpoints.list(job.id).data) >= 1, timeout=240)
+
+    # An API process: the supervisor starts another, and the API keeps answering.
+    victim = api_processes(server)[0]
+    os.kill(victim, signal.SIGKILL)
+    until(lambda: victim not in api_processes(server) and len(api_processes(server)) >= 1 and _answers(server.port))
+
+    # The supervisor (and its embedded worker) alone, mid-job and mid-upload.
+    sock = connect(server)
+    boundary = "b0undary"
+    head_part = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'
+    ).encode()
+    sock.sendall(
+        head(
+            "POST",
+            "/v1/files",
+            server,
+            {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": 4 * 2**20},
+        )
+        + head_part
+        + b"x" * 2**20
+    )
+    until(lambda: list((store / "files").glob("*.partial")), timeout=30)
+    os.kill(server.proc.pid, signal.SIGKILL)
+    server.proc.wait()
+    until(lambda: not _processes_on(store), timeout=30)  # API processes and the training run end with it
+    sock.close()
+    time.sleep(2.5)  # twice --read-timeout: no upload can still be writing the partial file
+
+    server.start()  # same storage and flags, a new process
+    c = server.client()
+    assert c.files.retrieve(f.id).id == f.id
+    assert not list((store / "files").glob("*.partial")), "the cut-off upload is removed at start"
+    done = wait_for_job(c, job.id)
+    assert done.status == "succeeded", done.error
+
+    # The training process of another job: the job ends failed with a reason, never stuck.
+    other = c.fine_tuning.jobs.create(**long_job, method=hyper)
+    until(lambda: c.fine_tuning.jobs.retrieve(other.id).status == "running" and _training(store), timeout=240)
+    for pid in _training(store):
+        os.kill(pid, signal.SIGKILL)
+    ended = wait_for_job(c, other.id)
+    assert ended.status == "failed" and ended.error.message, ended
+
+    listed = {x.id for x in c.files.list().data}
+    server.stop()
+    assert not _processes_on(store), "no process of the service outlives it"
+    stored = {p.name.split(".", 1)[0] for p in (store / "files").iterdir()}
+    assert stored == listed and f.id in listed, "every stored file has its record and every record its file"
