@@ -129,9 +129,9 @@ def test_fine_tune_end_to_end_with_the_openai_sdk(server, train_file):
     assert sorted(steps) == list(range(1, 61)) and all(
         e.data["train_loss"] is not None for e in events if e.type == "metrics"
     )
-    # Checkpoints every 10 steps, newest first, paged.
+    # Checkpoints every 10 steps, the newest 3 kept (--keep-checkpoints), newest first, paged.
     checkpoints = list(c.fine_tuning.jobs.checkpoints.list(job.id, limit=2))
-    assert [k.step_number for k in checkpoints] == [60, 50, 40, 30, 20, 10]
+    assert [k.step_number for k in checkpoints] == [60, 50, 40]
     assert checkpoints[0].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-60"
     csv = c.files.content(job.result_files[0]).text.splitlines()
     assert csv[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy" and len(csv) == 61

@@ -1,6 +1,7 @@
 """A schemathesis run against the service's own /openapi.json, in process: generated requests for
 every operation (valid and invalid), checked for 5xx answers and for responses that break the
-schema. Bounded: a fixed number of examples per operation, no shrinking."""
+schema. Bounded: a fixed number of examples per operation (twelve times more in the slow tier),
+no shrinking."""
 
 import pytest
 import schemathesis  # in the test extra: a missing one fails here, it does not skip
@@ -51,6 +52,16 @@ CHECKS = (
 
 
 def test_no_5xx_and_no_schema_violation(schema):
+    _check(schema, EXAMPLES)
+
+
+@pytest.mark.slow
+def test_no_5xx_with_many_more_examples(schema):
+    """The slow tier: twelve times the examples per operation (hostile values reach deeper)."""
+    _check(schema, EXAMPLES * 12)
+
+
+def _check(schema, examples: int) -> None:
     from schemathesis import checks as available
 
     checks = [getattr(available, name) for name in CHECKS]
@@ -61,7 +72,7 @@ def test_no_5xx_and_no_schema_violation(schema):
         strategy = operation.as_strategy()
 
         @settings(
-            max_examples=EXAMPLES,
+            max_examples=examples,
             deadline=None,
             database=None,
             phases=[Phase.generate],

@@ -276,6 +276,7 @@ class Generation:
             with target.lock:
                 if self.stopped.is_set():  # the client left while waiting for the model
                     return
+                self.taken_at = time.monotonic()  # the stall clock starts with the generation
                 with target.select(self.adapter):
                     stream = TorchBackend(target.model, target.tokenizer).stream(**generation, cancel=self.stopped)
                     with closing(until_stop(stream, options["stop"])) as pieces:
