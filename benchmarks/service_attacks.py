@@ -146,9 +146,13 @@ def big_json(server: Server, copies: int = 1) -> dict:
 
 def field_flood(server: Server) -> dict:
     boundary = "b0undary"
-    part = f"--{boundary}\r\nContent-Disposition: form-data; name=f\r\n\r\nx\r\n".encode()
-    block = part * 20000  # ~1.1 MB
-    blocks = (block for _ in range(640))  # ~700 MB, 12.8 million fields
+
+    def block(n: int) -> bytes:  # 20,000 fields of distinct names, ~1.3 MB
+        return b"".join(
+            f"--{boundary}\r\nContent-Disposition: form-data; name=f{n}_{i}\r\n\r\nx\r\n".encode() for i in range(20000)
+        )
+
+    blocks = (block(n) for n in range(540))  # ~700 MB, 10.8 million fields
     headers = head(
         "POST",
         "/v1/files",
@@ -212,12 +216,12 @@ def template_width(server: Server) -> dict:
 
 
 def file_checks(server: Server) -> dict:
-    row = json.dumps({"messages": [{"role": "user", "content": "q" * 40}, {"role": "assistant", "content": "a" * 40}]})
-    data = ((row + "\n") * (100 * MB // (len(row) + 1))).encode()
-    file_id = _upload(server, data)
     import urllib.request
 
-    def one(out: list) -> None:
+    row = json.dumps({"messages": [{"role": "user", "content": "q" * 40}, {"role": "assistant", "content": "a" * 40}]})
+    big = _upload(server, ((row + "\n") * (100 * MB // (len(row) + 1))).encode())
+
+    def one(file_id: str, out: list) -> None:
         req = urllib.request.Request(
             f"http://127.0.0.1:{server.port}/v1/files/{file_id}/check?model=tiny",
             headers={"Authorization": f"Bearer {server.keys['alpha']}"},
@@ -227,12 +231,13 @@ def file_checks(server: Server) -> dict:
         except Exception as exc:  # noqa: BLE001 - a 503 is an answer too
             out.append(getattr(exc, "code", str(exc)))
 
+    one(_upload(server, (row + "\n").encode()), [])  # the tokenizer loaded first: that is not the attack
     statuses: list = []
-    base = hwm_mb(server.api_pid())  # the upload itself is not the attack
-    threads = [threading.Thread(target=one, args=(statuses,)) for _ in range(4)]
+    base, started = hwm_mb(server.api_pid()), time.monotonic()
+    threads = [threading.Thread(target=one, args=(big, statuses)) for _ in range(4)]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    return {"status": statuses, "baseline_mb": base}
+    return {"status": statuses, "baseline_mb": base, "seconds": round(time.monotonic() - started, 2)}
 
 
 def huge_prompt(server: Server) -> dict:
@@ -338,7 +343,12 @@ def main() -> None:
         "attacks": rows,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"service_attacks-{args.label}.json").write_text(json.dumps(out, indent=2) + "\n")
+    path = RESULTS / f"service_attacks-{args.label}.json"
+    if args.only and path.is_file():  # a partial run replaces its own rows, keeps the others
+        ran = {row["attack"] for row in rows}
+        kept = [row for row in json.loads(path.read_text())["attacks"] if row["attack"] not in ran]
+        out["attacks"] = sorted(kept + rows, key=lambda row: list(ATTACKS).index(row["attack"]))
+    path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 def _cpu() -> str:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from phitune.serve.settings import Settings
 
 MAX_PROBLEMS = 100
-CHECK_BYTES = 16 * 2**20  # a larger file is checked on its first 16 MiB (whole lines): memory stays bounded
+CHECK_BYTES = 4 * 2**20  # a larger file is checked on its first 4 MiB (whole lines): memory stays bounded
 MAX_CHECKS = 2  # file checks at once per API process; more wait CHECK_WAIT seconds, then 503
 CHECK_WAIT = 5.0
 _CHECKS = threading.BoundedSemaphore(MAX_CHECKS)
