@@ -173,3 +173,24 @@ def test_the_service_chooses_auto_by_the_same_rules():
     assert chosen["learning_rate_multiplier"] == 1.0
     asked = choose_hyperparameters({"n_epochs": 3, "batch_size": 2, "learning_rate_multiplier": 0.5}, 40)
     assert asked == {"n_epochs": 3, "batch_size": 2, "learning_rate_multiplier": 0.5}
+
+
+def test_model_width_from_many_threads_at_once(tiny_phi3):
+    """The service's worker asks from two threads at once (its validation lane and its training
+    loop): transformers' lazy import, the first time, must not fail one of them. In a fresh
+    interpreter, where transformers is not imported yet."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, threading\n"
+        "from phitune.hyperparameters import model_width\n"
+        "gate, out = threading.Barrier(8), []\n"
+        "def ask():\n"
+        "    gate.wait(); out.append(model_width(sys.argv[1]))\n"
+        "threads = [threading.Thread(target=ask) for _ in range(8)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "print(out)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_phi3)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == str([64] * 8), done.stderr[-2000:]
