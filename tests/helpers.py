@@ -175,6 +175,20 @@ def wait_for_job(
         time.sleep(0.5)
 
 
+def processes(matches) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process (not a zombie) whose command line `matches`."""
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmd = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and matches(cmd):
+            out.append((int(cmdline.parent.name), cmd))
+    return out
+
+
 def until(predicate, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:

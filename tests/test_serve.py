@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import DEMO_TRAIN, POSTGRES, REPO, STARTED, Server, create_key, free_port, until, wait_for_job
+from helpers import DEMO_TRAIN, POSTGRES, REPO, STARTED, Server, create_key, free_port, processes, until, wait_for_job
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -64,15 +64,7 @@ def _no_leftover_processes(tmp_path_factory):
 
 
 def _phitune_processes() -> list[tuple[int, str]]:
-    out = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            cmd = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "-m phitune serve" in cmd or "-m phitune worker" in cmd or "-m phitune train" in cmd:
-            out.append((int(cmdline.parent.name), cmd))
-    return out
+    return processes(lambda cmd: any(f"-m phitune {c}" in cmd for c in ("serve", "worker", "train")))
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import anyio
 from starlette.datastructures import Headers
@@ -53,6 +54,7 @@ class Guard:
     def __init__(self, app, settings: Settings) -> None:
         self.app, self.settings = app, settings
         self.hosts = set(allowed_hosts("127.0.0.1", settings.allowed_hosts))
+        self.extra_hosts = self.hosts - set(LOCAL_NAMES)  # names an origin may have besides the Host asked for
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -79,7 +81,7 @@ class Guard:
             )
         if method in SAFE_METHODS:
             return None
-        _refuse_cross_site(headers, scope)
+        _refuse_cross_site(headers, self.extra_hosts)
         if path.startswith(("/v1/", "/portal/")):
             caller_org(state, headers)  # 401 now, before the body is read
         limit = (
@@ -93,14 +95,17 @@ class Guard:
         return limit
 
 
-def _refuse_cross_site(headers: Headers, scope) -> None:
+def _refuse_cross_site(headers: Headers, hosts: set[str]) -> None:
     """A state-changing request from a page on another origin (a browser says so in Sec-Fetch-Site
     and Origin; scripts and SDKs send neither) is refused: no form post or fetch from another site
-    creates jobs or files here, with or without a key."""
+    creates jobs or files here, with or without a key. The origin's host must be the Host asked
+    for, or an --allow-host name (a proxy that rewrites Host); its scheme may differ (a proxy that
+    ends TLS)."""
     site = headers.get("sec-fetch-site")
     origin = headers.get("origin")
-    own = f"{scope.get('scheme', 'http')}://{headers.get('host', '')}".lower()
-    if site in ("cross-site", "same-site") or (origin is not None and origin.lower() != own):
+    netloc = urlsplit(origin).netloc.lower() if origin and origin != "null" else None
+    ours = netloc is not None and (netloc == headers.get("host", "").lower() or host_name(netloc) in hosts)
+    if site in ("cross-site", "same-site") or (origin is not None and not ours):
         shown = origin or site
         raise ApiError(
             403,

@@ -153,7 +153,7 @@ class Worker:
                 )
             db.commit()
 
-    def finish(self, job_id: str, to: str, *, error: dict | None = None, message: str, **values: object) -> bool:
+    def finish(self, job_id: str, to: Status, *, error: dict | None = None, message: str, **values: object) -> bool:
         """The job's end (or pause), unless it already ended: a job cancelled meanwhile stays so."""
         with self.sessions() as db:
             moved = status.move(
@@ -275,9 +275,9 @@ class Worker:
                 error={"code": error.code, "message": error.detail, "param": None},
                 message=f"Training stopped: {error.detail}",
             )
-        if requested == "cancel":
+        if requested == status.CANCEL:
             return self.finish(job.id, Status.CANCELLED, message="The job was cancelled")
-        if requested == "pause":
+        if requested == status.PAUSE:
             return self.finish(job.id, Status.PAUSED, message=PAUSED)
         if stopping and returncode != 0:
             # The server is shutting down: leave the job for the next worker (it resumes from a checkpoint).
