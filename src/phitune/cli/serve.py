@@ -25,9 +25,10 @@ def serve_settings(args: argparse.Namespace) -> Settings:
                 f"--trust-remote-code {name}: not a served model; give the NAME of a --model NAME=PATH "
                 f"(served: {', '.join(models) or 'none'})"
             )
-    if args.keep_checkpoints < 0 or (args.org_quota_mb is not None and args.org_quota_mb <= 0):
-        bad = "--keep-checkpoints" if args.keep_checkpoints < 0 else "--org-quota-mb"
-        raise PhituneError(f"{bad}: must be > 0 (--keep-checkpoints 0 keeps every checkpoint)")
+    if args.keep_checkpoints < 0:
+        raise PhituneError(f"--keep-checkpoints {args.keep_checkpoints}: must be >= 0 (0 keeps every checkpoint)")
+    if args.org_quota_mb is not None and args.org_quota_mb <= 0:
+        raise PhituneError(f"--org-quota-mb {args.org_quota_mb}: must be > 0 (leave it out for no quota)")
     for flag in ("max_upload_mb", "max_request_mb"):
         if getattr(args, flag) <= 0:
             raise PhituneError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be > 0")
