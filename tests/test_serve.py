@@ -147,7 +147,9 @@ def test_fine_tune_end_to_end_with_the_openai_sdk(server, train_file):
         if m["role"] == "assistant"
     }
     assert tuned.choices[0].message.content == streamed.strip() and streamed.strip() in replies  # answers like the bot
-    assert base.choices[0].message.content != tuned.choices[0].message.content != ckpt.choices[0].message.content
+    assert base.choices[0].message.content != tuned.choices[0].message.content and ckpt.choices[0].message.content
+    with pytest.raises(openai.NotFoundError):  # rotated out (--keep-checkpoints 3): no longer a model
+        c.chat.completions.create(model=f"{job.fine_tuned_model}:ckpt-step-10", messages=ask, max_tokens=2)
     assert tuned.usage.prompt_tokens > 0 and tuned.usage.completion_tokens > 0
     # stop: the reply ends before the first stop string, streamed or not.
     reply = tuned.choices[0].message.content
