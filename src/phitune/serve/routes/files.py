@@ -75,7 +75,7 @@ async def create_file(request: Request, org: Org, settings: ServerSettings, sess
 
     file_id = new_id("file")
     final = settings.file_path(file_id, "fine-tune")
-    left = await anyio.to_thread.run_sync(_room, settings, sessions, org)  # 403 before a byte is read
+    left = await anyio.to_thread.run_sync(_room, settings, request.app.state.reads, org)  # 403 before reading
     limit = settings.max_upload_bytes if left is None else min(settings.max_upload_bytes, left)
     try:
         upload = await Upload(partial_path(final), limit).read(request)
@@ -95,8 +95,8 @@ async def create_file(request: Request, org: Org, settings: ServerSettings, sess
     return render(row)
 
 
-def _room(settings, sessions, org: str) -> int | None:
-    with sessions() as db:
+def _room(settings, reads, org: str) -> int | None:
+    with reads() as db:  # a read: no write lock while the disk is walked
         return storage.room(settings, db, org, "file")
 
 
