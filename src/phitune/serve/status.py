@@ -61,8 +61,8 @@ def move(
     **values: object,
 ) -> bool:
     """Move the job to `to` (with `values`) if it is still in a status that may lead there (and in
-    `only_from`, when given, and meets `where`); its event is added only when the move happened. In the caller's
-    transaction: the caller commits."""
+    `only_from`, when given, and meets `where`); its event is added only when the move happened.
+    In the caller's transaction: the caller commits."""
     sources = SOURCES[to] & only_from if only_from is not None else SOURCES[to]
     moved = db.execute(
         update(Job)
