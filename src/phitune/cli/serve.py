@@ -60,6 +60,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = serve_settings(args)
     settings.open_when_keyless = is_loopback(args.host)
     settings.allowed_hosts = allowed_hosts(args.host, args.allow_host)
+    if args.read_timeout <= 0:
+        raise PhituneError(f"--read-timeout {args.read_timeout}: must be > 0 seconds")
     settings.max_connections, settings.read_timeout = args.max_connections, args.read_timeout
     _raise_file_limit(args.max_connections * args.api_processes)
     settings.storage.mkdir(parents=True, exist_ok=True)
