@@ -77,6 +77,8 @@ def raw_config(settings: Settings, job: Job, hyper: dict) -> dict:
     asked = options(job)
     method = asked.get("method", {}).get("name", "lora")
     owned = server_owned(settings, job)
+    # phitune's auto rate, scaled: computed once (it reads the served model's config).
+    auto_rate = base_learning_rate(settings, job, method) * hyper["learning_rate_multiplier"]
     raw = {
         "model": owned["model"],
         "method": {"name": "lora"},
@@ -85,7 +87,7 @@ def raw_config(settings: Settings, job: Job, hyper: dict) -> dict:
             "epochs": hyper["n_epochs"],
             "batch_size": hyper["batch_size"],
             "seed": job.seed,
-            "learning_rate": base_learning_rate(settings, job, method) * hyper["learning_rate_multiplier"],
+            "learning_rate": auto_rate,
             "log_every": 1,
             "save_every": 10,
             "save_total_limit": settings.keep_checkpoints or None,
@@ -101,8 +103,8 @@ def raw_config(settings: Settings, job: Job, hyper: dict) -> dict:
     lr = asked.get("training", {}).get("learning_rate")
     if isinstance(lr, (int, float)) and not isinstance(lr, bool):  # the tenant's rate is what the multiplier scales
         raw["training"]["learning_rate"] = lr * hyper["learning_rate_multiplier"]
-    elif lr == "auto":  # phitune's auto rate, which the server already computed and scaled
-        raw["training"]["learning_rate"] = base_learning_rate(settings, job, method) * hyper["learning_rate_multiplier"]
+    elif lr == "auto":  # phitune's auto rate, scaled as when no rate is given
+        raw["training"]["learning_rate"] = auto_rate
     return raw
 
 

@@ -41,18 +41,24 @@ def directory_bytes(path: Path) -> int:
     return total
 
 
-def usage(settings: Settings, db, org: str) -> int:
-    """Bytes the organization stores: its files (as uploaded) and its jobs' run directories."""
-    files = db.execute(select(func.coalesce(func.sum(File.bytes), 0)).where(File.org == org, File.deleted.is_(False)))
-    jobs = db.execute(select(Job.id).where(Job.org == org)).scalars().all()
-    return int(files.scalar_one()) + sum(directory_bytes(settings.run_dir(job_id)) for job_id in jobs)
+def usage(settings: Settings, connect, org: str) -> int:
+    """Bytes the organization stores: its files (as uploaded) and its jobs' run directories. The
+    rows are read in a connection of its own (`connect`: reads or sessions), closed before the disk
+    is walked: never a walk under SQLite's write lock."""
+    with connect() as db:
+        files = db.execute(
+            select(func.coalesce(func.sum(File.bytes), 0)).where(File.org == org, File.deleted.is_(False))
+        )
+        stored = int(files.scalar_one())
+        jobs = db.execute(select(Job.id).where(Job.org == org)).scalars().all()
+    return stored + sum(directory_bytes(settings.run_dir(job_id)) for job_id in jobs)
 
 
-def room(settings: Settings, db, org: str, what: str) -> int | None:
+def room(settings: Settings, connect, org: str, what: str) -> int | None:
     """Bytes the organization may still add (None: no quota); a 403 naming the limit when none."""
     if not settings.org_quota_bytes:
         return None
-    used = usage(settings, db, org)
+    used = usage(settings, connect, org)
     if used >= settings.org_quota_bytes:
         raise quota_error(settings, used, what)
     return settings.org_quota_bytes - used

@@ -267,7 +267,7 @@ class Worker:
     def conclude(self, job: Job, name: str, returncode: int, requested: str | None, *, stopping: bool) -> None:
         """The job's final status from how its training process ended."""
         if requested == QUOTA:
-            used = usage_now(self.settings, self.sessions, job.org)
+            used = usage(self.settings, self.sessions, job.org)
             error = quota_error(self.settings, used, f"job {job.id}")
             return self.finish(
                 job.id,
@@ -360,13 +360,11 @@ class Worker:
             if finish is not None:
                 values["estimated_finish"] = finish
             db.execute(update(Job).where(Job.id == job.id).values(**values))
-            over = (
-                bool(new)
-                and self.settings.org_quota_bytes
-                and usage(self.settings, db, job.org) > self.settings.org_quota_bytes
-            )
             db.commit()
-            return QUOTA if over and not current.requested else current.requested
+        quota = self.settings.org_quota_bytes  # checked per new checkpoint, the disk walked after the commit
+        if new and quota and not current.requested and usage(self.settings, self.sessions, job.org) > quota:
+            return QUOTA
+        return current.requested
 
     def result_file(self, job: Job) -> str:
         """step_metrics.csv as a file of purpose fine-tune-results."""
@@ -392,11 +390,6 @@ class Worker:
             )
             db.commit()
         return file_id
-
-
-def usage_now(settings: Settings, sessions, org: str) -> int:
-    with sessions() as db:
-        return usage(settings, db, org)
 
 
 def _estimated_finish(records: list[dict], total: int | None, started: float) -> int | None:

@@ -157,7 +157,7 @@ async def create_job(request: Request, org: Org, settings: ServerSettings, sessi
         except ValidationError as exc:
             param, message = validation_message([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
             raise ApiError(400, message, param=param) from None
-        job = await anyio.to_thread.run_sync(jobs.create_job, parsed, org, settings, sessions)
+        job = await anyio.to_thread.run_sync(jobs.create_job, parsed, org, settings, sessions, request.app.state.reads)
     except ApiError as exc:
         if exc.status_code == 401:
             raise

@@ -75,7 +75,7 @@ async def create_file(request: Request, org: Org, settings: ServerSettings, sess
 
     file_id = new_id("file")
     final = settings.file_path(file_id, "fine-tune")
-    left = await anyio.to_thread.run_sync(_room, settings, request.app.state.reads, org)  # 403 before reading
+    left = await anyio.to_thread.run_sync(storage.room, settings, request.app.state.reads, org, "file")  # 403 first
     limit = settings.max_upload_bytes if left is None else min(settings.max_upload_bytes, left)
     try:
         upload = await Upload(partial_path(final), limit).read(request)
@@ -93,11 +93,6 @@ async def create_file(request: Request, org: Org, settings: ServerSettings, sess
         db.commit()
     upload.path.replace(final)  # a final name always has a row (storage.recover finishes this after a kill)
     return render(row)
-
-
-def _room(settings, reads, org: str) -> int | None:
-    with reads() as db:  # a read: no write lock while the disk is walked
-        return storage.room(settings, db, org, "file")
 
 
 @router.get("/files", **schemas.documented(schemas.FileList, 400, 401))

@@ -89,13 +89,13 @@ def _hyperparameters(body: JobCreate) -> tuple[str, dict]:
 
 
 @router.post("/fine_tuning/jobs", **schemas.documented(schemas.Job, 400, 401, 404))
-def create_job(body: JobCreate, org: Org, settings: ServerSettings, sessions: Sessions) -> dict:
+def create_job(body: JobCreate, org: Org, settings: ServerSettings, sessions: Sessions, reads: Reads) -> dict:
     from phitune.serve.jobconfig import build_config, choose_hyperparameters
 
     require_served(settings, body.model)
     kind, asked = _hyperparameters(body)
     options = body.phitune.model_dump(exclude_unset=True) if body.phitune else {}
-    with sessions() as db:
+    with reads() as db:
         for param in ("training_file", "validation_file"):
             file_id = getattr(body, param)
             if file_id is None:
@@ -108,7 +108,8 @@ def create_job(body: JobCreate, org: Org, settings: ServerSettings, sessions: Se
                     param=param,
                     code="invalid_file_purpose",
                 )
-        storage.room(settings, db, org, "job")  # a job writes checkpoints: refused when the quota is full
+    storage.room(settings, reads, org, "job")  # a job writes checkpoints: refused when the quota is full
+    with sessions() as db:
         job = Job(
             id=new_id("ftjob"),
             org=org,
