@@ -63,6 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.read_timeout <= 0:
         raise PhituneError(f"--read-timeout {args.read_timeout}: must be > 0 seconds")
     settings.max_connections, settings.read_timeout = args.max_connections, args.read_timeout
+    settings.engine, settings.engine_dtype = engine_limits(args), args.engine_dtype
     _raise_file_limit(args.max_connections * args.api_processes)
     settings.storage.mkdir(parents=True, exist_ok=True)
     _, sessions, _ = connect(settings.db_url)  # the worker's too
@@ -84,6 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"keys: {'required' if has_keys else 'none (loopback only, any key accepted)'}",
         flush=True,
     )
+    # One engine process holds each base model once for every API process.
+    engine = start_engine(settings)
     # The job worker is a thread of this process, which also supervises the API processes.
     stop, thread = threading.Event(), None
     if not args.no_worker:
@@ -97,7 +100,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stop.set()  # a running job is stopped and re-queued; it continues from its checkpoint
         if thread:
             thread.join(timeout=30)
+        engine.stop()
     return 0
+
+
+def engine_limits(args: argparse.Namespace) -> dict:
+    if args.max_step_tokens < args.max_batch:
+        raise PhituneError(
+            f"--max-step-tokens {args.max_step_tokens}: at least --max-batch ({args.max_batch}), "
+            "so every running sequence gets its token each step"
+        )
+    return {
+        "max_batch": args.max_batch,
+        "max_step_tokens": args.max_step_tokens,
+        "kv_cache_mb": args.kv_cache_mb,
+        "max_adapters": args.max_adapters,
+        "max_adapter_mb": args.max_adapter_mb,
+    }
+
+
+def start_engine(settings: Settings):
+    from phitune.inference.engine import Limits
+    from phitune.inference.process import EngineProcess
+
+    engine = EngineProcess(Limits(**settings.engine), settings.engine_dtype).start()
+    settings.engine_socket = engine.socket
+    return engine
 
 
 def _raise_file_limit(connections: int) -> None:
@@ -207,6 +235,41 @@ def storage_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def engine_options(parser: argparse.ArgumentParser) -> None:
+    """The inference engine's bounds (`phitune serve`; `phitune generate` takes --max-batch)."""
+    parser.add_argument(
+        "--max-batch", type=positive_int, default=32, help="sequences generated together (default 32)"
+    )
+    parser.add_argument(
+        "--max-step-tokens",
+        type=positive_int,
+        default=256,
+        help="tokens one engine step computes: every running reply's next token plus chunks of new "
+        "prompts (default 256); smaller keeps replies flowing while long prompts arrive",
+    )
+    parser.add_argument(
+        "--kv-cache-mb",
+        type=positive_int,
+        default=1024,
+        help="memory for keys and values per served base model; requests wait for room (default 1024)",
+    )
+    parser.add_argument(
+        "--max-adapters", type=positive_int, default=8, help="fine-tunes kept in memory per base model (default 8)"
+    )
+    parser.add_argument(
+        "--max-adapter-mb",
+        type=positive_int,
+        default=512,
+        help="bytes of fine-tunes kept in memory per base model (default 512)",
+    )
+    parser.add_argument(
+        "--engine-dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="weights and activations in the engine (auto: bfloat16 on CPUs with AVX-512 BF16 or AMX)",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     sv = sub.add_parser("serve", help="the OpenAI-compatible fine-tuning service (FastAPI) with a built-in worker")
     storage_options(sv)
@@ -236,9 +299,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--api-processes",
         type=positive_int,
         default=1,
-        help="API processes sharing the port (default 1); more serve more clients at once, and each "
-        "loads its own copy of a model it chats with",
+        help="API processes sharing the port (default 1); more serve more clients at once; they share "
+        "one inference engine process, which holds each model once",
     )
+    engine_options(sv)
     sv.set_defaults(func=cmd_serve)
 
     wk = sub.add_parser("worker", help="run fine-tuning jobs from the service's database")

@@ -21,7 +21,7 @@ from phitune.distributed import Runtime
 from phitune.engines import Engine, build_engine
 from phitune.errors import PhituneError
 from phitune.evaluate import scoring
-from phitune.models import apply_method, load_model
+from phitune.models import apply_method, cpu_has_native_bf16, load_model
 from phitune.objectives import Objective
 from phitune.outputs import list_checkpoints
 from phitune.registry import GENERATIVE_TASKS, TASKS
@@ -140,14 +140,6 @@ def load_data(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> TrainData:
             cfg.data.max_length,
         )
     return data
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matmuls at ~2x fp32 speed. Elsewhere bf16 is emulated and slower."""
-    try:
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    except AttributeError:  # older torch
-        return False
 
 
 def resolve_precision(cfg: Config) -> str:

@@ -41,39 +41,15 @@ SETTINGS_ENV = "PHITUNE_SERVE_SETTINGS"  # how `serve_api` hands the settings to
 
 def app_from_env() -> FastAPI:
     """The app factory each of uvicorn's API processes calls (`serve_api`)."""
-    _end_with_supervisor()
+    from phitune.inference.process import die_with_parent
+
+    die_with_parent()  # an orphan would keep the port: a restart would fail with "Address already in use"
     return create_app(Settings.from_json(os.environ[SETTINGS_ENV]))
-
-
-def _end_with_supervisor() -> None:
-    """An API process ends when the process that supervises it dies, however it dies (kill -9
-    included): an orphan would keep the port, and a restart would fail with "Address already in
-    use". Linux's parent-death signal where there is one; a watch of the parent's pid everywhere."""
-    import signal
-    import threading
-    import time
-
-    parent = os.getppid()
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    if parent == 1:  # the supervisor died before this process asked for the signal
-        os.kill(os.getpid(), signal.SIGTERM)
-    threading.Thread(target=watch, daemon=True, name="phitune-supervisor-watch").start()
 
 
 def create_app(settings: Settings) -> FastAPI:
     from phitune.serve.portal.pages import mount as mount_portal
-    from phitune.serve.routes import chat, files, jobs, models, stream
+    from phitune.serve.routes import chat, files, jobs, metrics, models, stream
 
     settings.files_dir.mkdir(parents=True, exist_ok=True)
     settings.jobs_dir.mkdir(parents=True, exist_ok=True)
@@ -83,6 +59,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         engine.dispose()
+        owned = getattr(app.state, "engine_process", None)  # started by this app's first chat request
+        if owned is not None:
+            owned.stop()
 
     app = FastAPI(
         title="phitune fine-tuning service",
@@ -93,7 +72,6 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings, app.state.sessions, app.state.reads = settings, sessions, reads
-    app.state.chat_cache = {}
     app.state.key_orgs, app.state.keys_read_at = {}, float("-inf")
 
     @app.exception_handler(StarletteHTTPException)  # ApiError, and Starlette's own 404 / 405
@@ -121,6 +99,7 @@ def create_app(settings: Settings) -> FastAPI:
     routers = [module.router for module in (files, jobs, stream, models, chat)]
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
+    app.include_router(metrics.router)  # /metrics, where Prometheus scrapers look
     app.openapi = lambda: _openapi(app)
     mount_portal(app)
     return app

@@ -28,6 +28,9 @@ class Settings:
     poll_seconds: float = 0.5  # how often a worker looks for work and at its running job
     stale_seconds: float = 30.0  # a running job whose worker sent no heartbeat for this long is re-queued
     open_when_keyless: bool = True  # with no API key, let anyone in as `local`: loopback servers only
+    engine_socket: str = ""  # the engine process the supervisor started; "": the app starts its own
+    engine: dict = field(default_factory=dict)  # inference.engine.Limits fields (--max-batch, --kv-cache-mb, ...)
+    engine_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         self.storage = Path(self.storage)

@@ -3,6 +3,8 @@ and checkpoint of the caller's organization; a fine-tuned model can be deleted."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, Request
 from sqlalchemy import bindparam, func, select
 
@@ -67,4 +69,19 @@ def delete_model(request: Request, org: Org, model: str) -> dict:
             ck.deleted = True
         db.commit()
     remove_weights(request.app.state.settings, job.id)
+    forget(request.app.state.settings.engine_socket, request.app.state.settings.run_dir(job.id))
     return {"id": model, "object": "model", "deleted": True}
+
+
+def forget(socket: str, run: Path) -> None:
+    """The engine drops the deleted model's adapters from memory (a sync route: its own loop)."""
+    if not socket:
+        return
+    import asyncio
+
+    from phitune.inference.client import EngineClient, EngineGone
+
+    try:
+        asyncio.run(EngineClient(socket).call({"op": "forget", "directory": str(run)}))
+    except EngineGone:
+        pass  # a restarted engine has nothing cached

@@ -1,0 +1,138 @@
+"""LoRA adapters as the engine applies them: per target layer, A and B with the scale folded in.
+
+Read from a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`, never a
+pickle), or taken from a PeftModel in memory (eval after training). Only plain LoRA (rsLoRA and
+per-layer ranks included) batches with other adapters; DoRA, IA3, prompt tuning and adapters that
+replace whole modules are refused here with the reason, and their callers fall back to PEFT.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from phitune.errors import PhituneError
+
+
+class NotBatchable(PhituneError):
+    """An adapter the engine cannot apply (its kind, not its file): serve it through PEFT instead."""
+
+
+@dataclass
+class LoraWeights:
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r], scale folded in
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.a.T) @ self.b.T
+
+
+@dataclass
+class LoraSet:
+    name: str
+    layers: dict[str, LoraWeights]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.a.nbytes + w.b.nbytes for w in self.layers.values())
+
+
+def read_adapter(path: str | Path, targets: dict[str, torch.nn.Module], dtype: torch.dtype) -> LoraSet:
+    """The LoRA adapter saved in directory `path`, checked against the base's layers `targets`
+    (name -> linear layer): a layer it names that the base lacks, or of other shapes, means it was
+    trained on another base."""
+    path = Path(path)
+    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise PhituneError(f"{path}: no adapter_model.safetensors (the adapter's weights are missing)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PhituneError(f"{config_file}: unreadable adapter config ({exc})") from None
+    _check_kind(config, path)
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own (SafetensorError) and OS errors
+        raise PhituneError(f"{weights_file}: not a readable safetensors file ({exc})") from None
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+        if part not in ("A.weight", "B.weight"):
+            raise NotBatchable(f"{path}: tensor {key} is not a LoRA A/B matrix (modules_to_save or another kind)")
+        layers.setdefault(name, {})[part[0]] = tensor
+    out = {}
+    for name, pair in layers.items():
+        if set(pair) != {"A", "B"}:
+            raise PhituneError(f"{weights_file}: layer {name} has lora_{next(iter(pair))} without its pair")
+        out[name] = _weights(pair["A"], pair["B"], _scale(config, name, pair["A"].shape[0]), targets, name, path, dtype)
+    if not out:
+        raise PhituneError(f"{weights_file}: no LoRA weights in it")
+    return LoraSet(str(path), out)
+
+
+def _check_kind(config: dict, path: Path) -> None:
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        raise NotBatchable(f"{path}: a {kind} adapter (the engine batches LoRA)")
+    if config.get("use_dora"):
+        raise NotBatchable(f"{path}: a DoRA adapter (the engine batches plain LoRA)")
+    if config.get("modules_to_save") or config.get("lora_bias"):
+        raise NotBatchable(f"{path}: the adapter also replaces modules (modules_to_save or lora_bias)")
+
+
+def _scale(config: dict, name: str, r: int) -> float:
+    from peft.utils.other import get_pattern_key
+
+    alphas = config.get("alpha_pattern") or {}
+    alpha = alphas[get_pattern_key(alphas, name)] if alphas and get_pattern_key(alphas, name) in alphas else None
+    alpha = config.get("lora_alpha", 8) if alpha is None else alpha
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _weights(a, b, scale, targets, name, path, dtype) -> LoraWeights:
+    layer = targets.get(name)
+    if layer is None:
+        raise PhituneError(
+            f"{path}: the adapter targets layer {name}, which this base model does not have: "
+            "it was trained on another base model"
+        )
+    if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features or a.shape[0] != b.shape[1]:
+        raise PhituneError(
+            f"{path}: layer {name} is {layer.in_features}->{layer.out_features} in this base model but "
+            f"{a.shape[1]}->{b.shape[0]} in the adapter: it was trained on another base model"
+        )
+    return LoraWeights(a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
+
+
+def from_peft(model: torch.nn.Module, dtype: torch.dtype) -> LoraSet | None:
+    """The active LoRA adapter of a PeftModel in memory (None: no adapter is active, or it is
+    merged into the base weights already)."""
+    from peft.tuners.lora import LoraLayer
+
+    peft_config = getattr(model, "peft_config", None)
+    if not peft_config:
+        return None
+    active = getattr(model, "active_adapter", None)
+    config = peft_config.get(active) if isinstance(active, str) else None
+    if config is None or getattr(config, "peft_type", None) is None or config.peft_type.value != "LORA":
+        raise NotBatchable(f"a {getattr(config, 'peft_type', '?')} adapter (the engine batches LoRA)")
+    layers = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or active not in module.lora_A:
+            continue
+        if module.merged or module.disable_adapters:
+            continue
+        if module.lora_magnitude_vector and active in module.lora_magnitude_vector:
+            raise NotBatchable("a DoRA adapter (the engine batches plain LoRA)")
+        a, b = module.lora_A[active].weight, module.lora_B[active].weight
+        scale = module.scaling[active]
+        layers[name.removeprefix("base_model.model.")] = LoraWeights(
+            a.detach().to(dtype).contiguous(), (b.detach().float() * scale).to(dtype).contiguous()
+        )
+    return LoraSet(f"in-memory:{active}", layers) if layers else None
