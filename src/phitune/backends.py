@@ -60,10 +60,22 @@ def open_backend(model: str, *, backend: str | None = None, adapter: str | None 
 
 
 class TorchBackend:
+    """A PyTorch model: through phitune's inference engine when it runs the model (see
+    `inference.local`), else transformers' generate."""
+
     name = "torch"
 
     def __init__(self, model, tokenizer) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self._engine: tuple | None | bool = False  # False: not made yet; None: the engine cannot run it
+
+    def _local(self):
+        if self._engine is False:
+            from phitune.inference.local import local_engine
+
+            positions = getattr(self.model.config, "max_position_embeddings", None) or 4096
+            self._engine = local_engine(self.model, self.tokenizer, max_batch=1, tokens=positions)
+        return self._engine
 
     def stream(
         self,
@@ -75,20 +87,39 @@ class TorchBackend:
         top_p: float = 1.0,
         cancel: threading.Event | None = None,
     ) -> Iterator[str]:
-        """Text pieces as they are generated. Closing the iterator early (a stop string, a client
-        that went away) stops the generation too, before this returns: the model is free again.
+        """Text pieces as they are generated. Closing the iterator early stops the generation too.
         Setting `cancel` (from any thread) stops it at the next token."""
+        from phitune.generate import prompt_ids
+
+        ids = prompt_ids(self.tokenizer, messages)
+        local = self._local()
+        if local is None:
+            yield from self._stream_transformers(ids, max_new_tokens, temperature, seed, top_p, cancel)
+            return
+        from phitune.inference.local import stream_one
+        from phitune.inference.sampling import Sampling
+
+        engine, lora = local
+        room = (engine.positions or len(ids) + max_new_tokens) - len(ids)
+        if room < 1:
+            raise PhituneError(
+                f"the prompt is {len(ids)} tokens; the model takes at most {engine.positions}: shorten the conversation"
+            )
+        sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed, max_tokens=min(max_new_tokens, room))
+        yield from stream_one(engine, lora, ids, sampling, cancel)
+
+    def _stream_transformers(self, ids, max_new_tokens, temperature, seed, top_p, cancel) -> Iterator[str]:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-        from phitune.generate import end_of_turn_ids, prompt_ids
+        from phitune.generate import end_of_turn_ids
 
         class Cancelled(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
                 return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
         cancel = cancel or threading.Event()
-        ids = torch.tensor([prompt_ids(self.tokenizer, messages)], device=self.model.device)
+        ids = torch.tensor([ids], device=self.model.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(
             input_ids=ids,
@@ -114,8 +145,6 @@ class TorchBackend:
             cancel.set()
             worker.join()
         if failed:
-            from phitune.errors import PhituneError
-
             raise PhituneError(f"generation failed: {type(failed[0]).__name__}: {failed[0]}") from failed[0]
 
     def _generate(self, failed: list, **kwargs) -> None:

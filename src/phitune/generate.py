@@ -43,11 +43,26 @@ def complete_batch(
     temperature: float = 0.0,
     seed: int = 0,
 ) -> list[str]:
-    """One reply per prompt, several at a time: prompts left-padded (so every row's next token is
-    in the last column), KV cache on, stopping at the end-of-turn token. Prompts are grouped by
-    length to pad little; replies come back in input order. `synced`: the model is sharded over
-    processes (ZeRO-3, FSDP), so each keeps running forwards until all have finished."""
+    """One reply per prompt, `batch_size` at a time, stopping at the end-of-turn token; replies
+    come back in input order. Through phitune's inference engine (continuous batching: a short
+    reply's slot goes to the next prompt at once) when it runs the model; otherwise through
+    transformers' generate with prompts left-padded and grouped by length. `synced`: the model is
+    sharded over processes (ZeRO-3, FSDP), so each keeps running forwards until all have finished."""
     ids = [prompt_ids(tokenizer, p) for p in prompts]
+    if not synced and ids:
+        from phitune.inference.local import generate_all
+
+        replies = generate_all(
+            model,
+            tokenizer,
+            ids,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            temperature=temperature,
+            seed=seed,
+        )
+        if replies is not None:
+            return replies
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     kwargs = dict(
         max_new_tokens=max_new_tokens,
@@ -97,17 +112,3 @@ def greedy_ids(
         pad_token_id=tokenizer.pad_token_id,
     )[0, len(ids) :].tolist()
     return out[: next((i for i, t in enumerate(out) if t in stops), len(out))]
-
-
-def chat_complete(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    messages: list[dict],
-    *,
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    seed: int = 0,
-) -> str:
-    return complete_batch(
-        model, tokenizer, [messages], max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
-    )[0]

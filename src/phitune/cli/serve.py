@@ -120,7 +120,7 @@ def engine_limits(args: argparse.Namespace) -> dict:
 
 
 def start_engine(settings: Settings):
-    from phitune.inference.engine import Limits
+    from phitune.inference.limits import Limits
     from phitune.inference.process import EngineProcess
 
     engine = EngineProcess(Limits(**settings.engine), settings.engine_dtype).start()
@@ -237,9 +237,7 @@ def storage_options(parser: argparse.ArgumentParser) -> None:
 
 def engine_options(parser: argparse.ArgumentParser) -> None:
     """The inference engine's bounds (`phitune serve`; `phitune generate` takes --max-batch)."""
-    parser.add_argument(
-        "--max-batch", type=positive_int, default=32, help="sequences generated together (default 32)"
-    )
+    parser.add_argument("--max-batch", type=positive_int, default=32, help="sequences generated together (default 32)")
     parser.add_argument(
         "--max-step-tokens",
         type=positive_int,

@@ -24,6 +24,7 @@ import torch
 from phitune.errors import PhituneError
 from phitune.inference.adapters import AdapterCache, Full
 from phitune.inference.kv import KVPool, slots
+from phitune.inference.limits import Limits
 from phitune.inference.lora import LoraSet, read_adapter
 from phitune.inference.metrics import Metrics
 from phitune.inference.runner import Prefill, Runner, Step
@@ -32,15 +33,6 @@ from phitune.inference.text import Detokenizer, StopStrings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-
-@dataclass
-class Limits:
-    max_batch: int = 32  # sequences in the running batch
-    max_step_tokens: int = 256  # tokens one forward computes (decodes + prompt chunks)
-    kv_cache_mb: int = 1024
-    max_adapters: int = 8
-    max_adapter_mb: int = 512
 
 
 @dataclass
@@ -323,7 +315,9 @@ class Engine:
         if decode_rows:
             longest = max(decode_lengths)
             step.decode_rows = torch.tensor(decode_rows)
-            step.decode_slots = torch.stack([slots(t, 0, longest) for t in decode_tables])
+            step.decode_slots = torch.stack(
+                [_padded(slots(t, 0, n), longest) for t, n in zip(decode_tables, decode_lengths)]
+            )
             keys = torch.arange(longest)[None].expand(len(decode_rows), -1)
             step.decode_key_positions = torch.where(keys < torch.tensor(decode_lengths)[:, None], keys, -1)
         return step
@@ -373,3 +367,9 @@ class Engine:
         if isinstance(seq.adapter, str) and seq.lora is not None:
             self.adapters.unpin(seq.adapter)
             seq.lora = None
+
+
+def _padded(row: torch.Tensor, width: int) -> torch.Tensor:
+    """A sequence's context slots padded to the step's longest with its own first slot: a real,
+    finite entry, masked out (its block table may not reach `width`)."""
+    return torch.cat([row, row[:1].expand(width - len(row))])

@@ -19,9 +19,11 @@ class KVPool:
         self.blocks = max(1, budget_bytes // (per_token * BLOCK))
         self.bytes_per_token = per_token
         slots = self.blocks * BLOCK
-        # Allocated lazily, page by page as the OS touches them: an idle budget costs no memory.
-        self.keys = [torch.zeros(slots, kv_heads, head_dim, dtype=dtype) for _ in range(layers)]
-        self.values = [torch.zeros(slots, kv_heads, head_dim, dtype=dtype) for _ in range(layers)]
+        # Left uninitialised, so the OS maps pages as blocks are first used (an idle budget costs no
+        # memory); `take` zeroes a block before a sequence gets it, since a masked key's value still
+        # meets a zero weight in attention, and garbage could be NaN.
+        self.keys = [torch.empty(slots, kv_heads, head_dim, dtype=dtype) for _ in range(layers)]
+        self.values = [torch.empty(slots, kv_heads, head_dim, dtype=dtype) for _ in range(layers)]
         self.free = list(range(self.blocks - 1, -1, -1))
 
     @property
@@ -43,6 +45,9 @@ class KVPool:
         if n > len(self.free):
             raise RuntimeError("KV pool exhausted: admission should have waited")
         taken, self.free = self.free[-n:], self.free[:-n]
+        fresh = slots(taken, 0, n * BLOCK)
+        for pool in (*self.keys, *self.values):
+            pool.index_fill_(0, fresh, 0)
         return taken
 
     def give_back(self, table: list[int]) -> None:

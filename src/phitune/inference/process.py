@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from phitune.errors import PhituneError
-from phitune.inference.engine import Limits
+from phitune.inference.limits import Limits
 
 
 class EngineProcess:

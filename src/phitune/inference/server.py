@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 
 from phitune.errors import PhituneError
-from phitune.inference.engine import Engine, Event, Limits
+from phitune.inference.engine import Engine, Event
+from phitune.inference.limits import Limits
 from phitune.inference.metrics import Metrics
 from phitune.inference.sampling import Sampling
 

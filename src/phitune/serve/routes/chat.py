@@ -81,7 +81,7 @@ def engine(app: FastAPI) -> EngineClient:
     settings = app.state.settings
     with _START_LOCK:
         if not settings.engine_socket:
-            from phitune.inference.engine import Limits
+            from phitune.inference.limits import Limits
             from phitune.inference.process import EngineProcess
 
             app.state.engine_process = EngineProcess(Limits(**settings.engine), settings.engine_dtype).start()
