@@ -112,7 +112,7 @@ class Engine:
         )
         targets = r.linear_names()
         self.adapters = AdapterCache(
-            lambda path: read_adapter(path, targets, r.dtype),
+            lambda path: read_adapter(path, targets),
             max_count=limits.max_adapters,
             max_bytes=limits.max_adapter_mb * 2**20,
             metrics=self.metrics,

@@ -39,7 +39,7 @@ def local_engine(
     lora = None
     if why is None:
         try:
-            lora = from_peft(model, next(model.parameters()).dtype)
+            lora = from_peft(model)
         except NotBatchable as exc:
             why = str(exc)
     if why is not None:

@@ -24,24 +24,32 @@ class NotBatchable(PhituneError):
 
 @dataclass
 class LoraWeights:
-    a: torch.Tensor  # [r, in]
-    b: torch.Tensor  # [out, r], scale folded in
+    """One layer's update, kept in fp32 whatever the base's dtype: on a CPU a bf16 matmul this
+    small costs 5-10x an fp32 one (oneDNN's per-call overhead), and fp32 keeps the small update
+    from being rounded away before it is added."""
+
+    at: torch.Tensor  # [in, r]: A transposed
+    bt: torch.Tensor  # [r, out]: B transposed, scale folded in
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return (x @ self.a.T) @ self.b.T
+        return (x.float() @ self.at) @ self.bt
+
+    @property
+    def rank(self) -> int:
+        return self.at.shape[1]
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: one loaded adapter is one object
 class LoraSet:
     name: str
     layers: dict[str, LoraWeights]
 
     @property
     def nbytes(self) -> int:
-        return sum(w.a.nbytes + w.b.nbytes for w in self.layers.values())
+        return sum(w.at.nbytes + w.bt.nbytes for w in self.layers.values())
 
 
-def read_adapter(path: str | Path, targets: dict[str, torch.nn.Module], dtype: torch.dtype) -> LoraSet:
+def read_adapter(path: str | Path, targets: dict[str, torch.nn.Module]) -> LoraSet:
     """The LoRA adapter saved in directory `path`, checked against the base's layers `targets`
     (name -> linear layer): a layer it names that the base lacks, or of other shapes, means it was
     trained on another base."""
@@ -70,7 +78,7 @@ def read_adapter(path: str | Path, targets: dict[str, torch.nn.Module], dtype: t
     for name, pair in layers.items():
         if set(pair) != {"A", "B"}:
             raise PhituneError(f"{weights_file}: layer {name} has lora_{next(iter(pair))} without its pair")
-        out[name] = _weights(pair["A"], pair["B"], _scale(config, name, pair["A"].shape[0]), targets, name, path, dtype)
+        out[name] = _weights(pair["A"], pair["B"], _scale(config, name, pair["A"].shape[0]), targets, name, path)
     if not out:
         raise PhituneError(f"{weights_file}: no LoRA weights in it")
     return LoraSet(str(path), out)
@@ -95,7 +103,7 @@ def _scale(config: dict, name: str, r: int) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def _weights(a, b, scale, targets, name, path, dtype) -> LoraWeights:
+def _weights(a, b, scale, targets, name, path) -> LoraWeights:
     layer = targets.get(name)
     if layer is None:
         raise PhituneError(
@@ -107,10 +115,14 @@ def _weights(a, b, scale, targets, name, path, dtype) -> LoraWeights:
             f"{path}: layer {name} is {layer.in_features}->{layer.out_features} in this base model but "
             f"{a.shape[1]}->{b.shape[0]} in the adapter: it was trained on another base model"
         )
-    return LoraWeights(a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
+    return pair(a, b, scale)
 
 
-def from_peft(model: torch.nn.Module, dtype: torch.dtype) -> LoraSet | None:
+def pair(a: torch.Tensor, b: torch.Tensor, scale: float) -> LoraWeights:
+    return LoraWeights(a.detach().float().T.contiguous(), (b.detach().float() * scale).T.contiguous())
+
+
+def from_peft(model: torch.nn.Module) -> LoraSet | None:
     """The active LoRA adapter of a PeftModel in memory (None: no adapter is active, or it is
     merged into the base weights already)."""
     from peft.tuners.lora import LoraLayer
@@ -132,7 +144,5 @@ def from_peft(model: torch.nn.Module, dtype: torch.dtype) -> LoraSet | None:
             raise NotBatchable("a DoRA adapter (the engine batches plain LoRA)")
         a, b = module.lora_A[active].weight, module.lora_B[active].weight
         scale = module.scaling[active]
-        layers[name.removeprefix("base_model.model.")] = LoraWeights(
-            a.detach().to(dtype).contiguous(), (b.detach().float() * scale).to(dtype).contiguous()
-        )
+        layers[name.removeprefix("base_model.model.")] = pair(a, b, scale)
     return LoraSet(f"in-memory:{active}", layers) if layers else None

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from phitune.errors import PhituneError
+from phitune.inference.multilora import MultiLora, Stacks
 
 if TYPE_CHECKING:
     from phitune.inference.kv import KVPool
@@ -93,6 +94,7 @@ class Runner:
         self.act = ACT2FN[config.hidden_act]
         self.fused = config.model_type == "phi3"  # qkv_proj and gate_up_proj
         self.names = {id(m): n for n, m in model.named_modules()}
+        self.stacks = Stacks()
 
     @property
     def positions(self) -> int:
@@ -119,6 +121,7 @@ class Runner:
     @torch.inference_mode()
     def forward(self, step: Step, pool: KVPool) -> torch.Tensor:
         x = self.core.embed_tokens(step.tokens).to(self.dtype)  # [T, hidden]
+        lora = MultiLora(step.groups, len(step.tokens), self.stacks)
         cos, sin = self.core.rotary_emb(x, step.positions[None])
         cos, sin = cos[0], sin[0]  # [T, rotary dims]
         decode_mask = prefill_masks = None
@@ -126,51 +129,42 @@ class Runner:
             if decode_mask is None or self.windows[i] != self.windows[i - 1]:
                 decode_mask, prefill_masks = self._masks(step, self.windows[i])
             h = layer.input_layernorm(x)
-            x = x + self._attention(i, layer.self_attn, h, cos, sin, step, pool, decode_mask, prefill_masks)
+            x = x + self._attention(i, layer.self_attn, h, cos, sin, step, pool, lora, decode_mask, prefill_masks)
             h = layer.post_attention_layernorm(x)
-            x = x + self._mlp(layer.mlp, h, step)
+            x = x + self._mlp(layer.mlp, h, lora)
         rows = x if step.sample_rows is None else x.index_select(0, step.sample_rows)
         rows = self.core.norm(rows)
-        return self._linear(self.model.lm_head, rows, step.groups, step.sample_rows).float()
+        return self._linear(self.model.lm_head, rows, lora, step.sample_rows).float()
 
-    def _linear(self, module, x: torch.Tensor, groups, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The base layer over every row, then each adapter group's LoRA update on its rows. `rows`:
-        x holds only these rows of the step (the lm_head's sample rows)."""
-        base = getattr(module, "base_layer", module)
-        y = base(x)
-        name = None
-        for lora, start, end in groups:
-            if lora is None:
-                continue
-            name = name or self._name(module)
-            weights = lora.layers.get(name)
-            if weights is None:
-                continue
-            if rows is not None:
-                picked = ((rows >= start) & (rows < end)).nonzero().flatten()
-                if len(picked) == 0:
-                    continue
-                y[picked] += weights.delta(x[picked])
+    def _linear(self, module, x: torch.Tensor, lora: MultiLora, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The base layer over every row, then each row's adapter update. `rows`: x holds only these
+        rows of the step (the output head's sample rows)."""
+        y = getattr(module, "base_layer", module)(x)
+        if lora:
+            if rows is None:
+                lora.add(self._name(module), x, y)
             else:
-                y[start:end] += weights.delta(x[start:end])
+                lora.add_rows(self._name(module), x, y, rows)
         return y
 
-    def _mlp(self, mlp, h: torch.Tensor, step: Step) -> torch.Tensor:
+    def _mlp(self, mlp, h: torch.Tensor, lora: MultiLora) -> torch.Tensor:
         if self.fused:
-            gate, up = self._linear(mlp.gate_up_proj, h, step.groups).chunk(2, dim=-1)
+            gate, up = self._linear(mlp.gate_up_proj, h, lora).chunk(2, dim=-1)
         else:
-            gate, up = self._linear(mlp.gate_proj, h, step.groups), self._linear(mlp.up_proj, h, step.groups)
-        return self._linear(mlp.down_proj, self.act(gate) * up, step.groups)
+            gate, up = self._linear(mlp.gate_proj, h, lora), self._linear(mlp.up_proj, h, lora)
+        return self._linear(mlp.down_proj, self.act(gate) * up, lora)
 
-    def _attention(self, i, attn, h, cos, sin, step: Step, pool: KVPool, decode_mask, prefill_masks) -> torch.Tensor:
+    def _attention(
+        self, i, attn, h, cos, sin, step: Step, pool: KVPool, lora, decode_mask, prefill_masks
+    ) -> torch.Tensor:
         T, D = h.shape[0], self.head_dim
         if self.fused:
-            qkv = self._linear(attn.qkv_proj, h, step.groups)
+            qkv = self._linear(attn.qkv_proj, h, lora)
             q, k, v = qkv.split([self.heads * D, self.kv_heads * D, self.kv_heads * D], dim=-1)
         else:
-            q = self._linear(attn.q_proj, h, step.groups)
-            k = self._linear(attn.k_proj, h, step.groups)
-            v = self._linear(attn.v_proj, h, step.groups)
+            q = self._linear(attn.q_proj, h, lora)
+            k = self._linear(attn.k_proj, h, lora)
+            v = self._linear(attn.v_proj, h, lora)
         q = _rotate(q.view(T, self.heads, D), cos, sin)
         k = _rotate(k.view(T, self.kv_heads, D), cos, sin)
         v = v.view(T, self.kv_heads, D)
@@ -189,7 +183,7 @@ class Runner:
             kp = keys[p.slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
             vp = values[p.slots].transpose(0, 1).unsqueeze(0)
             out[p.start : p.end] = _sdpa(qp, kp, vp, mask, self.scaling)[0].transpose(0, 1)
-        return self._linear(attn.o_proj, out.reshape(T, self.heads * D), step.groups)
+        return self._linear(attn.o_proj, out.reshape(T, self.heads * D), lora)
 
     def _masks(self, step: Step, window: int | None):
         """Boolean masks (True: may attend) for the decode group and each prompt chunk."""
