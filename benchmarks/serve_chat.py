@@ -320,7 +320,7 @@ def main() -> None:
     rows: dict[str, dict] = {}
 
     def run(label: str, extra: tuple = (), src: Path | None = None, n_models: int = 5, clients=(1, 16)) -> None:
-        storage = work / label
+        storage = work / "".join(c if c.isalnum() else "-" for c in label)
         names = register(storage, adapters[: n_models - 1])
         server = Server(storage, *extra, src=src)
         try:

@@ -89,7 +89,7 @@ class TorchBackend:
     ) -> Iterator[str]:
         """Text pieces as they are generated. Closing the iterator early stops the generation too.
         Setting `cancel` (from any thread) stops it at the next token."""
-        from phitune.generate import prompt_ids
+        from phitune.inference.prompts import prompt_ids
 
         ids = prompt_ids(self.tokenizer, messages)
         local = self._local()
@@ -112,7 +112,7 @@ class TorchBackend:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-        from phitune.generate import end_of_turn_ids
+        from phitune.inference.prompts import end_of_turn_ids
 
         class Cancelled(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):

@@ -6,29 +6,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from phitune.data.chat import turn_closers
+from phitune.inference.prompts import end_of_turn_ids, prompt_ids
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedTokenizerBase
 
-
-def end_of_turn_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """eos plus the chat template's end-of-turn token(s), so generation stops after one reply."""
-    ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
-    out = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    out.add(tokenizer.eos_token_id)
-    out.update(tokenizer.convert_tokens_to_ids(tok) for tok in turn_closers(tokenizer))
-    return sorted(i for i in out if i is not None)
-
-
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict]) -> list[int]:
-    """A conversation through the chat template, ready for the assistant's turn; or raw text
-    (`data.chat_template: false`, templates), tokenized as training tokenized its prompts."""
-    if isinstance(prompt, str):
-        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+__all__ = ["complete_batch", "end_of_turn_ids", "greedy_ids", "prompt_ids"]
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from torch import nn
 
 from phitune.config import Config, MethodConfig, ModelConfig, looks_local
 from phitune.errors import PhituneError
+from phitune.hardware import cuda_bf16
 from phitune.sources import check_source
 
 if TYPE_CHECKING:
@@ -25,18 +26,6 @@ log = logging.getLogger("phitune")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Output projections of the MLP: IA3 scales their *input* (the feed-forward activations).
 FEEDFORWARD_OUT = ("down_proj", "fc2", "w2", "c_proj", "dense_4h_to_h")
-
-
-def cuda_bf16() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matmuls at ~2x fp32 speed. Elsewhere bf16 is emulated and slower."""
-    try:
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    except AttributeError:  # older torch
-        return False
 
 
 def resolve_dtype(model_cfg: ModelConfig, method: str, precision: str = "no") -> torch.dtype:

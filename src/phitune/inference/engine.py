@@ -95,7 +95,7 @@ class Engine:
         metrics: Metrics | None = None,
         name: str = "engine",
     ) -> None:
-        from phitune.generate import end_of_turn_ids
+        from phitune.inference.prompts import end_of_turn_ids
 
         self.limits = limits = limits or Limits()
         self.runner = Runner(model)
@@ -175,6 +175,8 @@ class Engine:
     # ---- the engine's thread ----
 
     def _loop(self) -> None:
+        self.runner.prepare()
+        self.pool.allocate()
         while True:
             with self._cv:
                 while not (self._closed or self._inbox or self._running or self._forget or self._admissible()):

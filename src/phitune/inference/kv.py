@@ -18,13 +18,19 @@ class KVPool:
         per_token = layers * 2 * kv_heads * head_dim * torch.finfo(dtype).bits // 8
         self.blocks = max(1, budget_bytes // (per_token * BLOCK))
         self.bytes_per_token = per_token
-        slots = self.blocks * BLOCK
-        # Left uninitialised, so the OS maps pages as blocks are first used (an idle budget costs no
-        # memory); `take` zeroes a block before a sequence gets it, since a masked key's value still
-        # meets a zero weight in attention, and garbage could be NaN.
-        self.keys = [torch.empty(slots, kv_heads, head_dim, dtype=dtype) for _ in range(layers)]
-        self.values = [torch.empty(slots, kv_heads, head_dim, dtype=dtype) for _ in range(layers)]
+        self.shape, self.layers, self.dtype = (self.blocks * BLOCK, kv_heads, head_dim), layers, dtype
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
         self.free = list(range(self.blocks - 1, -1, -1))
+
+    def allocate(self) -> None:
+        """The tensors, made by the thread that will use them (see `Runner.prepare`). Left
+        uninitialised, so the OS maps pages as blocks are first used (an idle budget costs no
+        memory); `take` zeroes a block before a sequence gets it, since a masked key's value still
+        meets a zero weight in attention, and garbage could be NaN."""
+        if not self.keys:
+            self.keys = [torch.empty(self.shape, dtype=self.dtype) for _ in range(self.layers)]
+            self.values = [torch.empty(self.shape, dtype=self.dtype) for _ in range(self.layers)]
 
     @property
     def capacity_tokens(self) -> int:

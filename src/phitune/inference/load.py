@@ -17,7 +17,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 def engine_dtype(name: str = "auto") -> torch.dtype:
     """bf16 where the CPU computes it natively (AVX-512 BF16, AMX) or on a GPU that does; fp32
     elsewhere, where bf16 is emulated and slower."""
-    from phitune.models import cpu_has_native_bf16, cuda_bf16
+    from phitune.hardware import cpu_has_native_bf16, cuda_bf16
 
     if name == "auto":
         return (

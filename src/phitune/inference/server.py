@@ -52,7 +52,7 @@ class Served:
         """The prompt's token ids. A prompt the model has no positions for is refused (before
         tokenizing megabytes when its characters alone prove it); max_tokens is shortened to what
         the window and the KV cache leave."""
-        from phitune.generate import prompt_ids
+        from phitune.inference.prompts import prompt_ids
 
         positions = self.engine.positions or 2**31
         chars = sum(len(m["content"]) for m in messages)

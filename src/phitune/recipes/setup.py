@@ -21,7 +21,8 @@ from phitune.distributed import Runtime
 from phitune.engines import Engine, build_engine
 from phitune.errors import PhituneError
 from phitune.evaluate import scoring
-from phitune.models import apply_method, cpu_has_native_bf16, load_model
+from phitune.hardware import cpu_has_native_bf16
+from phitune.models import apply_method, load_model
 from phitune.objectives import Objective
 from phitune.outputs import list_checkpoints
 from phitune.registry import GENERATIVE_TASKS, TASKS
