@@ -18,7 +18,8 @@ to first content chunk; inter-token latency: between content chunks of one strea
 Rows: the baseline server (1 and 16 clients); the engine (1 and 16 clients, base + 4 fine-tunes);
 the engine with 64 fine-tunes in rotation through `--max-adapters 8` (hit rate and cold loads
 from its /metrics); memory (RSS of each process) with --api-processes 1 and 4; and ONNX Runtime
-GenAI on an int4 export of the same model, one stream, the same prompts.
+GenAI on an int4 export of the same model, one stream, the same prompts; and, in the engine's
+dtype on this machine, each of 16 requests alone against all of them in one batch (greedy tokens).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,8 +77,20 @@ class Server:
         if src is not None:  # the baseline's source tree on the same interpreter and packages
             env["PYTHONPATH"] = str(src)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "phitune", "serve", "--storage", str(storage), "--model", f"smol={REAL_MODEL}",
-             "--port", str(self.port), "--no-worker", *extra],  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "phitune",
+                "serve",
+                "--storage",
+                str(storage),
+                "--model",
+                f"smol={REAL_MODEL}",
+                "--port",
+                str(self.port),
+                "--no-worker",
+                *extra,
+            ],  # fmt: skip
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -291,6 +303,49 @@ def onnx_row(max_tokens: int, cache: Path) -> dict:
     return {"tokens_per_s": round(tokens / (time.perf_counter() - started), 1), "tokens": tokens}
 
 
+# --- bf16: alone vs batched ----------------------------------------------------------------------
+
+
+def agreement(adapters: list[Path], max_tokens: int) -> dict:
+    """Greedy tokens of each request alone against the same request in one batch with the other
+    models' requests, in the engine's dtype on this machine (in-process, no server)."""
+    import threading
+
+    from phitune.inference.engine import Engine
+    from phitune.inference.load import load_model
+    from phitune.inference.prompts import prompt_ids
+    from phitune.inference.sampling import Sampling
+
+    model, tok = load_model(str(REAL_MODEL))
+    engine = Engine(model, tok)
+    choices = [None, *map(str, adapters[:4])]
+    requests = [(prompt_ids(tok, [{"role": "user", "content": q}]), choices[i % 5])
+                for i, q in enumerate(QUESTIONS * 3)][:16]  # fmt: skip
+
+    def run(batch):
+        left, handles = threading.Semaphore(0), []
+        for ids, adapter in batch:
+            sink = lambda e: left.release() if e.kind != "text" else None  # noqa: E731
+            handles.append(engine.submit(ids, Sampling(max_tokens=max_tokens), sink, adapter=adapter))
+        for _ in batch:
+            left.acquire()
+        return [list(h._seq.generated) for h in handles]
+
+    try:
+        alone = [run([r])[0] for r in requests]
+        together = run(requests)
+    finally:
+        engine.close()
+    same = sum(a == b for x, y in zip(alone, together) for a, b in zip(x, y))
+    total = sum(max(len(x), len(y)) for x, y in zip(alone, together))
+    return {
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "identical_replies": sum(x == y for x, y in zip(alone, together)),
+        "replies": len(requests),
+        "token_agreement": round(same / total, 4),
+    }
+
+
 # --- the run -------------------------------------------------------------------------------------
 
 
@@ -313,7 +368,9 @@ def main() -> None:
     parser.add_argument("--baseline", default="47c562a", help="the commit whose server is today's lock path")
     parser.add_argument("--seconds", type=float, default=40)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--skip", nargs="*", default=[], help="rows to leave out: baseline onnx rotation memory")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], help="rows to leave out: baseline onnx rotation memory agreement"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="serve-chat-"))
     adapters = make_adapters(work / "adapters", 64)
@@ -333,7 +390,8 @@ def main() -> None:
                 print(label, c, rows[f"{label}, {c} client{'s' if c > 1 else ''}"], flush=True)
             if label == "engine, 64 fine-tunes through a cache of 8":
                 text = server.metrics()
-                hits, misses = metric(text, "phitune_adapter_cache_hits_total"), metric(text, "phitune_adapter_cache_misses_total")
+                hits = metric(text, "phitune_adapter_cache_hits_total")
+                misses = metric(text, "phitune_adapter_cache_misses_total")
                 row = rows[f"{label}, 16 clients"]
                 row["cache_hit_rate"] = round(hits / max(hits + misses, 1), 3)
                 row["cold_loads"] = int(misses)
@@ -361,14 +419,16 @@ def main() -> None:
             finally:
                 server.stop()
     onnx = None if "onnx" in args.skip else onnx_row(args.max_tokens, Path.home() / ".cache" / "phitune" / "bench")
+    agree = None if "agreement" in args.skip else agreement(adapters, args.max_tokens)
     if "baseline" not in args.skip:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(work / "baseline")], check=False)
-    write(args, rows, memory, onnx)
+    write(args, rows, memory, onnx, agree)
     shutil.rmtree(work, ignore_errors=True)
 
 
-def write(args, rows: dict, memory: dict, onnx: dict | None) -> None:
-    out = {"cpu": cpu(), "args": vars(args), "rows": rows, "memory_rss_mb": memory, "onnx_int4": onnx}
+def write(args, rows: dict, memory: dict, onnx: dict | None, agree: dict | None) -> None:
+    out = {"cpu": cpu(), "args": vars(args), "rows": rows, "memory_rss_mb": memory, "onnx_int4": onnx,
+           "alone_vs_batched": agree}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serve_chat.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [
@@ -403,6 +463,11 @@ def write(args, rows: dict, memory: dict, onnx: dict | None) -> None:
         lines.append(
             f"- 64 fine-tunes through a cache of 8: {rot['errors']} errors, hit rate {rot['cache_hit_rate']}, "
             f"{rot['cold_loads']} cold loads of {rot['cold_load_mean_s']} s on average, {rot['evictions']} evictions"
+        )
+    if agree:
+        lines.append(
+            f"- {agree['dtype']}, each of {agree['replies']} requests (base + 4 fine-tunes) alone vs all in one batch: "
+            f"{agree['identical_replies']} identical replies, token agreement {agree['token_agreement']}"
         )
     for processes, table in memory.items():
         lines.append(f"- RSS with --api-processes {processes}: " + ", ".join(f"{k} {v} MB" for k, v in table.items()))

@@ -31,17 +31,24 @@ def _phitune(*args, cwd=None, env=None, timeout=60):
 
 
 def test_an_error_inside_generation_ends_the_stream(tiny_phi3):
-    """generate() raising in the streaming thread used to leave the reader waiting forever."""
+    """An error while generating used to leave the reader waiting forever (transformers' generate()
+    raising in its streaming thread). It ends the stream with a one-line error; the engine refuses
+    a token id past the vocabulary at once (in a batch it would fail every request's step) and
+    serves on."""
     from phitune.backends import TorchBackend
     from phitune.errors import PhituneError
+    from phitune.inference.local import stream_one
+    from phitune.inference.sampling import Sampling
     from phitune.models import load_for_inference
 
     backend = TorchBackend(*load_for_inference(str(tiny_phi3)))
+    engine, lora = backend._local()
+    vocab = backend.model.config.vocab_size
     outcome = []
 
     def read():
         try:
-            outcome.append("".join(backend.stream([{"role": "user", "content": "hi"}], max_new_tokens=0)))
+            outcome.append("".join(backend._stream_transformers([1, 2, 3], 0, 0.0, 0, 1.0, None)))
         except PhituneError as exc:
             outcome.append(exc)
 
@@ -49,7 +56,10 @@ def test_an_error_inside_generation_ends_the_stream(tiny_phi3):
     reader.start()
     reader.join(timeout=30)
     assert not reader.is_alive(), "the stream hangs after generate() raised"
-    assert isinstance(outcome[0], PhituneError) and "generation failed" in str(outcome[0])
+    assert isinstance(outcome[0], PhituneError) and "generation failed" in str(outcome[0]), outcome
+    with pytest.raises(PhituneError, match="outside the vocabulary"):
+        next(stream_one(engine, lora, [1, vocab + 5], Sampling(max_tokens=4)))
+    assert "".join(backend.stream([{"role": "user", "content": "hi"}], max_new_tokens=3))  # the engine serves on
 
 
 @pytest.mark.parametrize(

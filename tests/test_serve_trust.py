@@ -4,6 +4,7 @@ is refused by name, wrong types are 400s in OpenAI's shape, numbers are finite a
 stored job is checked again before it runs, and a failed or cancelled job always ends."""
 
 import json
+import re
 import time
 import typing
 from pathlib import Path
@@ -257,6 +258,16 @@ def test_a_prompt_longer_than_the_model_is_refused(service):
     )
     ok = service["alpha"].post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT, "max_tokens": 3})
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_metrics_are_prometheus_text_behind_a_key(service):
+    ok = service["alpha"].post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT, "max_tokens": 3})
+    assert ok.status_code == 200, ok.text
+    r = service["beta"].get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4"), r.text
+    assert "# TYPE phitune_time_to_first_token_seconds histogram" in r.text
+    assert re.search(r'phitune_requests_total\{finish="(stop|length)",model="tiny"\} [1-9]', r.text), r.text
+    assert TestClient(service["app"]).get("/metrics").status_code == 401
 
 
 # --- errors of the HTTP layer itself -------------------------------------------------------------

@@ -144,6 +144,11 @@ class Engine:
         need = len(seq.prompt) + sampling.max_tokens
         if not seq.prompt:
             raise PhituneError("the prompt is empty")
+        if sampling.max_tokens < 1:
+            raise PhituneError(f"max_tokens {sampling.max_tokens}: at least 1")
+        vocab = self.runner.config.vocab_size
+        if min(seq.prompt) < 0 or max(seq.prompt) >= vocab:  # a bad id would fail the whole step's batch
+            raise PhituneError(f"the prompt has a token id outside the vocabulary (0..{vocab - 1})")
         if need > self.pool.capacity_tokens:
             raise PhituneError(
                 f"the prompt and max_tokens need {need} tokens of KV cache; this engine holds "
