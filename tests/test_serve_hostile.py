@@ -110,7 +110,8 @@ def chat(server, key: str | None, *, timeout: float = 30, **extra) -> tuple[int,
 
 def engine_process(server) -> int:
     """The inference engine process the supervisor started."""
-    (pid,) = [pid for pid, cmd in processes(lambda c: "phitune.inference.server" in c) if _parent(pid) == server.proc.pid]
+    engines = processes(lambda cmd: "phitune.inference.server" in cmd)
+    (pid,) = [pid for pid, _ in engines if _parent(pid) == server.proc.pid]
     return pid
 
 
