@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from phitune.generate import end_of_turn_ids, greedy_ids, prompt_ids
+from phitune.hardware import cpu_has_native_bf16
 from phitune.inference.adapters import AdapterCache, Full
 from phitune.inference.engine import Engine
 from phitune.inference.limits import Limits
@@ -120,6 +121,30 @@ def test_adapters_batched_together_give_the_tokens_of_each_alone_and_of_peft(tin
         if adapter is not None:
             model = reference.unload()
     assert len({tuple(t) for t in alone[:4]}) == 4  # each adapter changes the reply
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="bf16 weights are packed on CPUs with AVX-512 BF16 or AMX")
+def test_bf16_packed_and_joined_layers_give_the_plain_layers_results(model_cache, tmp_path):
+    """On a bf16 CPU the engine packs the weights for oneDNN and joins q/k/v and gate/up into one
+    matmul each, with one LoRA A matmul per input: the same greedy tokens as every layer through
+    its own module, for the base and two adapters batched together."""
+    base = model_cache("llama")
+    adapters = [
+        str(make_adapter(base, tmp_path / "a", r=4, targets="all-linear", seed=5)),
+        str(make_adapter(base, tmp_path / "b", r=2, targets=["q_proj", "v_proj", "up_proj"], seed=6)),
+    ]
+    model, tok = load_for_inference(str(base), dtype=torch.bfloat16)
+    requests = [(p, Sampling(max_tokens=12), [None, *adapters][i % 3]) for i, p in enumerate(_prompts(tok) * 2)]
+    answers = []
+    for pack in (True, False):
+        engine = Engine(model, tok, limits=Limits(kv_cache_mb=16), pack=pack)
+        try:
+            answers.append(run(engine, requests))
+            if pack:
+                assert engine.runner.joined and engine.runner.packed
+        finally:
+            engine.close()
+    assert answers[0] == answers[1]
 
 
 def test_a_long_prompt_is_computed_in_chunks_with_the_same_result(tiny_phi3):

@@ -94,11 +94,12 @@ class Engine:
         stop_ids: list[int] | None = None,
         metrics: Metrics | None = None,
         name: str = "engine",
+        pack: bool = True,
     ) -> None:
         from phitune.inference.prompts import end_of_turn_ids
 
         self.limits = limits = limits or Limits()
-        self.runner = Runner(model)
+        self.runner = Runner(model, pack=pack)
         self.tokenizer = tokenizer
         self.stop_ids = set(stop_ids if stop_ids is not None else end_of_turn_ids(model, tokenizer))
         self.metrics = metrics or Metrics()

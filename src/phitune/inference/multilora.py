@@ -56,7 +56,7 @@ class MultiLora:
         self.rows = rows
         self.everywhere = len(self.groups) == 1 and self.groups[0][1:] == (0, rows)  # one adapter, every row
         self.layers = stacks.for_adapters(self.adapters) if self.adapters else {}
-        self.masks: dict[tuple[int, ...], torch.Tensor] = {}
+        self.masks: dict[tuple, torch.Tensor] = {}  # by ranks, or by the names of layers sharing an input
 
     def __bool__(self) -> bool:
         return bool(self.groups)
@@ -81,6 +81,54 @@ class MultiLora:
             y.addmm_(h, stacked.bt)
         else:
             y += h @ stacked.bt
+
+    def add_shared(self, names: list[str], x: torch.Tensor, ys: list[torch.Tensor]) -> None:
+        """The same for several layers of one input: one A matmul for all of them."""
+        key = tuple(names)
+        if key not in self.layers:
+            self.layers[key] = self._join(names, x.shape[-1])
+        joined = self.layers[key]
+        if joined is None:
+            return
+        if joined is False:
+            for name, y in zip(names, ys):
+                self.add(name, x, y)
+            return
+        at, parts = joined
+        h = x.float() @ at
+        if not self.everywhere or len(self.adapters) > 1:
+            h *= self._joined_mask(key, parts)
+        for i, start, stacked in parts:
+            width = sum(stacked.ranks)
+            if ys[i].dtype == torch.float32:
+                ys[i].addmm_(h[:, start : start + width], stacked.bt)
+            else:
+                ys[i] += h[:, start : start + width] @ stacked.bt
+
+    def _join(self, names: list[str], width: int):
+        """The layers' stacks side by side (None: no adapter has any of them; False: one is too
+        wide to stack)."""
+        stacks = []
+        for name in names:
+            if name not in self.layers:
+                self.layers[name] = self._stack(name, width)
+            stacks.append(self.layers[name])
+        if any(s is False for s in stacks):
+            return False
+        parts, start = [], 0
+        for i, stacked in enumerate(stacks):
+            if stacked is not None:
+                parts.append((i, start, stacked))
+                start += sum(stacked.ranks)
+        if not parts:
+            return None
+        return torch.cat([p.at for _, _, p in parts], dim=1).contiguous(), parts
+
+    def _joined_mask(self, key: tuple, parts) -> torch.Tensor:
+        mask = self.masks.get(key)
+        if mask is None:
+            mask = self.masks[key] = torch.cat([self._mask(p.ranks) for _, _, p in parts], dim=1)
+        return mask
 
     def add_rows(self, name: str, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> None:
         """The same for a subset of the step's rows (`rows`: their indices; the output head)."""

@@ -69,7 +69,7 @@ class Prefill:
 class Runner:
     """The model's decoder as a function of a `Step`: logits for the step's sample rows."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, *, pack: bool = True) -> None:
         why = unsupported(model)
         if why:
             raise PhituneError(f"the inference engine cannot run this model: {why}")
@@ -95,12 +95,33 @@ class Runner:
         self.fused = config.model_type == "phi3"  # qkv_proj and gate_up_proj
         self.names = {id(m): n for n, m in model.named_modules()}
         self.stacks = Stacks()
+        self.pack = pack  # False: every layer through its own module (the reference the packed path is tested on)
         self.packed: dict[int, torch.Tensor] = {}
+        self.joined: dict[int, tuple] = {}  # id(first layer) -> packed weight of several, their bias, sizes
 
     def prepare(self) -> None:
         """Pack the weights, on the thread that will run the forwards: oneDNN's packed weights made
         on one thread and used on another ran the matmuls 1.8x slower (measured, the same shapes)."""
+        if not self.pack:
+            return
         self.packed = packed(self.linear_names().values())
+        if not self.fused:  # q/k/v and gate/up read the same input: one matmul each, as Phi-3's are
+            for layer in self.layers:
+                for group in ((layer.self_attn, ("q_proj", "k_proj", "v_proj")), (layer.mlp, ("gate_proj", "up_proj"))):
+                    self._join([getattr(group[0], n) for n in group[1]])
+
+    def _join(self, modules: list) -> None:
+        bases = [getattr(m, "base_layer", m) for m in modules]
+        if not all(id(b) in self.packed for b in bases):
+            return
+        weight = torch.cat([b.weight.detach() for b in bases])
+        bias = None
+        if any(b.bias is not None for b in bases):
+            bias = torch.cat([b.bias if b.bias is not None else weight.new_zeros(b.out_features) for b in bases])
+        for b in bases:
+            del self.packed[id(b)]
+        joined = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+        self.joined[id(bases[0])] = (joined, bias, [b.out_features for b in bases])
 
     @property
     def positions(self) -> int:
@@ -145,12 +166,7 @@ class Runner:
     def _linear(self, module, x: torch.Tensor, lora: MultiLora, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The base layer over every row, then each row's adapter update. `rows`: x holds only these
         rows of the step (the output head's sample rows)."""
-        base = getattr(module, "base_layer", module)
-        weight = self.packed.get(id(base))
-        if weight is not None:
-            y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, base.bias, "none", [], "")
-        else:
-            y = base(x)
+        y = self._base(getattr(module, "base_layer", module), x)
         if lora:
             if rows is None:
                 lora.add(self._name(module), x, y)
@@ -158,11 +174,31 @@ class Runner:
                 lora.add_rows(self._name(module), x, y, rows)
         return y
 
+    def _linears(self, modules: list, x: torch.Tensor, lora: MultiLora) -> list[torch.Tensor]:
+        """Several linear layers of one input (q/k/v, gate/up): one base matmul when they were
+        joined, and one LoRA A matmul for all of them."""
+        bases = [getattr(m, "base_layer", m) for m in modules]
+        joined = self.joined.get(id(bases[0]))
+        if joined is not None:
+            weight, bias, sizes = joined
+            ys = list(torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "").split(sizes, -1))
+        else:
+            ys = [self._base(b, x) for b in bases]
+        if lora:
+            lora.add_shared([self._name(m) for m in modules], x, ys)
+        return ys
+
+    def _base(self, base, x: torch.Tensor) -> torch.Tensor:
+        weight = self.packed.get(id(base))
+        if weight is not None:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, base.bias, "none", [], "")
+        return base(x)
+
     def _mlp(self, mlp, h: torch.Tensor, lora: MultiLora) -> torch.Tensor:
         if self.fused:
             gate, up = self._linear(mlp.gate_up_proj, h, lora).chunk(2, dim=-1)
         else:
-            gate, up = self._linear(mlp.gate_proj, h, lora), self._linear(mlp.up_proj, h, lora)
+            gate, up = self._linears([mlp.gate_proj, mlp.up_proj], h, lora)
         return self._linear(mlp.down_proj, self.act(gate) * up, lora)
 
     def _attention(
@@ -173,9 +209,7 @@ class Runner:
             qkv = self._linear(attn.qkv_proj, h, lora)
             q, k, v = qkv.split([self.heads * D, self.kv_heads * D, self.kv_heads * D], dim=-1)
         else:
-            q = self._linear(attn.q_proj, h, lora)
-            k = self._linear(attn.k_proj, h, lora)
-            v = self._linear(attn.v_proj, h, lora)
+            q, k, v = self._linears([attn.q_proj, attn.k_proj, attn.v_proj], h, lora)
         q = _rotate(q.view(T, self.heads, D), cos, sin)
         k = _rotate(k.view(T, self.kv_heads, D), cos, sin)
         v = v.view(T, self.kv_heads, D)
@@ -222,7 +256,9 @@ def packed(layers) -> dict[int, torch.Tensor]:
     nn.Linear hands oneDNN a plain weight and it re-lays it out on every call: measured on the
     real model's shapes, packing once makes every matmul of a decode step 35-40% faster, and a
     prefill step's 15%, with identical results. A copy of the weights: the model keeps its own."""
-    if not torch.backends.mkldnn.is_available():
+    from phitune.hardware import cpu_has_native_bf16
+
+    if not (torch.backends.mkldnn.is_available() and cpu_has_native_bf16()):
         return {}
     out = {}
     for layer in layers:
