@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from _machine import cpu  # noqa: E402
 from real_data import REAL_MODEL  # noqa: E402
 
 QUESTIONS = [
@@ -347,14 +348,6 @@ def agreement(adapters: list[Path], max_tokens: int) -> dict:
 
 
 # --- the run -------------------------------------------------------------------------------------
-
-
-def cpu() -> str:
-    info = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    isa = [f for f in flags if f.startswith(("avx512_bf16", "amx", "avx2", "avx512f"))]
-    return f"{model} ({' '.join(sorted(isa))}), {os.cpu_count()} cores"
 
 
 def baseline_tree(rev: str, where: Path) -> Path:

@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from _machine import cpu
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MB = 2**20
 
@@ -339,7 +341,7 @@ def main() -> None:
     out = {
         "label": args.label,
         "phitune": str(Path(phitune.__file__).parent),
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"cpu": cpu(), "cores": os.cpu_count(), "python": platform.python_version()},
         "attacks": rows,
     }
     RESULTS.mkdir(exist_ok=True)
@@ -349,14 +351,6 @@ def main() -> None:
         kept = [row for row in json.loads(path.read_text())["attacks"] if row["attack"] not in ran]
         out["attacks"] = sorted(kept + rows, key=lambda row: list(ATTACKS).index(row["attack"]))
     path.write_text(json.dumps(out, indent=2) + "\n")
-
-
-def _cpu() -> str:
-    info = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    isa = [f for f in flags if f.startswith(("avx512_bf16", "amx", "avx2", "avx512f"))]
-    return f"{model} ({' '.join(sorted(isa))})"
 
 
 if __name__ == "__main__":
