@@ -99,8 +99,7 @@ class EngineServer:
             elif op == "metrics":
                 await _send(writer, {"text": self.metrics.render()})
             elif op == "forget":
-                for served in self.served.values():
-                    served.engine.forget(request["directory"])
+                await self.forget(request["directory"])
                 await _send(writer, {"ok": True})
         except Refused as exc:
             await _send(writer, exc.body)
@@ -108,6 +107,16 @@ class EngineServer:
             pass  # the API process went away or sent nothing usable: nothing to answer
         finally:
             writer.close()
+
+    async def forget(self, directory: str) -> None:
+        """A deleted model leaves memory: its adapters, or the whole model of a full fine-tune."""
+        inside = directory.rstrip("/") + "/"
+        for key, served in list(self.served.items()):
+            if key[0] == directory or key[0].startswith(inside):
+                del self.served[key]
+                await asyncio.to_thread(served.engine.close)  # requests still on it end with an error
+            else:
+                served.engine.forget(directory)
 
     async def base(self, base: str, trusted: bool, model_id: str) -> Served:
         key = (base, trusted)
