@@ -60,19 +60,23 @@ def _prompts(tok) -> list[list[int]]:
     return [prompt_ids(tok, [{"role": "user", "content": q}]) for q in QUESTIONS]
 
 
-def make_adapter(base, path, *, r: int, targets, seed: int, rslora: bool = False):
-    """A LoRA adapter with random (non-zero) B, saved as PEFT saves it."""
+def make_adapter(base, path, *, r: int, targets, seed: int, rslora: bool = False, dora: bool = False):
+    """A LoRA (or DoRA) adapter with random (non-zero) B and magnitudes, saved as PEFT saves it."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, use_rslora=rslora)
+    config = LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, use_rslora=rslora, use_dora=dora
+    )
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.2)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.randn_like(p))
     peft_model.save_pretrained(path)
     return path
 
@@ -84,6 +88,7 @@ def adapters(tiny_phi3, tmp_path_factory):
         str(make_adapter(tiny_phi3, root / "a", r=4, targets="all-linear", seed=1)),
         str(make_adapter(tiny_phi3, root / "b", r=2, targets=["qkv_proj", "o_proj"], seed=2, rslora=True)),
         str(make_adapter(tiny_phi3, root / "c", r=8, targets=["gate_up_proj", "down_proj"], seed=3)),
+        str(make_adapter(tiny_phi3, root / "d", r=4, targets="all-linear", seed=7, dora=True)),
     ]
 
 
@@ -102,25 +107,26 @@ def test_the_engine_gives_transformers_greedy_tokens(arch, model_cache):
 
 
 def test_adapters_batched_together_give_the_tokens_of_each_alone_and_of_peft(tiny_phi3, adapters):
+    """LoRA of three ranks (one rsLoRA) and DoRA, with the base, in one batch."""
     from peft import PeftModel
 
     model, tok = load_for_inference(str(tiny_phi3))
     engine = Engine(model, tok, limits=Limits(max_batch=16, kv_cache_mb=64, max_step_tokens=48))
     prompts = _prompts(tok)
     choices = [None, *adapters]
-    mixed = [(p, Sampling(max_tokens=16), choices[i % 4]) for i, p in enumerate(prompts * 3)]
+    mixed = [(p, Sampling(max_tokens=16), choices[i % 5]) for i, p in enumerate(prompts * 3)]
     try:
-        alone = [run(engine, [r])[0] for r in mixed[:8]]
+        alone = [run(engine, [r])[0] for r in mixed[:10]]
         together = run(engine, mixed, gap=0.01)  # later requests join a batch already decoding
     finally:
         engine.close()
-    assert together[:8] == alone
-    for (ids, _, adapter), tokens in zip(mixed[:4], alone[:4]):
+    assert together[:10] == alone
+    for (ids, _, adapter), tokens in zip(mixed[:5], alone[:5]):
         reference = model if adapter is None else PeftModel.from_pretrained(model, adapter).eval()
         assert greedy_ids(reference, tok, ids, max_new_tokens=16) == tokens, adapter
         if adapter is not None:
             model = reference.unload()
-    assert len({tuple(t) for t in alone[:4]}) == 4  # each adapter changes the reply
+    assert len({tuple(t) for t in alone[:5]}) == 5  # each adapter changes the reply
 
 
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="bf16 weights are packed on CPUs with AVX-512 BF16 or AMX")

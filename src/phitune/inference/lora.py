@@ -1,9 +1,9 @@
 """LoRA adapters as the engine applies them: per target layer, A and B with the scale folded in.
 
 Read from a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`, never a
-pickle), or taken from a PeftModel in memory (eval after training). Only plain LoRA (rsLoRA and
-per-layer ranks included) batches with other adapters; DoRA, IA3, prompt tuning and adapters that
-replace whole modules are refused here with the reason, and their callers fall back to PEFT.
+pickle), or taken from a PeftModel in memory (eval after training). LoRA (rsLoRA and per-layer
+ranks included) and DoRA batch with other adapters; IA3, prompt tuning and adapters that replace
+whole modules are refused here with the reason, and their callers fall back to PEFT.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class LoraWeights:
 
     at: torch.Tensor  # [in, r]: A transposed
     bt: torch.Tensor  # [r, out]: B transposed, scale folded in
+    magnitude: torch.Tensor | None = None  # DoRA: m / ||W + s B A|| per output, fp32
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() @ self.at) @ self.bt
@@ -43,6 +44,10 @@ class LoraWeights:
 class LoraSet:
     name: str
     layers: dict[str, LoraWeights]
+
+    @property
+    def dora(self) -> bool:
+        return any(w.magnitude is not None for w in self.layers.values())
 
     @property
     def nbytes(self) -> int:
@@ -69,16 +74,20 @@ def read_adapter(path: str | Path, targets: dict[str, torch.nn.Module]) -> LoraS
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own (SafetensorError) and OS errors
         raise PhituneError(f"{weights_file}: not a readable safetensors file ({exc})") from None
     layers: dict[str, dict[str, torch.Tensor]] = {}
+    parts = {"A.weight": "A", "B.weight": "B", "magnitude_vector": "m", "magnitude_vector.weight": "m"}
     for key, tensor in tensors.items():
         name, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
-        if part not in ("A.weight", "B.weight"):
+        if part not in parts:
             raise NotBatchable(f"{path}: tensor {key} is not a LoRA A/B matrix (modules_to_save or another kind)")
-        layers.setdefault(name, {})[part[0]] = tensor
+        layers.setdefault(name, {})[parts[part]] = tensor
     out = {}
     for name, pair in layers.items():
-        if set(pair) != {"A", "B"}:
-            raise PhituneError(f"{weights_file}: layer {name} has lora_{next(iter(pair))} without its pair")
-        out[name] = _weights(pair["A"], pair["B"], _scale(config, name, pair["A"].shape[0]), targets, name, path)
+        if not {"A", "B"} <= set(pair) or ("m" in pair) != bool(config.get("use_dora")):
+            raise PhituneError(
+                f"{weights_file}: layer {name} has {sorted(pair)} of the lora A, B (and DoRA m) it needs"
+            )
+        scale = _scale(config, name, pair["A"].shape[0])
+        out[name] = _weights(pair["A"], pair["B"], scale, targets, name, path, pair.get("m"))
     if not out:
         raise PhituneError(f"{weights_file}: no LoRA weights in it")
     return LoraSet(str(path), out)
@@ -88,8 +97,6 @@ def _check_kind(config: dict, path: Path) -> None:
     kind = config.get("peft_type")
     if kind != "LORA":
         raise NotBatchable(f"{path}: a {kind} adapter (the engine batches LoRA)")
-    if config.get("use_dora"):
-        raise NotBatchable(f"{path}: a DoRA adapter (the engine batches plain LoRA)")
     if config.get("modules_to_save") or config.get("lora_bias"):
         raise NotBatchable(f"{path}: the adapter also replaces modules (modules_to_save or lora_bias)")
 
@@ -103,7 +110,7 @@ def _scale(config: dict, name: str, r: int) -> float:
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def _weights(a, b, scale, targets, name, path) -> LoraWeights:
+def _weights(a, b, scale, targets, name, path, magnitude=None) -> LoraWeights:
     layer = targets.get(name)
     if layer is None:
         raise PhituneError(
@@ -115,11 +122,20 @@ def _weights(a, b, scale, targets, name, path) -> LoraWeights:
             f"{path}: layer {name} is {layer.in_features}->{layer.out_features} in this base model but "
             f"{a.shape[1]}->{b.shape[0]} in the adapter: it was trained on another base model"
         )
-    return pair(a, b, scale)
+    return pair(a, b, scale, layer, magnitude, f"{path}: layer {name}")
 
 
-def pair(a: torch.Tensor, b: torch.Tensor, scale: float) -> LoraWeights:
-    return LoraWeights(a.detach().float().T.contiguous(), (b.detach().float() * scale).T.contiguous())
+def pair(a, b, scale: float, layer=None, magnitude=None, where: str = "") -> LoraWeights:
+    """A layer's update; with DoRA's magnitude, its per-output scale m / ||W + s B A|| (the norm
+    of each output's row, as PEFT computes it), from the base layer's own weight."""
+    weights = LoraWeights(a.detach().float().T.contiguous(), (b.detach().float() * scale).T.contiguous())
+    if magnitude is not None:
+        base = getattr(layer, "weight", None)
+        if type(layer) is not torch.nn.Linear or base is None:
+            raise NotBatchable(f"{where}: DoRA on a quantized base layer (the engine needs its plain weight)")
+        merged = base.detach().float() + weights.bt.T @ weights.at.T
+        weights.magnitude = magnitude.detach().float().flatten() / torch.linalg.norm(merged, dim=1)
+    return weights
 
 
 def from_peft(model: torch.nn.Module) -> LoraSet | None:
@@ -140,9 +156,8 @@ def from_peft(model: torch.nn.Module) -> LoraSet | None:
             continue
         if module.merged or module.disable_adapters:
             continue
-        if module.lora_magnitude_vector and active in module.lora_magnitude_vector:
-            raise NotBatchable("a DoRA adapter (the engine batches plain LoRA)")
         a, b = module.lora_A[active].weight, module.lora_B[active].weight
-        scale = module.scaling[active]
-        layers[name.removeprefix("base_model.model.")] = pair(a, b, scale)
+        dora = module.lora_magnitude_vector[active].weight if active in module.lora_magnitude_vector else None
+        short = name.removeprefix("base_model.model.")
+        layers[short] = pair(a, b, module.scaling[active], module.get_base_layer(), dora, f"layer {short}")
     return LoraSet(f"in-memory:{active}", layers) if layers else None

@@ -56,13 +56,22 @@ class MultiLora:
         self.rows = rows
         self.everywhere = len(self.groups) == 1 and self.groups[0][1:] == (0, rows)  # one adapter, every row
         self.layers = stacks.for_adapters(self.adapters) if self.adapters else {}
-        self.masks: dict[tuple, torch.Tensor] = {}  # by ranks, or by the names of layers sharing an input
+        self.masks: dict[tuple, torch.Tensor] = {}
+        self.dora = [
+            (lora, start, end) for lora, start, end in self.groups if lora.dora
+        ]  # by ranks, or by the names of layers sharing an input
 
     def __bool__(self) -> bool:
         return bool(self.groups)
 
-    def add(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        """y += each row's LoRA update of layer `name` (x, y: every row of the step)."""
+    def add(self, name: str, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """y += each row's LoRA update of layer `name` (x, y: every row of the step); then DoRA's
+        rows are rescaled (`bias`: the base layer's, which DoRA leaves unscaled)."""
+        self._add(name, x, y)
+        if self.dora:
+            self._rescale(name, y, bias)
+
+    def _add(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         if name not in self.layers:
             self.layers[name] = self._stack(name, x.shape[-1])
         stacked = self.layers[name]
@@ -82,7 +91,7 @@ class MultiLora:
         else:
             y += h @ stacked.bt
 
-    def add_shared(self, names: list[str], x: torch.Tensor, ys: list[torch.Tensor]) -> None:
+    def add_shared(self, names: list[str], x: torch.Tensor, ys: list[torch.Tensor], biases: list) -> None:
         """The same for several layers of one input: one A matmul for all of them."""
         key = tuple(names)
         if key not in self.layers:
@@ -91,8 +100,8 @@ class MultiLora:
         if joined is None:
             return
         if joined is False:
-            for name, y in zip(names, ys):
-                self.add(name, x, y)
+            for name, y, bias in zip(names, ys, biases):
+                self.add(name, x, y, bias)
             return
         at, parts = joined
         h = x.float() @ at
@@ -104,6 +113,23 @@ class MultiLora:
                 ys[i].addmm_(h[:, start : start + width], stacked.bt)
             else:
                 ys[i] += h[:, start : start + width] @ stacked.bt
+        if self.dora:
+            for name, y, bias in zip(names, ys, biases):
+                self._rescale(name, y, bias)
+
+    def _rescale(self, name: str, y: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor | None = None) -> None:
+        """DoRA: y = bias + m / ||W + s B A|| * (W x + s B A x) on its adapter's rows."""
+        for lora, start, end in self.dora:
+            weights = lora.layers.get(name)
+            if weights is None or weights.magnitude is None:
+                continue
+            picked = slice(start, end) if rows is None else ((rows >= start) & (rows < end)).nonzero().flatten()
+            part = y[picked].float()
+            if bias is not None:
+                part = (part - bias.float()) * weights.magnitude + bias.float()
+            else:
+                part = part * weights.magnitude
+            y[picked] = part.to(y.dtype)
 
     def _join(self, names: list[str], width: int):
         """The layers' stacks side by side (None: no adapter has any of them; False: one is too
@@ -130,7 +156,7 @@ class MultiLora:
             mask = self.masks[key] = torch.cat([self._mask(p.ranks) for _, _, p in parts], dim=1)
         return mask
 
-    def add_rows(self, name: str, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> None:
+    def add_rows(self, name: str, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, bias=None) -> None:
         """The same for a subset of the step's rows (`rows`: their indices; the output head)."""
         for lora, start, end in self.groups:
             weights = lora.layers.get(name)
@@ -139,6 +165,8 @@ class MultiLora:
             picked = ((rows >= start) & (rows < end)).nonzero().flatten()
             if len(picked):
                 y[picked] += weights.delta(x[picked])
+        if self.dora:
+            self._rescale(name, y, bias, rows)
 
     def _stack(self, name: str, width: int):
         parts = [lora.layers.get(name) for lora in self.adapters]

@@ -166,12 +166,13 @@ class Runner:
     def _linear(self, module, x: torch.Tensor, lora: MultiLora, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The base layer over every row, then each row's adapter update. `rows`: x holds only these
         rows of the step (the output head's sample rows)."""
-        y = self._base(getattr(module, "base_layer", module), x)
+        base = getattr(module, "base_layer", module)
+        y = self._base(base, x)
         if lora:
             if rows is None:
-                lora.add(self._name(module), x, y)
+                lora.add(self._name(module), x, y, base.bias)
             else:
-                lora.add_rows(self._name(module), x, y, rows)
+                lora.add_rows(self._name(module), x, y, rows, base.bias)
         return y
 
     def _linears(self, modules: list, x: torch.Tensor, lora: MultiLora) -> list[torch.Tensor]:
@@ -185,7 +186,7 @@ class Runner:
         else:
             ys = [self._base(b, x) for b in bases]
         if lora:
-            lora.add_shared([self._name(m) for m in modules], x, ys)
+            lora.add_shared([self._name(m) for m in modules], x, ys, [b.bias for b in bases])
         return ys
 
     def _base(self, base, x: torch.Tensor) -> torch.Tensor:
