@@ -25,8 +25,8 @@ class NotBatchable(PhituneError):
 @dataclass
 class LoraWeights:
     """One layer's update, kept in fp32 whatever the base's dtype: on a CPU a bf16 matmul this
-    small costs 5-10x an fp32 one (oneDNN's per-call overhead), and fp32 keeps the small update
-    from being rounded away before it is added."""
+    small costs several times an fp32 one (oneDNN's per-call overhead), and fp32 keeps the small
+    update from being rounded away before it is added."""
 
     at: torch.Tensor  # [in, r]: A transposed
     bt: torch.Tensor  # [r, out]: B transposed, scale folded in

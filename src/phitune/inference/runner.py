@@ -101,7 +101,8 @@ class Runner:
 
     def prepare(self) -> None:
         """Pack the weights, on the thread that will run the forwards: oneDNN's packed weights made
-        on one thread and used on another ran the matmuls 1.8x slower (measured, the same shapes)."""
+        on one thread and used on another ran the matmuls much slower (README, "The inference
+        engine")."""
         if not self.pack:
             return
         self.packed = packed(self.linear_names().values())
@@ -254,9 +255,9 @@ class Runner:
 
 def packed(layers) -> dict[int, torch.Tensor]:
     """id(layer) -> its weight in oneDNN's blocked layout, for the plain bf16 linear layers on a CPU.
-    nn.Linear hands oneDNN a plain weight and it re-lays it out on every call: measured on the
-    real model's shapes, packing once makes every matmul of a decode step 35-40% faster, and a
-    prefill step's 15%, with identical results. A copy of the weights: the model keeps its own."""
+    nn.Linear hands oneDNN a plain weight and it re-lays it out on every call; packed once, the
+    matmuls are faster with identical results (README, "The inference engine"). A copy of the
+    weights: the model keeps its own."""
     from phitune.hardware import cpu_has_native_bf16
 
     if not (torch.backends.mkldnn.is_available() and cpu_has_native_bf16()):
