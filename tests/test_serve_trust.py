@@ -270,6 +270,28 @@ def test_metrics_are_prometheus_text_behind_a_key(service):
     assert TestClient(service["app"]).get("/metrics").status_code == 401
 
 
+def test_an_adapter_of_another_base_fails_its_request_alone_without_naming_server_paths(service, model_cache):
+    """A fine-tune whose adapter was trained on another base (here: a Llama's, on a Phi-3 server):
+    that chat is a 400 naming the model id, never the server's storage path; others go on."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    settings = service["settings"]
+    other = get_peft_model(AutoModelForCausalLM.from_pretrained(model_cache("llama")), LoraConfig(r=2))
+    other.save_pretrained(settings.run_dir("ftjob-otherbase") / "adapter")
+    name = "ft:tiny:alpha:other:ftjob-otherbase"
+    with service["app"].state.sessions() as db:
+        db.add(Job(id="ftjob-otherbase", org="alpha", model="tiny", training_file=service["file"], status="succeeded",
+                   method={"type": "supervised"}, hyperparameters={}, phitune={}, fine_tuned_model=name))  # fmt: skip
+        db.commit()
+    r = service["alpha"].post("/v1/chat/completions", json={"model": name, "messages": CHAT, "max_tokens": 3})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 400 and "trained on another base model" in message and name in message, r.text
+    assert str(settings.storage) not in message
+    ok = service["beta"].post("/v1/chat/completions", json={"model": "tiny", "messages": CHAT, "max_tokens": 3})
+    assert ok.status_code == 200, ok.text
+
+
 # --- errors of the HTTP layer itself -------------------------------------------------------------
 
 

@@ -96,7 +96,10 @@ def read_adapter(path: str | Path, targets: dict[str, torch.nn.Module]) -> LoraS
 def _check_kind(config: dict, path: Path) -> None:
     kind = config.get("peft_type")
     if kind != "LORA":
-        raise NotBatchable(f"{path}: a {kind} adapter (the engine batches LoRA)")
+        raise NotBatchable(
+            f"{path}: its {kind} adapter cannot be batched (the engine runs LoRA and DoRA); "
+            "merge it (phitune merge) and serve the merged model"
+        )
     if config.get("modules_to_save") or config.get("lora_bias"):
         raise NotBatchable(f"{path}: the adapter also replaces modules (modules_to_save or lora_bias)")
 
@@ -149,7 +152,7 @@ def from_peft(model: torch.nn.Module) -> LoraSet | None:
     active = getattr(model, "active_adapter", None)
     config = peft_config.get(active) if isinstance(active, str) else None
     if config is None or getattr(config, "peft_type", None) is None or config.peft_type.value != "LORA":
-        raise NotBatchable(f"a {getattr(config, 'peft_type', '?')} adapter (the engine batches LoRA)")
+        raise NotBatchable(f"a {getattr(config, 'peft_type', '?')} adapter (the engine runs LoRA and DoRA)")
     layers = {}
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or active not in module.lora_A:

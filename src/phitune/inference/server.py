@@ -161,11 +161,19 @@ class EngineServer:
                     await _send(writer, {"event": "done", "finish": event.finish, **_usage(event)})
                     return
                 else:
-                    await _send(writer, {"event": "error", "status": event.status, "message": event.text})
+                    await _send(
+                        writer, {"event": "error", "status": event.status, "message": _public(event.text, request)}
+                    )
                     return
         finally:
             handle.cancel()
             gone.cancel()
+
+
+def _public(message: str, request: dict) -> str:
+    """An error as the tenant sees it: its model's id where the engine named the server's path."""
+    adapter = request.get("adapter")
+    return message.replace(adapter, f"model '{request['model']}'") if adapter else message
 
 
 def _usage(event: Event) -> dict:
