@@ -9,8 +9,8 @@ Each row is a fresh server on loopback with the real SmolLM2-135M-Instruct as ba
 and LoRA fine-tunes of it (rank 16 on every linear layer, phitune's default; their weights are
 random: what a fine-tune has learned does not change the arithmetic), registered as succeeded
 jobs of one organization. Clients are threads, each sending streamed chat completions one after
-another (`stream_options.include_usage`), greedy, `max_tokens` 64, prompts of ~40 tokens; request
-i of client c goes to model (c + i) mod (fine-tunes + 1), 0 being the base. Aggregate tokens/s =
+another (`stream_options.include_usage`), greedy, `max_tokens` 64, prompts of 57-62 tokens with
+the chat template; request i of client c goes to model (c + i) mod (fine-tunes + 1), 0 being the base. Aggregate tokens/s =
 completion tokens in the window / the window (a request under way when the window closes counts
 in proportion to its time inside). TTFT: request sent
 to first content chunk; inter-token latency: between content chunks of one stream.
@@ -428,7 +428,7 @@ def write(args, rows: dict, memory: dict, onnx: dict | None, agree: dict | None)
         "# Chat at load: the inference engine against the lock path",
         "",
         f"`python benchmarks/serve_chat.py --baseline {args.baseline} --seconds {args.seconds:g}` on {cpu()}; "
-        f"real SmolLM2-135M-Instruct, streamed, greedy, max_tokens {args.max_tokens}, ~40-token prompts.",
+        f"real SmolLM2-135M-Instruct, streamed, greedy, max_tokens {args.max_tokens}, prompts of 57-62 tokens.",
         "",
         "| server, clients | tokens/s | requests | errors | TTFT p50 | TTFT p90 | ITL p50 | ITL p90 |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
