@@ -10,10 +10,10 @@ and LoRA fine-tunes of it (rank 16 on every linear layer, phitune's default; the
 random: what a fine-tune has learned does not change the arithmetic), registered as succeeded
 jobs of one organization. Clients are threads, each sending streamed chat completions one after
 another (`stream_options.include_usage`), greedy, `max_tokens` 64, prompts of 57-62 tokens with
-the chat template; request i of client c goes to model (c + i) mod (fine-tunes + 1), 0 being the base. Aggregate tokens/s =
-completion tokens in the window / the window (a request under way when the window closes counts
-in proportion to its time inside). TTFT: request sent
-to first content chunk; inter-token latency: between content chunks of one stream.
+the chat template; request i of client c goes to model (c + i) mod (fine-tunes + 1), 0 being
+the base. Aggregate tokens/s = completion tokens in the window / the window (a request under way
+when the window closes counts in proportion to its time inside). TTFT: request sent to first
+content chunk; inter-token latency: between content chunks of one stream.
 
 Rows: the baseline server (1 and 16 clients); the engine (1 and 16 clients, base + 4 fine-tunes);
 the engine with 64 fine-tunes in rotation through `--max-adapters 8` (hit rate and cold loads
