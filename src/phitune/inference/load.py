@@ -15,16 +15,12 @@ DTYPES = ("auto", "float32", "bfloat16")
 
 
 def engine_dtype(name: str = "auto") -> torch.dtype:
-    """bf16 where the CPU computes it natively (AVX-512 BF16, AMX) or on a GPU that does; fp32
-    elsewhere, where bf16 is emulated and slower."""
-    from phitune.hardware import cpu_has_native_bf16, cuda_bf16
+    """bf16 where the CPU computes it natively (AVX-512 BF16, AMX); fp32 elsewhere, where bf16 is
+    emulated and slower."""
+    from phitune.hardware import cpu_has_native_bf16
 
     if name == "auto":
-        return (
-            torch.bfloat16
-            if (cuda_bf16() or (not torch.cuda.is_available() and cpu_has_native_bf16()))
-            else torch.float32
-        )
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     if name not in DTYPES:
         raise PhituneError(f"--engine-dtype {name}: choose one of {', '.join(DTYPES)}")
     return getattr(torch, name)
@@ -33,7 +29,10 @@ def engine_dtype(name: str = "auto") -> torch.dtype:
 def load_model(
     base: str, *, trusted: bool = False, dtype: str = "auto"
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """A served base model (safetensors only, never a pickle) in the engine's dtype."""
+    """A served base model (safetensors only, never a pickle) in the engine's dtype, on the CPU
+    (where the engine runs, GPU or not)."""
     from phitune.models import load_for_inference
 
-    return load_for_inference(base, safetensors_only=True, trust_remote_code=trusted, dtype=engine_dtype(dtype))
+    return load_for_inference(
+        base, safetensors_only=True, trust_remote_code=trusted, dtype=engine_dtype(dtype), device="cpu"
+    )

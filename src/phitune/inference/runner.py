@@ -36,6 +36,9 @@ def unsupported(model: torch.nn.Module) -> str | None:
         return f"architecture {kind!r} (the engine runs {', '.join(ARCHITECTURES)})"
     if getattr(model, "is_loaded_in_8bit", False):
         return "8-bit quantized weights"
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        return f"a model on {device} (the engine runs on the CPU; GPU serving is not built yet)"
     return None
 
 
