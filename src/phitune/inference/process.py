@@ -46,9 +46,14 @@ class EngineProcess:
             try:
                 self._spawn()
             except PhituneError as exc:
-                self._failed = str(exc)
-                self._ready.set()
-                return
+                if not self._ready.is_set():  # the first start: the server cannot serve chat
+                    self._failed = str(exc)
+                    self._ready.set()
+                    return
+                print(f"phitune: the inference engine did not start again: {exc}", file=sys.stderr, flush=True)
+                self.restarts += 1
+                time.sleep(min(5.0, 0.5 * self.restarts))
+                continue
             self._ready.set()
             code = self.proc.wait()
             if self._stopping.is_set():

@@ -62,7 +62,7 @@ class Served:
         room = min(positions, self.engine.pool.capacity_tokens) - len(ids)
         if room < 1:
             raise Refused(
-                503,
+                400,
                 f"the prompt is {len(ids)} tokens; the server's KV cache holds {self.engine.pool.capacity_tokens} "
                 "(phitune serve --kv-cache-mb): shorten the conversation",
                 "messages",
@@ -103,8 +103,14 @@ class EngineServer:
                 await _send(writer, {"ok": True})
         except Refused as exc:
             await _send(writer, exc.body)
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
-            pass  # the API process went away or sent nothing usable: nothing to answer
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the API process went away: nothing to answer
+        except Exception as exc:  # noqa: BLE001 - a bug or a model's own error (its chat template) fails one request
+            print(f"phitune engine: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            try:
+                await _send(writer, {"event": "error", "status": 500, "message": f"{type(exc).__name__}: {exc}"})
+            except ConnectionError:
+                pass
         finally:
             writer.close()
 
@@ -197,6 +203,7 @@ async def _serve(path: str, limits: Limits, dtype: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print("ready", flush=True)  # the parent waits for this line before sending requests
+    os.dup2(2, 1)  # then nobody reads stdout: whatever a library prints goes to the log, never fills a pipe
     async with listener:
         await stop.wait()
     for served in server.served.values():
