@@ -224,14 +224,17 @@ class Runner:
         out = torch.empty_like(q)
         if step.decode_rows is not None:
             qd = q.index_select(0, step.decode_rows).unsqueeze(2)  # [B, H, 1, D]
-            kd = keys[step.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
-            vd = values[step.decode_slots].transpose(1, 2)
+            # index_select of the flat slots: ~5x faster than indexing with the 2-D tensor
+            B, L = step.decode_slots.shape
+            flat = step.decode_slots.view(-1)
+            kd = keys.index_select(0, flat).view(B, L, self.kv_heads, D).transpose(1, 2)  # [B, Hkv, L, D]
+            vd = values.index_select(0, flat).view(B, L, self.kv_heads, D).transpose(1, 2)
             o = _sdpa(qd, kd, vd, decode_mask, self.scaling)
             out.index_copy_(0, step.decode_rows, o.squeeze(2))
         for p, mask in zip(step.prefills, prefill_masks):
             qp = q[p.start : p.end].transpose(0, 1).unsqueeze(0)  # [1, H, c, D]
-            kp = keys[p.slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
-            vp = values[p.slots].transpose(0, 1).unsqueeze(0)
+            kp = keys.index_select(0, p.slots).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+            vp = values.index_select(0, p.slots).transpose(0, 1).unsqueeze(0)
             out[p.start : p.end] = _sdpa(qp, kp, vp, mask, self.scaling)[0].transpose(0, 1)
         return self._linear(attn.o_proj, out.reshape(T, self.heads * D), lora)
 
