@@ -236,7 +236,7 @@ def storage_options(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_options(parser: argparse.ArgumentParser) -> None:
-    """The inference engine's bounds (`phitune serve`; `phitune generate` takes --max-batch)."""
+    """The inference engine's bounds (`phitune serve`)."""
     parser.add_argument("--max-batch", type=positive_int, default=32, help="sequences generated together (default 32)")
     parser.add_argument(
         "--max-step-tokens",

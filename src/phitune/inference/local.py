@@ -48,7 +48,9 @@ def local_engine(
     per_token = _kv_bytes_per_token(model)
     budget = max_batch * (-(-tokens // BLOCK) + 1) * BLOCK * per_token
     limits = Limits(max_batch=max_batch, max_step_tokens=max(256, max_batch), kv_cache_mb=-(-budget // 2**20))
-    return Engine(model, tokenizer, limits=limits), lora
+    # Not packed: a packed copy of the weights would double the model's memory for one evaluation
+    # or one chat session (the service's engine packs: it lives long and serves many).
+    return Engine(model, tokenizer, limits=limits, pack=False), lora
 
 
 def _sharded(model: torch.nn.Module) -> bool:
