@@ -567,8 +567,8 @@ def test_an_upload_past_the_limit_is_never_stored(tiny_phi3, tmp_path):
             watching[0] = False
             watcher.join()
         assert largest[0] <= 2 * 2**20, largest[0]
-        uploads = [f for f in temp.rglob("*") if not f.is_relative_to(next(temp.glob("phitune-engine-*")))]
-        assert list((server.storage / "files").iterdir()) == [] and uploads == []  # the engine's socket is there
+        uploads = [f for f in temp.rglob("*") if "phitune-engine-" not in str(f)]  # the engine's socket may be there
+        assert list((server.storage / "files").iterdir()) == [] and uploads == []
         assert max(_peak_rss_mb(p) for p in api) - before < 64  # MB: nothing of the 300 MiB was held
         assert server.client().files.list().data == []
         # Just under the limit is accepted, and arrives whole.

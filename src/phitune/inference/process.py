@@ -25,7 +25,8 @@ class EngineProcess:
 
     def __init__(self, limits: Limits, dtype: str = "auto") -> None:
         self.limits, self.dtype = limits, dtype
-        self.directory = Path(tempfile.mkdtemp(prefix="phitune-engine-"))  # mode 0700: this user only
+        # mode 0700: only this user may connect
+        self.directory = Path(tempfile.mkdtemp(prefix="phitune-engine-", dir=_short_temp()))
         self.socket = str(self.directory / "engine.sock")
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
@@ -98,6 +99,12 @@ class EngineProcess:
             self.directory.rmdir()
         except OSError:
             pass
+
+
+def _short_temp() -> str:
+    """$TMPDIR, or /tmp when $TMPDIR is too long: a Unix socket's path must fit in 107 bytes."""
+    temp = tempfile.gettempdir()
+    return temp if len(temp) <= 64 or not os.access("/tmp", os.W_OK) else "/tmp"
 
 
 def die_with_parent() -> None:

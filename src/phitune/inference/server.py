@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -208,6 +209,11 @@ async def _serve(path: str, limits: Limits, dtype: str) -> None:
         await stop.wait()
     for served in server.served.values():
         served.engine.close()
+    # Its socket and directory go with it (a parent killed with -9 never removes them).
+    Path(path).unlink(missing_ok=True)
+    if Path(path).parent.name.startswith("phitune-engine-"):
+        with contextlib.suppress(OSError):
+            Path(path).parent.rmdir()
 
 
 def main(argv: list[str] | None = None) -> None:
