@@ -63,16 +63,10 @@ QUESTIONS = [
 # --- servers -----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, storage: Path, *extra: str, src: Path | None = None) -> None:
+        from phitune.distributed import free_port
+
         self.port = free_port()
         env = dict(os.environ)
         if src is not None:  # the baseline's source tree on the same interpreter and packages

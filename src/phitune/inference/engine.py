@@ -277,12 +277,9 @@ class Engine:
                 budget -= n
         work = [(s, 1) for s in decoding] + chunks
         work.sort(key=lambda item: id(item[0].lora) if item[0].lora is not None else 0)
-        return self._build(work, {id(s) for s in decoding}), chunks, self._sampled(work, decoding)
-
-    @staticmethod
-    def _sampled(work, decoding) -> list[_Sequence]:
-        decoding_ids = {id(s) for s in decoding}
-        return [s for s, n in work if id(s) in decoding_ids or s.computed + n == len(s.prompt)]
+        ids = {id(s) for s in decoding}
+        sampled = [s for s, n in work if id(s) in ids or s.computed + n == len(s.prompt)]
+        return self._build(work, ids), chunks, sampled
 
     def _build(self, work: list[tuple[_Sequence, int]], decoding: set[int]) -> Step:
         tokens, positions, writes, groups = [], [], [], []

@@ -15,13 +15,18 @@ BLOCK = 16
 
 class KVPool:
     def __init__(self, *, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, budget_bytes: int) -> None:
-        per_token = layers * 2 * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        per_token = self.token_bytes(layers, kv_heads, head_dim, dtype)
         self.blocks = max(1, budget_bytes // (per_token * BLOCK))
         self.bytes_per_token = per_token
         self.shape, self.layers, self.dtype = (self.blocks * BLOCK, kv_heads, head_dim), layers, dtype
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.free = list(range(self.blocks - 1, -1, -1))
+
+    @staticmethod
+    def token_bytes(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """What one token's keys and values take in every layer."""
+        return layers * 2 * kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
     def allocate(self) -> None:
         """The tensors, made by the thread that will use them (see `Runner.prepare`). Left

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from phitune.inference.engine import Engine, Event
-from phitune.inference.kv import BLOCK
+from phitune.inference.kv import BLOCK, KVPool
 from phitune.inference.limits import Limits
 from phitune.inference.lora import LoraSet, NotBatchable, from_peft
-from phitune.inference.runner import unsupported
+from phitune.inference.runner import attention_shape, unsupported
 from phitune.inference.sampling import Sampling
 
 if TYPE_CHECKING:
@@ -59,11 +59,9 @@ def _sharded(model: torch.nn.Module) -> bool:
 
 
 def _kv_bytes_per_token(model: torch.nn.Module) -> int:
-    c = model.config
-    heads = c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    kv = getattr(c, "num_key_value_heads", None) or heads
-    return c.num_hidden_layers * 2 * kv * head_dim * 4
+    """In fp32 whatever the model's dtype: a bound, so the budget always holds the batch."""
+    _, kv_heads, head_dim = attention_shape(model.config)
+    return KVPool.token_bytes(model.config.num_hidden_layers, kv_heads, head_dim, torch.float32)
 
 
 def generate_all(

@@ -39,7 +39,6 @@ class Metrics:
         self.counters: dict[tuple[str, str], float] = {}
         self.gauges: dict[tuple[str, str], float] = {}
         self.histograms: dict[tuple[str, str], list] = {}  # -> [bucket counts, sum, count]
-        self.shared = self  # where the samples go; a view shares its parent's
 
     def view(self, **labels: str) -> "Metrics":
         """The same store, with `labels` added to what this view records."""

@@ -42,6 +42,13 @@ def unsupported(model: torch.nn.Module) -> str | None:
     return None
 
 
+def attention_shape(config) -> tuple[int, int, int]:
+    """Query heads, key/value heads, head width of a model's config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return heads, kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
 @dataclass
 class Step:
     """What one forward runs. Rows are tokens, grouped by adapter (`groups`: adapter, start, end).
@@ -80,9 +87,7 @@ class Runner:
         self.config = config = model.config
         self.core = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.layers = list(self.core.layers)
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.heads, self.kv_heads, self.head_dim = attention_shape(config)
         self.scaling = self.head_dim**-0.5
         self.dtype = next(self.core.parameters()).dtype
         if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # 4-bit: activations in the compute dtype
