@@ -209,6 +209,25 @@ def test_stop_strings_max_tokens_and_cancel_end_a_request(tiny_phi3):
         engine.close()
 
 
+def test_streamed_text_equals_the_whole_decode_even_when_cut_mid_character(tiny_phi3):
+    """A reply cut by max_tokens inside a multi-byte character ends as the whole decode does (with
+    U+FFFD): evaluation scores the same answers whichever generator made them."""
+    from transformers import AutoTokenizer
+
+    from phitune.inference.text import Detokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_phi3)
+    ids = tok("Un café ☕ et 日本語, naïve.", add_special_tokens=False)["input_ids"]
+    cut_mid_character = 0
+    for n in range(1, len(ids) + 1):
+        detok = Detokenizer(tok, [1])
+        streamed = "".join(detok.add(i) for i in ids[:n])
+        whole = tok.decode(ids[:n], skip_special_tokens=True)
+        cut_mid_character += streamed != whole
+        assert streamed + detok.flush() == whole
+    assert cut_mid_character >= 3  # the tokenizer does split characters into bytes
+
+
 def test_admission_waits_for_kv_memory_instead_of_failing(tiny_phi3):
     model, tok = load_for_inference(str(tiny_phi3))
     engine = Engine(model, tok, limits=Limits(kv_cache_mb=1))

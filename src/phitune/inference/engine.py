@@ -354,7 +354,8 @@ class Engine:
 
     def _finish(self, seq: _Sequence, finish: str) -> None:
         if seq.stops is not None and not seq.stops.hit and finish != "cancelled":
-            tail = seq.stops.flush()
+            tail = seq.stops.feed(seq.detok.flush())
+            tail += "" if seq.stops.hit else seq.stops.flush()
             if tail:
                 seq.sink(Event("text", tail))
         self._release(seq)

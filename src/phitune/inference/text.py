@@ -25,6 +25,15 @@ class Detokenizer:
             return after[len(before) :]
         return ""
 
+    def flush(self) -> str:
+        """The text held back at the end: a reply cut short mid-character ends as a whole decode
+        of its tokens would (with U+FFFD), so the streamed text always equals the full decode."""
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        after = decode(self.ids[self.prefix :], skip_special_tokens=True)
+        self.prefix = self.read = len(self.ids)
+        return after[len(before) :]
+
 
 class StopStrings:
     """Text up to (not including) the first stop string. The tail that could still be the start of
