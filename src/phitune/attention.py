@@ -1,0 +1,88 @@
+"""Attention for training on a CPU: in bf16, plain matmuls and a softmax for short rows; PyTorch's
+SDPA for long rows and for float32.
+
+PyTorch's CPU flash-attention kernel is slow in bf16 on the short rows of most fine-tuning data
+(dictionary pairs, classification, short chat turns): two batched matmuls with a masked softmax
+between them are 2-5x faster forward and backward there. Their cost and memory grow with the
+square of the length, so past `SHORT_KEYS` keys SDPA runs instead; in float32 SDPA is the faster
+at every length. Both measured in benchmarks/results/attention_choice.md.
+
+Registered with transformers' attention and mask registries under `NAME`: the model's own
+attention module calls it exactly where it would call SDPA, with SDPA's boolean masks (padding,
+causal, sliding windows, packed sequences). Grouped-query attention is computed without repeating
+keys and values: the query heads of one key/value head are stacked into one matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "phitune_cpu"
+SHORT_KEYS = 160
+MATMUL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def short_rows_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    position_bias: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: query (batch, heads, q, dim), key and value
+    (batch, kv_heads, k, dim); the output is (batch, q, heads, dim)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len, k_len = query.shape[2], key.shape[2]
+    if (
+        k_len > SHORT_KEYS
+        or q_len == 1
+        or query.device.type != "cpu"
+        or query.dtype not in MATMUL_DTYPES
+        or position_bias is not None
+        or kwargs.get("softcap") is not None
+        or (attention_mask is not None and attention_mask.dtype != torch.bool)
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, position_bias, **kwargs
+        )
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    scale = dim**-0.5 if scaling is None else scaling
+    if attention_mask is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if causal:
+            attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[None, None]
+    # (batch, kv_heads, group * q, dim) @ (batch, kv_heads, dim, k): each key/value head once.
+    scores = (query.reshape(batch, kv_heads, group * q_len, dim) @ key.transpose(-1, -2)).view(
+        batch, kv_heads, group, q_len, k_len
+    )
+    # The softmax in float32, as transformers' eager attention computes it. Masked scores get the
+    # lowest finite value, not -inf: a fully masked row (a padding query) stays finite.
+    scores = scores.float().mul_(scale)
+    if attention_mask is not None:
+        mask = attention_mask.reshape(attention_mask.shape[0], -1, 1, q_len, k_len)  # batch, 1 or heads, ...
+        if mask.shape[1] == heads and heads != kv_heads:
+            mask = mask.reshape(mask.shape[0], kv_heads, group, q_len, k_len)
+        scores = scores.masked_fill_(~mask, torch.finfo(torch.float32).min)
+    probs = torch.softmax(scores, dim=-1).to(query.dtype)
+    if dropout > 0 and module.training:
+        probs = torch.nn.functional.dropout(probs, p=dropout)
+    out = probs.view(batch, kv_heads, group * q_len, k_len) @ value
+    return out.view(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Make `NAME` an attention implementation transformers models accept; returns it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, short_rows_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    return NAME
