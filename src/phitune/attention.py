@@ -58,7 +58,8 @@ def short_rows_attention(
     if attention_mask is None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         if causal:
-            attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)[None, None]
+            attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+            attention_mask = attention_mask[None, None]
     # (batch, kv_heads, group * q, dim) @ (batch, kv_heads, dim, k): each key/value head once.
     scores = (query.reshape(batch, kv_heads, group * q_len, dim) @ key.transpose(-1, -2)).view(
         batch, kv_heads, group, q_len, k_len
