@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
+import phitune.attention as phitune_attention
 from phitune.attention import NAME, SHORT_KEYS, register
 
 SMALL = dict(
@@ -26,9 +27,7 @@ SMALL = dict(
 def _float32_too(monkeypatch):
     """In float32 phitune's attention hands over to SDPA (the faster there); here it computes
     float32 too, so that the two are compared at float32's precision."""
-    import phitune.attention
-
-    monkeypatch.setattr(phitune.attention, "MATMUL_DTYPES", (torch.bfloat16, torch.float32))
+    monkeypatch.setattr(phitune_attention, "MATMUL_DTYPES", (torch.bfloat16, torch.float32))
 
 
 def _pair(config):
@@ -106,6 +105,25 @@ def test_bf16_stays_within_bf16_rounding_of_sdpa():
     for name, g in grads_s.items():
         cos = torch.nn.functional.cosine_similarity(g.float().flatten(), grads_o[name].float().flatten(), dim=0)
         assert cos > 0.99, (name, cos)
+
+
+def test_under_bf16_autocast_float32_projections_take_the_matmuls(monkeypatch):
+    """LoRA updates kept in float32 hand attention float32 tensors under bf16 autocast: the
+    matmul path runs all the same (SDPA is never called) and the loss stays within 1%."""
+    import transformers.integrations.sdpa_attention as sdpa_module
+
+    monkeypatch.setattr(phitune_attention, "MATMUL_DTYPES", (torch.bfloat16,))
+    sdpa, ours = _pair(LlamaConfig(**SMALL))
+    batch = _padded(40, [40, 33, 12, 25])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_s, _ = _loss_and_grads(sdpa, batch)
+        monkeypatch.setattr(sdpa_module, "sdpa_attention_forward", _never)
+        loss_o, _ = _loss_and_grads(ours, batch)
+    assert abs(loss_s.float() - loss_o.float()) / loss_s.float() < 0.01
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("SDPA was called")
 
 
 def test_training_on_a_cpu_uses_it_unless_the_config_names_another(tmp_path, tiny_phi3):

@@ -39,11 +39,15 @@ def short_rows_attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q_len, k_len = query.shape[2], key.shape[2]
+    device = query.device.type
+    # Under autocast the projections may hand over float32 (LoRA updates kept in float32): the
+    # matmuls run in autocast's dtype all the same.
+    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
     if (
         k_len > SHORT_KEYS
         or q_len == 1
-        or query.device.type != "cpu"
-        or query.dtype not in MATMUL_DTYPES
+        or device != "cpu"
+        or compute not in MATMUL_DTYPES
         or position_bias is not None
         or kwargs.get("softcap") is not None
         or (attention_mask is not None and attention_mask.dtype != torch.bool)
@@ -51,6 +55,7 @@ def short_rows_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, position_bias, **kwargs
         )
+    query, key, value = query.to(compute), key.to(compute), value.to(compute)
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     group = heads // kv_heads

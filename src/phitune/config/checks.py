@@ -52,7 +52,25 @@ def semantic_problems(sections: dict[str, BaseModel]) -> list[tuple[str, str]]:
     if method is not None:
         out += _method_task_problems(data, task, method)
     out += _distributed_problems(sections.get("distributed"), method)
-    return out
+    return out + _compile_problems(t, method, sections.get("distributed"))
+
+
+def _compile_problems(
+    t: TrainingConfig, method: MethodConfig | None, d: DistributedConfig | None
+) -> list[tuple[str, str]]:
+    """training.compile: true where phitune does not compile (the layers would not be compiled)."""
+    if t.compile is not True:
+        return []
+    why = None
+    if t.gradient_checkpointing:
+        why = "gradient_checkpointing"
+    elif method is not None and method.name == "qlora":
+        why = "method qlora (4-bit layers)"
+    elif d is not None and d.strategy in ("fsdp", "deepspeed"):
+        why = f"distributed.strategy {d.strategy}"
+    if why is None:
+        return []
+    return [("training.compile", f"true cannot be combined with {why}; set training.compile: false (or auto)")]
 
 
 def _training_problems(t: TrainingConfig, data: DataConfig | None) -> list[tuple[str, str]]:

@@ -247,6 +247,13 @@ class TrainingConfig(_Section):
         "(AVX-512 BF16 or AMX), fp16 on older CUDA, fp32 on other CPUs.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    compile: Union[Literal["auto"], bool] = Field(
+        "auto",
+        description="Compile each decoder layer with torch.compile (Inductor fuses its norms, rotary, "
+        "activations, residual adds and casts), cached on disk for the next run. auto: on a CPU in bf16 "
+        "when the run is long enough to repay the compile time; never with gradient checkpointing, QLoRA, "
+        "DeepSpeed or FSDP.",
+    )
     seed: int = Field(42, description="Seeds weights init of adapters, data order and dropout.")
     log_every: int = Field(1, gt=0, description="Log a metrics.jsonl line every N steps.")
     eval_every: Optional[int] = Field(

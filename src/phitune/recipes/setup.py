@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from phitune.compiling import compile_layers, decoder_parameters, why_compile
 from phitune.config import Config, flatten
 from phitune.data.dataset import TrainData, length_problem, load_training_data
 from phitune.distributed import Runtime
@@ -230,6 +231,35 @@ def setup_engine(
         deepspeed_config=ds_config,
     )
     return engine, build_scheduler(cfg, built["optimizer"], steps)
+
+
+def compile_for_run(
+    cfg: Config,
+    model: torch.nn.Module,
+    runtime: Runtime,
+    precision: str,
+    device: torch.device,
+    steps: int,
+    data: TrainData,
+) -> str | None:
+    """Compile the decoder layers when training.compile asks for it (phitune/compiling.py); why, or None."""
+    t = cfg.training
+    unsupported = None
+    if t.gradient_checkpointing:
+        unsupported = "gradient checkpointing"
+    elif cfg.method.name == "qlora":
+        unsupported = "4-bit layers"
+    elif runtime.strategy in ("deepspeed", "fsdp"):
+        unsupported = f"strategy {runtime.strategy}"
+    examples = data.train_examples
+    mean_tokens = sum(len(e.input_ids) for e in examples) / max(len(examples), 1)
+    param_tokens = float(decoder_parameters(model)) * mean_tokens * t.batch_size * steps
+    why = why_compile(
+        t.compile, model, device=device, precision=precision, unsupported=unsupported, param_tokens=param_tokens
+    )
+    if why is not None:
+        log.info("compiling %d decoder layers (%s); the first steps wait for it", compile_layers(model), why)
+    return why
 
 
 def scores_answers(cfg: Config, data: TrainData) -> bool:

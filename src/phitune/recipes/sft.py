@@ -38,6 +38,7 @@ from phitune.recipes.run import Run, RunResult
 from phitune.recipes.saving import save_adapter, save_final
 from phitune.recipes.setup import (
     check_best_metric,
+    compile_for_run,
     load_data,
     prepare_output_dir,
     resolve_precision,
@@ -99,6 +100,7 @@ def setup(cfg: Config, *, resume: bool, overwrite: bool) -> Run:
     model, reference, weights = setup_model(cfg, accelerator, runtime, precision, tokenizer, head, labels)
     startup.lap("model")
     steps = total_steps(cfg, len(data.train_examples))
+    weights["compiled"] = compile_for_run(cfg, model, runtime, precision, accelerator.device, steps, data)
     engine, scheduler = setup_engine(cfg, model, accelerator, runtime, precision, ds_config, steps)
     objective = build_objective(
         data.spec,
