@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -125,6 +126,14 @@ def phitune_cmd(model: Path, data: Path, out: Path, args, precision: str) -> lis
     return phitune_child([f"{k}={v}" for k, v in sets.items()])
 
 
+def compiled_cmd(model: Path, data: Path, out: Path, args) -> list[str]:
+    """training.compile true, with the compile cache in the work directory (emptied before a
+    `-cold` run): the first compiled run pays the whole compile, the next one what the cache leaves."""
+    cache = Path(args.work) / "compile-cache"
+    cmd = phitune_cmd(model, data, out, args, "auto") + ["--set", "training.compile=true"]
+    return ["env", f"TORCHINDUCTOR_CACHE_DIR={cache}", *cmd]
+
+
 def packed_sets(args) -> list[str]:
     """Packed rows holding about as many real tokens per step as `batch_size` examples do (so the
     optimizer takes about as many steps), each row at least as long as the longest example."""
@@ -188,6 +197,21 @@ RUNS = {
         lambda m, d, o, a: (
             phitune_cmd(m, d, o, a, "auto") + ["--set", "method.name=full", "--set", "training.learning_rate=2e-5"]
         ),
+    ),
+    "phitune-sdpa": (
+        "phitune LoRA, precision auto, SDPA attention (model.attn_implementation sdpa: before short-row attention)",
+        False,
+        lambda m, d, o, a: phitune_cmd(m, d, o, a, "auto") + ["--set", "model.attn_implementation=sdpa"],
+    ),
+    "phitune-compiled-cold": (
+        "phitune LoRA, precision auto, training.compile true, empty compile cache",
+        False,
+        lambda m, d, o, a: compiled_cmd(m, d, o, a),
+    ),
+    "phitune-compiled": (
+        "phitune LoRA, precision auto, training.compile true, compile cache from the run before",
+        False,
+        lambda m, d, o, a: compiled_cmd(m, d, o, a),
     ),
     "phitune-packing": (
         "phitune LoRA, precision auto, packing with isolation (block-diagonal attention)",
@@ -289,6 +313,8 @@ def main() -> None:
             skipped.append(f"{label}: skipped, this CPU has no native bf16 matmul (AVX512-BF16 or AMX)")
             continue
         out = work / f"run-{name}"
+        if name.endswith("-cold"):
+            shutil.rmtree(work / "compile-cache", ignore_errors=True)
         print(f"running {label} ...", file=sys.stderr, flush=True)
         try:
             r = run_child(cmd(model, data, out, args), work / f"{name}.log")

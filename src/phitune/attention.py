@@ -92,3 +92,10 @@ def register() -> str:
     AttentionInterface.register(NAME, short_rows_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
     return NAME
+
+
+def use_where_sdpa(model: torch.nn.Module) -> None:
+    """Switch a model that transformers gave SDPA, and that takes registered attention functions,
+    to this one (training on a CPU)."""
+    if model.config._attn_implementation == "sdpa" and model.is_backend_compatible():
+        model.set_attn_implementation(register())

@@ -138,21 +138,14 @@ def load_model(
             ) from exc
         raise _hub_error(m.name_or_path, exc) from exc
     if m.attn_implementation == "auto" and device.type == "cpu":
-        _short_rows_attention(model)
+        from phitune.attention import use_where_sdpa
+
+        use_where_sdpa(model)
     if getattr(model.config, "phitune_untrained", False):
         log.info("note: %s is an UNTRAINED model made by phitune create-model (random weights)", m.name_or_path)
     if cfg.method.name == "qlora":
         exact_4bit_inference(model)  # evaluations during training: the numbers training computes
     return model
-
-
-def _short_rows_attention(model: PreTrainedModel) -> None:
-    """On a CPU, where transformers chose SDPA for a model that takes registered attention
-    functions: phitune's, which computes short rows with plain matmuls (phitune/attention.py)."""
-    if model.config._attn_implementation == "sdpa" and model.is_backend_compatible():
-        from phitune.attention import register
-
-        model.set_attn_implementation(register())
 
 
 def qlora_quantization(method: MethodConfig) -> BitsAndBytesConfig:

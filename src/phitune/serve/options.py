@@ -36,6 +36,7 @@ SERVER_OWNED: dict[str, str] = {
     "training.save_total_limit": "the service keeps a job's newest checkpoints (the server's --keep-checkpoints, "
     "default 3) and its best",
     "training.tensorboard": "the service reports metrics as job events",
+    "training.compile": "the server decides (auto: compiled when a job is long enough to repay it)",
 }
 
 TENANT: dict[str, tuple[str, ...]] = {
