@@ -12,7 +12,10 @@ from pathlib import Path
 
 import psutil
 
+from phitune.allocator import reexec_with_tcmalloc
 from phitune.cli import main
+
+reexec_with_tcmalloc([sys.executable, *sys.argv])  # as `phitune train` does when it is a program
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _memory import peak_rss_mb  # noqa: E402

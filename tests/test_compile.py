@@ -67,9 +67,15 @@ def test_auto_compiles_only_a_bf16_cpu_run_long_enough_to_repay_it(tiny_phi3):
     model = _lora_model(tiny_phi3)
     cpu = torch.device("cpu")
 
-    def why(setting="auto", precision="bf16", unsupported=None, param_tokens=10 * REPAYS, device=cpu):
+    def why(setting="auto", precision="bf16", unsupported=None, param_tokens=10 * REPAYS, processes=1):
         return why_compile(
-            setting, model, device=device, precision=precision, unsupported=unsupported, param_tokens=param_tokens
+            setting,
+            model,
+            device=cpu,
+            precision=precision,
+            unsupported=unsupported,
+            param_tokens=param_tokens,
+            processes=processes,
         )
 
     assert why().startswith("auto")
@@ -79,6 +85,7 @@ def test_auto_compiles_only_a_bf16_cpu_run_long_enough_to_repay_it(tiny_phi3):
     assert why(setting=True, unsupported="gradient checkpointing") is None
     assert why(setting=True, param_tokens=1.0, precision="no") == "training.compile: true"
     assert why(setting=False) is None
+    assert why(processes=2) is None  # DDP: not measured, left eager under auto
 
 
 @pytest.mark.parametrize(

@@ -47,15 +47,16 @@ def why_compile(
     precision: str,
     unsupported: str | None,
     param_tokens: float,
+    processes: int = 1,
 ) -> str | None:
     """Why this run compiles its layers, or None. `unsupported`: what in the run rules it out
     (checkpointing, 4-bit layers, sharded weights); `param_tokens`: decoder parameters x tokens
-    the run trains on."""
+    the run trains on. `auto` leaves runs of several processes (DDP) eager: not measured there."""
     if setting is False or unsupported is not None or decoder_layers(model) is None:
         return None
     if setting is True:
         return "training.compile: true"
-    if device.type != "cpu" or precision != "bf16":
+    if device.type != "cpu" or precision != "bf16" or processes > 1:
         return None
     if param_tokens < REPAYS:
         return None

@@ -255,7 +255,13 @@ def compile_for_run(
     mean_tokens = sum(len(e.input_ids) for e in examples) / max(len(examples), 1)
     param_tokens = float(decoder_parameters(model)) * mean_tokens * t.batch_size * steps
     why = why_compile(
-        t.compile, model, device=device, precision=precision, unsupported=unsupported, param_tokens=param_tokens
+        t.compile,
+        model,
+        device=device,
+        precision=precision,
+        unsupported=unsupported,
+        param_tokens=param_tokens,
+        processes=runtime.world,
     )
     if why is not None:
         log.info("compiling %d decoder layers (%s); the first steps wait for it", compile_layers(model), why)

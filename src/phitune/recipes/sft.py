@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from phitune import hyperparameters
+from phitune import allocator, hyperparameters
 from phitune.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from phitune.config import Config, dump_config
 from phitune.data.batching import epoch_batches, should_group, split_micro_padded
@@ -396,6 +396,7 @@ def run_summary(run: Run, artifact: Path) -> dict:
         "num_labels": len(labels) if labels else None,
         "processes": run.runtime.world,
         "strategy": run.runtime.strategy,
+        "allocator": allocator.in_use(),
         "peak_memory_per_process": run.runtime.gather(peak_memory_mb()),
         **run.weights,
         "final_train_loss": run.last_loss,
