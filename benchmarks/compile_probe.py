@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +27,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from _machine import cpu  # noqa: E402
 from real_data import dictionary_chat, lora_sets  # noqa: E402
+
+from phitune.compiling import compile_layers, decoder_parameters  # noqa: E402
 
 
 def timed_run(sets: list[str], steps: int, compiled: bool) -> dict:
@@ -32,10 +38,9 @@ def timed_run(sets: list[str], steps: int, compiled: bool) -> dict:
     from phitune.data.batching import epoch_batches
     from phitune.recipes.sft import setup, train_step
 
-    run = setup(load_config(None, sets), resume=False, overwrite=True)
+    run = setup(load_config(None, [*sets, "training.compile=false"]), resume=False, overwrite=True)
     if compiled:
-        for layer in run.engine.unwrap().get_decoder().layers:
-            layer.compile(dynamic=True)
+        compile_layers(run.engine.unwrap())  # as training.compile does, into an empty cache (below)
     examples = run.data.train_examples
     batches = epoch_batches([len(e.input_ids) for e in examples], run.cfg.training.batch_size, 0, 0)
     run.engine.model.train()
@@ -44,7 +49,9 @@ def timed_run(sets: list[str], steps: int, compiled: bool) -> dict:
         start = time.perf_counter()
         losses.append(train_step(run, [examples[i] for i in b])["loss"])
         seconds.append(time.perf_counter() - start)
-    return {"seconds": seconds, "losses": losses}
+    tokens = sum(len(examples[i].input_ids) for b in batches[:steps] for i in b) / steps
+    param_tokens = decoder_parameters(run.engine.unwrap()) * tokens
+    return {"seconds": seconds, "losses": losses, "param_tokens_per_step": param_tokens}
 
 
 def main() -> None:
@@ -58,6 +65,9 @@ def main() -> None:
     args = p.parse_args()
 
     work = Path(args.work)
+    # A cold compile: the cache starts empty (training.compile keeps its own in ~/.cache/phitune/compile).
+    cache = Path(tempfile.mkdtemp(prefix="compile-cache-", dir=work if work.is_dir() else None))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
     data = dictionary_chat(work / "dictionary-compile.jsonl", rows=args.batch_size * args.steps)
     sets = lora_sets(data, work / "compile-run", batch_size=args.batch_size, precision=args.precision)
     eager = timed_run(sets, args.steps, compiled=False)
@@ -68,7 +78,7 @@ def main() -> None:
     lines = [
         f"SmolLM2-135M-Instruct, LoRA r=16 all-linear, {args.precision}, batch {args.batch_size} dictionary rows, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}; every decoder layer "
-        "`compile(dynamic=True)`.",
+        "`compile(dynamic=True)` (phitune.compiling.compile_layers).",
         "",
         "| | eager | compiled |",
         "| --- | ---: | ---: |",
@@ -84,7 +94,16 @@ def main() -> None:
             else "never repaid (not faster)"
         )
         + f". Largest per-step loss difference: {diff:.2e}.",
+        "",
+        f"Machine: {cpu()}. Break-even in parameter-tokens (decoder parameters x tokens trained), what "
+        "`training.compile: auto` compares with `phitune.compiling.REPAYS`: "
+        + (
+            f"{extra / (steady['eager'] - steady['compiled']) * eager['param_tokens_per_step']:.2e}."
+            if steady["compiled"] < steady["eager"]
+            else "none."
+        ),
     ]
+    shutil.rmtree(cache, ignore_errors=True)
     table = "\n".join(lines)
     print(table)
     name = "compile_probe" + (f"_{args.tag}" if args.tag else "")

@@ -42,6 +42,8 @@ sys.path.insert(0, str(HERE))
 from longtail_data import write as write_data  # noqa: E402
 from real_data import REAL_MODEL, dictionary_chat  # noqa: E402
 
+from phitune.allocator import tcmalloc  # noqa: E402
+
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10, trials: int = 5) -> float:
     """Best of several timed trials: the physical limit, not a noisy moment of this shared machine."""
@@ -232,6 +234,20 @@ RUNS = {
         "TRL, bf16, checkpointing off",
         True,
         lambda m, d, o, a: trl_cmd(m, d, o, a, "--bf16", "--no-gradient-checkpointing"),
+    ),
+    "trl-bf16-tcmalloc": (
+        "TRL, bf16, checkpointing off, under tcmalloc (LD_PRELOAD, as phitune train runs)",
+        True,
+        lambda m, d, o, a: [
+            "env",
+            f"LD_PRELOAD={tcmalloc()}",
+            *trl_cmd(m, d, o, a, "--bf16", "--no-gradient-checkpointing"),
+        ],
+    ),
+    "phitune-glibc": (
+        "phitune LoRA, precision auto, glibc's allocator (PHITUNE_ALLOCATOR=system)",
+        False,
+        lambda m, d, o, a: ["env", "PHITUNE_ALLOCATOR=system", *phitune_cmd(m, d, o, a, "auto")],
     ),
     "trl-dropout": (
         "TRL, checkpointing off, LoRA dropout 0.05",
