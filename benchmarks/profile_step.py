@@ -26,7 +26,10 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from _machine import cpu  # noqa: E402
 from real_data import dictionary_chat, lora_sets  # noqa: E402
+
+from phitune.allocator import in_use, reexec_with_tcmalloc  # noqa: E402
 
 CATEGORIES = (
     "base matmuls",
@@ -104,6 +107,7 @@ def main() -> None:
     p.add_argument("--tag", default="")
     p.add_argument("--work", default=str(HERE / ".work"))
     args = p.parse_args()
+    reexec_with_tcmalloc([sys.executable, *sys.argv])  # the allocator `phitune train` runs with
 
     from phitune.config import load_config
     from phitune.data.batching import epoch_batches
@@ -150,6 +154,8 @@ def write(args, cfg, wall: float, tokens: int, steps: int, per_category: dict, p
         f"{args.batch_size} dictionary chat rows ({tokens / steps / args.batch_size:.0f} tokens per row on average), "
         f"{torch.get_num_threads()} threads, {steps} profiled steps after {args.warmup} warm-up steps: "
         f"{wall / steps:.2f} s per step, {tokens / wall:.0f} tokens/s (under the profiler, which slows it a little).",
+        "",
+        f"Machine: {cpu()}; allocator {in_use()}.",
         "",
         "| where the step's time goes | s per step | share |",
         "| --- | ---: | ---: |",

@@ -39,6 +39,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from _machine import cpu  # noqa: E402
 from longtail_data import write as write_data  # noqa: E402
 from real_data import REAL_MODEL, dictionary_chat  # noqa: E402
 
@@ -406,6 +407,7 @@ def describe(model: Path, args, lengths: list[int], peak: dict) -> str:
     rows = "dictionary pairs as chat turns" if args.data == "dictionary" else "long-tailed chat examples"
     bf16 = f"bf16 {peak['bf16']:.0f} GFLOP/s" if peak["bf16"] else "bf16: no native support on this CPU"
     return (
+        f"Machine: {cpu()}.\n\n"
         f"Model: {name} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, vocabulary "
         f"{config.vocab_size}). {len(lengths)} {rows} (median {sorted(lengths)[len(lengths) // 2]} tokens, max "
         f"{max(lengths)}), batch {args.batch_size}, max_length {args.max_length}, LoRA r=16 alpha 32 all-linear, "
