@@ -3,7 +3,7 @@ SDPA for long rows and for float32.
 
 PyTorch's CPU flash-attention kernel is slow in bf16 on the short rows of most fine-tuning data
 (dictionary pairs, classification, short chat turns): two batched matmuls with a masked softmax
-between them are 2-5x faster forward and backward there. Their cost and memory grow with the
+between them are several times faster forward and backward there. Their cost and memory grow with the
 square of the length, so past `SHORT_KEYS` keys SDPA runs instead; in float32 SDPA is the faster
 at every length. Both measured in benchmarks/results/attention_choice.md.
 
