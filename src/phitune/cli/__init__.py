@@ -83,15 +83,16 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and sys.argv[1:2] == ["train"]:  # a program, not a call from Python
-        from phitune.allocator import reexec_with_tcmalloc
-
-        reexec_with_tcmalloc([sys.executable, "-m", "phitune", *sys.argv[1:]])
+    program = argv is None  # started as a program, not called from Python
     _die_with_parent()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     Parser.argv = argv
     args = parser.parse_args(argv)
+    if program and getattr(args, "command", None) == "train":
+        from phitune.allocator import reexec_with_tcmalloc
+
+        reexec_with_tcmalloc([sys.executable, "-m", "phitune", *argv])
     args.argv = argv
     if not getattr(args, "func", None):
         parser.print_help()
