@@ -17,9 +17,7 @@ class Detokenizer:
 
     def add(self, token: int) -> str:
         self.ids.append(token)
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
-        after = decode(self.ids[self.prefix :], skip_special_tokens=True)
+        before, after = self._window()
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.ids)
             return after[len(before) :]
@@ -28,11 +26,17 @@ class Detokenizer:
     def flush(self) -> str:
         """The text held back at the end: a reply cut short mid-character ends as a whole decode
         of its tokens would (with U+FFFD), so the streamed text always equals the full decode."""
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
-        after = decode(self.ids[self.prefix :], skip_special_tokens=True)
+        before, after = self._window()
         self.prefix = self.read = len(self.ids)
         return after[len(before) :]
+
+    def _window(self) -> tuple[str, str]:
+        """The window's text without, and with, the tokens not emitted yet."""
+        decode = self.tokenizer.decode
+        return (
+            decode(self.ids[self.prefix : self.read], skip_special_tokens=True),
+            decode(self.ids[self.prefix :], skip_special_tokens=True),
+        )
 
 
 class StopStrings:
