@@ -42,6 +42,7 @@ RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _machine import cpu  # noqa: E402
+from _serve import start_serve  # noqa: E402
 from real_data import REAL_MODEL  # noqa: E402
 
 QUESTIONS = [
@@ -65,42 +66,10 @@ QUESTIONS = [
 
 class Server:
     def __init__(self, storage: Path, *extra: str, src: Path | None = None) -> None:
-        from phitune.distributed import free_port
-
-        self.port = free_port()
         env = dict(os.environ)
         if src is not None:  # the baseline's source tree on the same interpreter and packages
             env["PYTHONPATH"] = str(src)
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "phitune",
-                "serve",
-                "--storage",
-                str(storage),
-                "--model",
-                f"smol={REAL_MODEL}",
-                "--port",
-                str(self.port),
-                "--no-worker",
-                *extra,
-            ],  # fmt: skip
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("GET", "/v1/models")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                time.sleep(0.3)
-        raise RuntimeError("server did not start")
+        self.proc, self.port = start_serve(storage, f"smol={REAL_MODEL}", "--no-worker", *extra, env=env)
 
     def metrics(self) -> str:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)

@@ -28,40 +28,14 @@ import time
 from pathlib import Path
 
 import openai
+from _serve import start_serve
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def start(storage: Path, model: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    from phitune.distributed import free_port
-
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "phitune",
-            "serve",
-            "--storage",
-            str(storage),
-            "--model",
-            f"tiny={model}",
-            "--port",
-            str(port),
-            *extra,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(200):
-        try:
-            Http(port).get("/v1/models")
-            return proc, url
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError("server did not start")
+    proc, port = start_serve(storage, f"tiny={model}", *extra)
+    return proc, f"http://127.0.0.1:{port}/v1"
 
 
 class Http:

@@ -44,6 +44,7 @@ from longtail_data import write as write_data  # noqa: E402
 from real_data import REAL_MODEL, dictionary_chat  # noqa: E402
 
 from phitune.allocator import tcmalloc  # noqa: E402
+from phitune.hardware import cpu_has_native_bf16  # noqa: E402
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10, trials: int = 5) -> float:
@@ -129,12 +130,25 @@ def phitune_cmd(model: Path, data: Path, out: Path, args, precision: str) -> lis
     return phitune_child([f"{k}={v}" for k, v in sets.items()])
 
 
+def compile_cache(work: Path) -> Path:
+    """Where the compiled runs keep Inductor's cache (emptied before a `-cold` run)."""
+    return Path(work) / "compile-cache"
+
+
 def compiled_cmd(model: Path, data: Path, out: Path, args) -> list[str]:
-    """training.compile true, with the compile cache in the work directory (emptied before a
-    `-cold` run): the first compiled run pays the whole compile, the next one what the cache leaves."""
-    cache = Path(args.work) / "compile-cache"
+    """training.compile true, with the compile cache in the work directory: the first compiled
+    run pays the whole compile, the next one what the cache leaves."""
     cmd = phitune_cmd(model, data, out, args, "auto") + ["--set", "training.compile=true"]
-    return ["env", f"TORCHINDUCTOR_CACHE_DIR={cache}", *cmd]
+    return ["env", f"TORCHINDUCTOR_CACHE_DIR={compile_cache(args.work)}", *cmd]
+
+
+def under_tcmalloc(cmd: list[str]) -> list[str]:
+    """CMD with tcmalloc preloaded; without tcmalloc installed the run is reported as failed,
+    not run under glibc under a tcmalloc label."""
+    library = tcmalloc()
+    if library is None:
+        raise SystemExit("tcmalloc is not installed (apt install libtcmalloc-minimal4)")
+    return ["env", f"LD_PRELOAD={library}", *cmd]
 
 
 def packed_sets(args) -> list[str]:
@@ -239,11 +253,7 @@ RUNS = {
     "trl-bf16-tcmalloc": (
         "TRL, bf16, checkpointing off, under tcmalloc (LD_PRELOAD, as phitune train runs)",
         True,
-        lambda m, d, o, a: [
-            "env",
-            f"LD_PRELOAD={tcmalloc()}",
-            *trl_cmd(m, d, o, a, "--bf16", "--no-gradient-checkpointing"),
-        ],
+        lambda m, d, o, a: under_tcmalloc(trl_cmd(m, d, o, a, "--bf16", "--no-gradient-checkpointing")),
     ),
     "phitune-glibc": (
         "phitune LoRA, precision auto, glibc's allocator (PHITUNE_ALLOCATOR=system)",
@@ -320,7 +330,7 @@ def main() -> None:
     args.lengths = lengths  # what packed runs size their rows by
     labelled = sum(sum(label != -100 for label in e.labels) for e in examples)
     flops = {full: useful_flops(model, lengths, labelled, full) for full in (False, True)}
-    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    native_bf16 = cpu_has_native_bf16()
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16) if native_bf16 else None}
 
     results, skipped = [], []
@@ -331,7 +341,7 @@ def main() -> None:
             continue
         out = work / f"run-{name}"
         if name.endswith("-cold"):
-            shutil.rmtree(work / "compile-cache", ignore_errors=True)
+            shutil.rmtree(compile_cache(work), ignore_errors=True)
         print(f"running {label} ...", file=sys.stderr, flush=True)
         try:
             r = run_child(cmd(model, data, out, args), work / f"{name}.log")
