@@ -31,7 +31,9 @@ def _train(model, out, **env) -> dict:
 def test_train_runs_under_tcmalloc_unless_told_otherwise(tiny_phi3, tmp_path):
     env = {k: "" for k in ("LD_PRELOAD",) if k in os.environ}
     env["PHITUNE_ALLOCATOR"] = "auto"
-    assert _train(tiny_phi3, tmp_path / "auto", **env)["allocator"] == "tcmalloc"
+    run = _train(tiny_phi3, tmp_path / "auto", **env)
+    assert run["allocator"] == "tcmalloc"
+    assert run["compiled"] is None  # training.compile auto: a one-step run never repays compiling
     env["PHITUNE_ALLOCATOR"] = "system"
     assert _train(tiny_phi3, tmp_path / "system", **env)["allocator"] == "glibc"
 
