@@ -1,4 +1,4 @@
-"""Model files: `phitune create-model`, `phitune merge`, `phitune import gguf`, `phitune export onnx`."""
+"""Model files: `phitune create-model`, `phitune merge`, `phitune import gguf`, `phitune export onnx|gguf`."""
 
 from __future__ import annotations
 
@@ -101,6 +101,34 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from phitune.export.gguf import export_gguf
+
+    out = export_gguf(
+        args.source,
+        args.output,
+        quant=args.quant,
+        lora=args.lora,
+        base_gguf=args.base_gguf,
+        base=args.base,
+        overwrite=args.overwrite,
+    )
+    files = json.loads((out / "phitune_export.json").read_text())["files"]
+    run = (
+        f"llama-cli -m {out / files['base']} --lora {out / files['adapter']}"
+        if args.lora
+        else (f"llama-cli -m {out / files['model']}")
+    )
+    print(f"wrote {args.quant} GGUF to {out} (llama.cpp: {run}; Ollama: ollama create NAME -f {out / 'Modelfile'})")
+    if args.check:
+        from phitune.export.gguf_check import check_gguf
+
+        report = check_gguf(out, args.source, data=args.check_data)
+        (out / "check.json").write_text(json.dumps(report, indent=2) + "\n")
+        print("check: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     for add in (_add_create_model, _add_merge, _add_import, _add_export):
         add(sub)
@@ -154,7 +182,7 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    x = sub.add_parser("export", help="export a model: onnx (ONNX Runtime GenAI, int4/int8/fp16/fp32)")
+    x = sub.add_parser("export", help="export a model: onnx (ONNX Runtime GenAI), gguf (llama.cpp, Ollama, LM Studio)")
     xsub = x.add_subparsers(dest="export_command", metavar="FORMAT")
     xo = xsub.add_parser("onnx", help="merge if needed, then build an ONNX Runtime GenAI model")
     xo.add_argument("source", help="training output dir, adapter dir or merged model")
@@ -187,4 +215,35 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "(repeatable; fp32 or fp16)",
     )
     xo.set_defaults(func=cmd_export_onnx)
+    _add_export_gguf(xsub)
     x.set_defaults(func=lambda a: (x.print_help(), EXIT_USAGE)[1])
+
+
+def _add_export_gguf(xsub: argparse._SubParsersAction) -> None:
+    from phitune.export.gguf import QUANTIZED, WRITTEN
+
+    xg = xsub.add_parser("gguf", help="a GGUF file for llama.cpp / Ollama (merged, or --lora beside a shared base)")
+    xg.add_argument("source", help="training output dir, adapter dir or model dir")
+    xg.add_argument("--output", required=True, help="directory for the .gguf file(s) and the Ollama Modelfile")
+    xg.add_argument(
+        "--quant",
+        default="f16",
+        help=f"{', '.join(WRITTEN)} (written here), or by llama.cpp's quantizer (needs llama-cpp-python): "
+        f"{', '.join(QUANTIZED)} (default f16)",
+    )
+    xg.add_argument(
+        "--lora",
+        action="store_true",
+        help="write the adapter alone as a GGUF LoRA beside the base GGUF (written once per base and quant, shared)",
+    )
+    xg.add_argument("--base-gguf", help="with --lora: an existing GGUF of the base model to use instead of writing one")
+    xg.add_argument("--base", help="base model, when not the one in adapter_config.json")
+    xg.add_argument("--overwrite", action="store_true")
+    xg.add_argument(
+        "--check",
+        action="store_true",
+        help="load the export in llama.cpp and compare prompt ids, greedy tokens and perplexity with PyTorch "
+        "(check.json; needs llama-cpp-python)",
+    )
+    xg.add_argument("--check-data", help="held-out file for --check (default: the run's validation file)")
+    xg.set_defaults(func=cmd_export_gguf)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -45,8 +46,7 @@ QUANTS = WRITTEN + QUANTIZED
 # temporary disk); below it f32 keeps the merged fine-tune's weights exactly.
 BF16_INPUT_PARAMETERS = 1.5e9
 LLAMA_CPP_INSTALL = (
-    "make llama-cpp (builds llama-cpp-python once, ~4 min, cached), or "
-    "pip install 'phitune[gguf-quantize]'"
+    "make llama-cpp (builds llama-cpp-python once, ~4 min, cached), or pip install 'phitune[gguf-quantize]'"
 )
 
 
@@ -133,12 +133,15 @@ def export_gguf(
         tmp.mkdir(parents=True)
         work = Path(work)
         if plan.lora:
-            files = _export_lora(plan, tmp, work)
+            tokenizer, generation = _fine_tune_tokenizer(plan)
+            files = _export_lora(plan, tokenizer, tmp, work)
         else:
             model, tokenizer = _merged(plan)
+            generation = model.generation_config
             _write_quantized(model, tokenizer, tmp / "model.gguf", plan.quant, plan.name, work)
             files = {"model": "model.gguf"}
-        write_modelfile(tmp, files)
+        stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_ids(tokenizer, generation)]
+        write_modelfile(tmp, files, tokenizer, stops, sampling(generation), str(plan.source))
         manifest = {
             "source": str(plan.source),
             "base": plan.base,
@@ -148,6 +151,53 @@ def export_gguf(
         }
         (tmp / "phitune_export.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return output
+
+
+def stop_ids(tokenizer, generation) -> list[int]:
+    """eos and the chat template's end-of-turn tokens (as phitune's own generation stops)."""
+    from phitune.data.chat import turn_closers
+
+    ids = getattr(generation, "eos_token_id", None)
+    out = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    out.add(tokenizer.eos_token_id)
+    out.update(tokenizer.convert_tokens_to_ids(t) for t in turn_closers(tokenizer))
+    return sorted(i for i in out if i is not None)
+
+
+def sampling(generation) -> dict:
+    """generation_config's sampling defaults under llama.cpp / Ollama's names (none when greedy)."""
+    if generation is None or not getattr(generation, "do_sample", False):
+        return {}
+    names = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repeat_penalty"}
+    return {ours: getattr(generation, hf) for hf, ours in names.items() if getattr(generation, hf, None) is not None}
+
+
+SAMPLING_KEYS = {
+    "temperature": "add_sampling_temp",
+    "top_p": "add_sampling_top_p",
+    "top_k": "add_sampling_top_k",
+    "repeat_penalty": "add_sampling_penalty_repeat",
+}
+
+
+def _fine_tune_tokenizer(plan: Plan):
+    """The tokenizer the fine-tune was trained with (saved beside the adapter, else the base's)
+    and the base's generation settings, without loading any weights."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    own = Path(plan.adapter) / "tokenizer_config.json"
+    tokenizer = AutoTokenizer.from_pretrained(plan.adapter if own.is_file() else plan.base)
+    base_tokenizer = AutoTokenizer.from_pretrained(plan.base)
+    if len(tokenizer) != len(base_tokenizer):
+        raise PhituneError(
+            f"{plan.adapter}: its tokenizer has {len(tokenizer)} tokens, the base's {len(base_tokenizer)}; "
+            "a LoRA cannot carry new tokens to llama.cpp, export it merged instead (drop --lora)"
+        )
+    try:
+        generation = GenerationConfig.from_pretrained(plan.base)
+    except OSError:
+        generation = None
+    return tokenizer, generation
 
 
 def _merged(plan: Plan):
@@ -183,21 +233,20 @@ def write_model(model, tokenizer, path: Path, quant: str, name: str) -> None:
     import gguf
 
     from phitune.export.gguf_model import add_hyperparameters, gguf_arch, model_tensors
-    from phitune.export.gguf_vocab import add_generation_settings, add_vocab
+    from phitune.export.gguf_vocab import add_vocab
 
     config = model.config
     arch = gguf_arch(config, name)
     with tempfile.TemporaryDirectory(prefix="phitune-tok-") as tok:
-        tokenizer.save_pretrained(tok)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tok)
-        writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.name)])
+        tokenizer.save_pretrained(tok)  # tokenizer.json as this tokenizer is now, whatever it was loaded from
+        writer = new_writer(path, arch.name)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(model_name(name, tokenizer))
         writer.add_file_type(getattr(gguf.LlamaFileType, TYPES[quant][1]))
         add_hyperparameters(writer, config, arch, name)
         add_vocab(writer, tokenizer, Path(tok), config.vocab_size)
-        add_generation_settings(writer, Path(tok))
+    for key, value in sampling(getattr(model, "generation_config", None)).items():
+        getattr(writer, SAMPLING_KEYS[key])(value)
     if quant != "f32":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_tensors(writer, model_tensors(model, config, arch), getattr(gguf.GGMLQuantizationType, TYPES[quant][0]))
@@ -222,6 +271,14 @@ TYPES = {
     "bf16": ("BF16", "MOSTLY_BF16"),
     "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
 }
+
+
+def new_writer(path: Path, arch: str):
+    """A GGUF writer for `arch` (a gguf.MODEL_ARCH member name)."""
+    import gguf
+
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer narrates every file at INFO
+    return gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch)])
 
 
 def write_tensors(writer, tensors: list, qtype) -> None:
@@ -279,7 +336,8 @@ def quantize(source: Path, target: Path, quant: str) -> None:
 # --- the LoRA form -------------------------------------------------------------------------------
 
 
-def _export_lora(plan: Plan, tmp: Path, work: Path) -> dict[str, str]:
+def _export_lora(plan: Plan, tokenizer, tmp: Path, work: Path) -> dict[str, str]:
+    """adapter.gguf, and base.gguf: a hard link to the shared base file (a copy across file systems)."""
     from phitune.export.gguf_lora import write_lora
 
     base_file = plan.base_gguf or shared_base(plan.base, plan.quant, work)
@@ -289,7 +347,19 @@ def _export_lora(plan: Plan, tmp: Path, work: Path) -> dict[str, str]:
         os.link(base_file, local)  # one copy on disk, however many fine-tunes point at it
     except OSError:
         shutil.copyfile(base_file, local)
-    return {"base": "base.gguf", "adapter": "adapter.gguf"}
+    files = {"base": "base.gguf", "adapter": "adapter.gguf"}
+    base_template = _base_chat_template(plan.base)
+    if tokenizer.chat_template and tokenizer.chat_template != base_template:
+        # the base file carries the base's template; the fine-tune was trained with this one
+        (tmp / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+        files["chat_template"] = "chat_template.jinja"
+    return files
+
+
+def _base_chat_template(base: str) -> str | None:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base).chat_template
 
 
 def _base_key(base: str, quant: str) -> str:

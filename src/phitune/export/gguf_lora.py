@@ -45,7 +45,7 @@ def adapter_layers(adapter: str, config) -> dict:
 def write_lora(adapter: str, config, path: Path, name: str) -> None:
     import gguf
 
-    from phitune.export.gguf import write_tensors
+    from phitune.export.gguf import new_writer, write_tensors
     from phitune.export.gguf_model import TensorNames, gguf_arch
 
     arch = gguf_arch(config, adapter)
@@ -56,7 +56,7 @@ def write_lora(adapter: str, config, path: Path, name: str) -> None:
         a_value, b_value = a.numpy(), names.reorder(layer + ".weight", b.numpy())
         tensors.append((target + ".lora_a", tuple(a.shape), lambda v=a_value: v))
         tensors.append((target + ".lora_b", tuple(b.shape), lambda v=b_value: v))
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.name)])
+    writer = new_writer(path, arch.name)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_name(name)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")

@@ -130,9 +130,8 @@ def _llama3_factors(rope: dict, dim: int):
     freqs = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     wavelen = 2 * math.pi / freqs
     smooth = (old_context / wavelen - low) / (high - low)
-    divisor = np.where(
-        wavelen < old_context / high, 1.0, np.where(wavelen > old_context / low, factor, 1.0 / ((1 - smooth) / factor + smooth))
-    )
+    between = 1.0 / ((1 - smooth) / factor + smooth)
+    divisor = np.where(wavelen < old_context / high, 1.0, np.where(wavelen > old_context / low, factor, between))
     return divisor.astype(np.float32)
 
 

@@ -15,10 +15,11 @@ from pathlib import Path
 from phitune.errors import PhituneError
 
 # tokenizer.json pre-tokenizer regexes -> llama.cpp's name for the same split.
-GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 SPLIT_REGEXES = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+    _WORDS + r"\p{N}{1,3}" + _REST: "llama-bpe",  # numbers in threes
+    _WORDS + r"\p{N}" + _REST: "qwen2",  # digit by digit
 }
 
 
@@ -120,21 +121,3 @@ def _prepends_space(data: dict) -> bool:
     """Whether the tokenizer puts '▁' before the text (Metaspace or a Prepend normalizer)."""
     text = json.dumps([data.get("normalizer"), data.get("pre_tokenizer")])
     return '"Prepend"' in text or '"prepend_scheme": "always"' in text or '"prepend_scheme": "first"' in text
-
-
-def add_generation_settings(writer, model_dir: Path) -> None:
-    """generation_config.json's sampling settings as llama.cpp's defaults (general.sampling.*)."""
-    path = model_dir / "generation_config.json"
-    if not path.is_file():
-        return
-    config = json.loads(path.read_text())
-    if not config.get("do_sample", False):
-        return  # greedy by default: llama.cpp's own defaults are not overridden with a guess
-    if config.get("temperature") is not None:
-        writer.add_sampling_temp(float(config["temperature"]))
-    if config.get("top_p") is not None:
-        writer.add_sampling_top_p(float(config["top_p"]))
-    if config.get("top_k") is not None:
-        writer.add_sampling_top_k(int(config["top_k"]))
-    if config.get("repetition_penalty") is not None:
-        writer.add_sampling_penalty_repeat(float(config["repetition_penalty"]))

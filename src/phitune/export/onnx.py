@@ -94,36 +94,14 @@ def export_onnx(
     return output
 
 
-DEFAULT_PROMPTS = [
-    "Hello! Who are you?",
-    "What is the capital of France?",
-    "Write one sentence about coffee.",
-    "Translate to French: the cup is hot.",
-    "List three colours.",
-]
-
-
-def _held_out(source: Path, data: str | None, tokenizer):
-    """The run's validation file (or `data`), read and tokenized as the run was trained; None
-    when there is neither."""
-    from phitune.evaluate.runner import locate, read_eval_split, resolve_spec
-
-    subject = locate(str(source))
-    data = data or subject.validation_file
-    if not data:
-        return None
-    spec = resolve_spec(subject, data, None if subject.spec else "chat")
-    return read_eval_split(data, spec, subject.data_options, tokenizer)
-
-
 def check_export(
     output: str | Path, source: str | Path, *, data: str | None = None, prompts: int = 16, max_new_tokens: int = 32
 ) -> dict:
     """Greedy tokens of the ONNX model against the PyTorch (merged) model on the same prompt
     ids, the ONNX tokenizer's prompt ids against transformers', and perplexity on held-out text."""
     from phitune.backends import OnnxBackend
-    from phitune.evaluate import scoring
     from phitune.evaluate.lm import lm_metrics
+    from phitune.export.verify import held_out, held_out_prompts, token_agreement
     from phitune.generate import greedy_ids, prompt_ids
     from phitune.models import load_for_inference, merged_model
 
@@ -131,11 +109,8 @@ def check_export(
     model, tokenizer = load_for_inference(str(source))
     if hasattr(model, "merge_and_unload"):
         model = merged_model(model)  # the weights the export was built from
-    split = _held_out(Path(source), data, tokenizer)
-    asked = [scoring.prompt_and_reference(s)[0] for _, s in (split.kept if split else []) if scoring.generative(s)][
-        :prompts
-    ]
-    asked = asked or [[{"role": "user", "content": p}] for p in DEFAULT_PROMPTS]
+    split = held_out(Path(source), data, tokenizer)
+    asked = held_out_prompts(split, prompts)
     same_prompt = exact = 0
     agreement = 0.0
     for prompt in asked:
@@ -145,10 +120,7 @@ def check_export(
         reference = greedy_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens)
         got = list(onnx.generate_ids(ids, max_new_tokens=max_new_tokens))
         exact += got == reference
-        longest = max(len(got), len(reference), 1)
-        agreement += (
-            next((i for i, (a, b) in enumerate(zip(got, reference)) if a != b), min(len(got), len(reference))) / longest
-        )
+        agreement += token_agreement(got, reference)
     report = {
         "prompts": len(asked),
         "greedy_exact": exact / len(asked),

@@ -1,0 +1,43 @@
+"""What an export is checked on: the run's held-out prompts and text, and how close another
+runtime's greedy reply comes to PyTorch's (shared by the ONNX and GGUF checks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEFAULT_PROMPTS = [
+    "Hello! Who are you?",
+    "What is the capital of France?",
+    "Write one sentence about coffee.",
+    "Translate to French: the cup is hot.",
+    "List three colours.",
+]
+
+
+def held_out(source: Path, data: str | None, tokenizer):
+    """The run's validation file (or `data`), read and tokenized as the run was trained; None
+    when there is neither."""
+    from phitune.evaluate.runner import locate, read_eval_split, resolve_spec
+
+    subject = locate(str(source))
+    data = data or subject.validation_file
+    if not data:
+        return None
+    spec = resolve_spec(subject, data, None if subject.spec else "chat")
+    return read_eval_split(data, spec, subject.data_options, tokenizer)
+
+
+def held_out_prompts(split, count: int) -> list:
+    """Up to `count` held-out prompts (conversations or text), else a few general ones."""
+    from phitune.evaluate import scoring
+
+    kept = split.kept if split else []
+    asked = [scoring.prompt_and_reference(s)[0] for _, s in kept if scoring.generative(s)][:count]
+    return asked or [[{"role": "user", "content": p}] for p in DEFAULT_PROMPTS]
+
+
+def token_agreement(got: list[int], reference: list[int]) -> float:
+    """The share of the longer reply that both replies have in common before they first differ."""
+    longest = max(len(got), len(reference), 1)
+    same = next((i for i, (a, b) in enumerate(zip(got, reference)) if a != b), min(len(got), len(reference)))
+    return same / longest
