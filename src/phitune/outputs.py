@@ -21,12 +21,18 @@ def refuse_non_empty(output: str | Path, overwrite: bool) -> None:
 @contextmanager
 def staged(output: Path, *, writer: bool = True) -> Iterator[Path]:
     """OUTPUT.tmp to write into (emptied first); it replaces OUTPUT when the block succeeds. A
-    failed block leaves OUTPUT as it was. In a run of several processes every one enters the
-    block (they may gather weights in it together) and only the `writer` empties and renames."""
+    failed block leaves OUTPUT as it was, and no OUTPUT.tmp beside it. In a run of several
+    processes every one enters the block (they may gather weights in it together) and only the
+    `writer` empties, renames or removes."""
     tmp = output.with_name(output.name + ".tmp")
     if writer:
         shutil.rmtree(tmp, ignore_errors=True)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        if writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if writer:
         if output.exists():
             shutil.rmtree(output)

@@ -12,15 +12,19 @@ from pathlib import Path
 from phitune.export.gguf import require_llama_cpp
 
 
-def open_llama(folder: str | Path, *, n_ctx: int = 2048):
-    """The export in `folder` (model.gguf, or base.gguf with adapter.gguf) loaded by llama.cpp."""
+def open_llama(folder: str | Path, *, n_ctx: int = 2048, f32_cache: bool = False):
+    """The export in `folder` (model.gguf, or base.gguf with adapter.gguf) loaded by llama.cpp,
+    with its default f16 KV cache (what users run), or an f32 one (to compare the math exactly)."""
     require_llama_cpp("reading a GGUF export with llama.cpp")
+    import llama_cpp
     from llama_cpp import Llama
 
     folder = Path(folder)
     files = json.loads((folder / "phitune_export.json").read_text())["files"]
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     settings = {"n_ctx": n_ctx, "n_threads": threads, "logits_all": True, "verbose": False, "seed": 0}
+    if f32_cache:
+        settings |= {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
     if "adapter" in files:
         return Llama(model_path=str(folder / files["base"]), lora_path=str(folder / files["adapter"]), **settings)
     return Llama(model_path=str(folder / files["model"]), **settings)
@@ -67,15 +71,18 @@ def check_gguf(
     if hasattr(model, "merge_and_unload"):
         model = merged_model(model)  # the weights the export was built from
     split = held_out(Path(source), data, tokenizer)
-    asked = held_out_prompts(split, prompts)
+    pairs = held_out_prompts(split, prompts)
+    asked = [prompt for prompt, _ in pairs]
     examples = split.examples[:64] if split and split.examples else []
     longest = max([len(e.input_ids) for e in examples] + [len(prompt_ids(tokenizer, p)) for p in asked])
     llm = open_llama(output, n_ctx=longest + max_new_tokens + 8)
     stops = end_of_turn_ids(model, tokenizer)
     same_prompt = exact = 0
     agreement = 0.0
+    right = {"torch": 0, "gguf": 0}
+    answered = [answer.strip() if isinstance(answer, str) else None for _, answer in pairs]
     try:
-        for prompt in asked:
+        for prompt, answer in zip(asked, answered):
             ids = prompt_ids(tokenizer, prompt)
             text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
             same_prompt += llm.tokenize(text.encode(), add_bos=isinstance(prompt, str), special=True) == ids
@@ -83,12 +90,18 @@ def check_gguf(
             got = llama_greedy(llm, ids, stops, max_new_tokens)
             exact += got == reference
             agreement += token_agreement(got, reference)
+            if answer is not None:  # the fine-tune's own answers, as the data gives them
+                right["torch"] += tokenizer.decode(reference, skip_special_tokens=True).strip() == answer
+                right["gguf"] += tokenizer.decode(got, skip_special_tokens=True).strip() == answer
         report = {
             "prompts": len(asked),
             "greedy_exact": exact / len(asked),
             "token_agreement": agreement / len(asked),
             "prompt_ids_equal": same_prompt / len(asked),
         }
+        with_answers = sum(a is not None for a in answered)
+        if with_answers:
+            report |= {f"answers_exact_{k}": v / with_answers for k, v in right.items()}
         if examples:
             torch_ppl = lm_metrics(model, examples, batch_size=8, pad_id=tokenizer.pad_token_id, device=model.device)
             report |= {

@@ -110,7 +110,7 @@ def check_export(
     if hasattr(model, "merge_and_unload"):
         model = merged_model(model)  # the weights the export was built from
     split = held_out(Path(source), data, tokenizer)
-    asked = held_out_prompts(split, prompts)
+    asked = [prompt for prompt, _ in held_out_prompts(split, prompts)]
     same_prompt = exact = 0
     agreement = 0.0
     for prompt in asked:

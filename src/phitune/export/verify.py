@@ -27,13 +27,14 @@ def held_out(source: Path, data: str | None, tokenizer):
     return read_eval_split(data, spec, subject.data_options, tokenizer)
 
 
-def held_out_prompts(split, count: int) -> list:
-    """Up to `count` held-out prompts (conversations or text), else a few general ones."""
+def held_out_prompts(split, count: int) -> list[tuple]:
+    """Up to `count` held-out (prompt, reference answer) pairs, the prompt a conversation or text;
+    else a few general prompts without references."""
     from phitune.evaluate import scoring
 
     kept = split.kept if split else []
-    asked = [scoring.prompt_and_reference(s)[0] for _, s in kept if scoring.generative(s)][:count]
-    return asked or [[{"role": "user", "content": p}] for p in DEFAULT_PROMPTS]
+    asked = [scoring.prompt_and_reference(s) for _, s in kept if scoring.generative(s)][:count]
+    return asked or [([{"role": "user", "content": p}], None) for p in DEFAULT_PROMPTS]
 
 
 def token_agreement(got: list[int], reference: list[int]) -> float:

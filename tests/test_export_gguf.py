@@ -1,0 +1,273 @@
+"""`phitune export gguf` on tiny models of every architecture it writes: read back by readers that
+are not ours (transformers' GGUF loader, `phitune import gguf`, and llama.cpp itself where
+llama-cpp-python is installed, as CI installs it), the LoRA form equal to the merged one, the
+Ollama template equal to the Jinja one, and bad input refused in one line with nothing written."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from helpers import run_cli
+
+ARCHS = ["llama", "qwen2", "phi3", "mistral"]
+TEXT = "Hello world, the cup is hot. 12345 numbers!\nA second line."
+
+
+def _export(capsys, *args) -> tuple[int, str]:
+    code = run_cli("export", "gguf", *args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def _ids(model_dir) -> list[int]:
+    return AutoTokenizer.from_pretrained(model_dir)(TEXT)["input_ids"]
+
+
+@torch.no_grad()
+def _torch_logits(model, ids) -> np.ndarray:
+    return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def _adapter(base_dir, out, *, seed=0):
+    """A LoRA with random A and B on every linear layer, rsLoRA and a per-layer alpha: the scale
+    differs per layer, as llama.cpp's single alpha cannot say."""
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules="all-linear",
+        use_rslora=True,
+        alpha_pattern={"o_proj": 3},
+        init_lora_weights=False,
+    )
+    peft = get_peft_model(base, config)
+    peft.save_pretrained(out)
+    return out
+
+
+def _merged(base_dir, adapter_dir):
+    from phitune.models import load_for_inference
+
+    model, _ = load_for_inference(str(base_dir), str(adapter_dir))
+    return model.merge_and_unload()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+def test_f32_export_reads_back_in_transformers_and_round_trips(arch, model_cache, tmp_path, capsys):
+    source = model_cache(arch)
+    out = tmp_path / "gguf"
+    assert _export(capsys, source, "--output", out, "--quant", "f32")[0] == 0
+    ids = _ids(source)
+    reference = _torch_logits(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32), ids)
+    read = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)
+    np.testing.assert_allclose(_torch_logits(read, ids), reference, atol=1e-5)
+    assert AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")(TEXT)["input_ids"] == ids
+    # phitune import gguf of the export gives the same model back.
+    assert run_cli("import", "gguf", out / "model.gguf", "--output", tmp_path / "back") == 0
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32)
+    np.testing.assert_allclose(_torch_logits(back, ids), reference, atol=1e-5)
+
+
+def test_metadata_says_what_llama_cpp_needs(tiny_phi3, tmp_path, capsys):
+    import gguf
+
+    out = tmp_path / "gguf"
+    assert _export(capsys, tiny_phi3, "--output", out, "--quant", "q8_0")[0] == 0
+    reader = gguf.GGUFReader(str(out / "model.gguf"))
+
+    def field(key):
+        f = reader.fields[key]
+        if f.types[0] == gguf.GGUFValueType.STRING:
+            return bytes(f.parts[f.data[0]]).decode()
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            return [f.parts[i].tolist()[0] for i in f.data]
+        return f.parts[f.data[0]].tolist()[0]
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_phi3)
+    assert field("general.architecture") == "phi3" and field("general.type") == "model"
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
+    assert field("tokenizer.chat_template") == tokenizer.chat_template
+    assert field("tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
+    types = field("tokenizer.ggml.token_type")
+    assert types[tokenizer.convert_tokens_to_ids("<|end|>")] == gguf.TokenType.CONTROL
+    assert types[tokenizer.convert_tokens_to_ids("a")] == gguf.TokenType.NORMAL
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.0.attn_norm.weight"] == "F32"  # vectors stay f32, as llama.cpp keeps them
+    manifest = json.loads((out / "phitune_export.json").read_text())
+    assert manifest["quant"] == "q8_0" and manifest["files"] == {"model": "model.gguf"}
+    modelfile = (out / "Modelfile").read_text()
+    assert "FROM ./model.gguf" in modelfile and 'PARAMETER stop "<|end|>"' in modelfile
+    assert 'TEMPLATE """' in modelfile
+
+
+def test_lora_gguf_is_the_merged_weights_in_llama_cpp_layout(model_cache, tmp_path, capsys):
+    """base tensor + lora_b @ lora_a (the file's alpha 0 = scale 1) equals the merged export's
+    tensor for every layer: scales (rsLoRA, alpha_pattern) folded right, q/k rows reordered as
+    the base's are."""
+    import gguf
+
+    source = model_cache("llama")
+    adapter = _adapter(source, tmp_path / "adapter")
+    assert _export(capsys, adapter, "--output", tmp_path / "lora", "--quant", "f32", "--lora")[0] == 0
+    assert _export(capsys, adapter, "--output", tmp_path / "merged", "--quant", "f32")[0] == 0
+
+    def tensors(path):
+        return {t.name: np.array(t.data) for t in gguf.GGUFReader(str(path)).tensors}
+
+    base, lora, merged = (
+        tensors(tmp_path / "lora" / "base.gguf"),
+        tensors(tmp_path / "lora" / "adapter.gguf"),
+        tensors(tmp_path / "merged" / "model.gguf"),
+    )
+    reader = gguf.GGUFReader(str(tmp_path / "lora" / "adapter.gguf"))
+    assert bytes(reader.fields["general.type"].parts[-1]).decode() == "adapter"
+    assert reader.fields["adapter.lora.alpha"].parts[-1].tolist()[0] == 0.0
+    targets = sorted({name.rsplit(".", 1)[0] for name in lora})
+    assert len(targets) == 7 * 2  # q k v o gate up down, two layers
+    for target in targets:
+        delta = lora[target + ".lora_b"].astype(np.float64) @ lora[target + ".lora_a"].astype(np.float64)
+        np.testing.assert_allclose(base[target] + delta, merged[target], atol=1e-5, err_msg=target)
+    # The shared base was written once: a second fine-tune of the same base links the same file.
+    second = _adapter(source, tmp_path / "adapter2", seed=1)
+    assert _export(capsys, second, "--output", tmp_path / "lora2", "--quant", "f32", "--lora")[0] == 0
+    assert (tmp_path / "lora2" / "base.gguf").stat().st_ino == (tmp_path / "lora" / "base.gguf").stat().st_ino
+    modelfile = (tmp_path / "lora" / "Modelfile").read_text()
+    assert "FROM ./base.gguf\nADAPTER ./adapter.gguf" in modelfile
+
+
+def test_ollama_template_renders_as_the_jinja_template(real_model, tiny_phi3):
+    """The Go template is rebuilt from per-role pieces; those pieces must render every
+    conversation awaiting a reply exactly as the model's Jinja template does."""
+    from phitune.export.ollama import derive_turns
+
+    conversations = [
+        [{"role": "user", "content": "Hi there"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\nthere"}],
+        [
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": "two"},
+            {"role": "user", "content": "three"},
+        ],
+    ]
+    for model in (real_model, tiny_phi3):
+        tokenizer = AutoTokenizer.from_pretrained(model)
+
+        def render(messages, generation, tokenizer=tokenizer):
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+        turns = derive_turns(render, tokenizer.eos_token)
+        assert turns is not None, model
+        for messages in conversations:
+            assert turns.render(messages) == render(messages, True)
+    smol = derive_turns(
+        lambda m, g: AutoTokenizer.from_pretrained(real_model).apply_chat_template(
+            m, tokenize=False, add_generation_prompt=g
+        )
+    )
+    assert smol.default_system.startswith("You are a helpful AI assistant named SmolLM")
+    # Roles folded into each other (Mistral: system text inside the first [INST]) cannot be cut: no TEMPLATE.
+    folded = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+        "{% if loop.index0 == 1 and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+        "{{ m['content'] }} [/INST]{% elif m['role'] == 'assistant' %} {{ m['content'] }}</s>{% endif %}{% endfor %}"
+    )
+    from jinja2 import Template
+
+    assert derive_turns(lambda m, g: Template(folded).render(messages=m, bos_token="<s>")) is None
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_phi3, tmp_path, capsys, monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=50)).save_pretrained(gpt2)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    capsys.readouterr()  # save_pretrained's own progress bar
+    cases = [
+        ((gpt2, "--output", tmp_path / "o1"), "a 'gpt2' model; GGUF export covers llama, mistral, phi3, qwen2"),
+        ((tiny_phi3, "--output", tmp_path / "o2", "--lora"), "a full fine-tune (no adapter) has no LoRA"),
+        ((tiny_phi3, "--output", tmp_path / "o3", "--quant", "q3"), "--quant q3: use one of f32, f16"),
+        ((tiny_phi3, "--output", busy), "exists and is not empty; pass --overwrite"),
+        ((tiny_phi3, "--output", tmp_path / "o4", "--base-gguf", "x.gguf"), "--base-gguf x.gguf: only with --lora"),
+        ((tmp_path / "nothing", "--output", tmp_path / "o5"), "not found"),
+    ]
+    # A k-quant without llama-cpp-python: the command that installs it (an import that fails here).
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    cases.append(((tiny_phi3, "--output", tmp_path / "o6", "--quant", "q4_k_m"), "make llama-cpp"))
+    for args, says in cases:
+        code, err = _export(capsys, *args)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+        out = args[2]
+        if out != busy:
+            assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
+    assert (busy / "keep.txt").read_text() == "mine" and len(list(busy.iterdir())) == 1
+
+
+# --- llama.cpp itself ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_llama_cpp_reads_each_architecture_as_pytorch_computes_it(arch, model_cache, tmp_path, capsys):
+    pytest.importorskip("llama_cpp")
+    from phitune.export.gguf_check import open_llama
+
+    source = model_cache(arch)
+    assert _export(capsys, source, "--output", tmp_path / "gguf", "--quant", "f32")[0] == 0
+    ids = _ids(source)
+    reference = _torch_logits(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32), ids)
+    llm = open_llama(tmp_path / "gguf", n_ctx=128, f32_cache=True)
+    try:
+        assert llm.tokenize(TEXT.encode(), add_bos=True, special=True) == ids
+        llm.eval(ids)
+        got = np.asarray(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    np.testing.assert_allclose(got, reference, atol=1e-5)
+
+
+def test_llama_cpp_base_plus_lora_equals_the_merged_model(model_cache, tmp_path, capsys):
+    pytest.importorskip("llama_cpp")
+    from phitune.export.gguf_check import open_llama
+
+    source = model_cache("phi3")
+    adapter = _adapter(source, tmp_path / "adapter")
+    assert _export(capsys, adapter, "--output", tmp_path / "lora", "--quant", "f32", "--lora")[0] == 0
+    ids = _ids(source)
+    merged = _torch_logits(_merged(source, adapter), ids)
+    base = _torch_logits(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32), ids)
+    llm = open_llama(tmp_path / "lora", n_ctx=128, f32_cache=True)
+    try:
+        llm.eval(ids)
+        got = np.asarray(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    assert np.abs(merged - base).max() > 1e-2  # the adapter changes the model...
+    np.testing.assert_allclose(got, merged, atol=1e-5)  # ...and llama.cpp applies it as PEFT does
+
+
+def test_k_quant_by_llama_cpp_loads_and_stays_close(model_cache, tmp_path, capsys):
+    pytest.importorskip("llama_cpp")
+    from phitune.export.gguf_check import open_llama
+
+    source = model_cache("llama")
+    assert _export(capsys, source, "--output", tmp_path / "q", "--quant", "q4_k_m")[0] == 0
+    ids = _ids(source)
+    reference = _torch_logits(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32), ids)
+    llm = open_llama(tmp_path / "q", n_ctx=128)
+    try:
+        llm.eval(ids)
+        got = np.asarray(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    assert _export(capsys, source, "--output", tmp_path / "f32", "--quant", "f32")[0] == 0
+    assert (tmp_path / "q" / "model.gguf").stat().st_size < 0.5 * (tmp_path / "f32" / "model.gguf").stat().st_size
+    assert np.abs(got - reference).max() < 0.25 * np.abs(reference).max()
