@@ -168,14 +168,47 @@ def test_fine_tune_end_to_end_with_the_openai_sdk(server, train_file):
             c.chat.completions.create(model=job.fine_tuned_model, messages=ask, **bad)
     models = [m.id for m in c.models.list()]
     assert {"tiny", job.fine_tuned_model, checkpoints[0].fine_tuned_model_checkpoint} <= set(models)
+    gguf = _gguf_download(server, c, job)
     # Delete: the model is gone from the list and from chat; the job stays.
     assert c.models.delete(job.fine_tuned_model).deleted
+    assert not gguf.exists() and _get(server, c, f"/v1/fine_tuning/jobs/{job.id}/gguf")[0] == 400
     assert job.fine_tuned_model not in [m.id for m in c.models.list()]
     with pytest.raises(openai.NotFoundError):
         c.chat.completions.create(model=job.fine_tuned_model, messages=ask)
     assert c.files.delete(f.id).deleted
     with pytest.raises(openai.NotFoundError):
         c.files.retrieve(f.id)
+
+
+def _get(server, client, path: str) -> tuple[int, bytes, float]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.port}{path}", headers={"Authorization": f"Bearer {client.api_key}"}
+    )
+    start = time.monotonic()
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, response.read(), time.monotonic() - start
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), time.monotonic() - start
+
+
+def _gguf_download(server, client, job) -> Path:
+    """The fine-tune as one GGUF file (a phitune extension): built on the first request, served
+    from the job's storage after; it reads back as the fine-tune's architecture under its name."""
+    import gguf
+
+    path = f"/v1/fine_tuning/jobs/{job.id}/gguf?quant=q8_0"
+    code, first, built = _get(server, client, path)
+    assert code == 200 and first[:4] == b"GGUF", first[:300]
+    code, again, cached = _get(server, client, path)
+    assert code == 200 and again == first and cached < built
+    stored = server.storage / "jobs" / job.id / "run" / "gguf" / "q8_0.gguf"
+    reader = gguf.GGUFReader(str(stored))
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "phi3"
+    assert bytes(reader.fields["general.name"].parts[-1]).decode() == job.fine_tuned_model
+    code, body, _ = _get(server, client, f"/v1/fine_tuning/jobs/{job.id}/gguf?quant=../../x")
+    assert code == 400 and "this server builds f32, f16, bf16, q8_0" in json.loads(body)["error"]["message"]
+    return stored
 
 
 def test_dpo_job_uses_the_preference_trainer(server, tmp_path):
@@ -332,6 +365,7 @@ def test_organizations_are_isolated_and_keys_required(tiny_phi3, tmp_path, train
         lambda: b.chat.completions.create(model=ckpt, messages=[{"role": "user", "content": "hi"}]),
         lambda: b.fine_tuning.jobs.create(model="tiny", training_file=f.id),
         lambda: b.files.content(job.result_files[0]),
+        lambda: b.get(f"/fine_tuning/jobs/{job.id}/gguf", cast_to=bytes),
     ]
     for call in calls:
         with pytest.raises(openai.NotFoundError):

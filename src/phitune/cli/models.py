@@ -112,6 +112,7 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
         base_gguf=args.base_gguf,
         base=args.base,
         overwrite=args.overwrite,
+        name=args.name,
     )
     files = json.loads((out / "phitune_export.json").read_text())["files"]
     run = (
@@ -238,6 +239,7 @@ def _add_export_gguf(xsub: argparse._SubParsersAction) -> None:
     )
     xg.add_argument("--base-gguf", help="with --lora: an existing GGUF of the base model to use instead of writing one")
     xg.add_argument("--base", help="base model, when not the one in adapter_config.json")
+    xg.add_argument("--name", help="the model's name in the file and the Modelfile (default: SOURCE's directory name)")
     xg.add_argument("--overwrite", action="store_true")
     xg.add_argument(
         "--check",

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import math
 import os
 import shutil
 import subprocess
@@ -70,6 +68,7 @@ def plan_export(
     lora: bool = False,
     base_gguf: str | Path | None = None,
     base: str | None = None,
+    name: str | None = None,
 ) -> Plan:
     from phitune.export.gguf_model import gguf_arch
     from phitune.models import refuse_classifier, resolve_trained
@@ -93,7 +92,8 @@ def plan_export(
     gguf_arch(_config(base_path), str(source))
     if base_gguf:
         _check_base_gguf(Path(base_gguf))
-    return Plan(source, str(base_path), adapter, quant, lora, Path(base_gguf) if base_gguf else None, source.name)
+    name = name or source.resolve().name
+    return Plan(source, str(base_path), adapter, quant, lora, Path(base_gguf) if base_gguf else None, name)
 
 
 def _config(model_path: str):
@@ -121,13 +121,15 @@ def export_gguf(
     base_gguf: str | Path | None = None,
     base: str | None = None,
     overwrite: bool = False,
+    name: str | None = None,
 ) -> Path:
     """Write OUTPUT/model.gguf (or OUTPUT/adapter.gguf + base.gguf with `lora`), a Modelfile and
-    phitune_export.json."""
+    phitune_export.json. `name`: the model's name in the file and the Modelfile (default: the
+    source directory's)."""
     from phitune.export.ollama import write_modelfile
 
     output = Path(output)
-    plan = plan_export(source, quant=quant, lora=lora, base_gguf=base_gguf, base=base)
+    plan = plan_export(source, quant=quant, lora=lora, base_gguf=base_gguf, base=base, name=name)
     refuse_non_empty(output, overwrite)
     with tempfile.TemporaryDirectory(prefix="phitune-gguf-") as work, staged(output) as tmp:
         tmp.mkdir(parents=True)
@@ -141,7 +143,7 @@ def export_gguf(
             _write_quantized(model, tokenizer, tmp / "model.gguf", plan.quant, plan.name, work)
             files = {"model": "model.gguf"}
         stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_ids(tokenizer, generation)]
-        write_modelfile(tmp, files, tokenizer, stops, sampling(generation), str(plan.source))
+        write_modelfile(tmp, files, tokenizer, stops, sampling(generation), str(plan.source), plan.name)
         manifest = {
             "source": str(plan.source),
             "base": plan.base,
@@ -232,6 +234,7 @@ def write_model(model, tokenizer, path: Path, quant: str, name: str) -> None:
     """`model` (a plain transformers causal LM) and `tokenizer` as one GGUF file in `quant` (one of WRITTEN)."""
     import gguf
 
+    from phitune.export.gguf_file import new_writer, write_tensors
     from phitune.export.gguf_model import add_hyperparameters, gguf_arch, model_tensors
     from phitune.export.gguf_vocab import add_vocab
 
@@ -271,55 +274,6 @@ TYPES = {
     "bf16": ("BF16", "MOSTLY_BF16"),
     "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
 }
-
-
-def new_writer(path: Path, arch: str):
-    """A GGUF writer for `arch` (a gguf.MODEL_ARCH member name)."""
-    import gguf
-
-    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer narrates every file at INFO
-    return gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch)])
-
-
-def write_tensors(writer, tensors: list, qtype) -> None:
-    """Header, metadata, tensor table, then each tensor converted as it is written (streamed:
-    one converted tensor in memory at a time). Vectors (norms, biases) stay f32 as llama.cpp keeps them."""
-    import gguf
-    import numpy as np
-
-    todo = []
-    for name, shape, value in tensors:
-        kind = _tensor_type(shape, qtype)
-        if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            dtype = np.dtype(np.float32 if kind == gguf.GGMLQuantizationType.F32 else np.float16)
-            writer.add_tensor_info(name, shape, dtype, math.prod(shape) * dtype.itemsize)
-        else:
-            stored = gguf.quant_shape_to_byte_shape(shape, kind)
-            writer.add_tensor_info(name, stored, np.dtype(np.uint8), math.prod(stored), raw_dtype=kind)
-        todo.append((value, kind))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for value, kind in todo:
-        array = value()
-        if kind == gguf.GGMLQuantizationType.F32:
-            writer.write_tensor_data(np.ascontiguousarray(array, dtype=np.float32))
-        elif kind == gguf.GGMLQuantizationType.F16:
-            writer.write_tensor_data(np.ascontiguousarray(array, dtype=np.float16))
-        else:
-            writer.write_tensor_data(gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), kind))
-    writer.close()
-
-
-def _tensor_type(shape: tuple, qtype):
-    import gguf
-
-    if len(shape) < 2 or qtype == gguf.GGMLQuantizationType.F32:
-        return gguf.GGMLQuantizationType.F32
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    if shape[-1] % block:  # rows that do not fill whole blocks (tiny test models): kept in f16
-        return gguf.GGMLQuantizationType.F16
-    return qtype
 
 
 def quantize(source: Path, target: Path, quant: str) -> None:

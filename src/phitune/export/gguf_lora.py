@@ -45,7 +45,7 @@ def adapter_layers(adapter: str, config) -> dict:
 def write_lora(adapter: str, config, path: Path, name: str) -> None:
     import gguf
 
-    from phitune.export.gguf import new_writer, write_tensors
+    from phitune.export.gguf_file import new_writer, write_tensors
     from phitune.export.gguf_model import TensorNames, gguf_arch
 
     arch = gguf_arch(config, adapter)

@@ -11,6 +11,7 @@ reads `tokenizer.chat_template` from the GGUF file itself.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,12 +118,12 @@ def derive_turns(render, eos: str | None = None) -> Turns | None:
     return None
 
 
-def modelfile(files: dict[str, str], tokenizer, stops: list[str], sampling: dict, source: str) -> str:
+def modelfile(files: dict[str, str], tokenizer, stops: list[str], sampling: dict, source: str, name: str) -> str:
     def render(messages, generation_prompt):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
     turns = derive_turns(render, tokenizer.eos_token) if tokenizer.chat_template else None
-    name = Path(source).name or "fine-tune"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.").lower() or "fine-tune"  # what `ollama create` takes
     lines = [
         f"# Written by `phitune export gguf` from {source}.",
         f"#   Ollama:    ollama create {name} -f Modelfile && ollama run {name}",
@@ -150,6 +151,7 @@ def modelfile(files: dict[str, str], tokenizer, stops: list[str], sampling: dict
 
 
 def write_modelfile(
-    folder: Path, files: dict[str, str], tokenizer, stops: list[str], sampling: dict, source: str
+    folder: Path, files: dict[str, str], tokenizer, stops: list[str], sampling: dict, source: str, name: str
 ) -> None:
-    (folder / "Modelfile").write_text(modelfile(files, tokenizer, stops, sampling, source), encoding="utf-8")
+    text = modelfile(files, tokenizer, stops, sampling, source, name)
+    (folder / "Modelfile").write_text(text, encoding="utf-8")

@@ -49,7 +49,7 @@ def app_from_env() -> FastAPI:
 
 def create_app(settings: Settings) -> FastAPI:
     from phitune.serve.portal.pages import mount as mount_portal
-    from phitune.serve.routes import chat, files, jobs, metrics, models, stream
+    from phitune.serve.routes import chat, exports, files, jobs, metrics, models, stream
 
     settings.files_dir.mkdir(parents=True, exist_ok=True)
     settings.jobs_dir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.add_middleware(_Unexpected)
     app.add_middleware(Guard, settings=settings)  # added last: outermost, before any body is read
-    routers = [module.router for module in (files, jobs, stream, models, chat)]
+    routers = [module.router for module in (files, jobs, exports, stream, models, chat)]
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(metrics.router)  # /metrics, where Prometheus scrapers look

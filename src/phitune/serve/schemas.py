@@ -312,8 +312,9 @@ def errors(*codes: int) -> dict:
     meaning = {
         400: "invalid request",
         401: "missing or wrong API key",
+        403: "your organization's storage quota is used up",
         404: "no such object in your organization",
         413: "upload larger than the server's limit",
-        500: "the server's own model failed to load",
+        500: "the server failed (a model that did not load, an export that failed); its log has the reason",
     }
     return {code: {"model": ErrorResponse, "description": meaning[code]} for code in codes}

@@ -75,9 +75,10 @@ def quota_error(settings: Settings, used: int, what: str) -> ApiError:
 
 
 def remove_weights(settings: Settings, job_id: str) -> None:
-    """A deleted fine-tuned model's weights: the adapter or merged model, its checkpoints and its best."""
+    """A deleted fine-tuned model's weights: the adapter or merged model, its checkpoints, its best
+    and its GGUF exports."""
     run = settings.run_dir(job_id)
-    for name in ("adapter", "model", "checkpoints", "best"):
+    for name in ("adapter", "model", "checkpoints", "best", "gguf"):
         shutil.rmtree(run / name, ignore_errors=True)
 
 

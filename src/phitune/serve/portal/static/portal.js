@@ -106,9 +106,12 @@
     }));
   }
   document.addEventListener("click", async (e) => {
-    const button = e.target.closest("[data-download]");
+    const button = e.target.closest("[data-download], [data-download-url]");
     if (!button) return;
-    const response = await api("/v1/files/" + encodeURIComponent(button.dataset.download) + "/content");
+    // A result file by id, or an API path (a GGUF export: built on the first request, which can take a while).
+    const path = button.dataset.downloadUrl || "/v1/files/" + encodeURIComponent(button.dataset.download) + "/content";
+    if (button.dataset.downloadUrl) say("preparing " + button.dataset.filename + "…", false);
+    const response = await api(path);
     if (!response.ok) return say(await errorOf(response), true);
     const link = document.createElement("a");
     link.href = URL.createObjectURL(await response.blob());

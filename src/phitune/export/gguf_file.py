@@ -1,0 +1,57 @@
+"""A GGUF file written tensor by tensor: the writer, and each tensor converted to its stored type
+as it is written (f32 vectors; f32, f16, bf16 or q8_0 matrices by the `gguf` package)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+
+def new_writer(path: Path, arch: str):
+    """A GGUF writer for `arch` (a gguf.MODEL_ARCH member name)."""
+    import gguf
+
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer narrates every file at INFO
+    return gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch)])
+
+
+def write_tensors(writer, tensors: list, qtype) -> None:
+    """Header, metadata, tensor table, then each tensor converted as it is written (streamed:
+    one converted tensor in memory at a time). Vectors (norms, biases) stay f32 as llama.cpp keeps them."""
+    import gguf
+    import numpy as np
+
+    todo = []
+    for name, shape, value in tensors:
+        kind = _tensor_type(shape, qtype)
+        if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            dtype = np.dtype(np.float32 if kind == gguf.GGMLQuantizationType.F32 else np.float16)
+            writer.add_tensor_info(name, shape, dtype, math.prod(shape) * dtype.itemsize)
+        else:
+            stored = gguf.quant_shape_to_byte_shape(shape, kind)
+            writer.add_tensor_info(name, stored, np.dtype(np.uint8), math.prod(stored), raw_dtype=kind)
+        todo.append((value, kind))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for value, kind in todo:
+        array = value()
+        if kind == gguf.GGMLQuantizationType.F32:
+            writer.write_tensor_data(np.ascontiguousarray(array, dtype=np.float32))
+        elif kind == gguf.GGMLQuantizationType.F16:
+            writer.write_tensor_data(np.ascontiguousarray(array, dtype=np.float16))
+        else:
+            writer.write_tensor_data(gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), kind))
+    writer.close()
+
+
+def _tensor_type(shape: tuple, qtype):
+    import gguf
+
+    if len(shape) < 2 or qtype == gguf.GGMLQuantizationType.F32:
+        return gguf.GGMLQuantizationType.F32
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if shape[-1] % block:  # rows that do not fill whole blocks (tiny test models): kept in f16
+        return gguf.GGMLQuantizationType.F16
+    return qtype
