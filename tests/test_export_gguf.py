@@ -271,3 +271,65 @@ def test_k_quant_by_llama_cpp_loads_and_stays_close(model_cache, tmp_path, capsy
     assert _export(capsys, source, "--output", tmp_path / "f32", "--quant", "f32")[0] == 0
     assert (tmp_path / "q" / "model.gguf").stat().st_size < 0.5 * (tmp_path / "f32" / "model.gguf").stat().st_size
     assert np.abs(got - reference).max() < 0.25 * np.abs(reference).max()
+
+
+def _sentencepiece_style_model(out):
+    """A tiny Llama with a Llama-2/Phi-3-style tokenizer: byte-fallback BPE over '▁'-joined words,
+    the 256 byte tokens in the vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from phitune.create_model import default_corpus
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens])
+    tok.train_from_iterator(default_corpus().splitlines(), trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    fast.save_pretrained(out)
+    # As in a real SentencePiece vocabulary, the byte tokens are ordinary entries, not added tokens.
+    path = out / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["added_tokens"] = [a for a in data["added_tokens"] if a["content"] not in byte_tokens]
+    path.write_text(json.dumps(data))
+    return out
+
+
+def test_llama_cpp_tokenizes_a_sentencepiece_style_vocabulary_as_transformers(tmp_path, capsys):
+    pytest.importorskip("llama_cpp")
+    from phitune.export.gguf_check import open_llama
+
+    source = _sentencepiece_style_model(tmp_path / "spm")
+    assert _export(capsys, source, "--output", tmp_path / "gguf", "--quant", "f32")[0] == 0
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    llm = open_llama(tmp_path / "gguf", n_ctx=256, f32_cache=True)
+    try:
+        for text in (TEXT, "café ☕ über naïve", "  two spaces\tand a tab", "</s> as text"):
+            ids = tokenizer(text)["input_ids"]
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids, text
+            # special tokens are CONTROL: parsed in text, never printed (as skip_special_tokens)
+            assert llm.detokenize(ids[1:]).decode().strip() == tokenizer.decode(ids, skip_special_tokens=True).strip()
+        ids = tokenizer(TEXT)["input_ids"]
+        llm.eval(ids)
+        got = np.asarray(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    reference = _torch_logits(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32), ids)
+    np.testing.assert_allclose(got, reference, atol=1e-5)
