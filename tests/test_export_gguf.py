@@ -202,7 +202,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_phi3, tmp_path, ca
     ]
     # A k-quant without llama-cpp-python: the command that installs it (an import that fails here).
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
-    cases.append(((tiny_phi3, "--output", tmp_path / "o6", "--quant", "q4_k_m"), "make llama-cpp"))
+    cases.append(((tiny_phi3, "--output", tmp_path / "o6", "--quant", "q4_k_m"), "needs llama-cpp-python"))
+    cases.append(((tiny_phi3, "--output", tmp_path / "o7", "--check"), "make llama-cpp"))
     for args, says in cases:
         code, err = _export(capsys, *args)
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err

@@ -102,8 +102,10 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
-    from phitune.export.gguf import export_gguf
+    from phitune.export.gguf import export_gguf, require_llama_cpp
 
+    if args.check:  # before the export is written, not after
+        require_llama_cpp("--check (it loads the export in llama.cpp)")
     out = export_gguf(
         args.source,
         args.output,

@@ -77,7 +77,7 @@ def plan_export(
     if quant not in QUANTS:
         raise PhituneError(f"--quant {quant}: use one of {', '.join(QUANTS)}")
     if quant in QUANTIZED:
-        require_llama_cpp(f"--quant {quant}")
+        require_llama_cpp(f"--quant {quant} (llama.cpp's quantizer)")
     if not source.exists():
         raise PhituneError(f"{source}: not found; pass a training output dir, an adapter dir or a model dir")
     base_path, adapter = resolve_trained(source)
@@ -109,7 +109,7 @@ def require_llama_cpp(what: str) -> None:
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        raise PhituneError(f"{what} is quantized by llama.cpp, which is not installed: {LLAMA_CPP_INSTALL}") from None
+        raise PhituneError(f"{what} needs llama-cpp-python, which is not installed here: {LLAMA_CPP_INSTALL}") from None
 
 
 def export_gguf(

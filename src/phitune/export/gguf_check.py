@@ -15,7 +15,7 @@ from phitune.export.gguf import require_llama_cpp
 def open_llama(folder: str | Path, *, n_ctx: int = 2048, f32_cache: bool = False):
     """The export in `folder` (model.gguf, or base.gguf with adapter.gguf) loaded by llama.cpp,
     with its default f16 KV cache (what users run), or an f32 one (to compare the math exactly)."""
-    require_llama_cpp("reading a GGUF export with llama.cpp")
+    require_llama_cpp("--check (it loads the export in llama.cpp)")
     import llama_cpp
     from llama_cpp import Llama
 

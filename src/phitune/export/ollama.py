@@ -40,7 +40,7 @@ class Turns:
         """Every piece of literal text as a quoted Go string, so no newline is lost to trimming."""
 
         def lit(text: str) -> str:
-            return "{{ " + json.dumps(text) + " }}" if text else ""
+            return "{{ " + json.dumps(text, ensure_ascii=False) + " }}" if text else ""  # a Go string literal
 
         opening = "{{ if $last }}" + lit(self.generation) + "{{ end }}" if self.generation else ""
         branches = "".join(
