@@ -334,3 +334,54 @@ def test_llama_cpp_tokenizes_a_sentencepiece_style_vocabulary_as_transformers(tm
         llm.close()
     reference = _torch_logits(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32), ids)
     np.testing.assert_allclose(got, reference, atol=1e-5)
+
+
+LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.5,  # Phi-4-mini rotates part of each head
+    "long_factor": [1.0, 2.0, 4.0, 8.0],
+    "short_factor": [1.0, 1.1, 1.2, 1.5],
+    "original_max_position_embeddings": 512,
+}
+ROPES = {
+    "llama3": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 32}}),
+    "linear": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}),
+    "phi3-longrope": ("phi3", {"rope_parameters": LONGROPE, "partial_rotary_factor": 0.5,
+                               "max_position_embeddings": 2048, "original_max_position_embeddings": 512}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("rope", list(ROPES))
+def test_llama_cpp_scales_rotary_embeddings_as_transformers(rope, model_cache, tmp_path, capsys):
+    """Scaled rope (Llama 3.1, linear, Phi-3.5/Phi-4-mini longrope with partial rotary) in llama.cpp
+    as in transformers, for a short text and one past the original context. llama.cpp picks
+    longrope's factors by its context size, transformers by the sequence's length: compared
+    where both pick the same (a context within the original length for the short text)."""
+    pytest.importorskip("llama_cpp")
+    from transformers import AutoConfig
+
+    from phitune.export.gguf_check import open_llama
+
+    arch, changes = ROPES[rope]
+    config = AutoConfig.from_pretrained(model_cache(arch))
+    for key, value in changes.items():
+        setattr(config, key, value)
+    source = tmp_path / "model"
+    AutoModelForCausalLM.from_pretrained(model_cache(arch), config=config).save_pretrained(source)
+    AutoTokenizer.from_pretrained(model_cache(arch)).save_pretrained(source)
+    assert _export(capsys, source, "--output", tmp_path / "gguf", "--quant", "f32")[0] == 0
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    for text, n_ctx in ((TEXT, 256), (" ".join(["the cup is hot and the tea is cold"] * 60), 1024)):
+        ids = tokenizer(text)["input_ids"]
+        assert len(ids) < 256 if n_ctx == 256 else len(ids) > 512
+        llm = open_llama(tmp_path / "gguf", n_ctx=n_ctx, f32_cache=True)
+        try:
+            llm.eval(ids)
+            got = np.asarray(llm.scores[: len(ids)])
+        finally:
+            llm.close()
+        np.testing.assert_allclose(got, _torch_logits(model, ids), atol=1e-5, err_msg=f"{len(ids)} tokens")

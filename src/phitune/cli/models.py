@@ -95,10 +95,14 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     )
     print(f"wrote {args.precision} ONNX Runtime GenAI model to {out} (run it: phitune chat {out})")
     if args.check:
-        report = check_export(out, args.source, data=args.check_data)
-        (out / "check.json").write_text(json.dumps(report, indent=2) + "\n")
-        print("check: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()))
+        _report_check(out, check_export(out, args.source, data=args.check_data))
     return 0
+
+
+def _report_check(out: Path, report: dict) -> None:
+    """An export's --check: OUT/check.json, and one line on the terminal."""
+    (out / "check.json").write_text(json.dumps(report, indent=2) + "\n")
+    print("check: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()))
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
@@ -117,18 +121,13 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
         name=args.name,
     )
     files = json.loads((out / "phitune_export.json").read_text())["files"]
-    run = (
-        f"llama-cli -m {out / files['base']} --lora {out / files['adapter']}"
-        if args.lora
-        else (f"llama-cli -m {out / files['model']}")
-    )
+    run = f"llama-cli -m {out / files['base']} --lora {out / files['adapter']}" if args.lora else ""
+    run = run or f"llama-cli -m {out / files['model']}"
     print(f"wrote {args.quant} GGUF to {out} (llama.cpp: {run}; Ollama: ollama create NAME -f {out / 'Modelfile'})")
     if args.check:
         from phitune.export.gguf_check import check_gguf
 
-        report = check_gguf(out, args.source, data=args.check_data)
-        (out / "check.json").write_text(json.dumps(report, indent=2) + "\n")
-        print("check: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()))
+        _report_check(out, check_gguf(out, args.source, data=args.check_data))
     return 0
 
 

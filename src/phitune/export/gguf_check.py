@@ -42,19 +42,14 @@ def llama_greedy(llm, ids: list[int], stops: list[int], max_new_tokens: int) -> 
 
 def llama_perplexity(llm, examples: list) -> float:
     """exp(mean cross-entropy) over each example's trained tokens, from llama.cpp's logits."""
-    import numpy as np
+    from phitune.export.verify import answer_cross_entropy
 
     total, count = 0.0, 0
     for e in examples:
         llm.reset()
         llm.eval(list(e.input_ids))
-        logits = np.asarray(llm.scores[: len(e.input_ids)], dtype=np.float64)
-        labels = np.asarray(e.labels)
-        for pos in np.nonzero(labels[1:] != -100)[0]:
-            row = logits[pos]
-            top = row.max()
-            total += top + math.log(np.exp(row - top).sum()) - row[labels[pos + 1]]
-            count += 1
+        loss, tokens = answer_cross_entropy(llm.scores[: len(e.input_ids)], e.labels)
+        total, count = total + loss, count + tokens
     return math.exp(total / max(count, 1))
 
 

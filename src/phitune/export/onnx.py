@@ -148,6 +148,8 @@ def _onnx_perplexity(output: Path, examples: list) -> float:
     import numpy as np
     import onnxruntime as ort
 
+    from phitune.export.verify import answer_cross_entropy
+
     session = ort.InferenceSession(str(output / "model.onnx"), providers=["CPUExecutionProvider"])
     config = json.loads((output / "genai_config.json").read_text())["model"]["decoder"]
     past = {i.name: i for i in session.get_inputs() if i.name.startswith("past_key_values")}
@@ -158,13 +160,8 @@ def _onnx_perplexity(output: Path, examples: list) -> float:
         for name, meta in past.items():
             dtype = np.float16 if "float16" in meta.type else np.float32
             feed[name] = np.zeros((1, config["num_key_value_heads"], 0, config["head_size"]), dtype=dtype)
-        logits = session.run(["logits"], feed)[0][0].astype(np.float64)
-        labels = np.array(e.labels)
-        for pos in np.nonzero(labels[1:] != -100)[0]:
-            row = logits[pos]
-            top = row.max()
-            total += top + math.log(np.exp(row - top).sum()) - row[labels[pos + 1]]
-            count += 1
+        loss, tokens = answer_cross_entropy(session.run(["logits"], feed)[0][0], e.labels)
+        total, count = total + loss, count + tokens
     return math.exp(total / max(count, 1))
 
 

@@ -42,3 +42,20 @@ def token_agreement(got: list[int], reference: list[int]) -> float:
     longest = max(len(got), len(reference), 1)
     same = next((i for i, (a, b) in enumerate(zip(got, reference)) if a != b), min(len(got), len(reference)))
     return same / longest
+
+
+def answer_cross_entropy(logits, labels) -> tuple[float, int]:
+    """(summed cross-entropy, count) of the trained tokens (labels != -100) under next-token
+    `logits` ([positions, vocab], numpy) from another runtime."""
+    import math
+
+    import numpy as np
+
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
+    total, count = 0.0, 0
+    for pos in np.nonzero(labels[1:] != -100)[0]:
+        row = logits[pos]
+        top = row.max()
+        total += top + math.log(np.exp(row - top).sum()) - row[labels[pos + 1]]
+        count += 1
+    return total, count
