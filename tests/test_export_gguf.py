@@ -138,6 +138,12 @@ def test_lora_gguf_is_the_merged_weights_in_llama_cpp_layout(model_cache, tmp_pa
     second = _adapter(source, tmp_path / "adapter2", seed=1)
     assert _export(capsys, second, "--output", tmp_path / "lora2", "--quant", "f32", "--lora")[0] == 0
     assert (tmp_path / "lora2" / "base.gguf").stat().st_ino == (tmp_path / "lora" / "base.gguf").stat().st_ino
+    # --base-gguf names a base file the user already has: linked, not written again.
+    given = tmp_path / "mine.gguf"
+    given.write_bytes((tmp_path / "lora" / "base.gguf").read_bytes())
+    args = ("--output", tmp_path / "lora3", "--quant", "f32", "--lora", "--base-gguf", given)
+    assert _export(capsys, second, *args)[0] == 0
+    assert (tmp_path / "lora3" / "base.gguf").stat().st_ino == given.stat().st_ino
     modelfile = (tmp_path / "lora" / "Modelfile").read_text()
     assert "FROM ./base.gguf\nADAPTER ./adapter.gguf" in modelfile
 

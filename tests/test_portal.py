@@ -244,6 +244,17 @@ def test_job_list_filters_actions_and_isolation(portal):
     assert alpha.get(f"/v1/fine_tuning/jobs/{first}").json()["status"] == "cancelled"
     assert "already cancelled" in alpha.post(f"/portal/jobs/{first}/cancel").text
     assert alpha.post(f"/portal/jobs/{first}/explode").status_code == 400
+    assert "data-download-url" not in alpha.get(f"/portal/jobs/{first}/summary").text  # no model, no GGUF
+    from sqlalchemy import select
+
+    from phitune.serve.db import Job
+
+    with alpha.app.state.sessions() as db:  # a succeeded job's page offers its model as GGUF downloads
+        job = db.scalar(select(Job).where(Job.id == first))
+        job.status, job.fine_tuned_model = "succeeded", "ft:tiny:alpha::x"
+        db.commit()
+    summary = alpha.get(f"/portal/jobs/{first}/summary").text
+    assert f'data-download-url="/v1/fine_tuning/jobs/{first}/gguf?quant=q8_0"' in summary
 
 
 def parse_stream(text: str) -> list[dict]:
