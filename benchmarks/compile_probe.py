@@ -47,7 +47,7 @@ def timed_run(sets: list[str], steps: int, compiled: bool) -> dict:
     seconds, losses = [], []
     for b in batches[:steps]:
         start = time.perf_counter()
-        losses.append(train_step(run, [examples[i] for i in b])["loss"])
+        losses.append(train_step(run, [examples[i] for i in b]).loss)
         seconds.append(time.perf_counter() - start)
     tokens = sum(len(examples[i].input_ids) for b in batches[:steps] for i in b) / steps
     param_tokens = decoder_parameters(run.engine.unwrap()) * tokens

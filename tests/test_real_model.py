@@ -125,6 +125,7 @@ def test_gguf_f16_export_in_llama_cpp_and_transformers_matches_pytorch(demo, tmp
     assert diff < 0.2, diff
 
 
+@pytest.mark.slow
 def test_gguf_q4_k_m_by_llama_cpp_keeps_the_fine_tune(demo, tmp_path):
     pytest.importorskip("llama_cpp")
     check = _gguf_check(demo["run"], tmp_path / "q4", "--quant", "q4_k_m")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from phitune.checkpoint import TrainState
 from phitune.config import Config
@@ -14,6 +15,23 @@ from phitune.engines import Engine
 from phitune.objectives import Objective
 from phitune.progress import Progress
 from phitune.tracking import MetricsLog, Startup
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from torch.optim.lr_scheduler import LRScheduler
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did: its loss (per trained token), the objective's sums, the
+    tokens it trained on (step_tokens) and saw (real_tokens), and the gradient norm."""
+
+    loss: float
+    sums: dict
+    step_tokens: int
+    real_tokens: int
+    grad_norm: float | None
 
 
 @dataclass
@@ -25,19 +43,19 @@ class RunResult:
     artifact: Path
 
 
-@dataclass
+@dataclass(kw_only=True)  # built by keyword: two bools or two dicts side by side cannot swap
 class Run:
     """A run once set up: what the loop, the evaluations and the saving read."""
 
     cfg: Config
     out: Path
-    accelerator: object
+    accelerator: Accelerator
     runtime: Runtime
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     data: TrainData
     chosen: dict | None  # what `auto` hyperparameters became, and why
     engine: Engine
-    scheduler: object
+    scheduler: LRScheduler
     objective: Objective
     steps: int
     answers_scored: bool  # the evaluation also scores generated answers with the task metric

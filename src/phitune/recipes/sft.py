@@ -32,9 +32,9 @@ from phitune.errors import PhituneError
 from phitune.evaluate import scoring
 from phitune.generate import complete_batch
 from phitune.models import HEADS, load_tokenizer, num_virtual_tokens
-from phitune.objectives import add_sums, build_objective, evaluate
+from phitune.objectives import Objective, add_sums, build_objective, evaluate
 from phitune.progress import Progress
-from phitune.recipes.run import Run, RunResult
+from phitune.recipes.run import Run, RunResult, StepResult
 from phitune.recipes.saving import save_adapter, save_final
 from phitune.recipes.setup import (
     check_best_metric,
@@ -73,6 +73,33 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> RunR
 # --- setup -------------------------------------------------------------------------------------
 
 
+def read_data(cfg: Config, runtime, out: Path):
+    """(the config with `auto` hyperparameters chosen, tokenizer, data, what auto chose); the
+    output dir gets config.yaml (which keeps `auto`) and task.json."""
+    tokenizer = load_tokenizer(cfg.model)
+    data = load_data(cfg, tokenizer)
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+        (out / "task.json").write_text(data.spec.to_json())
+    cfg, chosen = hyperparameters.for_run(cfg, data, runtime.world)  # run.json records the choice
+    if chosen:
+        log.info("auto: %s (%s)", ", ".join(f"{k} {v:g}" for k, v in chosen.items() if k != "why"), chosen["why"])
+    return cfg, tokenizer, data, chosen
+
+
+def run_objective(cfg: Config, data, tokenizer, engine, reference) -> Objective:
+    """The loss the run trains (SFT, classification, DPO against `reference`), over its batches."""
+    return build_objective(
+        data.spec,
+        tokenizer.pad_token_id,
+        objective=cfg.method.objective,
+        virtual=num_virtual_tokens(engine.unwrap()),
+        beta=cfg.method.beta,
+        reference=reference,
+    )
+
+
 def setup(cfg: Config, *, resume: bool, overwrite: bool) -> Run:
     startup = Startup()
     out = Path(cfg.output_dir)
@@ -83,16 +110,8 @@ def setup(cfg: Config, *, resume: bool, overwrite: bool) -> Run:
     startup.lap("accelerator_and_output_dir")
 
     # Data first: a bad file fails in seconds, before the model is loaded.
-    tokenizer = load_tokenizer(cfg.model)
-    data = load_data(cfg, tokenizer)
+    cfg, tokenizer, data, chosen = read_data(cfg, runtime, out)
     startup.lap("tokenizer_and_data")
-    if runtime.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
-        (out / "task.json").write_text(data.spec.to_json())
-    cfg, chosen = hyperparameters.for_run(cfg, data, runtime.world)  # config.yaml keeps `auto`; run.json the choice
-    if chosen:
-        log.info("auto: %s (%s)", ", ".join(f"{k} {v:g}" for k, v in chosen.items() if k != "why"), chosen["why"])
 
     seed_everything(cfg.training.seed)  # the same initial weights in every process
     head, labels = data.spec.model_head
@@ -102,14 +121,7 @@ def setup(cfg: Config, *, resume: bool, overwrite: bool) -> Run:
     steps = total_steps(cfg, len(data.train_examples))
     weights["compiled"] = compile_for_run(cfg, model, runtime, precision, accelerator.device, steps, data)
     engine, scheduler = setup_engine(cfg, model, accelerator, runtime, precision, ds_config, steps)
-    objective = build_objective(
-        data.spec,
-        tokenizer.pad_token_id,
-        objective=cfg.method.objective,
-        virtual=num_virtual_tokens(engine.unwrap()),
-        beta=cfg.method.beta,
-        reference=reference,
-    )
+    objective = run_objective(cfg, data, tokenizer, engine, reference)
     answers_scored = scores_answers(cfg, data)
     best_metric = check_best_metric(cfg, data, objective, answers_scored)
 
@@ -122,8 +134,22 @@ def setup(cfg: Config, *, resume: bool, overwrite: bool) -> Run:
     initial = save_initial_adapter(cfg, engine, runtime, out)
     startup.lap("engine_and_resume")
     return Run(
-        *(cfg, out, accelerator, runtime, tokenizer, data, chosen, engine, scheduler, objective, steps),
-        *(answers_scored, best_metric, state, resume_from is not None, weights),
+        cfg=cfg,
+        out=out,
+        accelerator=accelerator,
+        runtime=runtime,
+        tokenizer=tokenizer,
+        data=data,
+        chosen=chosen,
+        engine=engine,
+        scheduler=scheduler,
+        objective=objective,
+        steps=steps,
+        answers_scored=answers_scored,
+        best_metric=best_metric,
+        state=state,
+        resumed=resume_from is not None,
+        weights=weights,
         initial=initial,
         zero3_loading=zero3_loading,
         startup=startup,
@@ -151,7 +177,7 @@ def fit(run: Run) -> None:
                 lr = run.scheduler.get_last_lr()[0]
                 step = train_step(run, examples)
                 run.startup.reached("first_step_done")
-                tps = step["real_tokens"] / max(time.perf_counter() - step_start, 1e-9)
+                tps = step.real_tokens / max(time.perf_counter() - step_start, 1e-9)
                 state.elapsed_s = time.perf_counter() - started
                 after_step(
                     run, step, lr=lr, tokens_per_second=tps, epoch=state.epoch + state.batch_index / len(batches)
@@ -165,7 +191,7 @@ def fit(run: Run) -> None:
             run.metrics.close()
 
 
-def train_step(run: Run, examples: list) -> dict:
+def train_step(run: Run, examples: list) -> StepResult:
     """One optimizer step on the step batch `examples` (this process takes its share, in
     micro-batches); the state moves on. Returns the step's loss, sums and token counts."""
     t, runtime, engine, state = run.cfg.training, run.runtime, run.engine, run.state
@@ -198,16 +224,10 @@ def train_step(run: Run, examples: list) -> dict:
             f"training diverged at step {state.step} (loss {run.last_loss}); lower training.learning_rate "
             f"(now {t.learning_rate}) or use precision fp32/bf16"
         )
-    return {
-        "loss": run.last_loss,
-        "sums": sums,
-        "step_tokens": step_tokens,
-        "real_tokens": real_tokens,
-        "grad_norm": grad_norm,
-    }
+    return StepResult(run.last_loss, sums, step_tokens, real_tokens, grad_norm)
 
 
-def after_step(run: Run, step: dict, *, lr: float, tokens_per_second: float, epoch: float) -> None:
+def after_step(run: Run, step: StepResult, *, lr: float, tokens_per_second: float, epoch: float) -> None:
     """Log, evaluate (keeping the best, stopping early), report progress and checkpoint, each
     when the config says this step is due."""
     t, state = run.cfg.training, run.state
@@ -217,11 +237,11 @@ def after_step(run: Run, step: dict, *, lr: float, tokens_per_second: float, epo
         record = {
             "step": state.step,
             "epoch": epoch,
-            "loss": step["loss"],
+            "loss": step.loss,
             "lr": lr,
-            "grad_norm": step["grad_norm"],
+            "grad_norm": step.grad_norm,
             "tokens_per_second": tokens_per_second,
-            **run.objective.metrics(step["sums"], step["step_tokens"]),
+            **run.objective.metrics(step.sums, step.step_tokens),
             "trained_tokens": state.trained_tokens,
             "tokens_seen": state.tokens_seen,
             "elapsed_s": round(state.elapsed_s, 3),
@@ -244,7 +264,7 @@ def after_step(run: Run, step: dict, *, lr: float, tokens_per_second: float, epo
     if record and run.metrics:
         run.metrics.write(record)
     if run.progress:
-        run.progress.update(state.step, step["loss"], lr, tokens_per_second, record)
+        run.progress.update(state.step, step.loss, lr, tokens_per_second, record)
     if t.save_every and state.step % t.save_every == 0:
         save_checkpoint(
             run.out / "checkpoints",
