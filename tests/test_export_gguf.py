@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import run_cli
+from helpers import run_cli, write_config
 
 ARCHS = ["llama", "qwen2", "phi3", "mistral"]
 TEXT = "Hello world, the cup is hot. 12345 numbers!\nA second line."
@@ -391,3 +391,35 @@ def test_llama_cpp_scales_rotary_embeddings_as_transformers(rope, model_cache, t
         finally:
             llm.close()
         np.testing.assert_allclose(got, _torch_logits(model, ids), atol=1e-5, err_msg=f"{len(ids)} tokens")
+
+
+@pytest.mark.parametrize("method", ["qlora", "dora", "ia3", "full"])
+def test_every_method_exports_merged_as_it_answers(method, tiny_phi3, chat_files, tmp_path, capsys):
+    """A run of each method, exported merged, gives in llama.cpp the logits phitune's own merge
+    gives (QLoRA: folded into the dequantised 4-bit weights it was trained on)."""
+    pytest.importorskip("llama_cpp")
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    from phitune.export.gguf_check import open_llama
+
+    spec = {"name": method} | ({"target_modules": ["all-linear"]} if method != "full" else {})
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_phi3, chat_files[0], out, method=spec, max_steps=4)
+    assert run_cli("train", cfg) == 0
+    assert _export(capsys, out, "--output", tmp_path / "gguf", "--quant", "f32")[0] == 0
+    if method == "full":
+        reference_dir = out / "model"
+    else:
+        assert run_cli("merge", out, "--output", tmp_path / "merged") == 0
+        reference_dir = tmp_path / "merged"
+    ids = _ids(reference_dir)
+    reference = _torch_logits(AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32), ids)
+    base = _torch_logits(AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32), ids)
+    assert np.abs(reference - base).max() > 1e-3  # the run changed the model
+    llm = open_llama(tmp_path / "gguf", n_ctx=128, f32_cache=True)
+    try:
+        llm.eval(ids)
+        got = np.asarray(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    np.testing.assert_allclose(got, reference, atol=1e-5)
