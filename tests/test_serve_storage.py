@@ -169,3 +169,44 @@ def test_a_file_check_reads_a_bounded_sample_a_few_at_a_time(service, monkeypatc
     finally:
         for _ in held:
             filecheck._CHECKS.release()
+
+
+def test_a_gguf_download_is_built_once_within_the_quota_and_goes_with_the_model(service, tiny_phi3):
+    """GET /v1/fine_tuning/jobs/{id}/gguf: refused past the quota before anything is built; built
+    into the job's run directory once and served from there; another organization's job is a 404;
+    deleting the model deletes the file."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    settings, a, b = service["settings"], service["alpha"], service["beta"]
+    settings.org_quota_bytes = None
+    f = upload(a, ROW.encode() * 4).json()
+    job_id = a.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": f["id"]}).json()["id"]
+    run = settings.run_dir(job_id)
+    base = AutoModelForCausalLM.from_pretrained(tiny_phi3)
+    get_peft_model(base, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False)).save_pretrained(
+        run / "adapter"
+    )
+    name = f"ft:tiny:alpha::{job_id[6:14]}"
+    path = f"/v1/fine_tuning/jobs/{job_id}/gguf"
+    assert a.get(path).status_code == 400  # not succeeded yet: no model to export
+    with service["app"].state.sessions() as db:
+        db.query(Job).filter(Job.id == job_id).update({"status": "succeeded", "fine_tuned_model": name})
+        db.commit()
+    settings.org_quota_bytes = 1024  # the adapter alone is past it
+    refused = a.get(path)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "storage_quota_exceeded"
+    assert not (run / "gguf").exists()
+    settings.org_quota_bytes = None
+    assert b.get(path).status_code == 404
+    bad = a.get(path, params={"quant": "q4"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "quant"
+    first = a.get(path, params={"quant": "f16"})
+    assert first.status_code == 200 and first.content[:4] == b"GGUF", first.text[:300]
+    assert "attachment" in first.headers["content-disposition"] and "-f16.gguf" in first.headers["content-disposition"]
+    stored = run / "gguf" / "f16.gguf"
+    built = stored.stat().st_mtime_ns
+    assert a.get(path, params={"quant": "f16"}).content == first.content and stored.stat().st_mtime_ns == built
+    assert sorted(p.name for p in (run / "gguf").iterdir()) == ["f16.gguf"]  # no build directory left
+    assert a.delete(f"/v1/models/{name}").json()["deleted"] is True
+    assert not (run / "gguf").exists()
