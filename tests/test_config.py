@@ -82,6 +82,27 @@ def test_semantic_problems_are_collected(tmp_path, chat_files):
     assert "training.eval_every: needs a validation set" in joined
 
 
+def test_a_method_key_its_method_does_not_read_is_an_error(tmp_path, tiny_phi3, chat_files):
+    """{name: ia3, r: 64} would train IA3 and ignore r: refused, naming the key and its methods;
+    a dumped config of every method loads again (it holds only the keys its method reads)."""
+    from phitune.config import dump_config
+    from phitune.registry import METHODS
+
+    p = _cfg(
+        tmp_path, f"model: {tiny_phi3}\ndata: {{train: {chat_files[0]}}}\nmethod: {{name: ia3, r: 64, fused: true}}\n"
+    )
+    with pytest.raises(PhituneError) as exc:
+        load_config(p)
+    joined = "\n".join(exc.value.problems)
+    assert "method.r: not read by method ia3; it applies to lora, dora, qlora" in joined
+    assert "method.fused: not read by method ia3; it applies to lora" in joined and len(exc.value.problems) == 2
+    for name in METHODS:
+        cfg = parse_config({"model": str(tiny_phi3), "data": str(chat_files[0]), "method": name}, source="t")
+        again = tmp_path / f"{name}.yaml"
+        again.write_text(dump_config(cfg))
+        assert load_config(again).method == cfg.method
+
+
 def test_set_overrides_and_shorthand(tmp_path, tiny_phi3, chat_files):
     p = _cfg(tmp_path, f"model: {tiny_phi3}\ndata: {chat_files[0]}\n")
     cfg = load_config(

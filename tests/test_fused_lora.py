@@ -21,7 +21,8 @@ def _pair(model_dir, *, dropout=0.0, name="lora", precision="no"):
         cfg = parse_config(
             {
                 "model": str(model_dir),
-                "method": {"name": name, "dropout": dropout, "fused": fused, "target_modules": ["all-linear"]},
+                "method": {"name": name, "dropout": dropout, "target_modules": ["all-linear"]}
+                | ({"fused": fused} if name == "lora" else {}),
                 "data": str(DEMO_TRAIN),
             },
             source="test",

@@ -7,7 +7,7 @@ files. Field descriptions double as the reference documentation (`phitune config
 
 from phitune.config.checks import EVAL_METRICS, semantic_problems
 from phitune.config.loading import apply_overrides, load_config, parse_config
-from phitune.config.reference import dump_config, flatten, reference_markdown
+from phitune.config.reference import applicable, dump_config, flatten, reference_markdown
 from phitune.config.schema import (
     _SECTIONS,
     Config,
@@ -36,6 +36,7 @@ __all__ = [
     "apply_overrides",
     "dump_config",
     "flatten",
+    "applicable",
     "load_config",
     "looks_local",
     "parse_config",

@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from phitune.config.schema import (
+    METHOD_KEYS,
     DataConfig,
     DistributedConfig,
     MethodConfig,
@@ -46,13 +47,29 @@ def semantic_problems(sections: dict[str, BaseModel]) -> list[tuple[str, str]]:
     method: MethodConfig | None = sections.get("method")
     task: TaskConfig = sections.get("task") or TaskConfig()
     out = _training_problems(t, data) + _path_problems(data, model)
-    if method is not None and method.name == "full" and method.modules_to_save:
-        out.append(("method.modules_to_save", "only applies to adapter methods; remove it for method full"))
+    if method is not None:
+        out += _method_key_problems(method)
     out += _template_problems(data) + _task_problems(data, task)
     if method is not None:
         out += _method_task_problems(data, task, method)
     out += _distributed_problems(sections.get("distributed"), method)
     return out + _compile_problems(t, method, sections.get("distributed"))
+
+
+def _method_key_problems(method: MethodConfig) -> list[tuple[str, str]]:
+    """A key given for a method that does not read it ({name: ia3, r: 64}) would be ignored."""
+    out = []
+    for key in sorted(method.model_fields_set):
+        users = METHOD_KEYS.get(key)
+        if users is not None and method.name not in users:
+            out.append(
+                (
+                    f"method.{key}",
+                    f"not read by method {method.name}; it applies to {', '.join(users)} "
+                    f"(remove it, or set method.name to one of those)",
+                )
+            )
+    return out
 
 
 def _compile_problems(

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Union, get_args, get_origin
 
 import yaml
 
-from phitune.config.schema import _SECTIONS, Config
+from phitune.config.schema import _SECTIONS, METHOD_KEYS, Config
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -20,7 +20,19 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The whole config as YAML (config.yaml of a run, a job, a ConfigMap), without the method keys
+    its method does not read: loaded again, it passes the same checks."""
+    return yaml.safe_dump(applicable(cfg.model_dump(mode="json")), sort_keys=False)
+
+
+def applicable(data: dict) -> dict:
+    """A dumped config (a plain dict) without the method keys its method does not read (a run's
+    config.yaml written before they were dropped compares equal to one written after)."""
+    method = data.get("method")
+    if not isinstance(method, dict):
+        return data
+    name = method.get("name", "lora")
+    return data | {"method": {k: v for k, v in method.items() if name in METHOD_KEYS.get(k, (name,))}}
 
 
 def _type_name(ann) -> str:

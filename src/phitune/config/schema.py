@@ -115,6 +115,19 @@ class MethodConfig(_Section):
     )
 
 
+LORA_FAMILY = ("lora", "dora", "qlora")
+# Which method reads each of MethodConfig's keys (name, objective and beta: every method). A key
+# set for a method that does not read it is an error (config checks), not silently ignored.
+METHOD_KEYS = {
+    **dict.fromkeys(("r", "alpha", "dropout", "use_rslora", "init"), LORA_FAMILY),
+    "target_modules": (*LORA_FAMILY, "ia3"),
+    "modules_to_save": (*LORA_FAMILY, "ia3"),
+    "fused": ("lora",),
+    **dict.fromkeys(("quant_type", "double_quant", "compute_dtype"), ("qlora",)),
+    **dict.fromkeys(("num_virtual_tokens", "prompt_init_text"), ("prompt_tuning",)),
+}
+
+
 class DataConfig(_Section):
     train: str = Field(
         description="Training data: .jsonl, .json, .csv/.tsv, .parquet or a datasets save_to_disk directory."

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from phitune.compiling import compile_layers, decoder_parameters, why_compile
-from phitune.config import Config, flatten
+from phitune.config import Config, applicable, flatten
 from phitune.data.dataset import TrainData, length_problem, load_training_data
 from phitune.distributed import Runtime
 from phitune.engines import Engine, build_engine
@@ -102,8 +102,8 @@ def replaceable(out: Path) -> bool:
 def _check_resumable(saved: Path, cfg: Config) -> None:
     import yaml
 
-    before = flatten(yaml.safe_load(saved.read_text()))
-    now = flatten(cfg.model_dump(mode="json"))
+    before = flatten(applicable(yaml.safe_load(saved.read_text())))
+    now = flatten(applicable(cfg.model_dump(mode="json")))
     changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
     if changed:
         diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
