@@ -89,13 +89,16 @@ def test_a_method_key_its_method_does_not_read_is_an_error(tmp_path, tiny_phi3, 
     from phitune.registry import METHODS
 
     p = _cfg(
-        tmp_path, f"model: {tiny_phi3}\ndata: {{train: {chat_files[0]}}}\nmethod: {{name: ia3, r: 64, fused: true}}\n"
+        tmp_path, f"model: {tiny_phi3}\ndata: {{train: {chat_files[0]}}}\nmethod: {{name: ia3, r: 64, fused: false}}\n"
     )
     with pytest.raises(PhituneError) as exc:
         load_config(p)
     joined = "\n".join(exc.value.problems)
     assert "method.r: not read by method ia3; it applies to lora, dora, qlora" in joined
     assert "method.fused: not read by method ia3; it applies to lora" in joined and len(exc.value.problems) == 2
+    # A config written whole by an earlier phitune (every key, at its default) still loads.
+    whole = f"model: {tiny_phi3}\ndata: {{train: {chat_files[0]}}}\nmethod: {{name: ia3, r: 16, fused: true}}\n"
+    assert load_config(_cfg(tmp_path, whole)).method.name == "ia3"
     for name in METHODS:
         cfg = parse_config({"model": str(tiny_phi3), "data": str(chat_files[0]), "method": name}, source="t")
         again = tmp_path / f"{name}.yaml"
