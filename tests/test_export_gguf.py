@@ -12,7 +12,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import run_cli, write_config
+from helpers import needs_llama_cpp, run_cli, write_config
 
 ARCHS = ["llama", "qwen2", "phi3", "mistral"]
 TEXT = "Hello world, the cup is hot. 12345 numbers!\nA second line."
@@ -224,7 +224,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_phi3, tmp_path, ca
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_llama_cpp_reads_each_architecture_as_pytorch_computes_it(arch, model_cache, tmp_path, capsys):
-    pytest.importorskip("llama_cpp")
+    needs_llama_cpp()
     from phitune.export.gguf_check import open_llama
 
     source = model_cache(arch)
@@ -242,7 +242,7 @@ def test_llama_cpp_reads_each_architecture_as_pytorch_computes_it(arch, model_ca
 
 
 def test_llama_cpp_base_plus_lora_equals_the_merged_model(model_cache, tmp_path, capsys):
-    pytest.importorskip("llama_cpp")
+    needs_llama_cpp()
     from phitune.export.gguf_check import open_llama
 
     source = model_cache("phi3")
@@ -262,7 +262,7 @@ def test_llama_cpp_base_plus_lora_equals_the_merged_model(model_cache, tmp_path,
 
 
 def test_k_quant_by_llama_cpp_loads_and_stays_close(model_cache, tmp_path, capsys):
-    pytest.importorskip("llama_cpp")
+    needs_llama_cpp()
     from phitune.export.gguf_check import open_llama
 
     source = model_cache("llama")
@@ -320,7 +320,7 @@ def _sentencepiece_style_model(out):
 
 
 def test_llama_cpp_tokenizes_a_sentencepiece_style_vocabulary_as_transformers(tmp_path, capsys):
-    pytest.importorskip("llama_cpp")
+    needs_llama_cpp()
     from phitune.export.gguf_check import open_llama
 
     source = _sentencepiece_style_model(tmp_path / "spm")
@@ -366,7 +366,7 @@ def test_llama_cpp_scales_rotary_embeddings_as_transformers(rope, model_cache, t
     as in transformers, for a short text and one past the original context. llama.cpp picks
     longrope's factors by its context size, transformers by the sequence's length: compared
     where both pick the same (a context within the original length for the short text)."""
-    pytest.importorskip("llama_cpp")
+    needs_llama_cpp()
     from transformers import AutoConfig
 
     from phitune.export.gguf_check import open_llama
@@ -397,7 +397,7 @@ def test_llama_cpp_scales_rotary_embeddings_as_transformers(rope, model_cache, t
 def test_every_method_exports_merged_as_it_answers(method, tiny_phi3, chat_files, tmp_path, capsys):
     """A run of each method, exported merged, gives in llama.cpp the logits phitune's own merge
     gives (QLoRA: folded into the dequantised 4-bit weights it was trained on)."""
-    pytest.importorskip("llama_cpp")
+    needs_llama_cpp()
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
     from phitune.export.gguf_check import open_llama

@@ -17,7 +17,7 @@ from phitune.evaluate.lm import lm_metrics
 from phitune.generate import complete_batch
 from phitune.models import load_for_inference
 
-from helpers import DEMO_TRAIN, DEMO_VAL, REPO, Server, logits, run_cli, wait_for_job, write_config
+from helpers import DEMO_TRAIN, DEMO_VAL, REPO, Server, logits, needs_llama_cpp, run_cli, wait_for_job, write_config
 
 pytestmark = pytest.mark.real
 
@@ -109,7 +109,7 @@ def _gguf_check(run, out, *args) -> dict:
 def test_gguf_f16_export_in_llama_cpp_and_transformers_matches_pytorch(demo, tmp_path):
     """llama.cpp reads the f16 export of the fine-tune and answers the held-out phrasings with
     PyTorch's greedy tokens; transformers' own GGUF reader gives the merged model's logits."""
-    pytest.importorskip("llama_cpp")
+    needs_llama_cpp()
     out = tmp_path / "f16"
     check = _gguf_check(demo["run"], out, "--quant", "f16")
     assert check["prompts"] >= 16 and check["prompt_ids_equal"] == 1.0, check
@@ -127,7 +127,7 @@ def test_gguf_f16_export_in_llama_cpp_and_transformers_matches_pytorch(demo, tmp
 
 @pytest.mark.slow
 def test_gguf_q4_k_m_by_llama_cpp_keeps_the_fine_tune(demo, tmp_path):
-    pytest.importorskip("llama_cpp")
+    needs_llama_cpp()
     check = _gguf_check(demo["run"], tmp_path / "q4", "--quant", "q4_k_m")
     assert check["perplexity_change"] <= 0.10 and check["answers_exact_gguf"] >= 0.9, check
 
@@ -136,7 +136,7 @@ def test_gguf_q4_k_m_by_llama_cpp_keeps_the_fine_tune(demo, tmp_path):
 def test_gguf_q8_0_and_lora_forms_agree_with_pytorch(demo, tmp_path):
     """q8_0: at least 90% token agreement. The base GGUF plus the LoRA GGUF: PyTorch's tokens, as
     the merged f16 file gives them."""
-    pytest.importorskip("llama_cpp")
+    needs_llama_cpp()
     q8 = _gguf_check(demo["run"], tmp_path / "q8", "--quant", "q8_0")
     assert q8["token_agreement"] >= 0.9, q8
     lora = _gguf_check(demo["run"], tmp_path / "lora", "--quant", "f16", "--lora")
