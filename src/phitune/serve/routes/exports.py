@@ -9,12 +9,13 @@ A client that leaves while its file is built costs only that build, which the ne
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import logging
 import os
 import shutil
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import anyio
@@ -29,8 +30,11 @@ from phitune.serve.routes.jobs import get_job
 
 log = logging.getLogger("phitune.serve")
 router = APIRouter(tags=["fine-tuning"])
-_BUILDS: dict[str, asyncio.Lock] = {}  # one build per file, whoever asks
-_ONE_AT_A_TIME = asyncio.Semaphore(1)  # a build takes the CPU for seconds to minutes
+# Builds run in a worker thread (whatever event loop asked): one per file, whoever asks, and one
+# at a time in this process, since a build takes the CPU for seconds to minutes.
+_BUILDS: dict[str, threading.Lock] = {}
+_BUILDS_LOCK = threading.Lock()
+_ONE_AT_A_TIME = threading.Lock()
 
 
 def served_quants() -> tuple[str, ...]:
@@ -72,14 +76,15 @@ async def job_gguf(
     path = settings.run_dir(job.id) / "gguf" / f"{quant}.gguf"
     if not path.is_file():
         await anyio.to_thread.run_sync(storage.room, settings, reads, org, "GGUF export")  # walks the disk
-        await _build(settings, job, quant, path)
+        await anyio.to_thread.run_sync(_build, settings, job, quant, path)
     name = job.fine_tuned_model.replace(":", "-").replace("/", "-")
     return FileResponse(path, media_type="application/octet-stream", filename=f"{name}-{quant}.gguf")
 
 
-async def _build(settings, job, quant: str, path: Path) -> None:
-    lock = _BUILDS.setdefault(str(path), asyncio.Lock())
-    async with lock, _ONE_AT_A_TIME:
+def _build(settings, job, quant: str, path: Path) -> None:
+    with _BUILDS_LOCK:
+        lock = _BUILDS.setdefault(str(path), threading.Lock())
+    with lock, _ONE_AT_A_TIME:
         if path.is_file():  # built while this request waited
             return
         run = settings.run_dir(job.id)
@@ -89,13 +94,10 @@ async def _build(settings, job, quant: str, path: Path) -> None:
         command += ["--quant", quant, "--overwrite", "--name", job.fine_tuned_model]
         if not (run / "model").is_dir():
             command += ["--base", settings.models[job.model]]
-        proc = await asyncio.create_subprocess_exec(
-            *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-        )
-        _, err = await proc.communicate()
+        proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
         try:
             if proc.returncode != 0:
-                raise _failure(proc.returncode, err.decode(errors="replace"), job, run, settings)
+                raise _failure(proc.returncode, proc.stderr, job, run, settings)
             os.replace(work / "model.gguf", path)
         finally:
             shutil.rmtree(work, ignore_errors=True)
