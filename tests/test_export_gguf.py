@@ -4,6 +4,7 @@ llama-cpp-python is installed, as CI installs it), the LoRA form equal to the me
 Ollama template equal to the Jinja one, and bad input refused in one line with nothing written."""
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -423,3 +424,68 @@ def test_every_method_exports_merged_as_it_answers(method, tiny_phi3, chat_files
     finally:
         llm.close()
     np.testing.assert_allclose(got, reference, atol=1e-5)
+
+
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+type Message struct{ Role, Content string }
+
+func main() {
+	var in struct {
+		Template string
+		Messages []Message
+	}
+	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
+		panic(err)
+	}
+	t := template.Must(template.New("Modelfile").Parse(in.Template))
+	if err := t.Execute(os.Stdout, map[string]any{"Messages": in.Messages}); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+def test_the_modelfile_template_renders_in_go_as_the_jinja_template(real_model, model_cache, tmp_path):
+    """The TEMPLATE line executed by Go's text/template (what Ollama runs) over `.Messages`, with
+    the SYSTEM line put first as Ollama does when a conversation has no system message, gives
+    the Jinja chat template's text."""
+    import shutil
+    import subprocess
+
+    from phitune.export.ollama import derive_turns
+
+    if not shutil.which("go"):
+        (pytest.fail if os.environ.get("PHITUNE_REQUIRE_GO") else pytest.skip)("needs Go (apt-get install golang-go)")
+    (tmp_path / "render.go").write_text(GO_RENDER)
+    env = os.environ | {"GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath"), "GO111MODULE": "off"}
+    subprocess.run(["go", "build", "-o", str(tmp_path / "render"), str(tmp_path / "render.go")], check=True, env=env)
+    conversations = [
+        [{"role": "user", "content": "Hi there"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 'a "quoted"\nline {{ x }}'}],
+        [
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": "two"},
+            {"role": "user", "content": "three ☕"},
+        ],
+    ]
+    for model in (real_model, model_cache("phi3"), model_cache("qwen2")):
+        tokenizer = AutoTokenizer.from_pretrained(model)
+
+        def render(messages, generation, tokenizer=tokenizer):
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+        turns = derive_turns(render, tokenizer.eos_token)
+        for messages in conversations:
+            sent = messages
+            if turns.default_system is not None and messages[0]["role"] != "system":
+                sent = [{"role": "system", "content": turns.default_system}, *messages]  # Ollama's SYSTEM
+            feed = json.dumps({"Template": turns.go_template(), "Messages": sent})
+            out = subprocess.run([tmp_path / "render"], input=feed, capture_output=True, text=True, check=True)
+            assert out.stdout == render(messages, True), (model, messages)
