@@ -24,13 +24,12 @@ import time
 from pathlib import Path
 
 import yaml
-from sqlalchemy import func, select, update
 
 from phitune.config import dump_config
 from phitune.errors import PhituneError
 from phitune.outputs import checkpoint_step, list_checkpoints
-from phitune.serve import status
-from phitune.serve.db import Checkpoint, Event, File, Job, add_event, new_id, now
+from phitune.serve import status, store
+from phitune.serve.db import Checkpoint, File, Job, add_event, new_id, now
 from phitune.serve.jobconfig import build_config, choose_hyperparameters, fine_tuned_name
 from phitune.serve.settings import Settings
 from phitune.serve.status import Status
@@ -102,35 +101,12 @@ class Worker:
     def claim(self, current: Status, to: Status) -> Job | None:
         """Take one unowned job in `current`; the conditional UPDATE makes it one worker's only."""
         with self.sessions() as db:
-            ids = list(
-                db.scalars(
-                    select(Job.id).where(Job.status == current.value, Job.worker.is_(None)).order_by(Job.seq).limit(5)
-                )
-            )
-            for job_id in ids:
-                claimed = db.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.status == current.value, Job.worker.is_(None))
-                    .values(status=to.value, worker=self.name, heartbeat=time.time())
-                )
-                db.commit()
-                if claimed.rowcount == 1:
-                    return db.scalar(select(Job).where(Job.id == job_id))
-        return None
+            return store.claim(db, current.value, to.value, self.name, time.time())
 
     def requeue_stale(self) -> None:
         limit = time.time() - self.settings.stale_seconds
         with self.sessions() as db:
-            stale = list(
-                db.scalars(
-                    select(Job).where(
-                        Job.status.in_((Status.RUNNING.value, Status.VALIDATING.value)),
-                        Job.worker.is_not(None),
-                        Job.heartbeat < limit,
-                    )
-                )
-            )
-            for job in stale:
+            for job in store.stale_jobs(db, limit):
                 # What the caller asked for wins over a re-queue; only this heartbeat's owner is moved.
                 to, event, level = Status(job.status), STOPPED, "warn"
                 if job.requested == status.CANCEL:
@@ -313,11 +289,11 @@ class Worker:
         run = self.settings.run_dir(job.id)
         records = read_metrics(run / "metrics.jsonl")
         with self.sessions() as db:
-            current = db.scalar(select(Job).where(Job.id == job.id))
+            current = store.job_by_id(db, job.id)
             total = current.total_steps
             # The database is the record of what was emitted (a failed commit emitted nothing). A
             # resumed run logs the steps after its checkpoint again: those are skipped.
-            last = db.scalar(select(func.max(Event.step)).where(Event.job_id == job.id)) or 0
+            last = store.last_event_step(db, job.id)
             for r in records:
                 if r["step"] <= last:
                     continue
@@ -333,14 +309,11 @@ class Worker:
                     data=data,
                     step=r["step"],
                 )
-            rows = dict(
-                db.execute(select(Checkpoint.step, Checkpoint.deleted).where(Checkpoint.job_id == job.id)).all()
-            )
+            rows = store.checkpoint_states(db, job.id)
             on_disk = {checkpoint_step(ck): ck for ck in list_checkpoints(run / "checkpoints")}
             gone = [step for step, deleted in rows.items() if not deleted and step not in on_disk]
             if gone:  # rotated out (--keep-checkpoints): no longer a model to call
-                rotated = update(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step.in_(gone))
-                db.execute(rotated.values(deleted=True))
+                store.delete_checkpoints(db, job.id, gone)
             new = [(step, ck) for step, ck in on_disk.items() if step not in rows and (ck / "adapter").is_dir()]
             for step, ck in new:
                 metrics = _metric_data(next((r for r in records if r["step"] == step), {"step": step}), total)
@@ -359,7 +332,7 @@ class Worker:
             finish = _estimated_finish(records, total, started)
             if finish is not None:
                 values["estimated_finish"] = finish
-            db.execute(update(Job).where(Job.id == job.id).values(**values))
+            store.set_job(db, job.id, **values)
             db.commit()
         quota = self.settings.org_quota_bytes  # checked per new checkpoint, the disk walked after the commit
         if new and quota and not current.requested and usage(self.settings, self.sessions, job.org) > quota:

@@ -9,9 +9,9 @@ from typing import Literal
 
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
-from sqlalchemy import func, select
 
-from phitune.serve.db import Event, Job
+from phitune.serve import store
+from phitune.serve.db import Job
 from phitune.serve.deps import Org, Reads, ServerSettings, Sessions
 from phitune.serve.errors import ApiError, validation_message
 from phitune.serve.listing import page
@@ -29,19 +29,14 @@ def _jobs(reads, org: str, metadata: dict[str, str] | None = None, limit: int = 
         listed = page(
             db,
             Job,
-            jobs.job_filter(org, metadata or {}),
+            store.job_filter(org, metadata or {}),
             after=None,
             limit=limit,
             newest_first=True,
             render=jobs.render,
         )["data"]
         ids = [j["id"] for j in listed]
-        steps = dict(
-            db.execute(
-                select(Event.job_id, func.max(Event.step)).where(Event.job_id.in_(ids)).group_by(Event.job_id)
-            ).all()
-        )
-        totals = dict(db.execute(select(Job.id, Job.total_steps).where(Job.id.in_(ids))).all())
+        steps, totals = store.progress(db, ids)
     for j in listed:
         j["step"], j["total_steps"] = steps.get(j["id"]), totals.get(j["id"])
     return listed
@@ -212,12 +207,7 @@ async def compare_table(request: Request, reads: Reads, org: Org):
     with reads() as db:
         for job_id in ids:
             job = jobs.get_job(db, org, job_id)
-            last = db.scalar(
-                select(Event.data)
-                .where(Event.job_id == job_id, Event.type == "metrics")
-                .order_by(Event.seq.desc())
-                .limit(1)
-            )
+            last = store.last_metrics(db, job_id)
             columns.append((job_id, _settings_of(job, last or {})))
     keys = list(dict.fromkeys(k for _, c in columns for k in c))
     rows = [(k, [c.get(k) for _, c in columns]) for k in keys]

@@ -16,12 +16,11 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
 
 from phitune.inference.client import EngineClient, EngineGone
 from phitune.outputs import checkpoint_dir
-from phitune.serve import schemas
-from phitune.serve.db import Checkpoint, Job, new_id
+from phitune.serve import schemas, store
+from phitune.serve.db import new_id
 from phitune.serve.deps import Org
 from phitune.serve.errors import ApiError, not_found
 from phitune.serve.schemas import ChatRequest
@@ -53,22 +52,14 @@ def resolve(request: Request, org: str, model: str) -> tuple[str, str | None, bo
         return settings.models[model], None, model in settings.trusted
     if model.startswith("ft:"):
         with request.app.state.reads() as db:
-            job = db.execute(
-                select(Job.id, Job.model).where(
-                    Job.org == org, Job.fine_tuned_model == model, Job.model_deleted.is_(False)
-                )
-            ).first()
+            job = store.fine_tuned(db, org, model)
             if job is not None:
                 run = settings.run_dir(job.id)
                 trusted = job.model in settings.trusted
                 if (run / "model").is_dir():
                     return str(run / "model"), None, trusted
                 return settings.models[job.model], str(run / "adapter"), trusted
-            ck = db.execute(
-                select(Job.id, Job.model, Checkpoint.step)
-                .join(Job, Job.id == Checkpoint.job_id)
-                .where(Job.org == org, Checkpoint.model_name == model, Checkpoint.deleted.is_(False))
-            ).first()
+            ck = store.checkpoint_model(db, org, model)
             if ck is not None:
                 adapter = checkpoint_dir(settings.run_dir(ck.id) / "checkpoints", ck.step) / "adapter"
                 return settings.models[ck.model], str(adapter), ck.model in settings.trusted

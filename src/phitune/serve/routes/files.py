@@ -7,11 +7,10 @@ from typing import TYPE_CHECKING, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
-from sqlalchemy import bindparam, select
 
 from phitune.errors import PhituneError
-from phitune.serve import schemas, storage
-from phitune.serve.db import File, first, new_id
+from phitune.serve import schemas, storage, store
+from phitune.serve.db import File, new_id
 from phitune.serve.deps import Org, Reads, ServerSettings, Sessions, require_served
 from phitune.serve.errors import ApiError, not_found
 from phitune.serve.listing import limit_query, page
@@ -39,11 +38,8 @@ def render(f: File) -> dict:
     }
 
 
-FILE = select(File).where(File.id == bindparam("id"), File.org == bindparam("org"), File.deleted.is_(False))
-
-
 def get_file(db: Session, org: str, file_id: str, param: str | None = None) -> File:
-    f = first(db, FILE, id=file_id, org=org)
+    f = store.file(db, org, file_id)
     if f is None:
         raise not_found("file", file_id, param)
     return f

@@ -11,11 +11,10 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
-from sqlalchemy import bindparam, select
 
 from phitune.errors import PhituneError
-from phitune.serve import schemas, status, storage
-from phitune.serve.db import Checkpoint, Event, Job, add_event, first, new_id, now
+from phitune.serve import schemas, status, storage, store
+from phitune.serve.db import Checkpoint, Event, Job, add_event, new_id, now
 from phitune.serve.deps import Org, Reads, ServerSettings, Sessions, require_served
 from phitune.serve.errors import ApiError, not_found
 from phitune.serve.listing import limit_query, page
@@ -62,11 +61,8 @@ def render(job: Job) -> dict:
     }
 
 
-JOB = select(Job).where(Job.id == bindparam("id"), Job.org == bindparam("org"))
-
-
 def get_job(db: Session, org: str, job_id: str) -> Job:
-    job = first(db, JOB, id=job_id, org=org)
+    job = store.job(db, org, job_id)
     if job is None:
         raise not_found("fine-tuning job", job_id)
     return job
@@ -136,11 +132,6 @@ def create_job(body: JobCreate, org: Org, settings: ServerSettings, sessions: Se
         return render(job)
 
 
-def job_filter(org: str, metadata: dict[str, str]) -> list:
-    """The organization's jobs, those whose metadata has each of these values."""
-    return [Job.org == org, *(Job.meta[key].as_string() == value for key, value in metadata.items())]
-
-
 @router.get("/fine_tuning/jobs", **schemas.documented(schemas.JobList, 400, 401))
 async def list_jobs(
     request: Request, org: Org, reads: Reads, after: str | None = None, limit: int = limit_query(20)
@@ -150,7 +141,7 @@ async def list_jobs(
         for key, value in request.query_params.multi_items()
         if key.startswith("metadata[") and key.endswith("]")
     }
-    where = job_filter(org, metadata)
+    where = store.job_filter(org, metadata)
     with reads() as db:
         return page(db, Job, where, after=after, limit=limit, newest_first=True, render=render)
 

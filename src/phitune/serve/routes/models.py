@@ -6,35 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from sqlalchemy import bindparam, func, select
 
-from phitune.serve import schemas
-from phitune.serve.db import Checkpoint, Job
+from phitune.serve import schemas, store
 from phitune.serve.deps import Org
 from phitune.serve.errors import ApiError, not_found
 from phitune.serve.storage import remove_weights
 
 router = APIRouter(tags=["models"])
-FINE_TUNES = (
-    select(Job.fine_tuned_model, func.coalesce(Job.finished_at, Job.created_at))
-    .where(Job.org == bindparam("org"), Job.status == "succeeded", Job.model_deleted.is_(False))
-    .order_by(Job.seq)
-)
-CHECKPOINTS = (
-    select(Checkpoint.model_name, Checkpoint.created_at)
-    .join(Job, Job.id == Checkpoint.job_id)
-    .where(Job.org == bindparam("org"), Checkpoint.deleted.is_(False))
-    .order_by(Checkpoint.seq)
-)
 
 
 def catalogue(request: Request, org: str) -> list[dict]:
     settings = request.app.state.settings
     out = [{"id": name, "object": "model", "created": 0, "owned_by": "system"} for name in sorted(settings.models)]
     with request.app.state.reads() as db:
-        for name, created in db.execute(FINE_TUNES, {"org": org}):
-            out.append({"id": name, "object": "model", "created": created, "owned_by": org})
-        for name, created in db.execute(CHECKPOINTS, {"org": org}):
+        for name, created in store.models(db, org):
             out.append({"id": name, "object": "model", "created": created, "owned_by": org})
     return out
 
@@ -61,12 +46,9 @@ def delete_model(request: Request, org: Org, model: str) -> dict:
             )
         raise not_found("model", model)
     with request.app.state.sessions() as db:
-        job = db.scalar(select(Job).where(Job.org == org, Job.fine_tuned_model == model, Job.model_deleted.is_(False)))
+        job = store.delete_model(db, org, model)
         if job is None:
             raise not_found("model", model)
-        job.model_deleted = True
-        for ck in db.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id)):
-            ck.deleted = True
         db.commit()
     remove_weights(request.app.state.settings, job.id)
     forget(request.app.state.settings.engine_socket, request.app.state.settings.run_dir(job.id))

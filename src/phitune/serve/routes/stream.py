@@ -14,10 +14,8 @@ import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
 
-from phitune.serve import schemas
-from phitune.serve.db import Event
+from phitune.serve import schemas, store
 from phitune.serve.deps import Org, Reads
 from phitune.serve.errors import ApiError
 from phitune.serve.routes.jobs import FINAL, get_job, render, render_event
@@ -30,7 +28,7 @@ HEARTBEAT_SECONDS = 15.0  # a comment line now and then keeps proxies from closi
 def _anchor(db, job_id: str, after: str | None) -> int:
     if not after:
         return 0
-    seq = db.scalar(select(Event.seq).where(Event.id == after, Event.job_id == job_id))
+    seq = store.event_seq(db, job_id, after)
     if seq is None:
         raise ApiError(400, f"after '{after}': no such event of job {job_id}", param="after")
     return seq
@@ -58,9 +56,7 @@ async def stream_events(request: Request, org: Org, reads: Reads, job_id: str, a
         shown, quiet_since = None, time.monotonic()
         while not await request.is_disconnected():
             with reads() as db:
-                rows = db.execute(
-                    select(Event).where(Event.job_id == job_id, Event.seq > seq).order_by(Event.seq).limit(BATCH)
-                ).all()
+                rows = store.events_after(db, job_id, seq, BATCH)
                 job = render(get_job(db, org, job_id))
             for e in rows:
                 seq = e.seq
