@@ -127,6 +127,7 @@ def export_gguf(
     phitune_export.json. `name`: the model's name in the file and the Modelfile (default: the
     source directory's)."""
     from phitune.export.ollama import write_modelfile
+    from phitune.inference.prompts import stop_token_ids
 
     output = Path(output)
     plan = plan_export(source, quant=quant, lora=lora, base_gguf=base_gguf, base=base, name=name)
@@ -142,7 +143,7 @@ def export_gguf(
             generation = model.generation_config
             _write_quantized(model, tokenizer, tmp / "model.gguf", plan.quant, plan.name, work)
             files = {"model": "model.gguf"}
-        stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_ids(tokenizer, generation)]
+        stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer, generation)]
         write_modelfile(tmp, files, tokenizer, stops, sampling(generation), str(plan.source), plan.name)
         manifest = {
             "source": str(plan.source),
@@ -153,17 +154,6 @@ def export_gguf(
         }
         (tmp / "phitune_export.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return output
-
-
-def stop_ids(tokenizer, generation) -> list[int]:
-    """eos and the chat template's end-of-turn tokens (as phitune's own generation stops)."""
-    from phitune.data.chat import turn_closers
-
-    ids = getattr(generation, "eos_token_id", None)
-    out = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    out.add(tokenizer.eos_token_id)
-    out.update(tokenizer.convert_tokens_to_ids(t) for t in turn_closers(tokenizer))
-    return sorted(i for i in out if i is not None)
 
 
 def sampling(generation) -> dict:

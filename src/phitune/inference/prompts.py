@@ -13,7 +13,12 @@ if TYPE_CHECKING:
 
 def end_of_turn_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """eos plus the chat template's end-of-turn token(s), so generation stops after one reply."""
-    ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+    return stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config=None) -> list[int]:
+    """end_of_turn_ids from a generation config (or none) rather than a loaded model."""
+    ids = generation_config.eos_token_id if generation_config is not None else None
     out = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
     out.add(tokenizer.eos_token_id)
     out.update(tokenizer.convert_tokens_to_ids(tok) for tok in turn_closers(tokenizer))
