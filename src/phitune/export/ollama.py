@@ -139,7 +139,7 @@ def modelfile(files: dict[str, str], tokenizer, stops: list[str], sampling: dict
         if tokenizer.bos_token and turns.start == tokenizer.bos_token:
             turns.start = ""  # llama.cpp adds BOS itself (tokenizer.ggml.add_bos_token)
         lines.append(f'TEMPLATE """{turns.go_template()}"""')
-        if turns.default_system is not None:
+        if turns.default_system is not None and '"""' not in turns.default_system:  # a Modelfile cannot quote it
             lines.append(f'SYSTEM """{turns.default_system}"""')
     elif tokenizer.chat_template:
         lines.append(
