@@ -35,6 +35,18 @@ def _torch_logits(model, ids) -> np.ndarray:
     return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
+def _llama_logits(folder, ids, *, n_ctx=128, f32_cache=True) -> np.ndarray:
+    """llama.cpp's logits for every position of `ids`, from the export in `folder`."""
+    from phitune.export.gguf_check import open_llama
+
+    llm = open_llama(folder, n_ctx=n_ctx, f32_cache=f32_cache)
+    try:
+        llm.eval(ids)
+        return np.asarray(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+
+
 def _adapter(base_dir, out, *, seed=0):
     """A LoRA with random A and B on every linear layer, rsLoRA and a per-layer alpha: the scale
     differs per layer, as llama.cpp's single alpha cannot say."""
@@ -244,38 +256,24 @@ def test_llama_cpp_reads_each_architecture_as_pytorch_computes_it(arch, model_ca
 
 def test_llama_cpp_base_plus_lora_equals_the_merged_model(model_cache, tmp_path, capsys):
     needs_llama_cpp()
-    from phitune.export.gguf_check import open_llama
-
     source = model_cache("phi3")
     adapter = _adapter(source, tmp_path / "adapter")
     assert _export(capsys, adapter, "--output", tmp_path / "lora", "--quant", "f32", "--lora")[0] == 0
     ids = _ids(source)
     merged = _torch_logits(_merged(source, adapter), ids)
     base = _torch_logits(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32), ids)
-    llm = open_llama(tmp_path / "lora", n_ctx=128, f32_cache=True)
-    try:
-        llm.eval(ids)
-        got = np.asarray(llm.scores[: len(ids)])
-    finally:
-        llm.close()
+    got = _llama_logits(tmp_path / "lora", ids)
     assert np.abs(merged - base).max() > 1e-2  # the adapter changes the model...
     np.testing.assert_allclose(got, merged, atol=1e-5)  # ...and llama.cpp applies it as PEFT does
 
 
 def test_k_quant_by_llama_cpp_loads_and_stays_close(model_cache, tmp_path, capsys):
     needs_llama_cpp()
-    from phitune.export.gguf_check import open_llama
-
     source = model_cache("llama")
     assert _export(capsys, source, "--output", tmp_path / "q", "--quant", "q4_k_m")[0] == 0
     ids = _ids(source)
     reference = _torch_logits(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32), ids)
-    llm = open_llama(tmp_path / "q", n_ctx=128)
-    try:
-        llm.eval(ids)
-        got = np.asarray(llm.scores[: len(ids)])
-    finally:
-        llm.close()
+    got = _llama_logits(tmp_path / "q", ids, f32_cache=False)
     assert _export(capsys, source, "--output", tmp_path / "f32", "--quant", "f32")[0] == 0
     assert (tmp_path / "q" / "model.gguf").stat().st_size < 0.5 * (tmp_path / "f32" / "model.gguf").stat().st_size
     assert np.abs(got - reference).max() < 0.25 * np.abs(reference).max()
@@ -370,8 +368,6 @@ def test_llama_cpp_scales_rotary_embeddings_as_transformers(rope, model_cache, t
     needs_llama_cpp()
     from transformers import AutoConfig
 
-    from phitune.export.gguf_check import open_llama
-
     arch, changes = ROPES[rope]
     config = AutoConfig.from_pretrained(model_cache(arch))
     for key, value in changes.items():
@@ -385,12 +381,7 @@ def test_llama_cpp_scales_rotary_embeddings_as_transformers(rope, model_cache, t
     for text, n_ctx in ((TEXT, 256), (" ".join(["the cup is hot and the tea is cold"] * 60), 1024)):
         ids = tokenizer(text)["input_ids"]
         assert len(ids) < 256 if n_ctx == 256 else len(ids) > 512
-        llm = open_llama(tmp_path / "gguf", n_ctx=n_ctx, f32_cache=True)
-        try:
-            llm.eval(ids)
-            got = np.asarray(llm.scores[: len(ids)])
-        finally:
-            llm.close()
+        got = _llama_logits(tmp_path / "gguf", ids, n_ctx=n_ctx)
         np.testing.assert_allclose(got, _torch_logits(model, ids), atol=1e-5, err_msg=f"{len(ids)} tokens")
 
 
@@ -401,7 +392,6 @@ def test_every_method_exports_merged_as_it_answers(method, tiny_phi3, chat_files
     needs_llama_cpp()
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
-    from phitune.export.gguf_check import open_llama
 
     spec = {"name": method} | ({"target_modules": ["all-linear"]} if method != "full" else {})
     out = tmp_path / "run"
@@ -417,12 +407,7 @@ def test_every_method_exports_merged_as_it_answers(method, tiny_phi3, chat_files
     reference = _torch_logits(AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32), ids)
     base = _torch_logits(AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32), ids)
     assert np.abs(reference - base).max() > 1e-3  # the run changed the model
-    llm = open_llama(tmp_path / "gguf", n_ctx=128, f32_cache=True)
-    try:
-        llm.eval(ids)
-        got = np.asarray(llm.scores[: len(ids)])
-    finally:
-        llm.close()
+    got = _llama_logits(tmp_path / "gguf", ids)
     np.testing.assert_allclose(got, reference, atol=1e-5)
 
 
