@@ -70,7 +70,7 @@ def main() -> None:
             "The same q8_0 file read by transformers' GGUF loader (weights dequantized, fp32 arithmetic): "
             f"greedy {dequantized['greedy_exact']:.2f}, token agreement {dequantized['token_agreement']:.3f}, "
             f"perplexity change {dequantized['perplexity_change']:+.2%}: what llama.cpp loses beyond this is its own "
-            "arithmetic (8-bit activations with q8_0 weights, the f16 KV cache), not the file.",
+            "arithmetic (8-bit activations with q8_0 weights), not the file.",
         ]
     lines.append("")
     (results / "gguf_quality.md").write_text("\n".join(lines))
