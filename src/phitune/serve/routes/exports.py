@@ -99,6 +99,8 @@ def _build(settings, job, quant: str, path: Path) -> None:
             if proc.returncode != 0:
                 raise _failure(proc.returncode, proc.stderr, job, run, settings)
             os.replace(work / "model.gguf", path)
+        except FileNotFoundError:  # the model was deleted (its run's gguf/ with it) while this built
+            raise ApiError(400, f"{job.fine_tuned_model} was deleted while its GGUF file was built") from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
