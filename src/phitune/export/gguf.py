@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from phitune.errors import PhituneError
+from phitune.errors import PhituneError, last_line
 from phitune.outputs import refuse_non_empty, staged
 
 WRITTEN = ("f32", "f16", "bf16", "q8_0")  # by the gguf package's writer
@@ -273,8 +273,9 @@ def quantize(source: Path, target: Path, quant: str) -> None:
     cmd = [sys.executable, "-m", "phitune.export.llama_quantize", str(source), str(target), quant, threads]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not target.is_file():
-        lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()][-1:] or ["no output"]
-        raise PhituneError(f"--quant {quant}: llama.cpp's quantizer failed ({lines[0].strip()[:300]})")
+        raise PhituneError(
+            f"--quant {quant}: llama.cpp's quantizer failed ({last_line(proc.stderr + proc.stdout)[:300]})"
+        )
 
 
 # --- the LoRA form -------------------------------------------------------------------------------

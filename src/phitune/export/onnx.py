@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from phitune.backends import require_genai
-from phitune.errors import PhituneError
+from phitune.errors import PhituneError, last_line
 from phitune.outputs import refuse_non_empty, staged
 
 log = logging.getLogger("phitune")
@@ -202,10 +202,10 @@ def _build(
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not (out / "genai_config.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
-        last = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()][-1:] or ["no output"]
         raise PhituneError(
             f"{name or adapter or model_path}: the onnxruntime-genai model builder failed "
-            f"({last[0].strip()[:300]}); run `python -m onnxruntime_genai.models.builder` yourself to see why"
+            f"({last_line(proc.stderr + proc.stdout)[:300]}); "
+            "run `python -m onnxruntime_genai.models.builder` yourself to see why"
         )
 
 

@@ -22,10 +22,12 @@ import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
+from phitune.errors import last_line
 from phitune.export.gguf import QUANTIZED, WRITTEN
 from phitune.serve import schemas, storage
 from phitune.serve.deps import Org, Reads
 from phitune.serve.errors import ApiError
+from phitune.serve.routes.chat import resolve
 from phitune.serve.routes.jobs import get_job
 
 log = logging.getLogger("phitune.serve")
@@ -76,12 +78,13 @@ async def job_gguf(
     path = settings.run_dir(job.id) / "gguf" / f"{quant}.gguf"
     if not path.is_file():
         await anyio.to_thread.run_sync(storage.room, settings, reads, org, "GGUF export")  # walks the disk
-        await anyio.to_thread.run_sync(_build, settings, job, quant, path)
+        base, adapter, _ = resolve(request, org, job.fine_tuned_model)  # the weights chat serves
+        await anyio.to_thread.run_sync(_build, settings, job, quant, path, base, adapter)
     name = job.fine_tuned_model.replace(":", "-").replace("/", "-")
     return FileResponse(path, media_type="application/octet-stream", filename=f"{name}-{quant}.gguf")
 
 
-def _build(settings, job, quant: str, path: Path) -> None:
+def _build(settings, job, quant: str, path: Path, base: str, adapter: str | None) -> None:
     with _BUILDS_LOCK:
         lock = _BUILDS.setdefault(str(path), threading.Lock())
     with lock, _ONE_AT_A_TIME:
@@ -90,10 +93,10 @@ def _build(settings, job, quant: str, path: Path) -> None:
         run = settings.run_dir(job.id)
         work = path.parent / f".build-{quant}-{os.getpid()}"
         path.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "phitune", "export", "gguf", str(run), "--output", str(work)]
+        command = [sys.executable, "-m", "phitune", "export", "gguf", adapter or base, "--output", str(work)]
         command += ["--quant", quant, "--overwrite", "--name", job.fine_tuned_model]
-        if not (run / "model").is_dir():
-            command += ["--base", settings.models[job.model]]
+        if adapter:
+            command += ["--base", base]
         proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
         try:
             if proc.returncode != 0:
@@ -108,8 +111,7 @@ def _build(settings, job, quant: str, path: Path) -> None:
 def _failure(code: int, stderr: str, job, run: Path, settings) -> ApiError:
     """The export's own one-line reason (exit 2: the model cannot be exported as asked), with the
     server's paths replaced by the names the caller knows."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    reason = lines[-1].removeprefix("phitune: error: ") if lines else "no output"
+    reason = last_line(stderr).removeprefix("phitune: error: ")
     for where, shown in ((str(run), job.fine_tuned_model), (settings.models.get(job.model, ""), job.model)):
         if where:
             reason = reason.replace(where, shown)
