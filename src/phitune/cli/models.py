@@ -121,8 +121,8 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
         name=args.name,
     )
     files = json.loads((out / "phitune_export.json").read_text())["files"]
-    run = f"llama-cli -m {out / files['base']} --lora {out / files['adapter']}" if args.lora else ""
-    run = run or f"llama-cli -m {out / files['model']}"
+    lora = f" --lora {out / files['adapter']}" if "adapter" in files else ""
+    run = f"llama-cli -m {out / (files.get('model') or files['base'])}{lora}"
     print(f"wrote {args.quant} GGUF to {out} (llama.cpp: {run}; Ollama: ollama create NAME -f {out / 'Modelfile'})")
     if args.check:
         from phitune.export.gguf_check import check_gguf

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Union, get_args, get_origin
 
 import yaml
 
-from phitune.config.schema import _SECTIONS, METHOD_KEYS, Config
+from phitune.config.schema import _SECTIONS, METHOD_KEYS, Config, MethodConfig
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -31,7 +31,7 @@ def applicable(data: dict) -> dict:
     method = data.get("method")
     if not isinstance(method, dict):
         return data
-    name = method.get("name", "lora")
+    name = method.get("name", MethodConfig.model_fields["name"].default)
     return data | {"method": {k: v for k, v in method.items() if name in METHOD_KEYS.get(k, (name,))}}
 
 

@@ -59,6 +59,7 @@ class Plan:
     lora: bool
     base_gguf: Path | None
     name: str
+    base_template: str | None = None  # the base tokenizer's chat template (--lora: read with the tokenizers)
 
 
 def plan_export(
@@ -180,6 +181,7 @@ def _fine_tune_tokenizer(plan: Plan):
     own = Path(plan.adapter) / "tokenizer_config.json"
     tokenizer = AutoTokenizer.from_pretrained(plan.adapter if own.is_file() else plan.base)
     base_tokenizer = AutoTokenizer.from_pretrained(plan.base)
+    plan.base_template = base_tokenizer.chat_template
     if len(tokenizer) != len(base_tokenizer):
         raise PhituneError(
             f"{plan.adapter}: its tokenizer has {len(tokenizer)} tokens, the base's {len(base_tokenizer)}; "
@@ -269,8 +271,9 @@ TYPES = {
 def quantize(source: Path, target: Path, quant: str) -> None:
     """llama.cpp's quantizer in its own process (it prints freely, and a crash in native code
     ends that process, not this one)."""
-    threads = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    cmd = [sys.executable, "-m", "phitune.export.llama_quantize", str(source), str(target), quant, threads]
+    from phitune.hardware import usable_cpus
+
+    cmd = [sys.executable, "-m", "phitune.export.llama_quantize", str(source), str(target), quant, str(usable_cpus())]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not target.is_file():
         raise PhituneError(
@@ -293,18 +296,11 @@ def _export_lora(plan: Plan, tokenizer, tmp: Path, work: Path) -> dict[str, str]
     except OSError:
         shutil.copyfile(base_file, local)
     files = {"base": "base.gguf", "adapter": "adapter.gguf"}
-    base_template = _base_chat_template(plan.base)
-    if tokenizer.chat_template and tokenizer.chat_template != base_template:
+    if tokenizer.chat_template and tokenizer.chat_template != plan.base_template:
         # the base file carries the base's template; the fine-tune was trained with this one
         (tmp / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
         files["chat_template"] = "chat_template.jinja"
     return files
-
-
-def _base_chat_template(base: str) -> str | None:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(base).chat_template
 
 
 def _base_key(base: str, quant: str) -> str:
@@ -336,11 +332,13 @@ def shared_base(base: str, quant: str, work: Path) -> Path:
 
 
 def _check_base_gguf(path: Path) -> None:
+    from phitune.export.gguf_model import ARCHITECTURES
     from phitune.import_gguf import read_header
 
     header = read_header(path)
-    if header.get("general.architecture") not in ("llama", "qwen2", "phi3"):
+    readable = sorted({arch.name.lower() for arch in ARCHITECTURES.values()})  # gguf's names: llama, qwen2, phi3
+    if header.get("general.architecture") not in readable:
         raise PhituneError(
             f"--base-gguf {path}: a {header.get('general.architecture')!r} GGUF; the base of a phitune "
-            "LoRA is a llama, qwen2 or phi3 model file"
+            f"LoRA is a {', '.join(readable)} model file"
         )

@@ -5,11 +5,10 @@ greedy replies token by token, and perplexity."""
 from __future__ import annotations
 
 import json
-import math
-import os
 from pathlib import Path
 
 from phitune.export.gguf import require_llama_cpp
+from phitune.hardware import usable_cpus
 
 
 def open_llama(folder: str | Path, *, n_ctx: int = 2048, f32_cache: bool = False):
@@ -21,8 +20,7 @@ def open_llama(folder: str | Path, *, n_ctx: int = 2048, f32_cache: bool = False
 
     folder = Path(folder)
     files = json.loads((folder / "phitune_export.json").read_text())["files"]
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    settings = {"n_ctx": n_ctx, "n_threads": threads, "logits_all": True, "verbose": False, "seed": 0}
+    settings = {"n_ctx": n_ctx, "n_threads": usable_cpus(), "logits_all": True, "verbose": False, "seed": 0}
     if f32_cache:
         settings |= {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
     if "adapter" in files:
@@ -42,15 +40,14 @@ def llama_greedy(llm, ids: list[int], stops: list[int], max_new_tokens: int) -> 
 
 def llama_perplexity(llm, examples: list) -> float:
     """exp(mean cross-entropy) over each example's trained tokens, from llama.cpp's logits."""
-    from phitune.export.verify import answer_cross_entropy
+    from phitune.export.verify import runtime_perplexity
 
-    total, count = 0.0, 0
-    for e in examples:
+    def logits_of(e):
         llm.reset()
         llm.eval(list(e.input_ids))
-        loss, tokens = answer_cross_entropy(llm.scores[: len(e.input_ids)], e.labels)
-        total, count = total + loss, count + tokens
-    return math.exp(total / max(count, 1))
+        return llm.scores[: len(e.input_ids)]
+
+    return runtime_perplexity(examples, logits_of)
 
 
 def check_gguf(

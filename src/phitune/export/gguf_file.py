@@ -22,12 +22,12 @@ def write_tensors(writer, tensors: list, qtype) -> None:
     import gguf
     import numpy as np
 
+    plain = {gguf.GGMLQuantizationType.F32: np.dtype(np.float32), gguf.GGMLQuantizationType.F16: np.dtype(np.float16)}
     todo = []
     for name, shape, value in tensors:
         kind = _tensor_type(shape, qtype)
-        if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            dtype = np.dtype(np.float32 if kind == gguf.GGMLQuantizationType.F32 else np.float16)
-            writer.add_tensor_info(name, shape, dtype, math.prod(shape) * dtype.itemsize)
+        if kind in plain:
+            writer.add_tensor_info(name, shape, plain[kind], math.prod(shape) * plain[kind].itemsize)
         else:
             stored = gguf.quant_shape_to_byte_shape(shape, kind)
             writer.add_tensor_info(name, stored, np.dtype(np.uint8), math.prod(stored), raw_dtype=kind)
@@ -36,13 +36,8 @@ def write_tensors(writer, tensors: list, qtype) -> None:
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for value, kind in todo:
-        array = value()
-        if kind == gguf.GGMLQuantizationType.F32:
-            writer.write_tensor_data(np.ascontiguousarray(array, dtype=np.float32))
-        elif kind == gguf.GGMLQuantizationType.F16:
-            writer.write_tensor_data(np.ascontiguousarray(array, dtype=np.float16))
-        else:
-            writer.write_tensor_data(gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), kind))
+        array = np.ascontiguousarray(value(), dtype=plain.get(kind, np.float32))
+        writer.write_tensor_data(array if kind in plain else gguf.quants.quantize(array, kind))
     writer.close()
 
 

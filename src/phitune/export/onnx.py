@@ -143,26 +143,24 @@ def check_export(
 
 def _onnx_perplexity(output: Path, examples: list) -> float:
     """exp(mean cross-entropy) over the trained tokens, by ONNX Runtime (one full forward each)."""
-    import math
-
     import numpy as np
     import onnxruntime as ort
 
-    from phitune.export.verify import answer_cross_entropy
+    from phitune.export.verify import runtime_perplexity
 
     session = ort.InferenceSession(str(output / "model.onnx"), providers=["CPUExecutionProvider"])
     config = json.loads((output / "genai_config.json").read_text())["model"]["decoder"]
     past = {i.name: i for i in session.get_inputs() if i.name.startswith("past_key_values")}
-    total, count = 0.0, 0
-    for e in examples:
+
+    def logits_of(e):
         ids = np.array([e.input_ids], dtype=np.int64)
         feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
         for name, meta in past.items():
             dtype = np.float16 if "float16" in meta.type else np.float32
             feed[name] = np.zeros((1, config["num_key_value_heads"], 0, config["head_size"]), dtype=dtype)
-        loss, tokens = answer_cross_entropy(session.run(["logits"], feed)[0][0], e.labels)
-        total, count = total + loss, count + tokens
-    return math.exp(total / max(count, 1))
+        return session.run(["logits"], feed)[0][0]
+
+    return runtime_perplexity(examples, logits_of)
 
 
 # --- multi-LoRA: one base graph with LoRA inputs, one .onnx_adapter per fine-tune ---------------

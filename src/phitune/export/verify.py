@@ -44,6 +44,18 @@ def token_agreement(got: list[int], reference: list[int]) -> float:
     return same / longest
 
 
+def runtime_perplexity(examples: list, logits_of) -> float:
+    """exp(mean cross-entropy) over the examples' trained tokens, `logits_of(example)` giving
+    another runtime's next-token logits for every position of the example."""
+    import math
+
+    total, count = 0.0, 0
+    for e in examples:
+        loss, tokens = answer_cross_entropy(logits_of(e), e.labels)
+        total, count = total + loss, count + tokens
+    return math.exp(total / max(count, 1))
+
+
 def answer_cross_entropy(logits, labels) -> tuple[float, int]:
     """(summed cross-entropy, count) of the trained tokens (labels != -100) under next-token
     `logits` ([positions, vocab], numpy) from another runtime."""
