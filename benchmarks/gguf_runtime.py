@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu  # noqa: E402
+from _torch_generate import prefill_and_decode  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 THREADS = 2
@@ -52,26 +53,9 @@ def _torch(path: str, prompts, new: int, dtype: str) -> dict:
     model = model.merge_and_unload()
     loaded = time.perf_counter() - start
     prefill = decode = 0.0
-    with torch.no_grad():
-        for ids in prompts:
-            x = torch.tensor([ids])
-            start = time.perf_counter()
-            model(input_ids=x, use_cache=True)
-            prefill += time.perf_counter() - start
-            start = time.perf_counter()
-            model.generate(
-                input_ids=x,
-                attention_mask=torch.ones_like(x),
-                max_new_tokens=new,
-                min_new_tokens=new,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=model.config.pad_token_id,
-            )
-            decode += time.perf_counter() - start
-    decode -= prefill  # generate() processes the prompt again before its first token
+    for ids in prompts:
+        took = prefill_and_decode(model, ids, new)
+        prefill, decode = prefill + took[0], decode + took[1]
     return _rates(loaded, prefill, decode, prompts, new)
 
 

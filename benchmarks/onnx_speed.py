@@ -24,29 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def torch_times(model_dir: Path, ids: list[int], new: int) -> tuple[float, float]:
     import torch
+    from _torch_generate import prefill_and_decode
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        start = time.perf_counter()
-        model(input_ids=x, use_cache=True)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        model.generate(
-            input_ids=x,
-            attention_mask=torch.ones_like(x),
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            use_cache=True,
-            pad_token_id=model.config.pad_token_id,
-        )
-        total = time.perf_counter() - start
-    return prefill, total - prefill
+    return prefill_and_decode(model, ids, new)
 
 
 def onnx_times(onnx_dir: Path, ids: list[int], new: int) -> tuple[float, float]:
