@@ -198,6 +198,11 @@ def test_a_gguf_download_is_built_once_within_the_quota_and_goes_with_the_model(
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "storage_quota_exceeded"
     assert not (run / "gguf").exists()
     settings.org_quota_bytes = None
+    # A page on another site cannot make the server build (the guard treats this GET as a change).
+    for header in ({"Sec-Fetch-Site": "cross-site"}, {"Origin": "https://elsewhere.example"}):
+        foreign = a.get(path, headers=header)
+        assert foreign.status_code == 403 and foreign.json()["error"]["code"] == "cross_origin_refused"
+    assert not (run / "gguf").exists()
     assert b.get(path).status_code == 404
     bad = a.get(path, params={"quant": "q4"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "quant"

@@ -31,6 +31,8 @@ HEADER_TIMEOUT = 10.0  # seconds from connection (or a request's first byte) to 
 MIN_BODY_RATE = 1024  # bytes/s a body must average once the read timeout has passed
 UPLOAD_PATH = "/v1/files"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# GETs that do work and keep its result (a GGUF file built and stored): guarded as changes of state.
+WORKING_GETS = ("/gguf",)
 LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
@@ -79,7 +81,7 @@ class Guard:
                 f"{', '.join(sorted(self.hosts))}; start it with --allow-host NAME to add a name",
                 code="host_not_allowed",
             )
-        if method in SAFE_METHODS:
+        if method in SAFE_METHODS and not path.endswith(WORKING_GETS):
             return None
         _refuse_cross_site(headers, self.extra_hosts)
         if path.startswith(("/v1/", "/portal/")):
