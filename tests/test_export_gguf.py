@@ -474,3 +474,35 @@ def test_the_modelfile_template_renders_in_go_as_the_jinja_template(real_model, 
             feed = json.dumps({"Template": turns.go_template(), "Messages": sent})
             out = subprocess.run([tmp_path / "render"], input=feed, capture_output=True, text=True, check=True)
             assert out.stdout == render(messages, True), (model, messages)
+
+
+def test_sampling_settings_travel_and_a_wrong_base_gguf_is_refused(tiny_phi3, tmp_path, capsys):
+    """A generation_config that samples becomes llama.cpp's general.sampling.* and the Modelfile's
+    PARAMETERs; --base-gguf naming a file of another architecture is one line, exit 2."""
+    import shutil
+
+    import gguf
+    from transformers import GenerationConfig
+
+    source = tmp_path / "sampling"
+    shutil.copytree(tiny_phi3, source)
+    GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, top_k=40, eos_token_id=1).save_pretrained(source)
+    assert _export(capsys, source, "--output", tmp_path / "gguf", "--quant", "f16")[0] == 0
+    fields = gguf.GGUFReader(str(tmp_path / "gguf" / "model.gguf")).fields
+    assert fields["general.sampling.temp"].parts[-1].tolist()[0] == pytest.approx(0.7)
+    assert fields["general.sampling.top_p"].parts[-1].tolist()[0] == pytest.approx(0.9)
+    assert fields["general.sampling.top_k"].parts[-1].tolist()[0] == 40
+    modelfile = (tmp_path / "gguf" / "Modelfile").read_text()
+    assert "PARAMETER temperature 0.7" in modelfile and "PARAMETER top_k 40" in modelfile
+    other = tmp_path / "rwkv.gguf"
+    writer = gguf.GGUFWriter(str(other), "rwkv6")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    adapter = _adapter(tiny_phi3, tmp_path / "adapter")
+    capsys.readouterr()  # the adapter's own loading bar
+    code, err = _export(capsys, adapter, "--output", tmp_path / "o", "--lora", "--base-gguf", other)
+    assert code == 2 and "a 'rwkv6' GGUF" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
