@@ -94,3 +94,46 @@ def test_functions_fit_a_screen_and_modules_stay_small():
                 long_functions.append((name, n.name, n.end_lineno - n.lineno + 1))
     assert long_functions == []
     assert long_modules == []
+
+
+def test_every_task_lives_in_its_own_module():
+    """A name in registry.TASK_NAMES without tasks/<name>.py defining its TASK fails here (and at import)."""
+    from phitune.registry import TASK_NAMES
+    from phitune.tasks import TASKS
+
+    for name in TASK_NAMES:
+        assert (SRC / "phitune" / "tasks" / f"{name}.py").is_file(), name
+        assert TASKS[name].name == name
+        assert type(TASKS[name]).__module__ in (f"phitune.tasks.{name}", "phitune.tasks.base"), name
+
+
+def _task_branches(path: Path, names: set[str]) -> list[str]:
+    """`x == "ner"`, `name in ("qa", "creative")`: a comparison with a task's name. "none" (no
+    task) is not one; "chat" is also a data format, so it counts only against a task or spec."""
+    text = path.read_text()
+    found = []
+    for node in ast.walk(ast.parse(text)):
+        if not isinstance(node, ast.Compare):
+            continue
+        operands = [node.left, *node.comparators]
+        constants = set()
+        for op in operands:
+            items = op.elts if isinstance(op, (ast.Tuple, ast.List, ast.Set)) else [op]
+            constants |= {e.value for e in items if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+        source = ast.get_source_segment(text, node) or ""
+        hits = constants & (names - {"none"})
+        if hits - {"chat"} or (hits and ("task" in source or "spec" in source)):
+            found.append(f"{path.relative_to(SRC)}:{node.lineno}: {source}")
+    return found
+
+
+def test_no_branch_on_a_task_name_outside_tasks():
+    """What a task does lives in its module; elsewhere code asks `TASKS[name]` (its preset, head,
+    scoring, settings) instead of testing the name."""
+    from phitune.registry import TASK_NAMES
+
+    found = []
+    for path in sorted((SRC / "phitune").rglob("*.py")):
+        if path.parent.name != "tasks" and path.name != "registry.py":
+            found += _task_branches(path, set(TASK_NAMES))
+    assert found == []

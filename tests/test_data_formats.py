@@ -9,8 +9,8 @@ from transformers import AutoTokenizer
 
 from phitune.config import DataConfig, TaskConfig, parse_config
 from phitune.data.dataset import load_training_data, read_split, tokenize_split
-from phitune.data.formats import Chat, Plain
-from phitune.data.tasks import make_spec
+from phitune.samples import Chat, Plain
+from phitune.tasks import TASKS
 
 SYSTEM = "Be brief."
 CHAT_FORMS = [
@@ -197,7 +197,7 @@ def test_task_prompts_are_the_documented_ones(tmp_path):
         {"role": "user", "content": "Translate from English to French.\n\nThe tea is hot."},
         {"role": "assistant", "content": "Le thé est chaud."},
     ]
-    assert make_spec(task, [], None).source_language == "English"
+    assert TASKS[task.name].spec(task, []).source_language == "English"
 
 
 def test_duplicates_subset_and_validation_split(tmp_path, tiny_phi3, chat_files):

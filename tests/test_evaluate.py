@@ -8,9 +8,8 @@ import sys
 import pytest
 import torch
 
-from phitune.data.tasks import TaskSpec
-from phitune.evaluate import scoring
-from phitune.registry import GENERATIVE_TASKS, TASKS
+from phitune.tasks import GENERATIVE_TASKS, TASKS, TaskSpec, score, scoring
+from phitune.tasks.classification import canonical_label
 
 from helpers import REPO, TOY_EXAMPLE_FLAGS, run_cli, write_config
 
@@ -237,17 +236,17 @@ def test_harness_bridge_runs_a_local_task_or_says_how_to_install(tiny_phi3, tmp_
     ],
 )
 def test_generated_labels_are_matched_leniently(answer, expected):
-    assert scoring.canonical_label(answer, ["negative", "neutral", "positive"]) == expected
+    assert canonical_label(answer, ["negative", "neutral", "positive"]) == expected
 
 
 def test_score_by_task():
     spec = TaskSpec(name="ner", labels=["PER", "LOC"])
     ref = json.dumps([{"text": "Ada", "type": "PER"}, {"text": "Oslo", "type": "LOC"}])
-    got = scoring.score(spec, [json.dumps([{"text": "Ada", "type": "PER"}]), "not json"], [ref, ref])
+    got = score(spec, [json.dumps([{"text": "Ada", "type": "PER"}]), "not json"], [ref, ref])
     # 1 of 1 predicted entities right, 1 of 4 reference entities found.
     assert got["entity_precision"] == 1.0 and got["entity_recall"] == 0.25 and got["entity_f1"] == pytest.approx(0.4)
     assert got["valid_json"] == 0.5
-    qa = scoring.score(TaskSpec(name="qa"), ["The Mill Road", "7"], ["Mill Road", "7 am"])
+    qa = score(TaskSpec(name="qa"), ["The Mill Road", "7"], ["Mill Road", "7 am"])
     assert qa["exact_match"] == 0.5 and qa["token_f1"] == pytest.approx((1.0 + 2 / 3) / 2)
 
 
@@ -255,7 +254,7 @@ def test_score_by_task():
 def test_scored_names_are_what_score_returns(task):
     spec = TaskSpec(name=task, labels=["a", "b"])
     ref = json.dumps([{"text": "x", "type": "a"}]) if task == "ner" else "a"
-    assert tuple(scoring.headline(scoring.score(spec, ["a b"], [ref]))) == TASKS[task].metrics
+    assert tuple(scoring.headline(score(spec, ["a b"], [ref]))) == TASKS[task].metrics
 
 
 def test_best_metric_errors(tiny_phi3, chat_files, tmp_path, capsys):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from phitune.evaluate import metrics
+import phitune.tasks.metrics as metrics
 
 
 def test_classification_counts_by_hand():

@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from phitune.data.batching import collate
 from phitune.data.chat import IGNORE_INDEX
 from phitune.loss import sequence_logps, token_loss
+from phitune.tasks import model_head
+from phitune.tasks.ner import bio_spans
 
 if TYPE_CHECKING:
-    from phitune.data.tasks import TaskSpec
     from phitune.distributed import Runtime
+    from phitune.tasks import TaskSpec
 
 
 class Objective(Protocol):
@@ -116,18 +118,6 @@ class SequenceClassification:
                 continue
             f1s.append(2 * sums[f"tp{c}"] / max(sums[f"pred{c}"] + sums[f"gold{c}"], 1))
         return self.metrics(sums, count) | {"macro_f1": sum(f1s) / max(len(f1s), 1)}
-
-
-def bio_spans(tags: list[str]) -> set[tuple[int, int, str]]:
-    """(start, end, type) of each entity in a BIO sequence; a stray I- starts one (seqeval's default)."""
-    spans, start, kind = set(), None, None
-    for i, tag in enumerate(tags + ["O"]):
-        if start is not None and not (tag.startswith("I-") and tag[2:] == kind):
-            spans.add((start, i, kind))
-            start = None
-        if tag.startswith("B-") or (tag.startswith("I-") and start is None):
-            start, kind = i, tag[2:]
-    return spans
 
 
 @dataclass
@@ -282,7 +272,7 @@ def evaluate(
 
 def objective_kind(spec: TaskSpec, objective: str) -> str:
     """The `OBJECTIVES` key of a run: its head's kind (sequence | token), else method.objective."""
-    head, _ = spec.model_head
+    head, _ = model_head(spec)
     return head if spec.head else objective
 
 
@@ -293,7 +283,7 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
         pad, beta, frozen_copy(reference) if reference is not None else adapter_disabled
     ),
     "sequence": lambda spec, pad, virtual, beta, reference: SequenceClassification(pad, spec.labels),
-    "token": lambda spec, pad, virtual, beta, reference: TokenClassification(pad, spec.tag_labels),
+    "token": lambda spec, pad, virtual, beta, reference: TokenClassification(pad, model_head(spec)[1]),
 }
 
 

@@ -18,7 +18,8 @@ from phitune.config.schema import (
     looks_local,
     template_fields,
 )
-from phitune.registry import HEAD_TASKS, TASKS, TRAINABLE_TASKS
+from phitune.registry import TRAINABLE_TASKS
+from phitune.tasks import HEAD_TASKS, TASKS
 
 # What an evaluation during training can report (training.best_metric picks one).
 EVAL_METRICS = tuple(
@@ -250,19 +251,11 @@ def _task_problems(data: DataConfig | None, task: TaskConfig) -> list[tuple[str,
     structured = bool(TASKS[task.name].fields)
     if data is not None and structured and data.format != "auto":
         out.append(("data.format", f"task.name {task.name} reads its own columns; remove data.format ({data.format})"))
-    if data is not None and task.name == "domain" and data.format not in ("auto", "text"):
-        out.append(("data.format", f"task.name domain trains raw text; use data.format text (got {data.format})"))
     if task.head and task.name not in HEAD_TASKS:
         out.append(
             ("task.head", f"a classification head exists for task.name {' or '.join(HEAD_TASKS)}, not {task.name}")
         )
-    if task.name == "translation" and not (task.source_language and task.target_language):
-        out.append(
-            (
-                "task.source_language",
-                "translation needs task.source_language and task.target_language (e.g. English, French)",
-            )
-        )
+    out += TASKS[task.name].config_problems(task, data.format if data is not None else None)
     if task.fields and structured:
         fields = TASKS[task.name].fields
         for key in task.fields:
@@ -276,7 +269,7 @@ def _task_problems(data: DataConfig | None, task: TaskConfig) -> list[tuple[str,
 def _method_task_problems(data: DataConfig | None, task: TaskConfig, method: MethodConfig) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     if method.objective == "dpo":
-        if task.name not in ("none", "chat") or (data is not None and data.format not in ("auto", "preference")):
+        if not TASKS[task.name].preference or (data is not None and data.format not in ("auto", "preference")):
             out.append(
                 (
                     "method.objective",

@@ -15,14 +15,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from phitune.data.formats import FORMATS, Chat, FormatOptions, Labelled, Plain, Preference, Tagged, detect_format
+from phitune.data.formats import FORMATS, detect_format
 from phitune.data.leakage import Leakage, find_leakage, whole_key
 from phitune.data.packing import pack_stream, pack_whole
 from phitune.data.readers import read_rows
-from phitune.data.tasks import PRESETS, TaskSpec, make_spec, missing_columns
 from phitune.data.tokenize import tokenize_sample
 from phitune.errors import PhituneError
-from phitune.registry import TASKS
+from phitune.samples import Chat, FormatOptions, Plain, Preference, Tagged
+from phitune.tasks import TASKS, TaskSpec, model_head
+from phitune.tasks.base import missing_columns
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -63,7 +64,7 @@ def format_options(data_cfg: DataConfig) -> FormatOptions:
 
 def resolve_format(data_cfg: DataConfig, task_name: str, rows: list[dict], source: str) -> str:
     """The format name, or the task preset's name for structured rows."""
-    if task_name in PRESETS:
+    if TASKS[task_name].fields:  # structured rows: the task's preset converts them
         return task_name
     if data_cfg.format != "auto":
         return data_cfg.format
@@ -88,15 +89,16 @@ def read_split(
     name = resolve_format(data_cfg, task_cfg.name, rows, str(path))
     opts = format_options(data_cfg)
     if spec is None:
-        spec = make_spec(task_cfg, rows, opts)
+        spec = TASKS[task_cfg.name].spec(task_cfg, rows)
     split = Split(str(path), name, errors=errors)
-    absent = missing_columns(name, spec, rows, str(path)) if name in PRESETS else None
+    preset = TASKS[task_cfg.name] if TASKS[task_cfg.name].fields else None  # None: the format converts
+    absent = missing_columns(preset, spec, rows, str(path)) if preset else None
     if absent:
         split.errors.append(absent)
         return split, spec
     for row in rows:
-        if name in PRESETS:
-            sample, problems = PRESETS[name](row.value, row.where, spec, opts)
+        if preset:
+            sample, problems = preset.to_sample(row.value, row.where, spec, opts)
         else:
             sample, problems = FORMATS[name](row.value, row.where, opts)
         if problems:
@@ -105,13 +107,6 @@ def read_split(
             split.samples.append((row.where, sample))
     _sample_warnings(split, spec)
     return split, spec
-
-
-def class_label(sample: object) -> str:
-    """A classification example's label: the head's label, or the answer of the generative form."""
-    if isinstance(sample, Labelled):
-        return sample.label
-    return sample.completion if isinstance(sample, Plain) else sample.messages[-1]["content"]
 
 
 def _sample_warnings(split: Split, spec: TaskSpec) -> None:
@@ -129,8 +124,9 @@ def _sample_warnings(split: Split, spec: TaskSpec) -> None:
             split.warnings.append(
                 f"{where}: preferred and non-preferred replies are identical; the pair teaches nothing"
             )
-    if spec.name == "classification" and split.samples:
-        counts = Counter(class_label(s) for _, s in split.samples)
+    taught = [TASKS[spec.name].sample_label(s) for _, s in split.samples]
+    if any(label is not None for label in taught):
+        counts = Counter(taught)
         once = sorted(label for label, n in counts.items() if n == 1)
         if once:
             split.warnings.append(
@@ -144,7 +140,8 @@ def _sample_warnings(split: Split, spec: TaskSpec) -> None:
 
 
 def tokenize_split(split: Split, tokenizer: PreTrainedTokenizerBase, max_length: int, spec: TaskSpec) -> None:
-    label_ids = {label: i for i, label in enumerate(spec.head_labels)} if spec.head else None
+    _, head_labels = model_head(spec)
+    label_ids = {label: i for i, label in enumerate(head_labels)} if head_labels else None
     over = []
     for where, sample in split.samples:
         example, n = tokenize_sample(tokenizer, sample, max_length, where, label_ids)
@@ -225,8 +222,8 @@ def statistics_of(split: Split, spec: TaskSpec) -> dict:
             roles.update(m["role"] for m in s.prompt)
         if isinstance(s, Tagged):
             labels.update(t[2:] for t in s.tags if t.startswith("B-"))
-        elif spec.name == "classification":
-            labels[class_label(s)] += 1
+        elif (label := TASKS[spec.name].sample_label(s)) is not None:
+            labels[label] += 1
     if roles:
         stats["roles"] = dict(roles.most_common())
     if labels:

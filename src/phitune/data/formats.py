@@ -1,11 +1,5 @@
-"""Row formats -> samples. Each converter checks one row and returns (sample or None, problems).
-
-Samples are what tokenization understands:
-- `Chat`: OpenAI-style messages, rendered with the model's chat template, assistant turns trained.
-- `Plain`: prompt + completion as raw text (no template), completion and eos trained; `prompt`
-  empty and `pack` set for domain text (continued pretraining).
-- `Preference`: a prompt conversation with a preferred and a non-preferred assistant reply (DPO).
-- `Labelled` / `Tagged`: text with a class label, words with BIO tags (classification heads).
+"""Row formats -> samples (`phitune.samples`). Each converter checks one row and returns
+(sample or None, problems).
 
 Every format that has a chat equivalent converts to `Chat`, so it yields exactly the token ids
 and labels of that chat form.
@@ -13,10 +7,19 @@ and labels of that chat form.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from phitune.config import template_fields
+from phitune.samples import (
+    Chat,
+    FormatOptions,
+    Plain,
+    Preference,
+    Result,
+    need,
+    not_object,
+    prompt_reply,
+)
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 SHAREGPT_ROLES = {
@@ -31,67 +34,6 @@ SHAREGPT_ROLES = {
     "observation": "tool",
     "function": "tool",
 }
-
-
-@dataclass
-class Chat:
-    messages: list[dict]
-
-
-@dataclass
-class Plain:
-    prompt: str
-    completion: str
-    pack: bool = False
-
-
-@dataclass
-class Preference:
-    prompt: list[dict]
-    chosen: str
-    rejected: str
-
-
-@dataclass
-class Labelled:
-    text: str
-    label: str
-
-
-@dataclass
-class Tagged:
-    tokens: list[str]
-    tags: list[str]
-
-
-@dataclass
-class FormatOptions:
-    template: str | None = None  # the `template` format's pattern
-    completion_field: str | None = None  # where in `template` the completion starts
-    chat_template: bool = True  # prompt/completion, alpaca: through the chat template, or raw text
-    system: str | None = None  # a system message for formats that have none
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-Result = tuple[Any, list[str]]
-
-
-def _need(row: dict, where: str, key: str, kinds=(str,), what="a string") -> list[str]:
-    if key not in row:
-        present = ", ".join(sorted(map(str, row))) or "none"
-        return [f"{where}: missing key '{key}' (keys present: {present})"]
-    value = row[key]
-    if not isinstance(value, kinds):
-        return [f"{where}: '{key}' must be {what}, got {type(value).__name__}"]
-    if isinstance(value, str) and not value.strip():
-        return [f"{where}: '{key}' is empty; fill it in or remove the example"]
-    return []
-
-
-def _not_object(row, where: str, example: str) -> list[str]:
-    return (
-        [] if isinstance(row, dict) else [f"{where}: expected a JSON object like {example}, got {type(row).__name__}"]
-    )
 
 
 def check_messages(messages: object, where: str, key: str = "messages", need_assistant: bool = True) -> list[str]:
@@ -139,21 +81,11 @@ def _with_system(messages: list[dict], opts: FormatOptions) -> list[dict]:
     return messages
 
 
-def _prompt_reply(prompt: str, reply: str, opts: FormatOptions, system: str | None = None):
-    if not opts.chat_template:
-        return Plain(prompt, reply)
-    sys_msg = system or opts.system
-    return Chat(
-        ([{"role": "system", "content": sys_msg}] if sys_msg else [])
-        + [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
-    )
-
-
 # --- the formats ----------------------------------------------------------------------------
 
 
 def chat(row: dict, where: str, opts: FormatOptions) -> Result:
-    problems = _not_object(row, where, '{"messages": [{"role": ..., "content": ...}]}')
+    problems = not_object(row, where, '{"messages": [{"role": ..., "content": ...}]}')
     if problems:
         return None, problems
     if "messages" not in row:
@@ -168,7 +100,7 @@ def chat(row: dict, where: str, opts: FormatOptions) -> Result:
 
 def prompt_completion(row: dict, where: str, opts: FormatOptions) -> Result:
     """TRL's prompt/completion: strings, or conversational (message lists)."""
-    problems = _not_object(row, where, '{"prompt": "...", "completion": "..."}')
+    problems = not_object(row, where, '{"prompt": "...", "completion": "..."}')
     if problems:
         return None, problems
     if isinstance(row.get("prompt"), list) or isinstance(row.get("completion"), list):
@@ -178,16 +110,16 @@ def prompt_completion(row: dict, where: str, opts: FormatOptions) -> Result:
             return None, problems
         prompt = [dict(m, weight=0) if m["role"] == "assistant" else m for m in _clean(row["prompt"])]
         return Chat(_with_system(prompt + _clean(row["completion"]), opts)), []
-    problems = _need(row, where, "prompt") + _need(row, where, "completion")
-    return (None if problems else _prompt_reply(row["prompt"], row["completion"], opts)), problems
+    problems = need(row, where, "prompt") + need(row, where, "completion")
+    return (None if problems else prompt_reply(row["prompt"], row["completion"], opts)), problems
 
 
 def alpaca(row: dict, where: str, opts: FormatOptions) -> Result:
     """instruction + optional input -> output; the input follows the instruction after a blank line."""
-    problems = _not_object(row, where, '{"instruction": "...", "input": "...", "output": "..."}')
+    problems = not_object(row, where, '{"instruction": "...", "input": "...", "output": "..."}')
     if problems:
         return None, problems
-    problems = _need(row, where, "instruction") + _need(row, where, "output")
+    problems = need(row, where, "instruction") + need(row, where, "output")
     extra = row.get("input")
     if extra is not None and not isinstance(extra, str):
         problems.append(f"{where}: 'input' must be a string, got {type(extra).__name__}")
@@ -197,11 +129,11 @@ def alpaca(row: dict, where: str, opts: FormatOptions) -> Result:
     if problems:
         return None, problems
     prompt = row["instruction"] + (f"\n\n{extra}" if extra and extra.strip() else "")
-    return _prompt_reply(prompt, row["output"], opts, system=system or None), []
+    return prompt_reply(prompt, row["output"], opts, system=system or None), []
 
 
 def sharegpt(row: dict, where: str, opts: FormatOptions) -> Result:
-    problems = _not_object(row, where, '{"conversations": [{"from": "human", "value": "..."}]}')
+    problems = not_object(row, where, '{"conversations": [{"from": "human", "value": "..."}]}')
     if problems:
         return None, problems
     turns = row.get("conversations")
@@ -235,17 +167,17 @@ def sharegpt(row: dict, where: str, opts: FormatOptions) -> Result:
 
 
 def text(row: dict, where: str, opts: FormatOptions) -> Result:
-    problems = _not_object(row, where, '{"text": "..."}') or _need(row, where, "text")
+    problems = not_object(row, where, '{"text": "..."}') or need(row, where, "text")
     return (None if problems else Plain("", row["text"], pack=True)), problems
 
 
 def template(row: dict, where: str, opts: FormatOptions) -> Result:
     """`data.template` filled from the row's columns; from `{completion_field}` on is the completion."""
-    problems = _not_object(row, where, "an object with the template's fields")
+    problems = not_object(row, where, "an object with the template's fields")
     if problems:
         return None, problems
     fields = template_fields(opts.template)
-    problems = [p for f in fields for p in _need(row, where, f, (str, int, float), "a string or number")]
+    problems = [p for f in fields for p in need(row, where, f, (str, int, float), "a string or number")]
     if problems:
         return None, problems
     cut = opts.template.index("{" + opts.completion_field + "}")
@@ -256,7 +188,7 @@ def template(row: dict, where: str, opts: FormatOptions) -> Result:
 def preference(row: dict, where: str, opts: FormatOptions) -> Result:
     """OpenAI DPO rows ({input: {messages}, preferred_output, non_preferred_output}) or TRL's
     prompt/chosen/rejected (strings or message lists)."""
-    problems = _not_object(
+    problems = not_object(
         row, where, '{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}'
     )
     if problems:
@@ -282,9 +214,9 @@ def preference(row: dict, where: str, opts: FormatOptions) -> Result:
             return None, problems
         prompt, (chosen, rejected) = _clean(inp["messages"]), outputs
     else:
-        problems = _need(row, where, "prompt", (str, list), "a string or a message list")
+        problems = need(row, where, "prompt", (str, list), "a string or a message list")
         for key in ("chosen", "rejected"):
-            problems += _need(row, where, key, (str, list), "a string or a message list")
+            problems += need(row, where, key, (str, list), "a string or a message list")
         if problems:
             return None, problems
         prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from phitune.data.formats import Chat, Labelled, Plain, Preference, Tagged
+from phitune.samples import Chat, Labelled, Plain, Preference, Tagged
 
 
 def input_key(sample: object) -> str:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from phitune.data.chat import IGNORE_INDEX, Example, tokenize_conversation
-from phitune.data.formats import Chat, Labelled, Plain, Preference, Tagged
 from phitune.errors import PhituneError
+from phitune.samples import Chat, Labelled, Plain, Preference, Tagged
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -20,6 +20,7 @@ import yaml
 
 from phitune import hyperparameters
 from phitune.errors import PhituneError
+from phitune.tasks import TASKS
 
 if TYPE_CHECKING:
     from phitune.config import Config
@@ -76,7 +77,7 @@ def untranslatable(cfg: Config, fmt: str) -> list[str]:
         out.append(f"method.objective: {m.objective} (KAITO's trainer is supervised fine-tuning only)")
     if m.init != "default":
         out.append(f"method.init: {m.init} (KAITO's LoraConfig takes only the default initialisation)")
-    if task.name not in ("none", "chat", "domain"):
+    if TASKS[task.name].fields:  # a preset writes prompts from the task's columns
         out.append(
             f"task.name: {task.name} (KAITO does not render task prompts; convert the rows to chat messages "
             "or use `phitune k8s`, which runs phitune itself)"

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+import phitune.tasks.metrics as metrics
 from phitune.data.chat import IGNORE_INDEX, Example
 from phitune.data.readers import read_rows
 from phitune.errors import PhituneError
-from phitune.evaluate import metrics
 
 if TYPE_CHECKING:
     import torch

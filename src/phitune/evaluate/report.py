@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from phitune.errors import PhituneError
-from phitune.evaluate import scoring
 from phitune.evaluate.runner import Evaluated, Subject, evaluate_model, metric_keys, resolve_spec
+from phitune.tasks import primary_metric, scoring
 
 if TYPE_CHECKING:
-    from phitune.data.tasks import TaskSpec
+    from phitune.tasks import TaskSpec
 
 # Scores reported as fractions (0..1); the chart shows them in percent. BLEU and chrF are 0..100 already.
 HUNDRED_SCALE = {"bleu", "chrf"}
@@ -56,7 +56,7 @@ def compare(
         for s, n in zip(subjects, names)
     ]
     output.mkdir(parents=True, exist_ok=True)
-    primary = scoring.primary_metric(spec)
+    primary = primary_metric(spec)
     if primary not in results[0].metrics:  # e.g. preference pairs: scored by preference_accuracy
         primary = next(iter(chart_metrics(spec, results)), "loss")
     comparison = {
@@ -92,7 +92,7 @@ def chart_metrics(spec: TaskSpec, results: list[Evaluated]) -> list[str]:
     present = set.intersection(*(set(scoring.headline(r.metrics)) for r in results))
     wanted = list(
         dict.fromkeys(
-            [scoring.primary_metric(spec)]
+            [primary_metric(spec)]
             + list(spec.metrics)
             + ["macro_f1", "entity_precision", "entity_recall", "mc1", "mc2", "accuracy", "accuracy_norm"]
         )

@@ -17,11 +17,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from phitune.data.leakage import Leakage, find_leakage
-from phitune.data.tasks import TaskSpec, make_spec
 from phitune.data.tokenize import PairExample
 from phitune.errors import PhituneError
-from phitune.evaluate import scoring
-from phitune.registry import EVAL_TASKS, GENERATIVE_TASKS, TASKS
+from phitune.registry import EVAL_TASKS
+from phitune.tasks import GENERATIVE_TASKS, TASKS, TaskSpec, model_head, score, scoring
 
 if TYPE_CHECKING:
     import torch
@@ -92,13 +91,12 @@ class Evaluated:
 def resolve_spec(subject: Subject, data_file: str, task: str | None, spec: TaskSpec | None = None) -> TaskSpec:
     """The task spec to score with: given (compare shares one), the model's own, or `--task`."""
     from phitune.config import TaskConfig
-    from phitune.data.dataset import format_options
     from phitune.data.readers import read_rows
 
     if spec is not None:
         return spec
-    if task == "multiple_choice":
-        return TaskSpec(name=task, metrics=list(TASKS[task].metrics))
+    if task is not None and TASKS[task].own_evaluator:
+        return TASKS[task].spec(None, [])
     if task is None and subject.spec is not None:
         return subject.spec
     if task is None:
@@ -109,7 +107,7 @@ def resolve_spec(subject: Subject, data_file: str, task: str | None, spec: TaskS
     if subject.spec is not None and subject.spec.name == task:
         return subject.spec
     rows, _ = read_rows(data_file)
-    return make_spec(TaskConfig(name=task), rows, format_options(_data_config(data_file, subject.data_options)))
+    return TASKS[task].spec(TaskConfig(name=task), rows)
 
 
 def _data_config(data_file: str, options: dict):
@@ -156,14 +154,14 @@ def evaluate_model(
 
     name = name or Path(subject.path).name
     spec = resolve_spec(subject, data_file, task, spec)
-    if spec.name == "multiple_choice":
+    if TASKS[spec.name].own_evaluator:
         from phitune.evaluate.choice import evaluate_choices
 
         model, tokenizer = load_for_inference(subject.base, subject.adapter, dtype=_dtype(), device=_device())
         values, n = evaluate_choices(model, tokenizer, data_file, batch_size=batch_size, limit=limit)
         return Evaluated(name, subject.path, spec.name, n, values)
     options = data_options if data_options is not None else subject.data_options
-    head, labels = spec.model_head
+    head, labels = model_head(spec)
     model, tokenizer = load_for_inference(
         subject.base, subject.adapter, dtype=_dtype(), device=_device(), head=head, labels=labels
     )
@@ -198,8 +196,7 @@ def score_head(
     kept: list,
     batch_size: int,
 ) -> tuple[dict, list[dict]]:
-    from phitune.evaluate import metrics
-    from phitune.objectives import bio_spans, build_objective, evaluate
+    from phitune.objectives import build_objective, evaluate
 
     device = model.device
     objective = build_objective(spec, tokenizer.pad_token_id)  # the head's: sequence or token classification
@@ -210,19 +207,7 @@ def score_head(
             for p in objective.predict(model, examples[i : i + batch_size], device)
         ]
     loss = evaluate(objective, model, examples, batch_size=batch_size, device=device)["loss"]
-    if spec.name == "ner":
-        gold = [bio_spans(sample.tags) for _, sample in kept]
-        pred = [bio_spans([spec.tag_labels[t] for t in tags]) for tags in guessed]
-        ents = metrics.entities([sorted(p) for p in pred], [sorted(g) for g in gold])
-        values = {"entity_f1": ents["f1"], "entity_precision": ents["precision"], "entity_recall": ents["recall"]}
-        shown = [
-            (" ".join(s.tokens), " ".join(s.tags), " ".join(spec.tag_labels[t] for t in g))
-            for (_, s), g in zip(kept, guessed)
-        ]
-    else:
-        labels = [spec.labels[i] for i in guessed]
-        values = metrics.classification(labels, [s.label for _, s in kept], spec.labels)
-        shown = [(s.text, s.label, p) for (_, s), p in zip(kept, labels)]
+    values, shown = TASKS[spec.name].score_head(spec, [sample for _, sample in kept], guessed)
     predictions = [
         {"where": w, "prompt": text, "reference": ref, "prediction": pred}
         for (w, _), (text, ref, pred) in zip(kept, shown)
@@ -285,7 +270,7 @@ def score_generative(
     if max_new_tokens is None:
         max_new_tokens = scoring.answer_budget(tokenizer, references)
     answers = complete_batch(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size)
-    values = values | scoring.score(spec, answers, list(references))
+    values = values | score(spec, answers, list(references))
     predictions = [
         {"where": w, "prompt": p if isinstance(p, str) else p[-1]["content"], "reference": r, "prediction": a}
         for (w, _), p, r, a in zip(asked, prompts, references, answers)

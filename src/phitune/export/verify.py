@@ -30,7 +30,7 @@ def held_out(source: Path, data: str | None, tokenizer):
 def held_out_prompts(split, count: int) -> list[tuple]:
     """Up to `count` held-out (prompt, reference answer) pairs, the prompt a conversation or text;
     else a few general prompts without references."""
-    from phitune.evaluate import scoring
+    from phitune.tasks import scoring
 
     kept = split.kept if split else []
     asked = [scoring.prompt_and_reference(s) for _, s in kept if scoring.generative(s)][:count]

@@ -21,19 +21,18 @@ from phitune.data.dataset import TrainData, length_problem, load_training_data
 from phitune.distributed import Runtime
 from phitune.engines import Engine, build_engine
 from phitune.errors import PhituneError
-from phitune.evaluate import scoring
 from phitune.hardware import cpu_has_native_bf16
 from phitune.models import apply_method, load_model
 from phitune.objectives import Objective
 from phitune.outputs import list_checkpoints
-from phitune.registry import GENERATIVE_TASKS, TASKS
+from phitune.tasks import GENERATIVE_TASKS, TASKS, primary_metric
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from torch.optim.lr_scheduler import LRScheduler
     from transformers import PreTrainedTokenizerBase
 
-    from phitune.data.tasks import TaskSpec
+    from phitune.tasks import TaskSpec
 
 log = logging.getLogger("phitune")
 
@@ -352,4 +351,4 @@ def resolve_best_metric(cfg: Config, spec: TaskSpec, answers_scored: bool) -> st
     it (a head's, or one scored on generated answers), else the loss."""
     if cfg.training.best_metric != "auto":
         return cfg.training.best_metric
-    return scoring.primary_metric(spec) if spec.head or answers_scored else "loss"
+    return primary_metric(spec) if spec.head or answers_scored else "loss"

@@ -29,7 +29,6 @@ from phitune.data.dataset import statistics_of
 from phitune.distributed import Runtime, peak_memory_mb, run_deepspeed_config, start
 from phitune.engines import Engine
 from phitune.errors import PhituneError
-from phitune.evaluate import scoring
 from phitune.generate import complete_batch
 from phitune.models import HEADS, load_tokenizer, num_virtual_tokens
 from phitune.objectives import Objective, add_sums, build_objective, evaluate
@@ -50,6 +49,7 @@ from phitune.recipes.setup import (
     total_steps,
 )
 from phitune.runcard import write_run_card
+from phitune.tasks import model_head, score, scoring
 from phitune.tracking import MetricsLog, Startup
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
     from transformers import PreTrainedTokenizerBase
 
-    from phitune.data.tasks import TaskSpec
+    from phitune.tasks import TaskSpec
 
 log = logging.getLogger("phitune")
 
@@ -114,7 +114,7 @@ def setup(cfg: Config, *, resume: bool, overwrite: bool) -> Run:
     startup.lap("tokenizer_and_data")
 
     seed_everything(cfg.training.seed)  # the same initial weights in every process
-    head, labels = data.spec.model_head
+    head, labels = model_head(data.spec)
     ds_config, zero3_loading = run_deepspeed_config(cfg, runtime)  # the second must live as long as the model
     model, reference, weights = setup_model(cfg, accelerator, runtime, precision, tokenizer, head, labels)
     startup.lap("model")
@@ -369,7 +369,7 @@ def generated_metrics(
     by_index: dict[int, str] = {}
     for part in runtime.gather(list(zip(mine, answers[: len(mine)]))):
         by_index.update(part)
-    return scoring.headline(scoring.score(spec, [by_index[i] for i in range(len(asked))], references))
+    return scoring.headline(score(spec, [by_index[i] for i in range(len(asked))], references))
 
 
 # --- finish ------------------------------------------------------------------------------------
@@ -391,7 +391,7 @@ def finish(run: Run) -> RunResult:
 def run_summary(run: Run, artifact: Path) -> dict:
     """What run.json says of a finished run."""
     cfg, data, state, t = run.cfg, run.data, run.state, run.cfg.training
-    head, labels = data.spec.model_head
+    head, labels = model_head(data.spec)
     return {
         "steps": state.step,
         "epochs_completed": state.epoch,
