@@ -26,7 +26,7 @@ from _memory import peak_rss_mb
 
 from phitune.config import load_config
 from phitune.data.batching import epoch_batches
-from phitune.recipes.sft import finish, setup, train_step
+from phitune.training.sft import finish, setup, train_step
 
 
 def storages(obj) -> dict[int, int]:

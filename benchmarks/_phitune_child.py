@@ -12,8 +12,8 @@ from pathlib import Path
 
 import psutil
 
-from phitune.allocator import reexec_with_tcmalloc
 from phitune.cli import main
+from phitune.training.allocator import reexec_with_tcmalloc
 
 reexec_with_tcmalloc([sys.executable, *sys.argv])  # as `phitune train` does when it is a program
 

@@ -12,7 +12,7 @@ from pathlib import Path
 def start_serve(storage: Path, model: str, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, int]:
     """Start `phitune serve --storage STORAGE --model MODEL EXTRA...` on a free loopback port and
     wait until GET /v1/models answers 200 (a keyless server on loopback); (the process, its port)."""
-    from phitune.distributed import free_port
+    from phitune.training.distributed import free_port
 
     port = free_port()
     command = [sys.executable, "-m", "phitune", "serve", "--storage", str(storage), "--model", model]

@@ -30,13 +30,13 @@ sys.path.insert(0, str(HERE))
 from _machine import cpu  # noqa: E402
 from real_data import dictionary_chat, lora_sets  # noqa: E402
 
-from phitune.compiling import compile_layers, decoder_parameters  # noqa: E402
+from phitune.training.compiling import compile_layers, decoder_parameters  # noqa: E402
 
 
 def timed_run(sets: list[str], steps: int, compiled: bool) -> dict:
     from phitune.config import load_config
     from phitune.data.batching import epoch_batches
-    from phitune.recipes.sft import setup, train_step
+    from phitune.training.sft import setup, train_step
 
     run = setup(load_config(None, [*sets, "training.compile=false"]), resume=False, overwrite=True)
     if compiled:
@@ -78,7 +78,7 @@ def main() -> None:
     lines = [
         f"SmolLM2-135M-Instruct, LoRA r=16 all-linear, {args.precision}, batch {args.batch_size} dictionary rows, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}; every decoder layer "
-        "`compile(dynamic=True)` (phitune.compiling.compile_layers).",
+        "`compile(dynamic=True)` (phitune.training.compiling.compile_layers).",
         "",
         "| | eager | compiled |",
         "| --- | ---: | ---: |",
@@ -96,7 +96,7 @@ def main() -> None:
         + f". Largest per-step loss difference: {diff:.2e}.",
         "",
         f"Machine: {cpu()}. Break-even in parameter-tokens (decoder parameters x tokens trained), what "
-        "`training.compile: auto` compares with `phitune.compiling.REPAYS`: "
+        "`training.compile: auto` compares with `phitune.training.compiling.REPAYS`: "
         + (
             f"{extra / (steady['eager'] - steady['compiled']) * eager['param_tokens_per_step']:.2e}."
             if steady["compiled"] < steady["eager"]

@@ -3,7 +3,7 @@
     python benchmarks/profile_step.py                       # LoRA r16 all-linear, bf16, dictionary rows
     python benchmarks/profile_step.py --precision fp32 --tag fp32
 
-The step is phitune's own (`recipes.sft.setup` then `train_step`), on SmolLM2-135M-Instruct
+The step is phitune's own (`training.sft.setup` then `train_step`), on SmolLM2-135M-Instruct
 (`make real-model`) and short real rows: English-to-German dictionary pairs as chat turns
 (`benchmarks/real_data.py`). After `--warmup` steps, `--steps` steps run under the profiler.
 Every operator's *self* time goes to one category: base matmuls, LoRA matmuls (an operand with
@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 from _machine import cpu  # noqa: E402
 from real_data import dictionary_chat, lora_sets  # noqa: E402
 
-from phitune.allocator import in_use, reexec_with_tcmalloc  # noqa: E402
+from phitune.training.allocator import in_use, reexec_with_tcmalloc  # noqa: E402
 
 CATEGORIES = (
     "base matmuls",
@@ -111,7 +111,7 @@ def main() -> None:
 
     from phitune.config import load_config
     from phitune.data.batching import epoch_batches
-    from phitune.recipes.sft import setup, train_step
+    from phitune.training.sft import setup, train_step
 
     work = Path(args.work)
     data = dictionary_chat(work / "dictionary-chat.jsonl", rows=args.batch_size * (args.warmup + args.steps))

@@ -43,8 +43,8 @@ from _machine import cpu  # noqa: E402
 from longtail_data import write as write_data  # noqa: E402
 from real_data import REAL_MODEL, dictionary_chat  # noqa: E402
 
-from phitune.allocator import tcmalloc  # noqa: E402
 from phitune.hardware import cpu_has_native_bf16  # noqa: E402
+from phitune.training.allocator import tcmalloc  # noqa: E402
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10, trials: int = 5) -> float:

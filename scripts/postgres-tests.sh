@@ -15,7 +15,7 @@ if [ -z "$bin" ]; then
     exit 0
 fi
 data=$(mktemp -d /tmp/phitune-pg.XXXXXX)
-port=$($PYTHON -c "from phitune.distributed import free_port; print(free_port())")
+port=$($PYTHON -c "from phitune.training.distributed import free_port; print(free_port())")
 as_pg() { if [ "$(id -u)" = 0 ]; then su postgres -s /bin/bash -c "$*"; else bash -c "$*"; fi; }
 [ "$(id -u)" = 0 ] && chown postgres "$data"
 as_pg "$bin/initdb -D $data/db -A trust -U postgres >/dev/null"

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from phitune.cli import main as phitune_main
-from phitune.distributed import free_port
+from phitune.training.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_TRAIN = REPO / "examples" / "data" / "support_train.jsonl"

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from phitune.allocator import in_use, reexec_with_tcmalloc, tcmalloc
+from phitune.training.allocator import in_use, reexec_with_tcmalloc, tcmalloc
 
 from helpers import REPO
 

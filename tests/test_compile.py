@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 
-from phitune.compiling import REPAYS, compile_layers, decoder_layers, why_compile
 from phitune.config import parse_config
 from phitune.errors import PhituneError
 from phitune.models import apply_method, load_model, load_tokenizer
+from phitune.training.compiling import REPAYS, compile_layers, decoder_layers, why_compile
 
 from helpers import DEMO_TRAIN
 

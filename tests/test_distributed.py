@@ -155,7 +155,7 @@ def test_killed_mid_run_resumes_exactly(strategy, single, tmp_path):
 
 def test_two_machines_over_loopback(single, tmp_path):
     """Two torchrun invocations, node ranks 0 and 1, one process each, rendezvous on 127.0.0.1."""
-    from phitune.distributed import free_port
+    from phitune.training.distributed import free_port
 
     cfg, reference = single
     out = tmp_path / "nodes"

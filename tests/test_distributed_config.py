@@ -5,8 +5,8 @@ import json
 import pytest
 
 from phitune.config import parse_config
-from phitune.distributed import deepspeed_config
 from phitune.errors import PhituneError
+from phitune.training.distributed import deepspeed_config
 
 from helpers import run_cli, write_config
 

@@ -320,7 +320,7 @@ def test_live_progress_shows_whatever_eval_metrics_a_run_has(monkeypatch):
 
     from rich.console import Console
 
-    from phitune import progress
+    from phitune.training import progress
 
     out = io.StringIO()
     monkeypatch.setattr(progress, "console", Console(file=out, force_terminal=True, width=200))

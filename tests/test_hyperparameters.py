@@ -7,9 +7,9 @@ import math
 import pytest
 import yaml
 
-from phitune import hyperparameters as auto
 from phitune.config import parse_config
 from phitune.errors import PhituneError
+from phitune.training import hyperparameters as auto
 
 from helpers import REPO, run_cli
 
@@ -184,7 +184,7 @@ def test_model_width_from_many_threads_at_once(tiny_phi3):
 
     script = (
         "import sys, threading\n"
-        "from phitune.hyperparameters import model_width\n"
+        "from phitune.training.hyperparameters import model_width\n"
         "gate, out = threading.Barrier(8), []\n"
         "def ask():\n"
         "    gate.wait(); out.append(model_width(sys.argv[1]))\n"

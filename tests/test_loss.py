@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from phitune.data.batching import collate
 from phitune.data.dataset import tokenize_file
-from phitune.loss import token_loss
+from phitune.training.loss import token_loss
 
 from helpers import losses, run_cli, write_config
 

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from phitune.data.batching import collate
 from phitune.data.chat import IGNORE_INDEX, Example
 from phitune.data.packing import pack_stream, pack_whole
-from phitune.loss import token_loss
+from phitune.training.loss import token_loss
 
 
 def _example(n: int, seed: int) -> Example:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from phitune.config import parse_config
-from phitune.recipes.setup import build_scheduler
+from phitune.training.setup import build_scheduler
 
 from helpers import losses, run_cli, write_config
 
@@ -182,7 +182,7 @@ def test_schedules_with_warmup(tmp_path, kind, expected, chat_files):
 
 
 def test_metrics_are_read_while_a_run_writes_them(tmp_path):
-    from phitune.tracking import read_metrics
+    from phitune.training.tracking import read_metrics
 
     path = tmp_path / "metrics.jsonl"
     assert read_metrics(path) == []  # not written yet

@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from phitune.streamed_safetensors import Slot, saved_as_is, write
+from phitune.training.streamed_safetensors import Slot, saved_as_is, write
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -75,7 +75,7 @@ def test_a_model_that_transformers_would_rename_on_saving_is_not_streamed():
     name: streamed. A renaming that does touch one: left to save_pretrained."""
     from transformers.core_model_loading import WeightRenaming
 
-    from phitune.engines import state_tensors
+    from phitune.training.engines import state_tensors
 
     model = _tiny_llama()
     slots = [Slot(n, tuple(t.shape), t.dtype) for n, t in state_tensors(model)]
@@ -92,7 +92,7 @@ def test_a_tied_model_streamed_as_the_recipe_does_loads_back_with_the_same_logit
     the streamed weights (each tied parameter under its first name only), from_pretrained."""
     from transformers import AutoModelForCausalLM
 
-    from phitune.engines import state_tensors
+    from phitune.training.engines import state_tensors
 
     model = _tiny_llama(tie_word_embeddings=True)
     reference = tmp_path / "reference"

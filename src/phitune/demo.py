@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from phitune.config import Config
-    from phitune.recipes.run import RunResult
+    from phitune.training.run import RunResult
 
 console = Console()
 
@@ -99,8 +99,8 @@ def run_demo(
 ) -> dict:
     from phitune.data.dataset import tokenize_file
     from phitune.models import load_for_inference
-    from phitune.recipes.sft import train
-    from phitune.tracking import read_metrics
+    from phitune.training.sft import train
+    from phitune.training.tracking import read_metrics
 
     train_file, val_file = demo_files(Path(data_dir))
     out = Path(output)

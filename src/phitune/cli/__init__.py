@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     Parser.argv = argv
     args = parser.parse_args(argv)
     if program and getattr(args, "command", None) == "train":
-        from phitune.allocator import reexec_with_tcmalloc
+        from phitune.training.allocator import reexec_with_tcmalloc
 
         reexec_with_tcmalloc([sys.executable, "-m", "phitune", *argv])
     args.argv = argv

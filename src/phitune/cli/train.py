@@ -31,20 +31,20 @@ def cmd_train(args: argparse.Namespace) -> int:
             flags[overrides[-1]] = f"--{flag.replace('_', '-')} {value}"
     cfg = load_config(args.config, overrides, flags=flags)  # checked here, before any process is started
     check_source(cfg.model.name_or_path)  # in a second, not after the hub's retries
-    from phitune.recipes.sft import train
+    from phitune.training.sft import train
 
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from phitune.distributed import check_batch, resolve_strategy
+        from phitune.training.distributed import check_batch, resolve_strategy
 
         resolve_strategy(cfg, args.nproc)
         check_batch(cfg, args.nproc)
         return launch_local(args.nproc, args.argv)
-    from phitune.distributed import finish
+    from phitune.training.distributed import finish
 
     try:
         if args.auto_resume:  # a restarted pod: continue when there is a checkpoint, else start over
             from phitune.outputs import list_checkpoints
-            from phitune.recipes.setup import replaceable
+            from phitune.training.setup import replaceable
 
             has = bool(list_checkpoints(Path(cfg.output_dir) / "checkpoints"))
             if not has and not replaceable(Path(cfg.output_dir)):
@@ -78,7 +78,7 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     """`--nproc N`: start N processes of this same command with torchrun's launcher on this machine."""
     import subprocess
 
-    from phitune.distributed import free_port
+    from phitune.training.distributed import free_port
 
     rest, skip = [], False
     for a in argv:

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from phitune import hyperparameters
 from phitune.errors import PhituneError
 from phitune.tasks import TASKS
+from phitune.training import hyperparameters
 
 if TYPE_CHECKING:
     from phitune.config import Config

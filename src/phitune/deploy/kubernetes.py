@@ -68,7 +68,7 @@ def pytorchjob_manifests(
 
 
 def _check_job(cfg, name: str, nodes: int, gpus_per_node: int, data_pvc: str | None) -> None:
-    from phitune.distributed import check_batch, resolve_strategy
+    from phitune.training.distributed import check_batch, resolve_strategy
 
     problems = []
     if not DNS_NAME.match(name) or len(name) > 52:  # pods get "-master-0" / "-worker-N" appended

@@ -93,7 +93,7 @@ def loglikelihoods(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[Example], batch_size: int
 ) -> list[float]:
     from phitune.data.batching import collate
-    from phitune.loss import sequence_logps
+    from phitune.training.loss import sequence_logps
 
     out: list[float] = []
     for i in range(0, len(examples), batch_size):

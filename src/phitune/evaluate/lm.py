@@ -24,7 +24,7 @@ def lm_metrics(
     autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     virtual_tokens: int = 0,
 ) -> dict[str, float]:
-    from phitune.objectives import SFT, evaluate
+    from phitune.training.objectives import SFT, evaluate
 
     return evaluate(
         SFT(pad_id, virtual_tokens), model, examples, batch_size=batch_size, device=device, autocast=autocast

@@ -196,7 +196,7 @@ def score_head(
     kept: list,
     batch_size: int,
 ) -> tuple[dict, list[dict]]:
-    from phitune.objectives import build_objective, evaluate
+    from phitune.training.objectives import build_objective, evaluate
 
     device = model.device
     objective = build_objective(spec, tokenizer.pad_token_id)  # the head's: sequence or token classification
@@ -222,7 +222,7 @@ def score_preferences(
     """Preference pairs, without a reference model (so a base and its fine-tune compare): how
     often the preferred reply is the more likely one, and by how much (summed log-probabilities)."""
     from phitune.data.batching import collate
-    from phitune.loss import sequence_logps
+    from phitune.training.loss import sequence_logps
 
     margins: list[float] = []
     for i in range(0, len(examples), batch_size):

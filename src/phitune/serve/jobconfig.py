@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from phitune import hyperparameters as auto
 from phitune.errors import PhituneError
 from phitune.serve.errors import validation_message
 from phitune.serve.options import tenant_options
 from phitune.serve.settings import Settings
+from phitune.training import hyperparameters as auto
 
 if TYPE_CHECKING:
     from phitune.config import Config

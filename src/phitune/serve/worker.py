@@ -34,7 +34,7 @@ from phitune.serve.jobconfig import build_config, choose_hyperparameters, fine_t
 from phitune.serve.settings import Settings
 from phitune.serve.status import Status
 from phitune.serve.storage import quota_error, usage
-from phitune.tracking import read_metrics
+from phitune.training.tracking import read_metrics
 
 log = logging.getLogger("phitune")
 PAUSED = "The job was paused; resume continues from its last checkpoint"

@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from phitune.checkpoint import TrainState
 from phitune.config import Config
 from phitune.data.dataset import TrainData
-from phitune.distributed import Runtime
-from phitune.engines import Engine
-from phitune.objectives import Objective
-from phitune.progress import Progress
-from phitune.tracking import MetricsLog, Startup
+from phitune.training.checkpoint import TrainState
+from phitune.training.distributed import Runtime
+from phitune.training.engines import Engine
+from phitune.training.objectives import Objective
+from phitune.training.progress import Progress
+from phitune.training.tracking import MetricsLog, Startup
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

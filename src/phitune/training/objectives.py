@@ -18,13 +18,13 @@ import torch.nn.functional as F
 
 from phitune.data.batching import collate
 from phitune.data.chat import IGNORE_INDEX
-from phitune.loss import sequence_logps, token_loss
 from phitune.tasks import model_head
 from phitune.tasks.ner import bio_spans
+from phitune.training.loss import sequence_logps, token_loss
 
 if TYPE_CHECKING:
-    from phitune.distributed import Runtime
     from phitune.tasks import TaskSpec
+    from phitune.training.distributed import Runtime
 
 
 class Objective(Protocol):

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Named
 
 import torch
 
-from phitune.distributed import Runtime
 from phitune.errors import PhituneError
-from phitune.streamed_safetensors import Slot
+from phitune.training.distributed import Runtime
+from phitune.training.streamed_safetensors import Slot
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

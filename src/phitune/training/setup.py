@@ -15,17 +15,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from phitune.compiling import compile_layers, decoder_parameters, why_compile
 from phitune.config import Config, applicable, flatten
 from phitune.data.dataset import TrainData, length_problem, load_training_data
-from phitune.distributed import Runtime
-from phitune.engines import Engine, build_engine
 from phitune.errors import PhituneError
 from phitune.hardware import cpu_has_native_bf16
 from phitune.models import apply_method, load_model
-from phitune.objectives import Objective
 from phitune.outputs import list_checkpoints
 from phitune.tasks import GENERATIVE_TASKS, TASKS, primary_metric
+from phitune.training.compiling import compile_layers, decoder_parameters, why_compile
+from phitune.training.distributed import Runtime
+from phitune.training.engines import Engine, build_engine
+from phitune.training.objectives import Objective
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

@@ -7,10 +7,10 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
-from phitune import streamed_safetensors
 from phitune.models import write_base_quantization
 from phitune.outputs import staged
-from phitune.recipes.run import Run
+from phitune.training import streamed_safetensors
+from phitune.training.run import Run
 
 
 def save_adapter(run: Run, path: Path) -> None:

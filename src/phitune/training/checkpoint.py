@@ -26,8 +26,8 @@ from phitune.outputs import checkpoint_dir, list_checkpoints, staged
 if TYPE_CHECKING:
     from torch.optim.lr_scheduler import LRScheduler
 
-    from phitune.distributed import Runtime
-    from phitune.engines import Engine
+    from phitune.training.distributed import Runtime
+    from phitune.training.engines import Engine
 
 
 @dataclass

@@ -5,8 +5,8 @@ The loop is plain PyTorch on Accelerate (device placement, mixed precision) and 
 so the loss is normalised by the whole optimizer step's trained tokens (or examples, or pairs).
 What the loss is comes from an objective (objectives.py): next-token SFT, a
 classification head, DPO. The pieces a run is built from (model, engine, schedule) are in
-recipes/setup.py, what a run holds in recipes/run.py, and how its weights are saved in
-recipes/saving.py.
+training/setup.py, what a run holds in training/run.py, and how its weights are saved in
+training/saving.py.
 """
 
 from __future__ import annotations
@@ -21,21 +21,23 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from phitune import allocator, hyperparameters
-from phitune.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from phitune.config import Config, dump_config
 from phitune.data.batching import epoch_batches, should_group, split_micro_padded
 from phitune.data.dataset import statistics_of
-from phitune.distributed import Runtime, peak_memory_mb, run_deepspeed_config, start
-from phitune.engines import Engine
 from phitune.errors import PhituneError
 from phitune.generate import complete_batch
 from phitune.models import HEADS, load_tokenizer, num_virtual_tokens
-from phitune.objectives import Objective, add_sums, build_objective, evaluate
-from phitune.progress import Progress
-from phitune.recipes.run import Run, RunResult, StepResult
-from phitune.recipes.saving import save_adapter, save_final
-from phitune.recipes.setup import (
+from phitune.tasks import model_head, score, scoring
+from phitune.training import allocator, hyperparameters
+from phitune.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from phitune.training.distributed import Runtime, peak_memory_mb, run_deepspeed_config, start
+from phitune.training.engines import Engine
+from phitune.training.objectives import Objective, add_sums, build_objective, evaluate
+from phitune.training.progress import Progress
+from phitune.training.run import Run, RunResult, StepResult
+from phitune.training.runcard import write_run_card
+from phitune.training.saving import save_adapter, save_final
+from phitune.training.setup import (
     check_best_metric,
     compile_for_run,
     load_data,
@@ -48,9 +50,7 @@ from phitune.recipes.setup import (
     setup_model,
     total_steps,
 )
-from phitune.runcard import write_run_card
-from phitune.tasks import model_head, score, scoring
-from phitune.tracking import MetricsLog, Startup
+from phitune.training.tracking import MetricsLog, Startup
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
