@@ -137,3 +137,22 @@ def test_no_branch_on_a_task_name_outside_tasks():
         if path.parent.name != "tasks" and path.name != "registry.py":
             found += _task_branches(path, set(TASK_NAMES))
     assert found == []
+
+
+def test_every_method_lives_in_a_module_of_methods():
+    """Each method's settings, builder and limits are in methods/; the config's union has exactly
+    the registered methods, each chosen by its name."""
+    from typing import get_args
+
+    from pydantic import TypeAdapter
+
+    from phitune.methods import METHODS, MethodConfig
+
+    union = TypeAdapter(MethodConfig)
+    for name, method in METHODS.items():
+        assert method.build.__module__.startswith("phitune.methods."), name
+        assert method.settings.__module__ == method.build.__module__, name
+        assert get_args(method.settings.model_fields["name"].annotation) == (name,)
+        assert type(union.validate_python({"name": name})) is method.settings
+    members = get_args(get_args(MethodConfig)[0])
+    assert len(members) == len(METHODS)

@@ -86,7 +86,7 @@ def test_a_method_key_its_method_does_not_read_is_an_error(tmp_path, tiny_phi3, 
     """{name: ia3, r: 64} would train IA3 and ignore r: refused, naming the key and its methods;
     a dumped config of every method loads again (it holds only the keys its method reads)."""
     from phitune.config import dump_config
-    from phitune.registry import METHODS
+    from phitune.methods import METHODS
 
     p = _cfg(
         tmp_path, f"model: {tiny_phi3}\ndata: {{train: {chat_files[0]}}}\nmethod: {{name: ia3, r: 64, fused: false}}\n"

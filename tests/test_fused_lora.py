@@ -1,4 +1,4 @@
-"""The fused LoRA layer (phitune.fused_lora) computes what PEFT's own layer computes: the same loss
+"""The fused LoRA layer (phitune.methods.fused_lora) computes what PEFT's own layer computes: the same loss
 and the same gradients, with and without dropout, and it falls back to PEFT where it does not apply."""
 
 import copy
@@ -8,7 +8,7 @@ import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
 
 from phitune.config import parse_config
-from phitune.fused_lora import FusedLoraLinear, dropout, keep_mask
+from phitune.methods.fused_lora import FusedLoraLinear, dropout, keep_mask
 from phitune.models import apply_method, load_model, load_tokenizer
 
 from helpers import DEMO_TRAIN

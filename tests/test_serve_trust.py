@@ -57,10 +57,11 @@ def _create(client, file_id, **body):
 
 
 def _leaves(model: type[BaseModel], prefix: str = ""):
+    """Every config key path; a section's keys from its model in _SECTIONS (the method section's
+    are every method's keys)."""
     for name, info in model.model_fields.items():
-        ann = info.annotation
-        if prefix == "" and isinstance(ann, type) and issubclass(ann, BaseModel):
-            yield from _leaves(ann, f"{name}.")
+        if prefix == "" and name in _SECTIONS:
+            yield from _leaves(_SECTIONS[name], f"{name}.")
         else:
             yield f"{prefix}{name}", info
 

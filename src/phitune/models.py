@@ -1,31 +1,27 @@
-"""Loading a base model and tokenizer, and attaching a fine-tuning method.
-
-Methods are a closed registry (name -> builder); nothing here imports a class by dotted path.
-"""
+"""Loading a base model and tokenizer, attaching a fine-tuning method (methods/ builds it), and
+loading a finished run for inference. Nothing here imports a class by dotted path."""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from phitune.config import Config, MethodConfig, ModelConfig, looks_local
+from phitune.config import Config, ModelConfig, looks_local
 from phitune.errors import PhituneError
 from phitune.hardware import cuda_bf16
+from phitune.methods import METHODS, BuildContext
+from phitune.methods.quantization import DTYPES, exact_4bit_inference, trained_quantization
 from phitune.sources import check_source
 
 if TYPE_CHECKING:
-    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger("phitune")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Output projections of the MLP: IA3 scales their *input* (the feed-forward activations).
-FEEDFORWARD_OUT = ("down_proj", "fc2", "w2", "c_proj", "dense_4h_to_h")
 
 
 def resolve_dtype(model_cfg: ModelConfig, method: str, precision: str = "no") -> torch.dtype:
@@ -33,20 +29,12 @@ def resolve_dtype(model_cfg: ModelConfig, method: str, precision: str = "no") ->
     cast per forward); trained weights (full fine-tuning) stay float32 master weights."""
     if model_cfg.dtype != "auto":
         return DTYPES[model_cfg.dtype]
-    if method == "full":
+    if not METHODS[method].is_adapter:
         return torch.float32
     if precision == "bf16" or (torch.cuda.is_available() and cuda_bf16()):
         return torch.bfloat16
     if torch.cuda.is_available():
         return torch.float16
-    return torch.float32
-
-
-def resolve_compute_dtype(method_cfg: MethodConfig) -> torch.dtype:
-    if method_cfg.compute_dtype != "auto":
-        return DTYPES[method_cfg.compute_dtype]
-    if torch.cuda.is_available():
-        return torch.bfloat16 if cuda_bf16() else torch.float16
     return torch.float32
 
 
@@ -98,8 +86,6 @@ HEADS = {
     "token": "AutoModelForTokenClassification",
 }
 PEFT_TASKS = {"causal": "CAUSAL_LM", "sequence": "SEQ_CLS", "token": "TOKEN_CLS"}
-# The new, randomly initialised classification layers: trained in full, never given an adapter.
-CLASSIFIER_NAMES = ("score", "classifier")
 
 
 def load_model(
@@ -120,10 +106,9 @@ def load_model(
         )
     if m.attn_implementation != "auto":
         kwargs["attn_implementation"] = m.attn_implementation
-    if cfg.method.name == "qlora":
-        kwargs["quantization_config"] = qlora_quantization(cfg.method)
-        if device.type == "cuda":
-            kwargs["device_map"] = {"": device.index or 0}
+    method = METHODS[cfg.method.name]
+    if method.load_options is not None:  # QLoRA: the 4-bit base
+        kwargs.update(method.load_options(cfg.method, device))
     try:
         model = auto.from_pretrained(m.name_or_path, **kwargs)
     except ImportError as exc:
@@ -143,69 +128,9 @@ def load_model(
         use_where_sdpa(model)
     if getattr(model.config, "phitune_untrained", False):
         log.info("note: %s is an UNTRAINED model made by phitune create-model (random weights)", m.name_or_path)
-    if cfg.method.name == "qlora":
-        exact_4bit_inference(model)  # evaluations during training: the numbers training computes
+    if method.after_load is not None:
+        method.after_load(model)
     return model
-
-
-def qlora_quantization(method: MethodConfig) -> BitsAndBytesConfig:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as exc:
-        raise PhituneError(
-            "method qlora needs bitsandbytes: pip install 'phitune[qlora]' (or pip install bitsandbytes)"
-        ) from exc
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=method.quant_type,
-        bnb_4bit_use_double_quant=method.double_quant,
-        bnb_4bit_compute_dtype=resolve_compute_dtype(method),
-    )
-
-
-BASE_QUANTIZATION = "base_quantization.json"  # beside a QLoRA adapter: the 4-bit base it was trained on
-
-
-def write_base_quantization(adapter_dir: Path, method: MethodConfig) -> None:
-    (Path(adapter_dir) / BASE_QUANTIZATION).write_text(
-        json.dumps(
-            {
-                "quant_type": method.quant_type,
-                "double_quant": method.double_quant,
-                "compute_dtype": str(resolve_compute_dtype(method)).removeprefix("torch."),
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-
-
-def trained_quantization(adapter: str | None) -> BitsAndBytesConfig | None:
-    """The BitsAndBytesConfig of the base a QLoRA adapter was trained on, or None. The adapter
-    learned to correct that 4-bit base: on the unquantised weights it answers differently."""
-    spec = Path(adapter) / BASE_QUANTIZATION if adapter else None
-    if spec is None or not spec.is_file():
-        return None
-    q = json.loads(spec.read_text())
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        log.warning(
-            "%s was trained on a 4-bit base; without bitsandbytes it runs on the unquantised weights and "
-            "answers differently (pip install 'phitune[qlora]')",
-            adapter,
-        )
-        return None
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q["quant_type"],
-        bnb_4bit_use_double_quant=q["double_quant"],
-        bnb_4bit_compute_dtype=getattr(torch, q["compute_dtype"]),
-    )
 
 
 def merged_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -253,137 +178,11 @@ def merged_quantized(model: nn.Module, dtype: torch.dtype) -> PreTrainedModel:
     return plain
 
 
-def _is_linear(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear, but check by name to not import it.
-    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
-
-
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Suffixes of every linear layer except the output head (the 'all-linear' set)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if _is_linear(mod) and mod is not head}
-    return sorted(names - set(CLASSIFIER_NAMES))
-
-
-def resolve_target_modules(model: nn.Module, target: str | list[str]) -> list[str]:
-    available = linear_module_names(model)
-    if target == "all-linear":
-        if not available:
-            raise PhituneError("method.target_modules: 'all-linear' found no linear layers in this model")
-        return available
-    wanted = [target] if isinstance(target, str) else list(target)
-    if "all-linear" in wanted:  # e.g. [all-linear, lm_head]: every linear layer plus the named extras
-        extras = [t for t in wanted if t != "all-linear"]
-        return sorted(set(available) | set(resolve_target_modules(model, extras) if extras else ()))
-    modules = {name.rsplit(".", 1)[-1]: mod for name, mod in model.named_modules()}
-    unknown = [t for t in wanted if t not in modules]
-    # Named explicitly, the output head may be adapted too (it is left out of 'all-linear' only).
-    not_linear = [t for t in wanted if t in modules and not _is_linear(modules[t])]
-    if unknown or not_linear:
-        bad = ", ".join(unknown + not_linear)
-        raise PhituneError(
-            f"method.target_modules: {bad} {'is' if len(unknown + not_linear) == 1 else 'are'} not a linear layer of "
-            "this model; "
-            f"linear layers are: {', '.join(available)} (or use 'all-linear')"
-        )
-    return wanted
-
-
-# --- the method registry ------------------------------------------------------------------
-
-
-def _full(model, cfg: Config, tokenizer, task_type: str):
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
-
-
-def _lora(model, cfg: Config, tokenizer, task_type: str):
-    from peft import LoraConfig
-
-    m = cfg.method
-    if m.name == "qlora" and resolve_compute_dtype(m) == torch.float16:
-        # fp16 norms and head overflow; PEFT's preparation upcasts every non-quantized weight to
-        # fp32 for that. With bf16 or fp32 compute it only costs memory (embeddings and head
-        # in fp32 are ~5% of a Phi-3's weights, more than its whole 4-bit body on small models).
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    init = True if m.init == "default" else m.init
-    peft_cfg = LoraConfig(
-        r=m.r,
-        lora_alpha=m.alpha,
-        lora_dropout=m.dropout,
-        bias="none",
-        task_type=task_type,
-        target_modules=resolve_target_modules(model, m.target_modules),
-        modules_to_save=m.modules_to_save,
-        use_rslora=m.use_rslora,
-        use_dora=m.name == "dora",
-        init_lora_weights=init,
-    )
-    if m.fused and m.name == "lora":  # QLoRA's 4-bit layers are bitsandbytes' own; DoRA is a PEFT variant
-        from phitune import fused_lora
-
-        fused_lora.register(peft_cfg)
-    return _attach(model, peft_cfg)
-
-
-def _ia3(model, cfg: Config, tokenizer, task_type: str):
-    from peft import IA3Config
-
-    targets = resolve_target_modules(model, cfg.method.target_modules)
-    peft_cfg = IA3Config(
-        task_type=task_type,
-        target_modules=targets,
-        feedforward_modules=[t for t in targets if t in FEEDFORWARD_OUT],
-        modules_to_save=cfg.method.modules_to_save,
-    )
-    return _attach(model, peft_cfg)
-
-
-def _prompt_tuning(model, cfg: Config, tokenizer, task_type: str):
-    from peft import PromptTuningConfig, PromptTuningInit
-
-    m = cfg.method
-    text = m.prompt_init_text
-    peft_cfg = PromptTuningConfig(
-        task_type="CAUSAL_LM",
-        num_virtual_tokens=m.num_virtual_tokens,
-        prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.RANDOM,
-        prompt_tuning_init_text=text,
-        tokenizer_name_or_path=cfg.model.tokenizer or cfg.model.name_or_path,
-    )
-    return _attach(model, peft_cfg)
-
-
-def _attach(model, peft_cfg):
-    from peft import get_peft_model
-
-    try:
-        return get_peft_model(model, peft_cfg)
-    except (ValueError, TypeError, NotImplementedError) as exc:
-        raise PhituneError(
-            f"method: peft could not apply {type(peft_cfg).__name__} to this model: {str(exc).splitlines()[0]}"
-        ) from exc
-
-
-METHOD_BUILDERS: dict[str, Callable] = {
-    "full": _full,
-    "lora": _lora,
-    "dora": _lora,
-    "qlora": _lora,
-    "ia3": _ia3,
-    "prompt_tuning": _prompt_tuning,
-}
-
-
 def apply_method(model: nn.Module, cfg: Config, tokenizer: PreTrainedTokenizerBase, head: str = "causal") -> nn.Module:
     """Attach the method; with a classification head, PEFT's SEQ_CLS / TOKEN_CLS task types train
     the head in full and save it with the adapter."""
-    return METHOD_BUILDERS[cfg.method.name](model, cfg, tokenizer, PEFT_TASKS[head])
+    context = BuildContext(PEFT_TASKS[head], cfg.model.tokenizer or cfg.model.name_or_path)
+    return METHODS[cfg.method.name].build(model, cfg.method, context)
 
 
 def num_virtual_tokens(model: nn.Module) -> int:
@@ -400,7 +199,6 @@ def num_virtual_tokens(model: nn.Module) -> int:
 
 def resolve_trained(path: str | Path) -> tuple[str, str | None]:
     """A training output dir, an adapter dir or a model dir -> (base model, adapter dir or None)."""
-    import json
 
     p = Path(path)
     if (p / "adapter" / "adapter_config.json").is_file():
@@ -418,7 +216,6 @@ def resolve_trained(path: str | Path) -> tuple[str, str | None]:
 def refuse_classifier(path: str) -> None:
     """A classification-head run (task.head) is not a chat model: generating or merging it into a
     causal LM would silently drop the trained head."""
-    import json
 
     specs = [Path(path) / "task.json", Path(path).parent / "task.json"]  # OUT/adapter, or OUT beside it
     spec = next((p for p in specs if p.is_file()), None)
@@ -483,13 +280,3 @@ def load_for_inference(
     if quantization is not None:
         exact_4bit_inference(model)
     return (model if quantization is not None else model.to(device)).eval(), tokenizer
-
-
-def exact_4bit_inference(model: nn.Module) -> None:
-    """On CPUs with AVX512-BF16, bitsandbytes' Linear4bit repacks its weights on the first eval
-    forward and computes in a bf16 kernel: numbers the adapter was never trained with (far off the
-    merged model's), and weights that `dequantize_4bit` then misreads. Off: inference dequantizes
-    in the run's compute dtype, as training did."""
-    for module in model.modules():
-        if type(module).__name__ == "Linear4bit":
-            module.support_avx512bf16_for_cpu = False

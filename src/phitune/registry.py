@@ -1,4 +1,5 @@
-"""The names phitune accepts, each listed once: tasks, methods, data formats, dtypes and backends.
+"""The names phitune accepts, each listed once: tasks, data formats, dtypes and backends (each method
+names itself in methods/).
 
 The config's `Literal`s and the CLI's choices read these tuples, so a name added here is accepted
 everywhere at once; what a task or a method is lives in its own module (`tasks/`, `methods/`).
@@ -13,8 +14,6 @@ EVAL_TASKS = TASK_NAMES
 EVAL_ONLY_TASKS = ("multiple_choice",)  # phitune eval and compare score them; nothing trains on them
 TRAINABLE_TASKS = tuple(name for name in TASK_NAMES if name not in EVAL_ONLY_TASKS)
 
-METHODS = ("full", "lora", "dora", "qlora", "ia3", "prompt_tuning")
-ADAPTER_METHODS = METHODS[1:]
 DATA_FORMATS = ("auto", "chat", "prompt_completion", "alpaca", "sharegpt", "text", "template", "preference")
 DTYPES = ("float32", "bfloat16", "float16")  # weights on disk and in memory
 BACKENDS = ("torch", "onnx")

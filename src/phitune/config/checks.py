@@ -8,7 +8,6 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from phitune.config.schema import (
-    METHOD_KEYS,
     DataConfig,
     DistributedConfig,
     MethodConfig,
@@ -18,6 +17,7 @@ from phitune.config.schema import (
     looks_local,
     template_fields,
 )
+from phitune.methods import METHODS
 from phitune.registry import TRAINABLE_TASKS
 from phitune.tasks import HEAD_TASKS, TASKS
 
@@ -48,32 +48,11 @@ def semantic_problems(sections: dict[str, BaseModel]) -> list[tuple[str, str]]:
     method: MethodConfig | None = sections.get("method")
     task: TaskConfig = sections.get("task") or TaskConfig()
     out = _training_problems(t, data) + _path_problems(data, model)
-    if method is not None:
-        out += _method_key_problems(method)
     out += _template_problems(data) + _task_problems(data, task)
     if method is not None:
         out += _method_task_problems(data, task, method)
     out += _distributed_problems(sections.get("distributed"), method)
     return out + _compile_problems(t, method, sections.get("distributed"))
-
-
-def _method_key_problems(method: MethodConfig) -> list[tuple[str, str]]:
-    """A key given for a method that does not read it ({name: ia3, r: 64}) would be ignored. One
-    at its default passes: configs written whole (a run's config.yaml before these keys were
-    dropped from it) load as they did."""
-    out = []
-    for key in sorted(method.model_fields_set):
-        users = METHOD_KEYS.get(key)
-        at_default = getattr(method, key) == type(method).model_fields[key].default
-        if users is not None and method.name not in users and not at_default:
-            out.append(
-                (
-                    f"method.{key}",
-                    f"not read by method {method.name}; it applies to {', '.join(users)} "
-                    f"(remove it, or set method.name to one of those)",
-                )
-            )
-    return out
 
 
 def _compile_problems(
@@ -85,8 +64,8 @@ def _compile_problems(
     why = None
     if t.gradient_checkpointing:
         why = "gradient_checkpointing"
-    elif method is not None and method.name == "qlora":
-        why = "method qlora (4-bit layers)"
+    elif method is not None and (limit := METHODS[method.name].limits.get("compile")):
+        why = f"method {method.name} ({limit})"
     elif d is not None and d.strategy in ("fsdp", "deepspeed"):
         why = f"distributed.strategy {d.strategy}"
     if why is None:
@@ -171,14 +150,9 @@ def _distributed_problems(d: DistributedConfig | None, method: MethodConfig | No
     out: list[tuple[str, str]] = []
     if d is None:
         return out
-    if d.strategy == "fsdp" and method is not None and method.name in ("qlora", "prompt_tuning"):
-        out.append(
-            (
-                "distributed.strategy",
-                f"{method.name} under fsdp is not supported (4-bit weights and virtual tokens "
-                "are not sharded here); use ddp or deepspeed",
-            )
-        )
+    limits = METHODS[method.name].limits if method is not None else {}
+    if d.strategy == "fsdp" and "fsdp" in limits:
+        out.append(("distributed.strategy", limits["fsdp"]))
     if d.strategy != "deepspeed":
         for key, default in (("offload_optimizer", "none"), ("offload_params", "none"), ("deepspeed_config", None)):
             if getattr(d, key) != default:
@@ -197,22 +171,15 @@ def _distributed_problems(d: DistributedConfig | None, method: MethodConfig | No
         out.append(("distributed.offload_optimizer", "optimizer offload needs zero_stage 1, 2 or 3"))
     if d.deepspeed_config and not Path(d.deepspeed_config).is_file():
         out.append(("distributed.deepspeed_config", f"file not found: {d.deepspeed_config}"))
-    if method is not None and method.name == "qlora" and d.zero_stage == 3:
+    if d.zero_stage == 3 and "zero3" in limits:
+        out.append(("distributed.zero_stage", limits["zero3"]))
+    if "deepspeed" in limits:
+        out.append(("distributed.strategy", limits["deepspeed"]))
+    if method is not None and method.objective == "dpo" and d.zero_stage == 3 and "dpo_zero3" in limits:
         out.append(
             (
                 "distributed.zero_stage",
-                "qlora with ZeRO-3 is not supported (4-bit weights cannot be sharded here); "
-                "use zero_stage 2 or strategy ddp",
-            )
-        )
-    if method is not None and method.name == "prompt_tuning":
-        out.append(("distributed.strategy", "prompt_tuning under deepspeed is not supported; use ddp"))
-    if method is not None and method.name == "full" and method.objective == "dpo" and d.zero_stage == 3:
-        out.append(
-            (
-                "distributed.zero_stage",
-                "dpo with method full keeps a frozen reference copy, which ZeRO-3's sharded "
-                "loading cannot give; use an adapter method, or zero_stage 2",
+                limits["dpo_zero3"],
             )
         )
     return out
@@ -278,10 +245,8 @@ def _method_task_problems(data: DataConfig | None, task: TaskConfig, method: Met
             )
         if task.head:
             out.append(("method.objective", "dpo and task.head do not mix; drop one"))
-        if method.name == "prompt_tuning":
-            out.append(
-                ("method.objective", "dpo with prompt_tuning is not supported; use lora, dora, qlora, ia3 or full")
-            )
-    if task.head and method.name == "prompt_tuning":
-        out.append(("task.head", "prompt_tuning cannot train a classification head; use lora"))
+        if "dpo" in METHODS[method.name].limits:
+            out.append(("method.objective", METHODS[method.name].limits["dpo"]))
+    if task.head and "head" in METHODS[method.name].limits:
+        out.append(("task.head", METHODS[method.name].limits["head"]))
     return out

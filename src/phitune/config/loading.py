@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from phitune.config.checks import semantic_problems
 from phitune.config.schema import _SECTIONS, Config
 from phitune.errors import PhituneError
+from phitune.methods import METHODS, foreign_key
 
 # The shorthands of the contract: `model: DIR`, `method: lora`, `data: FILE`.
 _SHORTHAND = {"model": "name_or_path", "method": "name", "data": "train", "task": "name"}
@@ -87,8 +88,14 @@ def _union_merged(found: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def _format_error(err: dict, section: str | None) -> tuple[str, str]:
     loc = [str(x) for x in err["loc"]]
+    if section == "method" and loc and loc[0] in METHODS:  # the union's tag: the method named
+        name, loc = loc[0], loc[1:]
+        if err["type"] == "extra_forbidden" and (why := foreign_key(name, loc[-1])):
+            return f"method.{loc[-1]}", why
     path = ".".join(([section] if section else []) + loc)
     value = err.get("input")
+    if err["type"] == "union_tag_invalid":  # method.name
+        return f"{path}.name", f"input should be {err['ctx']['expected_tags']} (got {err['ctx']['tag']!r})"
     if err["type"] == "extra_forbidden":
         return path, f"unknown key{_suggest(loc[-1], _valid_keys(section if len(loc) == 1 else None))}"
     if err["type"] == "missing":

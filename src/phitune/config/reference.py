@@ -7,7 +7,8 @@ from typing import Annotated, Literal, Union, get_args, get_origin
 
 import yaml
 
-from phitune.config.schema import _SECTIONS, METHOD_KEYS, Config, MethodConfig
+from phitune.config.schema import _SECTIONS, Config
+from phitune.methods import DEFAULT_METHOD, METHOD_KEYS
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -31,7 +32,7 @@ def applicable(data: dict) -> dict:
     method = data.get("method")
     if not isinstance(method, dict):
         return data
-    name = method.get("name", MethodConfig.model_fields["name"].default)
+    name = method.get("name", DEFAULT_METHOD)
     return data | {"method": {k: v for k, v in method.items() if name in METHOD_KEYS.get(k, (name,))}}
 
 
@@ -55,6 +56,10 @@ def reference_markdown() -> str:
         for name, field in model.model_fields.items():
             value = field.default_factory() if field.default_factory else field.default
             default = "required" if field.is_required() else f"`{json.dumps(value)}`"
-            rows.append(f"| `{section}.{name}` | {_type_name(field.annotation)} | {default} | {field.description} |")
+            readers = METHOD_KEYS[name] if section == "method" else ()
+            only = f" Read by {', '.join(readers)}." if 0 < len(readers) < len(METHOD_KEYS["name"]) else ""
+            rows.append(
+                f"| `{section}.{name}` | {_type_name(field.annotation)} | {default} | {field.description}{only} |"
+            )
     rows.append(f'| `output_dir` | str | `"runs/latest"` | {Config.model_fields["output_dir"].description} |')
     return "\n".join(rows)

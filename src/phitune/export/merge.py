@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from phitune.errors import PhituneError
-from phitune.models import DTYPES, load_for_inference, merged_model, resolve_trained
+from phitune.methods.quantization import DTYPES
+from phitune.models import load_for_inference, merged_model, resolve_trained
 from phitune.outputs import refuse_non_empty, staged
 
 

@@ -16,6 +16,7 @@ from annotated_types import Le
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from phitune.config import _SECTIONS
+from phitune.methods import METHOD_FIELDS
 
 # key path (a section or one key) -> who sets it instead
 SERVER_OWNED: dict[str, str] = {
@@ -40,22 +41,8 @@ SERVER_OWNED: dict[str, str] = {
 }
 
 TENANT: dict[str, tuple[str, ...]] = {
-    "method": (
-        "name",
-        "r",
-        "alpha",
-        "dropout",
-        "target_modules",
-        "modules_to_save",
-        "use_rslora",
-        "fused",
-        "init",
-        "quant_type",
-        "double_quant",
-        "compute_dtype",
-        "num_virtual_tokens",
-        "prompt_init_text",
-    ),
+    # Every method's own keys (methods/), less the server-owned ones above.
+    "method": tuple(key for key in METHOD_FIELDS if f"method.{key}" not in SERVER_OWNED),
     "data": (
         "format",
         "template",

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from phitune.methods import METHODS
+
 if TYPE_CHECKING:
     from phitune.config import Config, TrainingConfig
     from phitune.data.dataset import TrainData
@@ -32,7 +34,6 @@ AUTO_KEYS = ("epochs", "batch_size", "learning_rate")
 
 REFERENCE_WIDTH = 576  # SmolLM2-135M's hidden size, where the adapter rate was measured
 ADAPTER_RATE = 1e-3
-METHOD_SCALE = {"full": 0.1, "prompt_tuning": 10.0, "ia3": 3.0}  # relative to LoRA / DoRA / QLoRA
 ADAPTER_RANGE = (5e-5, 2e-3)  # beyond the widths the rule was checked on, stay within common practice
 MIN_STEPS, MAX_EPOCHS, TARGET_EPOCHS = 60, 10, 3
 MAX_EXAMPLES_SEEN, MAX_TOKENS_SEEN = 25_000, 20_000_000
@@ -73,7 +74,7 @@ def auto_epochs(examples: int, tokens: int | None, batch_size: int) -> float:
 
 def auto_learning_rate(hidden_size: int | None, method: str, objective: str) -> float:
     rate = ADAPTER_RATE * REFERENCE_WIDTH / (hidden_size or REFERENCE_WIDTH)
-    rate = min(ADAPTER_RANGE[1], max(ADAPTER_RANGE[0], rate)) * METHOD_SCALE.get(method, 1.0)
+    rate = min(ADAPTER_RANGE[1], max(ADAPTER_RANGE[0], rate)) * METHODS[method].lr_scale
     if objective == "dpo":
         rate /= 10
     return float(f"{rate:.2g}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from phitune.config import Config, dump_config
+from phitune.methods.lora import LoraFamilySettings
 
 
 def _fmt(v) -> str:
@@ -21,7 +22,7 @@ def write_run_card(out: Path, cfg: Config, summary: dict) -> None:
         f"- method: `{cfg.method.name}`"
         + (
             f" (r={cfg.method.r}, alpha={cfg.method.alpha}, targets={cfg.method.target_modules})"
-            if cfg.method.name in ("lora", "dora", "qlora")
+            if isinstance(cfg.method, LoraFamilySettings)
             else ""
         ),
         f"- data: train `{cfg.data.train}` ({summary['train_examples']} examples, {summary['truncated_examples']} "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 
-from phitune.models import write_base_quantization
+from phitune.methods import METHODS
 from phitune.outputs import staged
 from phitune.training import streamed_safetensors
 from phitune.training.run import Run
@@ -25,8 +25,9 @@ def save_adapter(run: Run, path: Path) -> None:
         )
         run.tokenizer.save_pretrained(path)
         (path / "task.json").write_text(run.data.spec.to_json())
-        if run.cfg.method.name == "qlora":
-            write_base_quantization(path, run.cfg.method)
+        method = METHODS[run.cfg.method.name]
+        if method.save_extras is not None:  # QLoRA: the 4-bit base it was trained on
+            method.save_extras(path, run.cfg.method)
 
 
 def save_final(run: Run, name: str | None = None) -> Path:

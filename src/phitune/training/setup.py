@@ -19,6 +19,8 @@ from phitune.config import Config, applicable, flatten
 from phitune.data.dataset import TrainData, length_problem, load_training_data
 from phitune.errors import PhituneError
 from phitune.hardware import cpu_has_native_bf16
+from phitune.methods import METHODS
+from phitune.methods.lora import LoraFamilySettings
 from phitune.models import apply_method, load_model
 from phitune.outputs import list_checkpoints
 from phitune.tasks import GENERATIVE_TASKS, TASKS, primary_metric
@@ -246,8 +248,8 @@ def compile_for_run(
     unsupported = None
     if t.gradient_checkpointing:
         unsupported = "gradient checkpointing"
-    elif cfg.method.name == "qlora":
-        unsupported = "4-bit layers"
+    elif "compile" in METHODS[cfg.method.name].limits:
+        unsupported = METHODS[cfg.method.name].limits["compile"]
     elif runtime.strategy in ("deepspeed", "fsdp"):
         unsupported = f"strategy {runtime.strategy}"
     examples = data.train_examples
@@ -335,7 +337,7 @@ def save_initial_adapter(cfg: Config, engine: Engine, runtime: Runtime, out: Pat
     """PiSSA and OLoRA rewrite the base weights at initialisation. Saved as-is, their adapters would
     only work on that rewritten base; converted against the initial adapter (kept here), they
     become plain LoRA adapters (rank 2r) for the original base, like any other."""
-    if cfg.method.init not in ("pissa", "olora") or not cfg.is_adapter:
+    if not isinstance(cfg.method, LoraFamilySettings) or cfg.method.init not in ("pissa", "olora"):
         return None
     initial = out / "checkpoints" / "initial_adapter"
     if not (initial / "adapter_config.json").is_file():
