@@ -21,4 +21,4 @@ as_pg() { if [ "$(id -u)" = 0 ]; then su postgres -s /bin/bash -c "$*"; else bas
 as_pg "$bin/initdb -D $data/db -A trust -U postgres >/dev/null"
 as_pg "$bin/pg_ctl -D $data/db -o '-p $port -k $data -c listen_addresses=127.0.0.1' -l $data/log -w start >/dev/null"
 trap 'as_pg "$bin/pg_ctl -D $data/db -m immediate stop >/dev/null" || true; rm -rf "$data"' EXIT
-PHITUNE_TEST_POSTGRES="postgresql://postgres@127.0.0.1:$port/postgres" $PYTHON -m pytest -q tests/test_serve.py tests/test_serve_migrations.py
+PHITUNE_TEST_POSTGRES="postgresql://postgres@127.0.0.1:$port/postgres" $PYTHON -m pytest -q tests/serve/test_serve.py tests/serve/test_serve_migrations.py

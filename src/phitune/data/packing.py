@@ -3,7 +3,7 @@
 A packed sequence carries `position_ids` that restart at 0 for each example. With no 2-D
 attention mask, transformers (>= 4.54, `masking_utils.find_packed_sequence_indices`) turns those
 restarts into a block-diagonal causal mask for eager, sdpa and flash attention alike, so an
-example's logits are the same packed or alone (tests/test_packing.py checks exactly that). Only
+example's logits are the same packed or alone (tests/data/test_packing.py checks exactly that). Only
 without a KV cache: call the model with `use_cache=False` (training does), or the restarts are
 ignored and examples see each other.
 """

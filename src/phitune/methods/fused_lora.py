@@ -6,7 +6,7 @@ two: on a CPU (or any memory-bound step) the scale and the add each read and wri
 adds the LoRA branch's input gradient to the base's in one more pass. Here the LoRA update is
 accumulated into the base output by the matmul itself (`addmm_`), the scale is applied to the
 rank-r intermediate, and the backward accumulates both input gradients in one `addmm_`. The
-arithmetic is the same as PEFT's (tests/test_fused_lora.py checks losses and gradients against it).
+arithmetic is the same as PEFT's (tests/training/test_fused_lora.py checks losses and gradients against it).
 
 Under bf16 (autocast, or a bf16 base) with fp32 adapter weights, PEFT adds the update to the base
 output in bf16, whose 8-bit mantissa rounds away most of a young adapter's small update (bf16

@@ -21,7 +21,7 @@ from phitune.serve.portal.pages import PAGES  # noqa: E402
 from phitune.serve.settings import Settings  # noqa: E402
 from phitune.serve.worker import Worker  # noqa: E402
 
-STATIC = Path(__file__).parents[1] / "src/phitune/serve/portal/static"
+STATIC = Path(__file__).parents[2] / "src/phitune/serve/portal/static"
 HOSTILE = "<script>alert('x')</script>"
 
 

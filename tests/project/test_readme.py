@@ -54,7 +54,7 @@ CHEAP = {
 
 def test_the_cheap_commands_run_as_written(tmp_path, monkeypatch, capsys):
     """In this process (the CLI's own entry point), from a directory holding a copy of examples/.
-    The Quickstart's train / generate / merge are run by tests/test_examples.py and test_artifacts.py."""
+    The Quickstart's train / generate / merge are run by tests/project/test_examples.py and test_artifacts.py."""
     assert set(CHEAP) <= set(COMMANDS), set(CHEAP) - set(COMMANDS)
     shutil.copytree(REPO / "examples", tmp_path / "examples")
     monkeypatch.chdir(tmp_path)

@@ -1,5 +1,5 @@
 """Schema migrations (Alembic, run at start-up): a database written by phitune 0.1.0 (the last
-release that made its tables with `create_all`; tests/data/serve-0.1.0.db holds a key, a file, a
+release that made its tables with `create_all`; tests/serve/serve-0.1.0.db holds a key, a file, a
 succeeded job with events and a checkpoint) keeps every row and works after the upgrade; the
 migrations build exactly the tables the models describe."""
 
@@ -20,9 +20,9 @@ from phitune.serve import db as dbmod  # noqa: E402
 from phitune.serve.app import create_app  # noqa: E402
 from phitune.serve.settings import Settings  # noqa: E402
 
-from helpers import POSTGRES, REPO, database  # noqa: E402
+from helpers import POSTGRES, database  # noqa: E402
 
-OLD = REPO / "tests" / "data" / "serve-0.1.0.db"
+OLD = Path(__file__).parent / "serve-0.1.0.db"
 KEY = "sk-phitune-fixture-alpha"
 JOB = "ftjob-0b0b0b0b0b0b0b0b0b0b0b0b"
 
