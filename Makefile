@@ -47,9 +47,11 @@ test: real-model lint
 test-fast: venv lint
 	$(BIN)/python -m pytest -q -m "not integration and not real and not slow and not gpu"
 
+# ruff, then mypy (basic mode, pydantic's plugin; pyproject.toml [tool.mypy]) over src/phitune.
 lint: venv
 	$(BIN)/ruff check src tests benchmarks examples scripts
 	$(BIN)/ruff format --check src tests benchmarks examples scripts
+	$(BIN)/mypy
 
 # The slow tier: multi-process training (DDP, ZeRO, FSDP) and the service in real server
 # processes, then the service tests again on PostgreSQL.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
+from typing import NoReturn
 
 # Flags users bring from other trainers -> the config key that means it.
 CONFIG_ALIASES = {
@@ -58,7 +59,7 @@ class Parser(argparse.ArgumentParser):
 
     argv: list[str] = []
 
-    def error(self, message: str) -> None:  # noqa: D102 - argparse's hook
+    def error(self, message: str) -> NoReturn:  # noqa: D102 - argparse's hook
         if message.startswith("unrecognized arguments:"):
             message += self._suggestion(message.split(":", 1)[1].split())
         prog = self._command().prog

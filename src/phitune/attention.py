@@ -15,6 +15,8 @@ keys and values: the query heads of one key/value head are stacked into one matr
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 NAME = "phitune_cpu"
@@ -94,7 +96,7 @@ def register() -> str:
     return NAME
 
 
-def use_where_sdpa(model: torch.nn.Module) -> None:
+def use_where_sdpa(model: Any) -> None:
     """Switch a model that transformers gave SDPA, and that takes registered attention functions,
     to this one (training on a CPU)."""
     if model.config._attn_implementation == "sdpa" and model.is_backend_compatible():

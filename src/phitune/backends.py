@@ -37,7 +37,7 @@ def open_backend(model: str, *, backend: str | None = None, adapter: str | None 
                 f"{model}: not an ONNX Runtime GenAI model (no genai_config.json); "
                 f"export it first: phitune export onnx {model} --output {model}-onnx"
             )
-        backend = OnnxBackend(model)
+        onnx = OnnxBackend(model)
         if adapter:
             # A name from `phitune export onnx BASE --adapter NAME=...`, or an .onnx_adapter file.
             file = (
@@ -51,9 +51,9 @@ def open_backend(model: str, *, backend: str | None = None, adapter: str | None 
                     f"--adapter {adapter}: no {file}; this export has "
                     + (f"the adapters {', '.join(known)}" if known else "no adapters")
                 )
-            backend.load_adapter(str(file), file.stem)
-            backend.active = file.stem
-        return backend
+            onnx.load_adapter(str(file), file.stem)
+            onnx.active = file.stem
+        return onnx
     from phitune.models import load_for_inference
 
     return TorchBackend(*load_for_inference(model, adapter))
@@ -169,7 +169,7 @@ class OnnxBackend:
         self.path = path
         self.model = og.Model(str(path))
         self.tokenizer = og.Tokenizer(self.model)
-        self.adapters = None
+        self.adapters: Any = None
         self.active: str | None = None  # the adapter used when a call names none
 
     def load_adapter(self, file: str, name: str) -> None:
@@ -192,7 +192,7 @@ class OnnxBackend:
         adapter: str | None = None,
     ) -> Iterator[int]:
         params = self.og.GeneratorParams(self.model)
-        options = dict(max_length=len(ids) + max_new_tokens, do_sample=temperature > 0)
+        options: dict[str, Any] = dict(max_length=len(ids) + max_new_tokens, do_sample=temperature > 0)
         if temperature > 0:
             options |= {"temperature": temperature, "random_seed": seed}
         params.set_search_options(**options)

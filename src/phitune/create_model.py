@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from phitune.errors import PhituneError
 
@@ -250,7 +250,7 @@ def _corpus_lines(corpus: str | Path | None) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def _model_config(arch: str, preset: str, shape: dict, ids: dict[str, int], tokens: int):
+def _model_config(arch: str, preset: str, shape: dict, ids: dict[str, Any], tokens: int):
     import transformers
 
     config_class = getattr(transformers, ARCHS[arch].config_class)

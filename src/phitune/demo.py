@@ -15,7 +15,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -23,7 +23,6 @@ from rich.table import Table
 from phitune.errors import PhituneError
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedTokenizerBase
 
     from phitune.config import Config
@@ -33,7 +32,7 @@ console = Console()
 
 # What each kind of model needs to learn the eight fixed replies. The untrained toy also adapts its
 # head: a frozen random head cannot make confident predictions.
-RECIPES = {
+RECIPES: dict[str, dict[str, Any]] = {
     "real": {
         "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["all-linear"]},
         "training": {"max_steps": 30, "learning_rate": 2e-3, "batch_size": 8, "warmup_steps": 2},
@@ -56,7 +55,7 @@ def phitune_command() -> str:
 
 
 def held_out_scores(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, val_rows: list[list[dict]], examples: list, pad_id: int
+    model: Any, tokenizer: PreTrainedTokenizerBase, val_rows: list[list[dict]], examples: list, pad_id: int
 ) -> dict:
     from phitune.evaluate.lm import lm_metrics
     from phitune.generate import complete_batch
@@ -99,6 +98,7 @@ def run_demo(
 ) -> dict:
     from phitune.data.dataset import tokenize_file
     from phitune.models import load_for_inference
+    from phitune.samples import Chat
     from phitune.training.sft import train
     from phitune.training.tracking import read_metrics
 
@@ -115,7 +115,7 @@ def run_demo(
 
     model_, tokenizer = load_for_inference(base)
     val_split = tokenize_file(tokenizer, str(val_file), 512)
-    val_rows, val_examples = [s.messages for _, s in val_split.samples], val_split.examples
+    val_rows, val_examples = [s.messages for _, s in val_split.samples if isinstance(s, Chat)], val_split.examples
     console.print(f"[bold]2/4[/] scoring the base model on {len(val_rows)} held-out conversations {elapsed()}")
     before = held_out_scores(model_, tokenizer, val_rows, val_examples, tokenizer.pad_token_id)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,7 +16,7 @@ __all__ = ["complete_batch", "end_of_turn_ids", "greedy_ids", "prompt_ids"]
 
 @torch.no_grad()
 def complete_batch(
-    model: torch.nn.Module,
+    model: Any,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str | list[dict]],
     batch_size: int = 16,
@@ -35,7 +35,7 @@ def complete_batch(
     if not synced and ids:
         from phitune.inference.local import generate_all
 
-        replies = generate_all(
+        answered = generate_all(
             model,
             tokenizer,
             ids,
@@ -44,8 +44,8 @@ def complete_batch(
             temperature=temperature,
             seed=seed,
         )
-        if replies is not None:
-            return replies
+        if answered is not None:
+            return answered
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     kwargs = dict(
         max_new_tokens=max_new_tokens,
@@ -71,14 +71,12 @@ def complete_batch(
             mask[r, width - len(ids[i]) :] = 1
         out = model.generate(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device), **kwargs)
         for r, i in enumerate(rows):
-            replies[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
+            replies[i] = str(tokenizer.decode(out[r, width:], skip_special_tokens=True)).strip()
     return replies
 
 
 @torch.no_grad()
-def greedy_ids(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ids: list[int], *, max_new_tokens: int
-) -> list[int]:
+def greedy_ids(model: Any, tokenizer: PreTrainedTokenizerBase, ids: list[int], *, max_new_tokens: int) -> list[int]:
     """The greedy reply to prompt `ids` as token ids, without the end-of-turn token: the reference
     other runtimes (ONNX) are checked against."""
     stops = end_of_turn_ids(model, tokenizer)

@@ -112,7 +112,7 @@ def import_gguf(
         ) from None
     # A model built from the config takes the (dequantised) weights; it saves like any other.
     config = read.config
-    config.torch_dtype = torch_dtype
+    setattr(config, "torch_dtype", torch_dtype)  # noqa: B010 (a read-only property in transformers' stubs)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)

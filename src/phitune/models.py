@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from phitune.config import Config, ModelConfig, looks_local
 from phitune.errors import PhituneError
@@ -133,7 +132,7 @@ def load_model(
     return model
 
 
-def merged_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def merged_model(model: Any, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A PEFT model folded into a plain transformers model: PEFT's merge, or over a 4-bit base
     `merged_quantized`."""
     if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
@@ -141,7 +140,7 @@ def merged_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> PreTra
     return model.merge_and_unload()
 
 
-def merged_quantized(model: nn.Module, dtype: torch.dtype) -> PreTrainedModel:
+def merged_quantized(model: Any, dtype: torch.dtype) -> PreTrainedModel:
     """A PEFT model over a 4-bit base, merged into a plain full-precision model: each adapted layer
     gets dequant(4-bit weight) + the adapter's delta, so the result computes exactly what the run
     trained. (PEFT's own merge re-quantizes the sum to 4 bits; folding into the unquantised
@@ -178,14 +177,14 @@ def merged_quantized(model: nn.Module, dtype: torch.dtype) -> PreTrainedModel:
     return plain
 
 
-def apply_method(model: nn.Module, cfg: Config, tokenizer: PreTrainedTokenizerBase, head: str = "causal") -> nn.Module:
+def apply_method(model: Any, cfg: Config, tokenizer: PreTrainedTokenizerBase, head: str = "causal") -> Any:
     """Attach the method; with a classification head, PEFT's SEQ_CLS / TOKEN_CLS task types train
     the head in full and save it with the adapter."""
     context = BuildContext(PEFT_TASKS[head], cfg.model.tokenizer or cfg.model.name_or_path)
     return METHODS[cfg.method.name].build(model, cfg.method, context)
 
 
-def num_virtual_tokens(model: nn.Module) -> int:
+def num_virtual_tokens(model: Any) -> int:
     """Prompt-learning methods prepend virtual tokens whose outputs the loss must skip."""
     peft_config = getattr(model, "peft_config", None)
     if not peft_config:
@@ -237,7 +236,7 @@ def load_for_inference(
     head: str = "causal",
     labels: list[str] | None = None,
     safetensors_only: bool = False,
-) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+) -> tuple[Any, PreTrainedTokenizerBase]:  # a transformers or PEFT model
     """Base (+ adapter) in eval mode with its tokenizer; the same path `generate`, `eval` and tests
     use. `head`/`labels` load a classification run (or, for a base, a freshly initialised head:
     seeded, so a baseline scores the same every time). `safetensors_only` (the service) refuses

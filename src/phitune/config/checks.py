@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-
-from pydantic import BaseModel
+from typing import Any
 
 from phitune.config.schema import (
     DataConfig,
@@ -37,7 +36,7 @@ EVAL_METRICS = tuple(
 )
 
 
-def semantic_problems(sections: dict[str, BaseModel]) -> list[tuple[str, str]]:
+def semantic_problems(sections: dict[str, Any]) -> list[tuple[str, str]]:
     """Checks across fields and against the file system, on whichever sections parsed; each is
     (key path, message with the fix). Running them on partial configs lets one pass report all."""
     out: list[tuple[str, str]] = []

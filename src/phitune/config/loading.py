@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ def _key_lines(text: str) -> dict[str, int]:
 _UNION_TAG = re.compile(r"[\[\]()'-]|^(str|int|float|bool|list|dict|none)$")
 
 
-def _untagged(errors: list[dict]) -> list[dict]:
+def _untagged(errors: Sequence[Mapping]) -> list[dict]:
     """pydantic names the union member that failed in the location (`batch_size.literal['auto']`,
     `batch_size.constrained-int`); the user's key is the location without it."""
     return [
@@ -119,7 +120,8 @@ def parse_config(
     problems: list[str] = []
 
     def where(path: str) -> str:
-        flag = next((given[p] for p in _prefixes(path) if p in (given or {})), None)
+        flags = given or {}
+        flag = next((flags[p] for p in _prefixes(path) if p in flags), None)
         if flag:
             return f"{flag}: {path}"
         line = lines.get(path)

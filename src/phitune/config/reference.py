@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 
@@ -13,7 +13,7 @@ from phitune.methods import DEFAULT_METHOD, METHOD_KEYS
 
 def flatten(d: dict, prefix: str = "") -> dict:
     """{"a": {"b": 1}} -> {"a.b": 1}: config key paths and their values."""
-    flat = {}
+    flat: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         flat.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})

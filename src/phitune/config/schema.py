@@ -14,7 +14,9 @@ from phitune.methods import METHOD_FIELDS, METHODS, MethodConfig, validate_setti
 from phitune.methods.lora import LoraSettings
 from phitune.registry import DATA_FORMATS, DTYPES, TRAINABLE_TASKS
 
-DtypeName = Literal[("auto", *DTYPES)]
+# The names come from registry.py; pydantic reads these Literals at run time, mypy cannot.
+DTYPE_NAMES = ("auto", *DTYPES)
+DtypeName = Literal[DTYPE_NAMES]  # type: ignore[valid-type]
 
 
 def template_fields(pattern: str) -> list[str]:
@@ -87,7 +89,7 @@ class DataConfig(_Section):
         lt=1,
         description="Hold out this fraction of train for validation (fixed seed) when no validation file.",
     )
-    format: Literal[DATA_FORMATS] = Field(
+    format: Literal[DATA_FORMATS] = Field(  # type: ignore[valid-type]
         "auto",
         description="Row format; auto detects it from the keys (messages, conversations, instruction, "
         "prompt+completion, text, preferred_output / chosen+rejected). Ignored when task.name reads structured rows.",
@@ -150,7 +152,7 @@ class DataConfig(_Section):
 
 
 class TaskConfig(_Section):
-    name: Literal[TRAINABLE_TASKS] = Field(
+    name: Literal[TRAINABLE_TASKS] = Field(  # type: ignore[valid-type]
         "none",
         description="Task preset: reads structured rows (classification: text,label; ner: tokens,tags or "
         "text,entities; translation: source,target; qa: question,context,answer; creative: prompt,text) and records "

@@ -8,10 +8,12 @@ interrupted one would have seen."""
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import torch
 
 from phitune.data.chat import IGNORE_INDEX, Example
+from phitune.data.packing import PackedExample
 
 MEGA_BATCHES = 50  # batches sorted together; larger groups pad less but shuffle less
 PAD_LIMIT = 0.2  # auto: group when random batches would spend more than this fraction of tokens on padding
@@ -60,7 +62,7 @@ def split_micro_padded(examples: list, parts: int) -> list[list]:
     return micro + [[] for _ in range(parts - len(micro))]
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: Sequence[Example | PackedExample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example of this micro-batch only.
 
     Packed examples carry position ids instead of an attention mask (transformers builds the
@@ -77,7 +79,7 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
-        if packed:
+        if isinstance(e, PackedExample):
             positions[row, :n] = torch.tensor(e.position_ids)
             positions[row, n:] = torch.arange(width - n)
     if packed:

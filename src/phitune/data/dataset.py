@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 from phitune.data.formats import FORMATS, detect_format
 from phitune.data.leakage import Leakage, find_leakage, whole_key
 from phitune.data.packing import pack_stream, pack_whole
-from phitune.data.readers import read_rows
-from phitune.data.tokenize import tokenize_sample
+from phitune.data.readers import Row, read_rows
+from phitune.data.tokenize import PairExample, tokenize_sample
 from phitune.errors import PhituneError
 from phitune.samples import Chat, FormatOptions, Plain, Preference, Tagged
 from phitune.tasks import TASKS, TaskSpec, model_head
@@ -62,7 +62,7 @@ def format_options(data_cfg: DataConfig) -> FormatOptions:
     )
 
 
-def resolve_format(data_cfg: DataConfig, task_name: str, rows: list[dict], source: str) -> str:
+def resolve_format(data_cfg: DataConfig, task_name: str, rows: list[Row], source: str) -> str:
     """The format name, or the task preset's name for structured rows."""
     if TASKS[task_name].fields:  # structured rows: the task's preset converts them
         return task_name
@@ -124,8 +124,8 @@ def _sample_warnings(split: Split, spec: TaskSpec) -> None:
             split.warnings.append(
                 f"{where}: preferred and non-preferred replies are identical; the pair teaches nothing"
             )
-    taught = [TASKS[spec.name].sample_label(s) for _, s in split.samples]
-    if any(label is not None for label in taught):
+    taught = [label for _, s in split.samples if (label := TASKS[spec.name].sample_label(s)) is not None]
+    if taught:
         counts = Counter(taught)
         once = sorted(label for label, n in counts.items() if n == 1)
         if once:
@@ -150,7 +150,7 @@ def tokenize_split(split: Split, tokenizer: PreTrainedTokenizerBase, max_length:
             split.truncated += 1
             over.append(f"{where}: {n} tokens, {n - max_length} over data.max_length={max_length}; it is truncated")
         if example.num_trained == 0 or (
-            hasattr(example, "chosen") and not (example.chosen.num_trained and example.rejected.num_trained)
+            isinstance(example, PairExample) and not (example.chosen.num_trained and example.rejected.num_trained)
         ):
             split.dropped.append(where)
         else:
@@ -329,8 +329,8 @@ def tokenize_file(
     tokenizer: PreTrainedTokenizerBase,
     path: str,
     max_length: int,
-    data_cfg: DataConfig = None,
-    task_cfg: TaskConfig = None,
+    data_cfg: DataConfig | None = None,
+    task_cfg: TaskConfig | None = None,
 ) -> Split:
     """One file, checked and tokenized (errors raised): for evaluation, the demo and benchmarks."""
     from phitune.config import DataConfig, TaskConfig

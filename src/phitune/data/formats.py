@@ -149,7 +149,7 @@ def sharegpt(row: dict, where: str, opts: FormatOptions) -> Result:
         if not isinstance(t, dict):
             problems.append(f"{at}: expected an object with 'from' and 'value', got {type(t).__name__}")
             continue
-        role = SHAREGPT_ROLES.get(t.get("from"))
+        role = SHAREGPT_ROLES.get(str(t.get("from")))
         if role is None:
             problems.append(f"{at}: unknown 'from' {t.get('from')!r}; use one of {', '.join(SHAREGPT_ROLES)}")
         messages.append({"role": role or "user", "content": t.get("value")})
@@ -176,13 +176,14 @@ def template(row: dict, where: str, opts: FormatOptions) -> Result:
     problems = not_object(row, where, "an object with the template's fields")
     if problems:
         return None, problems
-    fields = template_fields(opts.template)
+    pattern, start = opts.template or "", opts.completion_field or ""  # checked by the config
+    fields = template_fields(pattern)
     problems = [p for f in fields for p in need(row, where, f, (str, int, float), "a string or number")]
     if problems:
         return None, problems
-    cut = opts.template.index("{" + opts.completion_field + "}")
+    cut = pattern.index("{" + start + "}")
     values = {f: str(row[f]) for f in fields}
-    return Plain(opts.template[:cut].format(**values), opts.template[cut:].format(**values)), []
+    return Plain(pattern[:cut].format(**values), pattern[cut:].format(**values)), []
 
 
 def preference(row: dict, where: str, opts: FormatOptions) -> Result:
@@ -236,7 +237,9 @@ def preference(row: dict, where: str, opts: FormatOptions) -> Result:
             f"{where}: the prompt ends with an assistant message; it must end with the user turn the replies answer"
         ]
     return Preference(
-        _with_system([dict(m, weight=0) if m["role"] == "assistant" else m for m in prompt], opts), chosen, rejected
+        _with_system([dict(m, weight=0) if m["role"] == "assistant" else m for m in prompt], opts),
+        str(chosen),
+        str(rejected),
     ), []
 
 

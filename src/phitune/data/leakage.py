@@ -13,6 +13,7 @@ from phitune.samples import Chat, Labelled, Plain, Preference, Tagged
 
 def input_key(sample: object) -> str:
     """What the model is given: the conversation before the last reply, the raw prompt, the text."""
+    value: object
     if isinstance(sample, Chat):
         last = max((i for i, m in enumerate(sample.messages) if m["role"] == "assistant"), default=len(sample.messages))
         value = [(m["role"], m["content"].strip()) for m in sample.messages[:last]]
@@ -32,7 +33,7 @@ def input_key(sample: object) -> str:
 def whole_key(sample: object) -> str:
     from dataclasses import asdict
 
-    return json.dumps(asdict(sample), sort_keys=True, ensure_ascii=False)
+    return json.dumps(asdict(sample), sort_keys=True, ensure_ascii=False)  # type: ignore[call-overload]
 
 
 @dataclass
@@ -61,8 +62,8 @@ class Leakage:
 
 
 def find_leakage(eval_samples: list[tuple[str, object]], train_samples: list[tuple[str, object]]) -> Leakage:
-    whole = {}
-    inputs = {}
+    whole: dict[str, str] = {}
+    inputs: dict[str, str] = {}
     for where, sample in train_samples:
         whole.setdefault(whole_key(sample), where)
         inputs.setdefault(input_key(sample), where)

@@ -104,7 +104,7 @@ def tokenize_sample(
     max_length: int,
     where: str,
     label_ids: dict[str, int] | None = None,
-) -> tuple[object, int]:
+) -> tuple[Example | PairExample | ClassExample, int]:
     """(example, untruncated length)."""
     if isinstance(sample, Chat):
         _require_template(tokenizer, where)
@@ -124,9 +124,11 @@ def tokenize_sample(
         n = max(len(chosen.input_ids), len(rejected.input_ids))
         cut = [Example(e.input_ids[:max_length], e.labels[:max_length], where) for e in (chosen, rejected)]
         return PairExample(cut[0], cut[1], where), n
-    if isinstance(sample, Labelled):
-        return tokenize_labelled(tokenizer, sample, label_ids, max_length, where)
-    if isinstance(sample, Tagged):
+    if isinstance(sample, (Labelled, Tagged)):
+        if label_ids is None:
+            raise TypeError(f"{where}: a head's sample needs the head's label ids")
+        if isinstance(sample, Labelled):
+            return tokenize_labelled(tokenizer, sample, label_ids, max_length, where)
         return tokenize_tagged(tokenizer, sample, label_ids, max_length, where)
     raise TypeError(f"unknown sample type {type(sample).__name__}")
 

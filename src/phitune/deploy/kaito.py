@@ -14,7 +14,7 @@ from __future__ import annotations
 import posixpath
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -185,7 +185,11 @@ def _checked(cfg, name, input_urls, input_image, output_image, push_secret, outp
 def training_config(cfg: Config, fmt: str) -> dict:
     m, d, t = cfg.method, cfg.data, cfg.training
     dtype = DTYPES[t.precision]
-    dataset = {"shuffle_dataset": True, "shuffle_seed": t.seed, "train_test_split": round(1.0 - d.validation_split, 6)}
+    dataset: dict[str, Any] = {
+        "shuffle_dataset": True,
+        "shuffle_seed": t.seed,
+        "train_test_split": round(1.0 - d.validation_split, 6),
+    }
     dataset |= {
         "chat": {"messages_column": "messages"},
         "prompt_completion": {"context_column": "prompt", "response_column": "completion"},

@@ -9,7 +9,7 @@ bringing your own image (one with `pip install phitune[all]`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from phitune.deploy.kaito import DNS_NAME
 from phitune.errors import PhituneError
@@ -37,7 +37,7 @@ def pytorchjob_manifests(
     from phitune.config import dump_config
 
     _check_job(cfg, name, nodes, gpus_per_node, data_pvc)
-    updates = {"output_dir": f"{OUTPUT_DIR}/{name}"}
+    updates: dict[str, Any] = {"output_dir": f"{OUTPUT_DIR}/{name}"}
     if data_pvc:
         updates["data"] = cfg.data.model_copy(
             update={k: f"{DATA_DIR}/{Path(v).name}" for k in ("train", "validation") if (v := getattr(cfg.data, k))}

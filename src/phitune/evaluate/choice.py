@@ -9,7 +9,7 @@ when the tokenizer has one), as lm-evaluation-harness computes it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -90,7 +90,7 @@ def choice_examples(tokenizer: PreTrainedTokenizerBase, question: str, choices: 
 
 @torch.no_grad()
 def loglikelihoods(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list[Example], batch_size: int
+    model: Any, tokenizer: PreTrainedTokenizerBase, examples: list[Example], batch_size: int
 ) -> list[float]:
     from phitune.data.batching import collate
     from phitune.training.loss import sequence_logps
@@ -105,7 +105,7 @@ def loglikelihoods(
 
 
 def evaluate_choices(
-    model: torch.nn.Module,
+    model: Any,
     tokenizer: PreTrainedTokenizerBase,
     data_file: str,
     *,
@@ -131,7 +131,10 @@ def evaluate_choices(
         items = [p for p in parsed if name in p["sets"]]
         if not items:
             continue
-        examples, spans, correct, lengths = [], [], [], []
+        examples: list = []
+        spans: list = []
+        correct: list = []
+        lengths: list = []
         for item in items:
             choices, good = item["sets"][name]
             spans.append((len(examples), len(examples) + len(choices)))

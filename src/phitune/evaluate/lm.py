@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from phitune.data.chat import Example
 
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 def lm_metrics(
-    model: torch.nn.Module,
+    model: Any,
     examples: list[Example],
     *,
     batch_size: int,

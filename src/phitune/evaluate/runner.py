@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -116,7 +116,9 @@ def _data_config(data_file: str, options: dict):
     return DataConfig(train=str(data_file), **options)
 
 
-def read_eval_split(data_file: str, spec: TaskSpec, options: dict, tokenizer: PreTrainedTokenizerBase = None) -> Split:
+def read_eval_split(
+    data_file: str, spec: TaskSpec, options: dict, tokenizer: PreTrainedTokenizerBase | None = None
+) -> Split:
     """The file's samples under the task spec (errors raised), tokenized when a tokenizer is given."""
     from phitune.config import TaskConfig
     from phitune.data.dataset import raise_on_errors, read_split, tokenize_split
@@ -189,7 +191,7 @@ def evaluate_model(
 
 
 def score_head(
-    model: torch.nn.Module,
+    model: Any,
     tokenizer: PreTrainedTokenizerBase,
     spec: TaskSpec,
     examples: list,
@@ -199,7 +201,8 @@ def score_head(
     from phitune.training.objectives import build_objective, evaluate
 
     device = model.device
-    objective = build_objective(spec, tokenizer.pad_token_id)  # the head's: sequence or token classification
+    # The head's objective (sequence or token classification), which also predicts.
+    objective: Any = build_objective(spec, tokenizer.pad_token_id)
     with torch.no_grad():
         guessed = [
             p
@@ -216,9 +219,7 @@ def score_head(
 
 
 @torch.no_grad()
-def score_preferences(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, examples: list, batch_size: int
-) -> dict:
+def score_preferences(model: Any, tokenizer: PreTrainedTokenizerBase, examples: list, batch_size: int) -> dict:
     """Preference pairs, without a reference model (so a base and its fine-tune compare): how
     often the preferred reply is the more likely one, and by how much (summed log-probabilities)."""
     from phitune.data.batching import collate
@@ -240,7 +241,7 @@ def score_preferences(
 
 
 def score_generative(
-    model: torch.nn.Module,
+    model: Any,
     tokenizer: PreTrainedTokenizerBase,
     spec: TaskSpec,
     examples: list,

@@ -133,9 +133,9 @@ def export_gguf(
     output = Path(output)
     plan = plan_export(source, quant=quant, lora=lora, base_gguf=base_gguf, base=base, name=name)
     refuse_non_empty(output, overwrite)
-    with tempfile.TemporaryDirectory(prefix="phitune-gguf-") as work, staged(output) as tmp:
+    with tempfile.TemporaryDirectory(prefix="phitune-gguf-") as scratch, staged(output) as tmp:
         tmp.mkdir(parents=True)
-        work = Path(work)
+        work = Path(scratch)
         if plan.lora:
             tokenizer, generation = _fine_tune_tokenizer(plan)
             files = _export_lora(plan, tokenizer, tmp, work)
@@ -178,6 +178,7 @@ def _fine_tune_tokenizer(plan: Plan):
     and the base's generation settings, without loading any weights."""
     from transformers import AutoTokenizer, GenerationConfig
 
+    assert plan.adapter is not None  # --lora: plan_export found the adapter
     own = Path(plan.adapter) / "tokenizer_config.json"
     tokenizer = AutoTokenizer.from_pretrained(plan.adapter if own.is_file() else plan.base)
     base_tokenizer = AutoTokenizer.from_pretrained(plan.base)
@@ -288,6 +289,7 @@ def _export_lora(plan: Plan, tokenizer, tmp: Path, work: Path) -> dict[str, str]
     """adapter.gguf, and base.gguf: a hard link to the shared base file (a copy across file systems)."""
     from phitune.export.gguf_lora import write_lora
 
+    assert plan.adapter is not None  # --lora: plan_export found the adapter
     base_file = plan.base_gguf or shared_base(plan.base, plan.quant, work)
     write_lora(plan.adapter, _config(plan.base), tmp / "adapter.gguf", plan.name)
     local = tmp / "base.gguf"

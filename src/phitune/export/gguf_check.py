@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from phitune.export.gguf import require_llama_cpp
 from phitune.hardware import usable_cpus
@@ -20,7 +21,13 @@ def open_llama(folder: str | Path, *, n_ctx: int = 2048, f32_cache: bool = False
 
     folder = Path(folder)
     files = json.loads((folder / "phitune_export.json").read_text())["files"]
-    settings = {"n_ctx": n_ctx, "n_threads": usable_cpus(), "logits_all": True, "verbose": False, "seed": 0}
+    settings: dict[str, Any] = {
+        "n_ctx": n_ctx,
+        "n_threads": usable_cpus(),
+        "logits_all": True,
+        "verbose": False,
+        "seed": 0,
+    }
     if f32_cache:
         settings |= {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
     if "adapter" in files:
@@ -76,15 +83,15 @@ def check_gguf(
     try:
         for prompt, answer in zip(asked, answered):
             ids = prompt_ids(tokenizer, prompt)
-            text = prompt if isinstance(prompt, str) else tokenizer.decode(ids)
+            text = prompt if isinstance(prompt, str) else str(tokenizer.decode(ids))
             same_prompt += llm.tokenize(text.encode(), add_bos=isinstance(prompt, str), special=True) == ids
             reference = greedy_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens)
             got = llama_greedy(llm, ids, stops, max_new_tokens)
             exact += got == reference
             agreement += token_agreement(got, reference)
             if answer is not None:  # the fine-tune's own answers, as the data gives them
-                right["torch"] += tokenizer.decode(reference, skip_special_tokens=True).strip() == answer
-                right["gguf"] += tokenizer.decode(got, skip_special_tokens=True).strip() == answer
+                right["torch"] += str(tokenizer.decode(reference, skip_special_tokens=True)).strip() == answer
+                right["gguf"] += str(tokenizer.decode(got, skip_special_tokens=True)).strip() == answer
         report = {
             "prompts": len(asked),
             "greedy_exact": exact / len(asked),

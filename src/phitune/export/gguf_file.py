@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 
 def new_writer(path: Path, arch: str):
@@ -22,7 +23,10 @@ def write_tensors(writer, tensors: list, qtype) -> None:
     import gguf
     import numpy as np
 
-    plain = {gguf.GGMLQuantizationType.F32: np.dtype(np.float32), gguf.GGMLQuantizationType.F16: np.dtype(np.float16)}
+    plain: dict[Any, np.dtype] = {
+        gguf.GGMLQuantizationType.F32: np.dtype(np.float32),
+        gguf.GGMLQuantizationType.F16: np.dtype(np.float16),
+    }
     todo = []
     for name, shape, value in tensors:
         kind = _tensor_type(shape, qtype)

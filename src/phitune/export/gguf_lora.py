@@ -32,7 +32,7 @@ def adapter_layers(adapter: str, config) -> dict:
         raise _refuse(adapter, "a DoRA adapter; llama.cpp applies plain LoRA (the magnitude would be lost)")
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    targets = {name: m for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
+    targets: dict[str, torch.nn.Module] = {n: m for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
     try:
         lora = read_adapter(adapter, targets)
     except NotBatchable as exc:

@@ -176,7 +176,7 @@ def model_tensors(model, config: PretrainedConfig, arch: GgufArch) -> list[tuple
     names = TensorNames(config, arch)
     state = model.state_dict()
     embed = state.get("model.embed_tokens.weight")
-    out = []
+    out: list[tuple[str, tuple, Callable]] = []
     for name, tensor in state.items():
         if name == "lm_head.weight" and embed is not None and getattr(config, "tie_word_embeddings", False):
             if tensor.data_ptr() == embed.data_ptr() or tensor.equal(embed):
@@ -189,5 +189,9 @@ def model_tensors(model, config: PretrainedConfig, arch: GgufArch) -> list[tuple
 
         out.append((names.gguf_name(name), tuple(tensor.shape), value))
     for name, array in rope_tensors(config):
-        out.append((name, array.shape, lambda array=array: array))
+
+        def constant(array: np.ndarray = array) -> np.ndarray:
+            return array
+
+        out.append((name, array.shape, constant))
     return out

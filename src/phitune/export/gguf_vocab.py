@@ -11,8 +11,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from phitune.errors import PhituneError
+
+if TYPE_CHECKING:
+    import gguf
 
 # tokenizer.json pre-tokenizer regexes -> llama.cpp's name for the same split.
 _WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
@@ -29,7 +33,9 @@ def _byte_level(step: dict, regex: bool) -> bool:
 
 def bpe_pre(pre: dict | None, where: str) -> str:
     """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer's `pre_tokenizer`."""
-    steps = (pre or {}).get("pretokenizers") if (pre or {}).get("type") == "Sequence" else [pre or {}]
+    steps: list[dict] = (
+        ((pre or {}).get("pretokenizers") or []) if (pre or {}).get("type") == "Sequence" else [pre or {}]
+    )
     if len(steps) == 1 and _byte_level(steps[0], regex=True):
         return "gpt-2"
     if (
@@ -78,7 +84,7 @@ def add_vocab(writer, tokenizer, model_dir: Path, vocab_size: int) -> None:
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def _tokens(data: dict, vocab_size: int) -> tuple[list[str], list[int]]:
+def _tokens(data: dict, vocab_size: int) -> tuple[list[str], list[gguf.TokenType]]:
     """Token texts by id and their llama.cpp types: special added tokens are CONTROL (parsed from
     text only when asked, never printed), other added ones USER_DEFINED, the embedding rows past
     the tokenizer UNUSED."""
@@ -110,7 +116,7 @@ def _tokens(data: dict, vocab_size: int) -> tuple[list[str], list[int]]:
 def _merge_scores(model: dict, tokens: list[str]) -> list[float]:
     """A merge of rank k makes a token of score -k: the SentencePiece tokenizer's highest score
     first is then the BPE tokenizer's earliest merge first."""
-    rank = {}
+    rank: dict[str, int] = {}
     for k, merge in enumerate(model.get("merges", [])):
         left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
         rank.setdefault(left + right, k)

@@ -90,7 +90,10 @@ def derive_turns(render, eos: str | None = None) -> Turns | None:
         text = render(_conversation(roles), generation_prompt)
         if not generation_prompt and eos and text.endswith(eos):
             text = text[: -len(eos)]
-        return _around(text, _conversation(roles))
+        found = _around(text, _conversation(roles))
+        if found is None:
+            raise ValueError("a message's content is missing from the rendered template")
+        return found
 
     try:
         head, s_to_u, u_to_a, a_to_u, tail = pieces("suau", True)
@@ -102,7 +105,7 @@ def derive_turns(render, eos: str | None = None) -> Turns | None:
     generation = _cut(tail, post_u, at_start=True)
     post_s = _cut(s_to_u, pre_u, at_start=False) if pre_u is not None else None
     before = _cut(before_user, pre_u, at_start=False) if pre_u is not None else None
-    if None in (pre_a, pre_u, generation, post_s, before):
+    if pre_a is None or pre_u is None or generation is None or post_s is None or before is None:
         return None
     pre = {"system": head, "user": pre_u, "assistant": pre_a}
     turns = Turns("", pre, {"system": post_s, "user": post_u, "assistant": post_a}, generation)

@@ -244,8 +244,8 @@ def export_multi_lora(
     refuse_non_empty(output, overwrite)
     require_builder()
     resolved = _lora_adapters(base, adapters)
-    with tempfile.TemporaryDirectory(prefix="phitune-multilora-") as work, staged(output) as tmp:
-        work = Path(work)
+    with tempfile.TemporaryDirectory(prefix="phitune-multilora-") as scratch, staged(output) as tmp:
+        work = Path(scratch)
         first = next(iter(resolved.values()))
         _build(base, tmp, precision, device, work / "cache", adapter=first)
         graph_file = tmp / "model.onnx"

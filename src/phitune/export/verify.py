@@ -33,7 +33,7 @@ def held_out_prompts(split, count: int) -> list[tuple]:
     from phitune.tasks import scoring
 
     kept = split.kept if split else []
-    asked = [scoring.prompt_and_reference(s) for _, s in kept if scoring.generative(s)][:count]
+    asked: list[tuple] = [scoring.prompt_and_reference(s) for _, s in kept if scoring.generative(s)][:count]
     return asked or [([{"role": "user", "content": p}], None) for p in DEFAULT_PROMPTS]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import AsyncIterator
+from typing import AsyncGenerator
 
 from phitune.errors import PhituneError
 
@@ -30,7 +30,7 @@ class EngineClient:
                     raise EngineGone("the inference engine is not running; try again shortly") from None
                 await asyncio.sleep(0.2)
 
-    async def stream(self, request: dict) -> AsyncIterator[dict]:
+    async def stream(self, request: dict) -> AsyncGenerator[dict, None]:
         """The engine's event lines for one request. Closing this generator (a client that went
         away) closes the connection, which cancels the request in the engine."""
         reader, writer = await self._open()

@@ -147,7 +147,7 @@ class Engine:
             raise PhituneError("the prompt is empty")
         if sampling.max_tokens < 1:
             raise PhituneError(f"max_tokens {sampling.max_tokens}: at least 1")
-        vocab = self.runner.config.vocab_size
+        vocab = int(self.runner.config.vocab_size)
         if min(seq.prompt) < 0 or max(seq.prompt) >= vocab:  # a bad id would fail the whole step's batch
             raise PhituneError(f"the prompt has a token id outside the vocabulary (0..{vocab - 1})")
         if need > self.pool.capacity_tokens:
@@ -282,7 +282,10 @@ class Engine:
         return self._build(work, ids), chunks, sampled
 
     def _build(self, work: list[tuple[_Sequence, int]], decoding: set[int]) -> Step:
-        tokens, positions, writes, groups = [], [], [], []
+        tokens: list[int] = []
+        positions: list[int] = []
+        writes: list[torch.Tensor] = []
+        groups: list[tuple[LoraSet | None, int, int]] = []
         decode_rows, decode_tables, decode_lengths, prefills, sample_rows = [], [], [], [], []
         row = 0
         for seq, n in work:
@@ -296,9 +299,9 @@ class Engine:
             positions += range(start, start + n)
             writes.append(slots(seq.table, start, start + n))
             if groups and groups[-1][0] is seq.lora:
-                groups[-1][2] = row + n
+                groups[-1] = (seq.lora, groups[-1][1], row + n)
             else:
-                groups.append([seq.lora, row, row + n])
+                groups.append((seq.lora, row, row + n))
             if id(seq) in decoding:
                 decode_rows.append(row)
                 decode_tables.append(seq.table)
@@ -313,7 +316,7 @@ class Engine:
             tokens=torch.tensor(tokens),
             positions=torch.tensor(positions),
             write_slots=torch.cat(writes),
-            groups=[tuple(g) for g in groups],
+            groups=groups,
             prefills=prefills,
             sample_rows=torch.tensor(sample_rows),
         )
@@ -344,6 +347,7 @@ class Engine:
             return
         seq.generated.append(token)
         m.count("generated_tokens")
+        assert seq.stops is not None and seq.detok is not None  # set when it was admitted
         text = seq.stops.feed(seq.detok.add(token))
         if text:
             seq.sink(Event("text", text))
@@ -353,7 +357,7 @@ class Engine:
             self._finish(seq, "length")
 
     def _finish(self, seq: _Sequence, finish: str) -> None:
-        if seq.stops is not None and not seq.stops.hit and finish != "cancelled":
+        if seq.stops is not None and seq.detok is not None and not seq.stops.hit and finish != "cancelled":
             tail = seq.stops.feed(seq.detok.flush())
             tail += "" if seq.stops.hit else seq.stops.flush()
             if tail:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -53,12 +53,12 @@ def local_engine(
     return Engine(model, tokenizer, limits=limits, pack=False), lora
 
 
-def _sharded(model: torch.nn.Module) -> bool:
+def _sharded(model: Any) -> bool:
     """FSDP2's DTensors or ZeRO-3's partitioned parameters: only their framework's forward gathers them."""
     return any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in model.parameters())
 
 
-def _kv_bytes_per_token(model: torch.nn.Module) -> int:
+def _kv_bytes_per_token(model: Any) -> int:
     """In fp32 whatever the model's dtype: a bound, so the budget always holds the batch."""
     _, kv_heads, head_dim = attention_shape(model.config)
     return KVPool.token_bytes(model.config.num_hidden_layers, kv_heads, head_dim, torch.float32)

@@ -107,8 +107,9 @@ def _check_kind(config: dict, path: Path) -> None:
 def _scale(config: dict, name: str, r: int) -> float:
     from peft.utils.other import get_pattern_key
 
-    alphas = config.get("alpha_pattern") or {}
-    alpha = alphas[get_pattern_key(alphas, name)] if alphas and get_pattern_key(alphas, name) in alphas else None
+    alphas: dict[str, float] = config.get("alpha_pattern") or {}
+    key = get_pattern_key(list(alphas), name) if alphas else None
+    alpha = alphas[key] if key is not None and key in alphas else None
     alpha = config.get("lora_alpha", 8) if alpha is None else alpha
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
@@ -150,7 +151,8 @@ def from_peft(model: torch.nn.Module) -> LoraSet | None:
     if not peft_config:
         return None
     active = getattr(model, "active_adapter", None)
-    config = peft_config.get(active) if isinstance(active, str) else None
+    active = active if isinstance(active, str) else ""
+    config = peft_config.get(active)
     if config is None or getattr(config, "peft_type", None) is None or config.peft_type.value != "LORA":
         raise NotBatchable(f"a {getattr(config, 'peft_type', '?')} adapter (the engine runs LoRA and DoRA)")
     layers = {}

@@ -56,7 +56,7 @@ class EngineProcess:
                 time.sleep(min(5.0, 0.5 * self.restarts))
                 continue
             self._ready.set()
-            code = self.proc.wait()
+            code = self.proc.wait() if self.proc is not None else None
             if self._stopping.is_set():
                 return
             print(f"phitune: the inference engine exited ({code}); starting it again", file=sys.stderr, flush=True)
@@ -82,7 +82,7 @@ class EngineProcess:
                 stdout=subprocess.PIPE,
                 text=True,
             )
-        if self.proc.stdout.readline().strip() != "ready":
+        if self.proc.stdout is None or self.proc.stdout.readline().strip() != "ready":
             raise PhituneError(f"exit code {self.proc.wait()}; see its log above")
 
     def stop(self) -> None:

@@ -13,7 +13,7 @@ weights are the loaded model's own, nothing is copied.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3")
 
 
-def unsupported(model: torch.nn.Module) -> str | None:
+def unsupported(model: Any) -> str | None:
     """Why the engine cannot run `model` (None: it can)."""
     config = getattr(model, "config", None)
     kind = getattr(config, "model_type", None)
@@ -79,7 +79,7 @@ class Prefill:
 class Runner:
     """The model's decoder as a function of a `Step`: logits for the step's sample rows."""
 
-    def __init__(self, model: torch.nn.Module, *, pack: bool = True) -> None:
+    def __init__(self, model: Any, *, pack: bool = True) -> None:
         why = unsupported(model)
         if why:
             raise PhituneError(f"the inference engine cannot run this model: {why}")
@@ -227,7 +227,7 @@ class Runner:
         keys.index_copy_(0, step.write_slots, k.to(keys.dtype))
         values.index_copy_(0, step.write_slots, v.to(values.dtype))
         out = torch.empty_like(q)
-        if step.decode_rows is not None:
+        if step.decode_rows is not None and step.decode_slots is not None:
             qd = q.index_select(0, step.decode_rows).unsqueeze(2)  # [B, H, 1, D]
             # index_select of the flat slots: ~5x faster than indexing with the 2-D tensor
             B, L = step.decode_slots.shape
@@ -246,7 +246,7 @@ class Runner:
     def _masks(self, step: Step, window: int | None):
         """Boolean masks (True: may attend) for the decode group and each prompt chunk."""
         decode = None
-        if step.decode_rows is not None:
+        if step.decode_rows is not None and step.decode_key_positions is not None:
             keys = step.decode_key_positions  # [B, L]
             decode = keys >= 0
             if window:
@@ -275,8 +275,10 @@ def packed(layers) -> dict[int, torch.Tensor]:
         return {}
     out = {}
     for layer in layers:
-        w = getattr(layer, "weight", None)
-        if type(layer) is torch.nn.Linear and w.dtype == torch.bfloat16 and w.device.type == "cpu":
+        if type(layer) is not torch.nn.Linear:
+            continue
+        w = layer.weight
+        if w.dtype == torch.bfloat16 and w.device.type == "cpu":
             out[id(layer)] = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16)
     return out
 

@@ -26,7 +26,7 @@ def next_tokens(logits: torch.Tensor, settings: list[Sampling], generators: list
     """One token per row of `logits` [S, vocab] (fp32)."""
     out = logits.argmax(dim=-1).tolist()  # greedy rows, all at once
     for i, (s, g) in enumerate(zip(settings, generators)):
-        if s.temperature > 0:
+        if s.temperature > 0 and g is not None:  # a sampling row has its generator
             out[i] = _sample(logits[i], s, g)
     return out
 

@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from phitune.errors import PhituneError
 from phitune.inference.engine import Engine, Event
@@ -143,7 +144,7 @@ class EngineServer:
         served = await self.base(request["base"], bool(request.get("trusted")), request["model"])
         sampling = Sampling(**request["sampling"])
         prompt = await asyncio.to_thread(served.prompt, request["messages"], sampling, request["model"])
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        loop, events = asyncio.get_running_loop(), asyncio.Queue[Any]()
 
         def sink(event: Event) -> None:  # the engine's thread: hand over, never block
             loop.call_soon_threadsafe(events.put_nowait, event)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Discriminator, Field, Tag, TypeAdapter, ValidationError
+from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from phitune.methods import full, ia3, lora, prompt_tuning
@@ -50,9 +50,10 @@ MethodConfig = Annotated[
 def _all_fields() -> dict[str, FieldInfo]:
     """Every key of any method (the first method's field where several read it), `name` first."""
     out: dict[str, FieldInfo] = {
-        "name": FieldInfo.merge_field_infos(
-            Field(DEFAULT_METHOD, description="Fine-tuning method: " + ", ".join(METHODS) + "."),
-            annotation=Literal[METHOD_NAMES],  # type: ignore[valid-type]
+        "name": FieldInfo(
+            default=DEFAULT_METHOD,
+            annotation=Literal[METHOD_NAMES],  # type: ignore[valid-type,arg-type]  # the names above, at run time
+            description="Fine-tuning method: " + ", ".join(METHODS) + ".",
         )
     }
     for method in METHODS.values():
@@ -109,7 +110,7 @@ def validate_settings(value: Any) -> MethodSettings:
             continue
         info = METHOD_FIELDS[key]
         try:
-            TypeAdapter(Annotated[info.annotation, info]).validate_python(item)
+            TypeAdapter(Annotated[info.annotation, info]).validate_python(item)  # type: ignore[arg-type]
         except ValidationError as exc:
             errors += [{**e, "loc": (key, *e["loc"])} for e in exc.errors()]
     raise ValidationError.from_exception_data("method", errors)

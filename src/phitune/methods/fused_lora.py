@@ -30,7 +30,7 @@ PEFT's own forward, unchanged.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
@@ -182,16 +182,19 @@ class FusedLoraLinear(PeftLoraLinear):
             float(self.scaling[adapter]),
         )
 
+    def _lora_weights(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return cast(torch.Tensor, self.lora_A[adapter].weight), cast(torch.Tensor, self.lora_B[adapter].weight)
+
     def _widens(self, x: torch.Tensor, adapter: str) -> bool:
         """Whether the update is kept in the adapter's precision: its weights are wider than the
         dtype the layer computes in (bf16 autocast, a bf16 base), and whole tensors."""
-        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        a, b = self._lora_weights(adapter)
         return _compute_dtype(x).itemsize < a.dtype.itemsize and _plain(a) and _plain(b)
 
     def _update_in_adapter_precision(self, x: torch.Tensor, x_dropped: torch.Tensor, adapter: str) -> torch.Tensor:
         """The base matmul in the narrow compute dtype, the LoRA update computed and added in the
         adapter weights' dtype (autocast would narrow it again: it is off for the update)."""
-        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        a, b = self._lora_weights(adapter)
         y = self.base_layer(x)
         with torch.autocast(x.device.type, enabled=False):
             h = (x_dropped.to(a.dtype) @ a.t()) * float(self.scaling[adapter])  # the scale on the rank-r side

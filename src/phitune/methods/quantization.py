@@ -105,4 +105,4 @@ def exact_4bit_inference(model: nn.Module) -> None:
     in the run's compute dtype, as training did."""
     for module in model.modules():
         if type(module).__name__ == "Linear4bit":
-            module.support_avx512bf16_for_cpu = False
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 (bitsandbytes' attribute, not nn.Module's)

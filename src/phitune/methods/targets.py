@@ -25,7 +25,8 @@ def _is_linear(module: nn.Module) -> bool:
 
 def linear_module_names(model: nn.Module) -> list[str]:
     """Suffixes of every linear layer except the output head (the 'all-linear' set)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_embeddings = getattr(model, "get_output_embeddings", None)  # transformers' models have it
+    head = output_embeddings() if output_embeddings else None
     names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if _is_linear(mod) and mod is not head}
     return sorted(names - set(CLASSIFIER_NAMES))
 

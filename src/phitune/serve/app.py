@@ -100,7 +100,7 @@ def create_app(settings: Settings) -> FastAPI:
     for router in routers:
         app.include_router(router, prefix=API_PREFIX)
     app.include_router(metrics.router)  # /metrics, where Prometheus scrapers look
-    app.openapi = lambda: _openapi(app)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]  # FastAPI's documented override
     mount_portal(app)
     return app
 

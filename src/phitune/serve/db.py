@@ -12,7 +12,7 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -124,7 +124,7 @@ class Checkpoint(Base):
 
 
 def add_event(
-    db: Session | Connection,
+    db: Session,
     job_id: str,
     message: str,
     *,
@@ -165,7 +165,7 @@ def _engine(url: str, *, immediate: bool):
     return engine
 
 
-def first(db: Session | Connection, stmt: Executable, **params: object) -> object:
+def first(db: Session | Connection, stmt: Executable, **params: object) -> Any:
     """One object or None: an ORM object from a write Session, a Row (the same attribute names)
     from a read Connection."""
     return db.scalar(stmt, params) if isinstance(db, Session) else db.execute(stmt, params).first()

@@ -4,6 +4,8 @@ exception by status and retries 408/409/429/5xx, so a request that can never suc
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import HTTPException
 
@@ -53,7 +55,7 @@ _BRANCH = re.compile(
 )
 
 
-def validation_message(errors: list[dict]) -> tuple[str | None, str]:
+def validation_message(errors: Sequence[Any]) -> tuple[str | None, str]:
     """(param, one line) for a request that failed its schema: the first bad key (the param), its
     value and every way it could have been right ("'auto' or a number <= 100"), then each other
     bad key the same way, once each."""

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Query
 from sqlalchemy import select
@@ -24,13 +24,13 @@ def limit_query(default: int) -> int:
 
 def page(
     db: Session,
-    model: type,
+    model: Any,  # a table's ORM class (Job, File, Event, Checkpoint)
     where: list,
     *,
     after: str | None,
     limit: int,
     newest_first: bool,
-    render: Callable[[object], dict],
+    render: Callable[[Any], dict],
 ) -> dict:
     """One page of `model` rows on a read connection, rendered (`limit` checked by the route)."""
     stmt = select(model).where(*where)

@@ -142,7 +142,7 @@ def _refuse_keys(section: str, allowed: tuple[str, ...]):
                     )
         return value
 
-    return model_validator(mode="before")(classmethod(check))
+    return model_validator(mode="before")(classmethod(check))  # type: ignore[arg-type]  # built per section
 
 
 class _Options(BaseModel):
@@ -156,7 +156,7 @@ def _section_model(section: str) -> type[BaseModel]:
         info = config_model.model_fields[name]
         annotation = _bounded(info.annotation, LIMITS.get(f"{section}.{name}"))
         fields[name] = (annotation, Field(info.default, description=info.description, **_metadata(info)))
-    return create_model(
+    return create_model(  # type: ignore[call-overload]  # fields built from the config's
         f"{section.title()}Options",
         __base__=_Options,
         __doc__=f"The {section} options a job may set.",
@@ -178,7 +178,7 @@ def _metadata(info) -> dict:
 _MODELS = {section: _section_model(section) for section in TENANT}
 
 
-JobOptions: type[BaseModel] = create_model(
+JobOptions: type[BaseModel] = create_model(  # type: ignore[call-overload]
     "JobOptions",
     __base__=_Options,
     __doc__="phitune options (`extra_body={'phitune': {...}}`): the part of the training config a job may set.",

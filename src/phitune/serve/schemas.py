@@ -217,7 +217,7 @@ class Job(BaseModel):
     organization_id: str
     result_files: list[str]
     seed: int
-    status: Literal[STATUSES]
+    status: Literal[STATUSES]  # type: ignore[valid-type]  # serve/status.ALL, read at run time
     trained_tokens: Optional[int] = None
     training_file: str
     validation_file: Optional[str] = None

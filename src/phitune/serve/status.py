@@ -11,9 +11,9 @@ applies it only if the job is still in one of them."""
 from __future__ import annotations
 
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from sqlalchemy import update
+from sqlalchemy import CursorResult, update
 
 from phitune.serve.db import Job, add_event
 
@@ -64,10 +64,13 @@ def move(
     `only_from`, when given, and meets `where`); its event is added only when the move happened.
     In the caller's transaction: the caller commits."""
     sources = SOURCES[to] & only_from if only_from is not None else SOURCES[to]
-    moved = db.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_([s.value for s in sources]), *where)
-        .values(status=to.value, **values)
+    moved = cast(
+        CursorResult,
+        db.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_([s.value for s in sources]), *where)
+            .values(status=to.value, **values)
+        ),
     )
     if moved.rowcount == 1 and event:
         add_event(db, job_id, event, level=level)
@@ -78,7 +81,10 @@ def request(db: Session, job_id: str, what: str) -> bool:
     """Leave a cancel or pause request for the worker of a running job. A pause never replaces
     an accepted cancel (a cancel does replace a pause: the stronger request wins)."""
     free = Job.requested.is_(None) if what == PAUSE else Job.requested.is_(None) | (Job.requested == PAUSE)
-    moved = db.execute(
-        update(Job).where(Job.id == job_id, Job.status == Status.RUNNING.value, free).values(requested=what)
+    moved = cast(
+        CursorResult,
+        db.execute(
+            update(Job).where(Job.id == job_id, Job.status == Status.RUNNING.value, free).values(requested=what)
+        ),
     )
     return moved.rowcount == 1

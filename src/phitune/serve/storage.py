@@ -65,7 +65,7 @@ def room(settings: Settings, connect, org: str, what: str) -> int | None:
 
 
 def quota_error(settings: Settings, used: int, what: str) -> ApiError:
-    limit = settings.org_quota_bytes
+    limit = settings.org_quota_bytes or 0  # asked only where a quota is set
     return ApiError(
         403,
         f"{what}: your organization stores {used / 2**20:.1f} MiB of files and fine-tuning runs, and this server's "

@@ -5,9 +5,10 @@ paging in `listing.py`, the quota's sums in `storage.py`."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import CursorResult, bindparam, func, select, update
 
 from phitune.serve.db import Checkpoint, Event, File, Job, first
 from phitune.serve.status import Status
@@ -42,10 +43,13 @@ def claim(db: Session, current: str, to: str, worker: str, heartbeat: float) -> 
     UPDATE makes it this worker's only (committed here)."""
     ids = list(db.scalars(select(Job.id).where(Job.status == current, Job.worker.is_(None)).order_by(Job.seq).limit(5)))
     for job_id in ids:
-        claimed = db.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == current, Job.worker.is_(None))
-            .values(status=to, worker=worker, heartbeat=heartbeat)
+        claimed = cast(
+            CursorResult,
+            db.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == current, Job.worker.is_(None))
+                .values(status=to, worker=worker, heartbeat=heartbeat)
+            ),
         )
         db.commit()
         if claimed.rowcount == 1:
@@ -68,7 +72,7 @@ def set_job(db: Session, job_id: str, **values: object) -> None:
     db.execute(update(Job).where(Job.id == job_id).values(**values))
 
 
-def progress(db: Session, ids: list[str]) -> tuple[dict[str, int], dict[str, int | None]]:
+def progress(db: Session, ids: list[str]) -> tuple[dict[str, int | None], dict[str, int | None]]:
     """(last logged step, total steps) of each of these jobs."""
     steps = dict(
         db.execute(select(Event.job_id, func.max(Event.step)).where(Event.job_id.in_(ids)).group_by(Event.job_id)).all()
@@ -96,7 +100,7 @@ def event_seq(db: Session, job_id: str, event_id: str) -> int | None:
     return db.scalar(select(Event.seq).where(Event.id == event_id, Event.job_id == job_id))
 
 
-def events_after(db: Session, job_id: str, seq: int, limit: int) -> list[Row]:
+def events_after(db: Session, job_id: str, seq: int, limit: int) -> Sequence[Row]:
     return db.execute(
         select(Event).where(Event.job_id == job_id, Event.seq > seq).order_by(Event.seq).limit(limit)
     ).all()

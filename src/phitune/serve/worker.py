@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -129,7 +130,7 @@ class Worker:
                 )
             db.commit()
 
-    def finish(self, job_id: str, to: Status, *, error: dict | None = None, message: str, **values: object) -> bool:
+    def finish(self, job_id: str, to: Status, *, error: dict | None = None, message: str, **values: Any) -> bool:
         """The job's end (or pause), unless it already ended: a job cancelled meanwhile stays so."""
         with self.sessions() as db:
             moved = status.move(
@@ -149,7 +150,7 @@ class Worker:
 
     # --- validating_files -----------------------------------------------------------------------
 
-    def validate(self, job: Job) -> None:
+    def validate(self, job: Job) -> bool | None:
         from phitune.data.dataset import read_split
         from phitune.serve.filecheck import public_text
 
@@ -195,6 +196,7 @@ class Worker:
             ):
                 add_event(db, job.id, "Fine-tuning job queued")
             db.commit()
+        return None
 
     # --- running ---------------------------------------------------------------------------------
 
@@ -240,7 +242,7 @@ class Worker:
         self.sync(job, name, started)
         return proc.returncode, requested
 
-    def conclude(self, job: Job, name: str, returncode: int, requested: str | None, *, stopping: bool) -> None:
+    def conclude(self, job: Job, name: str, returncode: int, requested: str | None, *, stopping: bool) -> bool | None:
         """The job's final status from how its training process ended."""
         if requested == QUOTA:
             used = usage(self.settings, self.sessions, job.org)
@@ -283,6 +285,7 @@ class Worker:
             result_files=[result],
             estimated_finish=None,
         )
+        return None
 
     def sync(self, job: Job, name: str, started: float) -> str | None:
         """Metrics -> events, checkpoints -> objects, heartbeat; returns a cancel / pause request."""
@@ -290,6 +293,7 @@ class Worker:
         records = read_metrics(run / "metrics.jsonl")
         with self.sessions() as db:
             current = store.job_by_id(db, job.id)
+            assert current is not None  # job rows are never deleted
             total = current.total_steps
             # The database is the record of what was emitted (a failed commit emitted nothing). A
             # resumed run logs the steps after its checkpoint again: those are skipped.

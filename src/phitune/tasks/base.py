@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -41,13 +42,20 @@ class TaskSettings(Protocol):
     """The `task:` section of a config as a task reads it (config.TaskConfig; the config package
     depends on this one, not the other way round)."""
 
-    name: str
-    head: bool
-    labels: list[str] | None
-    instruction: str | None
-    source_language: str | None
-    target_language: str | None
-    fields: dict[str, str] | None
+    @property
+    def name(self) -> str: ...
+    @property
+    def head(self) -> bool: ...
+    @property
+    def labels(self) -> list[str] | None: ...
+    @property
+    def instruction(self) -> str | None: ...
+    @property
+    def source_language(self) -> str | None: ...
+    @property
+    def target_language(self) -> str | None: ...
+    @property
+    def fields(self) -> Mapping[str, str] | None: ...
 
 
 Sample = Any  # one of phitune.samples' types

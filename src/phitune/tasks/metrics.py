@@ -12,6 +12,7 @@ import math
 import re
 import string
 from collections import Counter
+from collections.abc import Sequence
 
 from phitune.errors import PhituneError
 
@@ -94,7 +95,7 @@ def _token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def qa(predictions: list[str], references: list[str | list[str]]) -> dict:
+def qa(predictions: list[str], references: Sequence[str | list[str]]) -> dict:
     """Exact match and token F1, each the best over a question's reference answers."""
     _same_length(predictions, references)
     em = f1 = 0.0
@@ -174,6 +175,6 @@ def translation(predictions: list[str], references: list[str]) -> dict:
     }
 
 
-def _same_length(a: list, b: list) -> None:
+def _same_length(a: Sequence, b: Sequence) -> None:
     if len(a) != len(b):
         raise ValueError(f"{len(a)} predictions for {len(b)} references")

@@ -19,7 +19,9 @@ def tag_labels(entity_types: list[str]) -> list[str]:
 
 def bio_spans(tags: list[str]) -> set[tuple[int, int, str]]:
     """(start, end, type) of each entity in a BIO sequence; a stray I- starts one (seqeval's default)."""
-    spans, start, kind = set(), None, None
+    spans: set[tuple[int, int, str]] = set()
+    start: int | None = None
+    kind = ""
     for i, tag in enumerate(tags + ["O"]):
         if start is not None and not (tag.startswith("I-") and tag[2:] == kind):
             spans.add((start, i, kind))

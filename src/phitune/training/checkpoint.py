@@ -65,7 +65,7 @@ def save_checkpoint(
     state: TrainState,
     runtime: Runtime,
     *,
-    save_adapter: Callable[[Path], None],
+    save_adapter: Callable[[Path], None] | None,
     keep: int | None,
 ) -> Path:
     """Every process takes part (DeepSpeed writes a shard per process; ZeRO-3 gathers the adapter);

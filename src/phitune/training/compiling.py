@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,7 +30,7 @@ log = logging.getLogger("phitune")
 REPAYS = 2e13  # parameter-tokens: the break-even measured on a 2-core AMX Xeon, with margin
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+def decoder_layers(model: Any) -> torch.nn.ModuleList | None:
     """The model's stack of decoder layers (under a PEFT wrapper too), or None."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
@@ -71,7 +72,7 @@ def compile_layers(model: torch.nn.Module) -> int:
     # torch writes its default (a temporary directory) into the variable once it has looked.
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path.home() / ".cache" / "phitune" / "compile")
-    layers = decoder_layers(model)
+    layers = decoder_layers(model) or torch.nn.ModuleList()
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)

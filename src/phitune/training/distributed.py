@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from phitune.errors import PhituneError
+from phitune.training.hyperparameters import chosen
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -249,7 +250,7 @@ def deepspeed_config(cfg: Config, world: int, hidden_size: int | None = None) ->
     derived = {
         "train_batch_size": t.batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "train_micro_batch_size_per_gpu": t.batch_size // (world * t.gradient_accumulation_steps),
+        "train_micro_batch_size_per_gpu": chosen(t.batch_size, "batch_size") // (world * t.gradient_accumulation_steps),
         "gradient_clipping": t.max_grad_norm or 0.0,
         "zero_optimization": zero,
         # Our AdamW (or bitsandbytes') is used as given, also with offload.

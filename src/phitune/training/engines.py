@@ -64,8 +64,9 @@ class Engine(Protocol):
     def step(self, max_grad_norm: float | None) -> float | None:
         """The optimizer step (clipping first); the gradient norm when it was measured."""
 
-    def unwrap(self) -> torch.nn.Module:
-        """The model itself (PEFT or transformers), without the engine's wrapper."""
+    def unwrap(self) -> Any:
+        """The model itself (PEFT or transformers; typed Any: their methods are not nn.Module's),
+        without the engine's wrapper."""
 
     def gathered(self, params: list | None = None) -> ContextManager:
         """Inside it every process holds `params` (default: all) whole."""
@@ -144,7 +145,7 @@ class PlainEngine:
             else:
                 p.grad.copy_(g)
 
-    def unwrap(self) -> torch.nn.Module:
+    def unwrap(self) -> Any:
         return self.model
 
     def gathered(self, params: list | None = None) -> ContextManager:
@@ -214,7 +215,7 @@ class DeepSpeedEngine:
         norm = self.model.get_global_grad_norm()
         return None if norm is None else float(norm)
 
-    def unwrap(self) -> torch.nn.Module:
+    def unwrap(self) -> Any:
         return self.model.module.inner
 
     def gathered(self, params: list | None = None) -> ContextManager:
@@ -233,7 +234,8 @@ class DeepSpeedEngine:
         """Under ZeRO-3, the adapter's tensors (see adapter_tensor_names), gathered one at a time."""
         if self.stage != 3:
             return None
-        return dict(self.whole_weights(adapter_tensor_names(self.unwrap())).tensors)
+        weights = self.whole_weights(adapter_tensor_names(self.unwrap()))
+        return dict(weights.tensors) if weights is not None else None
 
     def whole_weights(self, names: set[str] | None = None) -> WholeWeights | None:
         """Under ZeRO-3, each weight (or only `names`) gathered in turn and copied to the main
@@ -253,7 +255,7 @@ class DeepSpeedEngine:
                     whole = tensor.detach().cpu().clone() if self.runtime.is_main else None
             else:
                 whole = tensor.detach().cpu()
-            if self.runtime.is_main:
+            if self.runtime.is_main and whole is not None:
                 yield name, whole
 
     def save_weights(self, path: Path) -> None:
@@ -309,9 +311,10 @@ class FsdpEngine:
         for module in model.modules():
             if type(module).__name__ in layers:
                 fully_shard(module, mp_policy=policy)
-        self.model = fully_shard(CallThrough(model), mp_policy=policy)
-        self.optimizer = make_optimizer(self.model)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        sharded: Any = fully_shard(CallThrough(model), mp_policy=policy)
+        self.model = sharded
+        self.optimizer = make_optimizer(sharded)
+        self.trainable = [p for p in sharded.parameters() if p.requires_grad]
 
     def forward(self, fn: Callable, *args: Any) -> Any:
         return self.model(fn, *args)
@@ -322,13 +325,13 @@ class FsdpEngine:
     def step(self, max_grad_norm: float | None) -> float | None:
         norm = None
         if max_grad_norm:
-            norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_grad_norm)
-            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            total = torch.nn.utils.clip_grad_norm_(self.trainable, max_grad_norm)
+            norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def unwrap(self) -> torch.nn.Module:
+    def unwrap(self) -> Any:
         return self.model.inner
 
     def gathered(self, params: list | None = None) -> ContextManager:
@@ -344,12 +347,13 @@ class FsdpEngine:
 
         for name, tensor in entries:
             whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # a collective
-            if self.runtime.is_main:
+            if self.runtime.is_main and whole is not None:
                 yield name, whole.detach().cpu()
             del whole
 
     def adapter_state_dict(self) -> dict:
-        return dict(self.whole_weights(adapter_tensor_names(self.unwrap())).tensors)
+        weights = self.whole_weights(adapter_tensor_names(self.unwrap()))
+        return dict(weights.tensors) if weights is not None else {}
 
     def save_weights(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -371,7 +375,7 @@ class FsdpEngine:
         model_sd, optim_sd = get_state_dict(
             self.model, self.optimizer, options=StateDictOptions(ignore_frozen_params=True)
         )
-        state = {"model": model_sd, "optimizer": optim_sd}
+        state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd}
         dcp.load(state, checkpoint_id=str(path / "fsdp"))
         # Frozen base weights are not in the checkpoint (they come from the base model): not strict.
         set_state_dict(

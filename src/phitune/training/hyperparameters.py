@@ -21,7 +21,7 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from phitune.methods import METHODS
 
@@ -31,6 +31,15 @@ if TYPE_CHECKING:
 
 AUTO = "auto"
 AUTO_KEYS = ("epochs", "batch_size", "learning_rate")
+T = TypeVar("T")
+
+
+def chosen(value: T | Literal["auto"], key: str) -> T:
+    """A training value the run reads after `for_run` replaced its `auto` (the recipe's view)."""
+    if value == AUTO:
+        raise RuntimeError(f"training.{key} is still auto; hyperparameters.for_run chooses it before training")
+    return cast(T, value)
+
 
 REFERENCE_WIDTH = 576  # SmolLM2-135M's hidden size, where the adapter rate was measured
 ADAPTER_RATE = 1e-3
@@ -101,7 +110,7 @@ def choose(
     )
 
 
-def resolve(training: TrainingConfig, choice_for: Callable[[str], object]) -> tuple[object, dict]:
+def resolve(training: TrainingConfig, choice_for: Callable[[], Any]) -> tuple[Any, dict]:
     """A TrainingConfig with its `auto` values replaced, and {key: value} of those replaced.
     `choice_for()` is called only when something is auto (it may load a config or count tokens)."""
     wanted = [k for k in AUTO_KEYS if getattr(training, k) == AUTO and not (k == "epochs" and training.max_steps)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ContextManager, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,12 @@ if TYPE_CHECKING:
 
 
 class Objective(Protocol):
-    name: str
-    eval_names: tuple[str, ...]  # what `evaluate` reports (training.best_metric may pick one)
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def eval_names(self) -> tuple[str, ...]:
+        """What `evaluate` reports (training.best_metric may pick one)."""
 
     def count(self, examples: list) -> int:
         """What one step's summed loss is divided by: trained tokens, labelled examples or pairs."""
@@ -214,7 +218,7 @@ class DPO:
         return self.metrics(sums, count)
 
 
-def adapter_disabled(model: torch.nn.Module) -> tuple[torch.nn.Module, ContextManager]:
+def adapter_disabled(model: Any) -> tuple[Any, ContextManager]:
     """Reference = the base under the adapter: PEFT's disable_adapter() context."""
     inner = model.module if hasattr(model, "module") and hasattr(model.module, "disable_adapter") else model
     return inner, inner.disable_adapter()
@@ -252,7 +256,7 @@ def evaluate(
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     rank, world = (runtime.rank, runtime.world) if runtime else (0, 1)
-    total, count, sums = 0.0, 0, {}
+    total, count, sums = 0.0, 0.0, dict[str, float]()
     for first in range(0, len(batches), world):
         mine = first + rank
         part = [examples[i] for i in batches[mine]] if mine < len(batches) else []
@@ -265,9 +269,8 @@ def evaluate(
     model.train(was_training)
     if runtime and runtime.parallel:
         (total, count), sums = runtime.sum_over_processes(sums, total, count)
-        count = int(count)
     mean = total / max(count, 1)
-    return {"loss": mean} | objective.eval_metrics(mean, sums, count)
+    return {"loss": mean} | objective.eval_metrics(mean, sums, int(count))
 
 
 def objective_kind(spec: TaskSpec, objective: str) -> str:
@@ -283,7 +286,7 @@ OBJECTIVES: dict[str, Callable[..., Objective]] = {
         pad, beta, frozen_copy(reference) if reference is not None else adapter_disabled
     ),
     "sequence": lambda spec, pad, virtual, beta, reference: SequenceClassification(pad, spec.labels),
-    "token": lambda spec, pad, virtual, beta, reference: TokenClassification(pad, model_head(spec)[1]),
+    "token": lambda spec, pad, virtual, beta, reference: TokenClassification(pad, model_head(spec)[1] or []),
 }
 
 

@@ -27,6 +27,7 @@ from phitune.tasks import GENERATIVE_TASKS, TASKS, primary_metric
 from phitune.training.compiling import compile_layers, decoder_parameters, why_compile
 from phitune.training.distributed import Runtime
 from phitune.training.engines import Engine, build_engine
+from phitune.training.hyperparameters import chosen
 from phitune.training.objectives import Objective
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ def load_data(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> TrainData:
             )
     message, refuse = length_problem(data.train, cfg.data.max_length, cfg.data.max_dropped)
     if refuse:
-        raise PhituneError(message)
+        raise PhituneError(message or "data.max_length")
     if message:
         log.warning("WARNING: %s", message)
     if data.leakage and (warning := data.leakage.warning(data.train.path)):
@@ -167,7 +168,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=t.learning_rate)
+        return torch.optim.AdamW(groups, lr=chosen(t.learning_rate, "learning_rate"))
     try:
         import bitsandbytes as bnb
     except ImportError as exc:
@@ -203,7 +204,8 @@ def total_steps(cfg: Config, num_examples: int) -> int:
     t = cfg.training
     if t.max_steps:
         return t.max_steps
-    return max(1, math.ceil((t.epochs or 1.0) * math.ceil(num_examples / t.batch_size)))
+    epochs = chosen(t.epochs, "epochs") or 1.0
+    return max(1, math.ceil(epochs * math.ceil(num_examples / chosen(t.batch_size, "batch_size"))))
 
 
 def setup_engine(
@@ -254,7 +256,7 @@ def compile_for_run(
         unsupported = f"strategy {runtime.strategy}"
     examples = data.train_examples
     mean_tokens = sum(len(e.input_ids) for e in examples) / max(len(examples), 1)
-    param_tokens = float(decoder_parameters(model)) * mean_tokens * t.batch_size * steps
+    param_tokens = float(decoder_parameters(model)) * mean_tokens * chosen(t.batch_size, "batch_size") * steps
     why = why_compile(
         t.compile,
         model,

@@ -32,6 +32,7 @@ from phitune.training import allocator, hyperparameters
 from phitune.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from phitune.training.distributed import Runtime, peak_memory_mb, run_deepspeed_config, start
 from phitune.training.engines import Engine
+from phitune.training.hyperparameters import chosen
 from phitune.training.objectives import Objective, add_sums, build_objective, evaluate
 from phitune.training.progress import Progress
 from phitune.training.run import Run, RunResult, StepResult
@@ -162,7 +163,8 @@ def setup(cfg: Config, *, resume: bool, overwrite: bool) -> Run:
 def fit(run: Run) -> None:
     t, state, examples_all = run.cfg.training, run.state, run.data.train_examples
     lengths = [len(e.input_ids) for e in examples_all]
-    group = should_group(lengths, t.batch_size, t.seed, run.cfg.data.group_by_length)
+    batch_size = chosen(t.batch_size, "batch_size")
+    group = should_group(lengths, batch_size, t.seed, run.cfg.data.group_by_length)
     if run.runtime.is_main:
         run.metrics = MetricsLog(run.out, tensorboard=t.tensorboard, resume_step=state.step if run.resumed else None)
         run.progress = Progress(total=run.steps, start=state.step)
@@ -170,11 +172,11 @@ def fit(run: Run) -> None:
     started = time.perf_counter() - state.elapsed_s
     try:
         while state.step < run.steps:
-            batches = epoch_batches(lengths, t.batch_size, t.seed, state.epoch, group)
+            batches = epoch_batches(lengths, batch_size, t.seed, state.epoch, group)
             while state.batch_index < len(batches) and state.step < run.steps:
                 step_start = time.perf_counter()
                 examples = [examples_all[i] for i in batches[state.batch_index]]
-                lr = run.scheduler.get_last_lr()[0]
+                lr = float(run.scheduler.get_last_lr()[0])
                 step = train_step(run, examples)
                 run.startup.reached("first_step_done")
                 tps = step.real_tokens / max(time.perf_counter() - step_start, 1e-9)
@@ -198,7 +200,7 @@ def train_step(run: Run, examples: list) -> StepResult:
     # Every process knows the whole step batch, so the global count needs no message.
     step_tokens = run.objective.count(examples)
     real_tokens = sum(getattr(e, "num_tokens", None) or len(e.input_ids) for e in examples)  # pairs: both replies
-    loss_sum, sums = 0.0, {}
+    loss_sum, sums = 0.0, dict[str, float]()
     for part in split_micro_padded(runtime.shard(examples), t.gradient_accumulation_steps):
         # A process short of examples (the last batch of an epoch) still runs a forward and
         # backward, weighted zero: collectives need every process.
@@ -254,7 +256,8 @@ def after_step(run: Run, step: StepResult, *, lr: float, tokens_per_second: floa
         run.eval_metrics = evaluate_now(run)
         record = (record or {"step": state.step}) | {f"eval_{k}": v for k, v in run.eval_metrics.items()}
         improved = update_best(state, run.eval_metrics, run.best_metric)
-        stop_early = bool(t.early_stopping_patience) and state.evals_without_improvement >= t.early_stopping_patience
+        patience = t.early_stopping_patience or 0
+        stop_early = bool(patience) and state.evals_without_improvement >= patience
         if improved and t.keep_best:
             save_final(run, name="best")
             if run.runtime.is_main:
@@ -293,11 +296,12 @@ def after_step(run: Run, step: StepResult, *, lr: float, tokens_per_second: floa
 
 def evaluate_now(run: Run) -> dict:
     t = run.cfg.training
+    batch_size = chosen(t.batch_size, "batch_size")
     values = evaluate(
         run.objective,
         run.engine.model,
-        run.data.validation_examples,
-        batch_size=t.batch_size,
+        run.data.validation_examples or [],
+        batch_size=batch_size,
         device=run.accelerator.device,
         autocast=run.accelerator.autocast,
         runtime=run.runtime,
@@ -308,9 +312,9 @@ def evaluate_now(run: Run) -> dict:
             run.engine,
             run.tokenizer,
             run.data.spec,
-            run.data.validation_samples[: t.eval_generate],
+            (run.data.validation_samples or [])[: t.eval_generate],
             run.runtime,
-            batch_size=t.batch_size,
+            batch_size=batch_size,
             autocast=run.accelerator.autocast,
         )
     return values

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import torch
 
@@ -69,7 +69,7 @@ def write(path: Path, slots: list[Slot], tensors: Iterable[tuple[str, torch.Tens
             f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
-def saved_as_is(model: torch.nn.Module, slots: list[Slot]) -> bool:
+def saved_as_is(model: Any, slots: list[Slot]) -> bool:
     """Whether transformers' save_pretrained would write these tensors under these names
     unchanged. A model loaded through a weight conversion (renamed or fused tensors) is saved
     with the conversion undone, which only transformers knows how to do; it is asked with

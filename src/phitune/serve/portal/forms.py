@@ -3,9 +3,10 @@ shows (so users learn the API); and the API's error -> the form field it belongs
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-METHODS = {  # the form's method choice -> (OpenAI method.type, phitune method.name)
+# The form's method choice -> (OpenAI method.type, phitune method.name).
+METHODS: dict[str, tuple[Literal["supervised", "dpo"], str]] = {
     "lora": ("supervised", "lora"),
     "qlora": ("supervised", "qlora"),
     "dora": ("supervised", "dora"),

@@ -12,7 +12,7 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, AsyncGenerator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -41,7 +41,9 @@ class _ClosingStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()
+            aclose = getattr(self.body_iterator, "aclose", None)  # our generator's
+            if aclose is not None:
+                await aclose()
 
 
 def resolve(request: Request, org: str, model: str) -> tuple[str, str | None, bool]:
@@ -139,6 +141,8 @@ async def chat_completions(body: ChatRequest, request: Request, org: Org) -> dic
                 raise _api_error(event)
     except EngineGone as exc:
         raise ApiError(503, str(exc), code="engine_unavailable") from None
+    if done is None:  # the engine's stream ended without its last event
+        raise ApiError(503, "the inference engine ended the reply unfinished", code="engine_unavailable")
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -156,7 +160,7 @@ async def chat_completions(body: ChatRequest, request: Request, org: Org) -> dic
     }
 
 
-async def _first(events: AsyncIterator[dict]) -> dict:
+async def _first(events: AsyncGenerator[dict, None]) -> dict:
     """The engine's `start` event; an error before it (a bad prompt, an adapter for another base, an
     engine that is down) is the request's error."""
     try:
@@ -186,7 +190,7 @@ def _usage(done: dict) -> dict:
 
 
 async def _stream(
-    events: AsyncIterator[dict], model_id, completion_id, created, prompt_tokens: int, include_usage: bool
+    events: AsyncGenerator[dict, None], model_id, completion_id, created, prompt_tokens: int, include_usage: bool
 ):
     def chunk(delta: dict | None, finish: str | None = None, **extra) -> str:
         choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]

@@ -77,7 +77,7 @@ async def create_file(request: Request, org: Org, settings: ServerSettings, sess
         upload = await Upload(partial_path(final), limit).read(request)
     except ApiError as exc:  # past the room left: the quota is what refused it
         if exc.status_code == 413 and limit != settings.max_upload_bytes:
-            raise storage.quota_error(settings, settings.org_quota_bytes - limit, "file") from None
+            raise storage.quota_error(settings, (settings.org_quota_bytes or 0) - limit, "file") from None
         raise
     purpose = upload.fields.get("purpose")
     if purpose not in UPLOADABLE:
