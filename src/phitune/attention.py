@@ -58,8 +58,22 @@ def short_rows_attention(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, position_bias, **kwargs
         )
     query, key, value = query.to(compute), key.to(compute), value.to(compute)
-    batch, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
+    return _matmul_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal), None
+
+
+def _matmul_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    is_causal: bool | None,
+) -> torch.Tensor:
+    """Two batched matmuls and a float32 softmax, every key/value head read once; (batch, q, heads, dim)."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
     group = heads // kv_heads
     scale = dim**-0.5 if scaling is None else scaling
     if attention_mask is None:
@@ -83,7 +97,7 @@ def short_rows_attention(
     if dropout > 0 and module.training:
         probs = torch.nn.functional.dropout(probs, p=dropout)
     out = probs.view(batch, kv_heads, group * q_len, k_len) @ value
-    return out.view(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
+    return out.view(batch, heads, q_len, dim).transpose(1, 2).contiguous()
 
 
 def register() -> str:

@@ -100,7 +100,6 @@ def run_demo(
     from phitune.models import load_for_inference
     from phitune.samples import Chat
     from phitune.training.sft import train
-    from phitune.training.tracking import read_metrics
 
     train_file, val_file = demo_files(Path(data_dir))
     out = Path(output)
@@ -131,13 +130,10 @@ def run_demo(
     after = held_out_scores(model_, tokenizer, val_rows, val_examples, tokenizer.pad_token_id)
     show_results(before, after, val_rows)
 
-    records = read_metrics(result.output_dir / "metrics.jsonl")
-    first, last = records[0], records[-1]
     report = {
         "before": before,
         "after": after,
-        "train_loss_first": [first["step"], first["loss"]],
-        "train_loss_last": [last["step"], last["loss"]],
+        **_train_losses(result.output_dir / "metrics.jsonl"),
         "seconds": round(time.perf_counter() - started, 1),
         "base_model": base,
         "run": str(result.output_dir),
@@ -156,6 +152,15 @@ def demo_files(data: Path) -> tuple[Path, Path]:
             "repository root or pass --data-dir examples/data"
         )
     return train_file, val_file
+
+
+def _train_losses(metrics_file: Path) -> dict:
+    """The run's first and last logged (step, train loss)."""
+    from phitune.training.tracking import read_metrics
+
+    records = read_metrics(metrics_file)
+    first, last = records[0], records[-1]
+    return {"train_loss_first": [first["step"], first["loss"]], "train_loss_last": [last["step"], last["loss"]]}
 
 
 def demo_config(base: str, kind: str, max_steps: int | None, train_file: Path, val_file: Path, out: Path) -> Config:

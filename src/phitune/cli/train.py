@@ -12,10 +12,8 @@ from phitune.cli.common import log
 from phitune.errors import PhituneError
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from phitune.config import load_config
-    from phitune.sources import check_source
-
+def _overrides(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """`--set` items, and the shortcut flags as the same items (each mapped to how it was typed)."""
     overrides, flags = list(args.set or []), {}
     for flag, key in (
         ("model", "model.name_or_path"),
@@ -29,6 +27,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         if value is not None:
             overrides.append(f"{key}={value}")
             flags[overrides[-1]] = f"--{flag.replace('_', '-')} {value}"
+    return overrides, flags
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from phitune.config import load_config
+    from phitune.sources import check_source
+
+    overrides, flags = _overrides(args)
     cfg = load_config(args.config, overrides, flags=flags)  # checked here, before any process is started
     check_source(cfg.model.name_or_path)  # in a second, not after the hub's retries
     from phitune.training.sft import train

@@ -251,18 +251,7 @@ def export_multi_lora(
         graph_file = tmp / "model.onnx"
         model = onnx.load(str(graph_file), load_external_data=True)
         slots = {t.name: t for t in model.graph.initializer if _is_lora(t.name)}
-        (tmp / "adapters").mkdir()
-        for i, (name, adapter) in enumerate(resolved.items()):
-            built = work / f"a{i}"
-            _build(base, built, precision, device, work / "cache", adapter=adapter)
-            tensors = _lora_tensors(built / "model.onnx")
-            shutil.rmtree(built)
-            if set(tensors) != set(slots) or any(tuple(tensors[k].shape) != tuple(slots[k].dims) for k in slots):
-                raise PhituneError(
-                    f"--adapter {name}: its LoRA targets or rank differ from {next(iter(resolved))}'s; "
-                    "adapters served together need the same target_modules and r"
-                )
-            _write_onnx_adapter(tmp / "adapters" / f"{name}.onnx_adapter", tensors)
+        _write_adapters(base, resolved, slots, tmp / "adapters", work, precision=precision, device=device)
         _lora_inputs_default_to_zero(model, slots)
         graph_file.unlink()
         (tmp / "model.onnx.data").unlink(missing_ok=True)
@@ -280,6 +269,25 @@ def export_multi_lora(
             + "\n"
         )
     return output
+
+
+def _write_adapters(
+    base: str, resolved: dict[str, str], slots: dict, folder: Path, work: Path, *, precision: str, device: str
+) -> None:
+    """folder/NAME.onnx_adapter for each adapter: its LoRA weights as the builder lays them out,
+    checked to fill the graph's LoRA inputs (`slots`) exactly."""
+    folder.mkdir()
+    for i, (name, adapter) in enumerate(resolved.items()):
+        built = work / f"a{i}"
+        _build(base, built, precision, device, work / "cache", adapter=adapter)
+        tensors = _lora_tensors(built / "model.onnx")
+        shutil.rmtree(built)
+        if set(tensors) != set(slots) or any(tuple(tensors[k].shape) != tuple(slots[k].dims) for k in slots):
+            raise PhituneError(
+                f"--adapter {name}: its LoRA targets or rank differ from {next(iter(resolved))}'s; "
+                "adapters served together need the same target_modules and r"
+            )
+        _write_onnx_adapter(folder / f"{name}.onnx_adapter", tensors)
 
 
 def _lora_adapters(base: str, adapters: dict[str, str]) -> dict[str, str]:

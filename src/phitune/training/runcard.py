@@ -36,20 +36,11 @@ def write_run_card(out: Path, cfg: Config, summary: dict) -> None:
     ]
     if ev:
         lines.append("- validation: " + ", ".join(f"{k} {_fmt(v)}" for k, v in ev.items()))
-    cls = summary["model_class"]
-    labels = f", num_labels={summary['num_labels']}" if summary["num_labels"] else ""
-    load = (
-        f"```python\nfrom transformers import {cls}\nfrom peft import PeftModel\n"
-        f"base = {cls}.from_pretrained({cfg.model.name_or_path!r}{labels})\n"
-        f"model = PeftModel.from_pretrained(base, {str(out / artifact)!r})\n```"
-        if artifact == "adapter"
-        else f"```python\nfrom transformers import {cls}\nmodel = {cls}.from_pretrained({str(out / artifact)!r})\n```"
-    )
     lines += [
         "",
         "## Load it",
         "",
-        load,
+        _load_snippet(out, artifact, cfg.model.name_or_path, summary),
         "",
         "## Files",
         "",
@@ -71,3 +62,16 @@ def write_run_card(out: Path, cfg: Config, summary: dict) -> None:
         "",
     ]
     (out / "README.md").write_text("\n".join(lines))
+
+
+def _load_snippet(out: Path, artifact: str, base: str, summary: dict) -> str:
+    """The Python that loads the run's adapter (on its base) or model with transformers and PEFT."""
+    cls = summary["model_class"]
+    labels = f", num_labels={summary['num_labels']}" if summary["num_labels"] else ""
+    if artifact == "adapter":
+        return (
+            f"```python\nfrom transformers import {cls}\nfrom peft import PeftModel\n"
+            f"base = {cls}.from_pretrained({base!r}{labels})\n"
+            f"model = PeftModel.from_pretrained(base, {str(out / artifact)!r})\n```"
+        )
+    return f"```python\nfrom transformers import {cls}\nmodel = {cls}.from_pretrained({str(out / artifact)!r})\n```"

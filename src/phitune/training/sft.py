@@ -236,34 +236,11 @@ def after_step(run: Run, step: StepResult, *, lr: float, tokens_per_second: floa
     last = state.step == run.steps
     record = None
     if state.step % t.log_every == 0 or last:
-        record = {
-            "step": state.step,
-            "epoch": epoch,
-            "loss": step.loss,
-            "lr": lr,
-            "grad_norm": step.grad_norm,
-            "tokens_per_second": tokens_per_second,
-            **run.objective.metrics(step.sums, step.step_tokens),
-            "trained_tokens": state.trained_tokens,
-            "tokens_seen": state.tokens_seen,
-            "elapsed_s": round(state.elapsed_s, 3),
-            "time": round(time.time(), 3),
-        }
-        if torch.cuda.is_available():
-            record["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        record = _step_record(run, step, lr=lr, tokens_per_second=tokens_per_second, epoch=epoch)
     stop_early = False
     if run.data.validation_examples and t.eval_every and (state.step % t.eval_every == 0 or last):
-        run.eval_metrics = evaluate_now(run)
-        record = (record or {"step": state.step}) | {f"eval_{k}": v for k, v in run.eval_metrics.items()}
-        improved = update_best(state, run.eval_metrics, run.best_metric)
-        patience = t.early_stopping_patience or 0
-        stop_early = bool(patience) and state.evals_without_improvement >= patience
-        if improved and t.keep_best:
-            save_final(run, name="best")
-            if run.runtime.is_main:
-                (run.out / "best" / "best.json").write_text(
-                    json.dumps({"step": state.step, "metric": run.best_metric, "value": state.best_value}) + "\n"
-                )
+        stop_early = evaluate_and_keep_best(run)
+        record = (record or {"step": state.step}) | {f"eval_{k}": v for k, v in (run.eval_metrics or {}).items()}
     if record and run.metrics:
         run.metrics.write(record)
     if run.progress:
@@ -291,7 +268,44 @@ def after_step(run: Run, step: StepResult, *, lr: float, tokens_per_second: floa
         run.steps = state.step
 
 
+def _step_record(run: Run, step: StepResult, *, lr: float, tokens_per_second: float, epoch: float) -> dict:
+    """The metrics.jsonl line of a logged step."""
+    state = run.state
+    record = {
+        "step": state.step,
+        "epoch": epoch,
+        "loss": step.loss,
+        "lr": lr,
+        "grad_norm": step.grad_norm,
+        "tokens_per_second": tokens_per_second,
+        **run.objective.metrics(step.sums, step.step_tokens),
+        "trained_tokens": state.trained_tokens,
+        "tokens_seen": state.tokens_seen,
+        "elapsed_s": round(state.elapsed_s, 3),
+        "time": round(time.time(), 3),
+    }
+    if torch.cuda.is_available():
+        record["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return record
+
+
 # --- evaluation --------------------------------------------------------------------------------
+
+
+def evaluate_and_keep_best(run: Run) -> bool:
+    """Evaluate now (run.eval_metrics), write OUT/best when it improved and training.keep_best asks;
+    whether early stopping's patience ran out."""
+    t, state = run.cfg.training, run.state
+    run.eval_metrics = evaluate_now(run)
+    improved = update_best(state, run.eval_metrics, run.best_metric)
+    if improved and t.keep_best:
+        save_final(run, name="best")
+        if run.runtime.is_main:
+            (run.out / "best" / "best.json").write_text(
+                json.dumps({"step": state.step, "metric": run.best_metric, "value": state.best_value}) + "\n"
+            )
+    patience = t.early_stopping_patience or 0
+    return bool(patience) and state.evals_without_improvement >= patience
 
 
 def evaluate_now(run: Run) -> dict:
