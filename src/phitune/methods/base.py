@@ -8,7 +8,7 @@ Nothing here or in a method module imports torch, PEFT or transformers at import
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +31,19 @@ class MethodSettings(BaseModel):
     )
     beta: float = Field(
         0.1, gt=0, description="dpo: strength of the pull towards the reference (higher = stay closer)."
+    )
+
+
+class TargetedSettings(MethodSettings):
+    """The keys of a method that adapts chosen layers (LoRA and its variants, IA3)."""
+
+    target_modules: Union[str, list[str]] = Field(
+        "all-linear",
+        description="Module names (suffixes) to adapt, or 'all-linear' (every linear layer except the "
+        "output head; finds Phi-3's fused qkv_proj and gate_up_proj); [all-linear, lm_head] adds the head.",
+    )
+    modules_to_save: Optional[list[str]] = Field(
+        None, description="Extra modules trained in full and saved with the adapter."
     )
 
 

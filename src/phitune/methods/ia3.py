@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from phitune.methods.base import BuildContext, Method, MethodSettings, attach
+from phitune.methods.base import BuildContext, Method, TargetedSettings, attach
 from phitune.methods.targets import resolve_target_modules
 
 if TYPE_CHECKING:
@@ -16,16 +16,8 @@ if TYPE_CHECKING:
 FEEDFORWARD_OUT = ("down_proj", "fc2", "w2", "c_proj", "dense_4h_to_h")
 
 
-class IA3Settings(MethodSettings):
+class IA3Settings(TargetedSettings):
     name: Literal["ia3"] = Field("ia3", description="Fine-tuning method.")
-    target_modules: Union[str, list[str]] = Field(
-        "all-linear",
-        description="Module names (suffixes) to adapt, or 'all-linear' (every linear layer except the "
-        "output head; finds Phi-3's fused qkv_proj and gate_up_proj); [all-linear, lm_head] adds the head.",
-    )
-    modules_to_save: Optional[list[str]] = Field(
-        None, description="Extra modules trained in full and saved with the adapter."
-    )
 
 
 def build(model: nn.Module, settings: Any, context: BuildContext) -> nn.Module:

@@ -3,11 +3,11 @@ runs each adapted layer as one fused step (`fused_lora.py`) unless `fused: false
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from phitune.methods.base import BuildContext, Method, MethodSettings, attach
+from phitune.methods.base import BuildContext, Method, TargetedSettings, attach
 from phitune.methods.targets import resolve_target_modules
 
 if TYPE_CHECKING:
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-class LoraFamilySettings(MethodSettings):
+class LoraFamilySettings(TargetedSettings):
     """The keys LoRA, DoRA and QLoRA share."""
 
     r: int = Field(16, gt=0, description="LoRA/DoRA/QLoRA rank.")
@@ -24,14 +24,6 @@ class LoraFamilySettings(MethodSettings):
         32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)."
     )
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: Union[str, list[str]] = Field(
-        "all-linear",
-        description="Module names (suffixes) to adapt, or 'all-linear' (every linear layer except the "
-        "output head; finds Phi-3's fused qkv_proj and gate_up_proj); [all-linear, lm_head] adds the head.",
-    )
-    modules_to_save: Optional[list[str]] = Field(
-        None, description="Extra modules trained in full and saved with the adapter."
-    )
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling alpha / sqrt(r).")
     init: Literal["default", "gaussian", "pissa", "olora"] = Field("default", description="LoRA weight initialisation.")
 
