@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 
-.PHONY: venv demo test test-fast lint test-slow ci test-all bench clean real-model llama-cpp
+.PHONY: venv demo test test-fast lint test-slow ci test-all bench clean real-model llama-cpp docs docs-serve
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,8 +59,20 @@ test-slow: real-model
 	$(BIN)/python -m pytest -q -m "slow and not gpu"
 	PYTHON=$(BIN)/python scripts/postgres-tests.sh
 
-# What CI runs: both tiers, with llama.cpp installed so that the GGUF exports are checked by it.
-ci: llama-cpp test test-slow
+# What CI runs: both tiers, with llama.cpp installed so that the GGUF exports are checked by it,
+# then the manual's strict build.
+ci: llama-cpp test test-slow docs
+
+# The manual (docs/, MkDocs + Material): the generated reference pages (configuration, CLI, REST
+# API, job options, benchmark results) written from the code, then a strict build into site/ (a
+# broken link or anchor fails). The site opens offline, from file:// too.
+docs: venv
+	$(BIN)/python scripts/docs_reference.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: venv
+	$(BIN)/python scripts/docs_reference.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 test-all: real-model
 	$(BIN)/python -m pytest -q
@@ -71,4 +83,4 @@ bench: real-model
 	$(BIN)/python benchmarks/train_throughput.py --examples 256 --batch-size 16 --max-length 128 --qlora-memory
 
 clean:
-	rm -rf runs/demo .pytest_cache
+	rm -rf runs/demo .pytest_cache site

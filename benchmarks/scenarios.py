@@ -5,7 +5,7 @@ base model and the fine-tune on the scenario's held-out file with `phitune compa
     apt-get install dict-freedict-eng-deu wordnet-base     # the two scenarios with real data
     python benchmarks/scenarios.py                         # all; or --only ner,qa
 
-Writes benchmarks/results/scenarios.{md,json} (the README's scenario table). A scenario whose
+Writes benchmarks/results/scenarios.{md,json} (the scenario table of docs/guides/scenarios.md). A scenario whose
 run already finished with the same config is scored again without retraining.
 """
 

@@ -222,7 +222,7 @@ def refuse_classifier(path: str) -> None:
         raise PhituneError(
             f"{path}: a classification-head run (task.json: head true) cannot generate text or be merged "
             "into a causal LM; load it with AutoModelForSequenceClassification / "
-            "AutoModelForTokenClassification + PeftModel (see the README's Objectives)"
+            "AutoModelForTokenClassification + PeftModel (see docs/guides/methods.md, Objectives)"
         )
 
 

@@ -541,11 +541,11 @@ def test_a_trusted_model_is_the_servers_choice(service):
     assert build_config(service["settings"], job, hyper).model.trust_remote_code is False
 
 
-def test_the_readme_lists_exactly_the_job_options():
+def test_the_manual_lists_exactly_the_job_options():
     from helpers import REPO
 
-    text = (REPO / "README.md").read_text()
-    table = text.split("<!-- tenant-options -->")[1].split("<!-- /tenant-options -->")[0]
+    text = (REPO / "docs" / "reference" / "job-options.md").read_text()
+    table = text.split("<!-- generated: job-options -->")[1].split("<!-- /generated -->")[0]
     listed = {}
     for line in table.strip().splitlines()[2:]:
         section, keys = [c.strip() for c in line.strip("|").split("|")]

@@ -50,7 +50,7 @@ def _type_name(ann) -> str:
 
 
 def reference_markdown() -> str:
-    """Every key with its type, default and description, for the README and `phitune config-reference`."""
+    """Every key with its type, default and description: docs/reference/config.md and `phitune config-reference`."""
     rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for section, model in _SECTIONS.items():
         for name, field in model.model_fields.items():

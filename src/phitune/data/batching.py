@@ -1,6 +1,6 @@
 """Batches for an epoch: random, or length-grouped where random batches would mostly compute
 padding. Grouping costs quality when it is not needed (batches of alike lengths are less
-representative: measured on the real-model benchmark, README "Packing and length grouping"), so
+representative: measured on the real-model benchmark, docs/concepts/training.md, "Packing and length grouping"), so
 `auto` groups only when random batches would pad past PAD_LIMIT. The order
 is a pure function of (lengths, seed, epoch), so a resumed run sees exactly the batches the
 interrupted one would have seen."""

@@ -109,8 +109,8 @@ class Runner:
 
     def prepare(self) -> None:
         """Pack the weights, on the thread that will run the forwards: oneDNN's packed weights made
-        on one thread and used on another ran the matmuls much slower (README, "The inference
-        engine")."""
+        on one thread and used on another ran the matmuls much slower
+        (docs/concepts/inference-engine.md)."""
         if not self.pack:
             return
         self.packed = packed(self.linear_names().values())
@@ -267,7 +267,7 @@ class Runner:
 def packed(layers) -> dict[int, torch.Tensor]:
     """id(layer) -> its weight in oneDNN's blocked layout, for the plain bf16 linear layers on a CPU.
     nn.Linear hands oneDNN a plain weight and it re-lays it out on every call; packed once, the
-    matmuls are faster with identical results (README, "The inference engine"). A copy of the
+    matmuls are faster with identical results (docs/concepts/inference-engine.md). A copy of the
     weights: the model keeps its own."""
     from phitune.hardware import cpu_has_native_bf16
 

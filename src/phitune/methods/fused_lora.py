@@ -10,7 +10,7 @@ arithmetic is the same as PEFT's (tests/training/test_fused_lora.py checks losse
 
 Under bf16 (autocast, or a bf16 base) with fp32 adapter weights, PEFT adds the update to the base
 output in bf16, whose 8-bit mantissa rounds away most of a young adapter's small update (bf16
-training then lands measurably worse than fp32: README "Speed and memory"). Here the base matmul
+training then lands measurably worse than fp32: docs/benchmarks/speed-and-memory.md). Here the base matmul
 stays in bf16 and the update is computed and added in the adapter's own precision (the layer's
 output is then fp32), at bf16's speed.
 

@@ -2,8 +2,8 @@
 
 A CPU training step allocates and frees thousands of activation-sized tensors. glibc's malloc
 hands large blocks back to the kernel and takes them again, paying page faults each time;
-tcmalloc keeps them: steps are faster and peak RSS lower (measured in the README's "Speed and
-memory"; jemalloc gained nothing there). An allocator has to be in place before the process
+tcmalloc keeps them: steps are faster and peak RSS lower (measured in
+docs/benchmarks/speed-and-memory.md; jemalloc gained nothing there). An allocator has to be in place before the process
 allocates anything, so `phitune train` started as a program re-executes itself once with
 tcmalloc in LD_PRELOAD (the process keeps its id; children such as a
 distributed run's workers inherit it). Debian and Ubuntu: `apt install libtcmalloc-minimal4`

@@ -7,13 +7,13 @@ loops. Each decoder layer is compiled on its own (`nn.Module.compile`), with dyn
 batches differ in length; the layers run the same code, so one graph serves them all (their
 parameters are the graph's inputs).
 
-Compiling is slow on a small CPU (its cost is measured in the README's speed section).
+Compiling is slow on a small CPU (its cost is measured in docs/benchmarks/speed-and-memory.md).
 Inductor's FX-graph and AOTAutograd caches keep the result in ~/.cache/phitune/compile (or
 $TORCHINDUCTOR_CACHE_DIR), so a later run of the same model on the same machine pays part of it
 (Dynamo still traces in every process). `auto` compiles only on a CPU in bf16 (in float32
 compiling gained nothing measurable) and when the run is long enough to repay a cold compile:
 `REPAYS` in (decoder parameters) x (tokens per step) x (steps), from the measured break-even
-(benchmarks/results/compile_probe_*.md, and the README's speed section).
+(benchmarks/results/compile_probe_*.md, and docs/benchmarks/speed-and-memory.md).
 """
 
 from __future__ import annotations

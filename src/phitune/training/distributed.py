@@ -156,7 +156,7 @@ def start(cfg: Config, precision: str) -> tuple[Accelerator, Runtime]:
             # and a gradient buffer beside its parameter shards; FSDP2 keeps neither.
             log.info(
                 "on CPU, distributed.strategy: fsdp holds less memory per process than ZeRO-3 "
-                "(README: Memory per process)"
+                "(docs/guides/distributed.md: Memory per process)"
             )
     if strategy in ("deepspeed", "fsdp") and world == 1:  # both want a process group even for one process
         for key, value in (
