@@ -1,0 +1,96 @@
+"""The built manual in a real headless browser (Debian's chromium + chromium-driver), opened from
+file:// as a reader without a network would: pages render with their navigation, search finds a
+page, and nothing is requested from another host. The home page, a guide and the configuration
+reference are photographed (PHITUNE_SCREENSHOTS=docs/images writes the manual's pictures)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+pytestmark = pytest.mark.slow
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("site")
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and DRIVER):
+        (pytest.fail if os.environ.get("PHITUNE_REQUIRE_BROWSER") else pytest.skip)(
+            "needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)"
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--allow-file-access-from-files"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False}
+    )
+    yield driver
+    driver.quit()
+
+
+def requested(driver) -> list[str]:
+    """Every URL the page asked the network stack for since the last call."""
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
+
+
+def test_the_manual_reads_offline_and_searches(site, browser):
+    shots = Path(os.environ.get("PHITUNE_SCREENSHOTS") or site / "shots")
+    shots.mkdir(parents=True, exist_ok=True)
+    pages = {
+        "index.html": ("phitune", "site-home.png"),
+        "guides/export.html": ("Export: ONNX Runtime, llama.cpp and Ollama", "site-guide.png"),
+        "reference/config.html": ("Configuration", "site-config-reference.png"),
+    }
+    seen: list[str] = []
+    for page, (title, picture) in pages.items():
+        browser.get((site / page).as_uri())
+        WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "nav.md-nav"))
+        assert browser.find_element(By.CSS_SELECTOR, "article h1").text.startswith(title)
+        browser.save_screenshot(str(shots / picture))
+        seen += requested(browser)
+    assert browser.find_elements(By.CSS_SELECTOR, "table code"), "the configuration table is on the page"
+    # Search, from file:// (the offline plugin's inlined index and the vendored iframe-worker shim).
+    box = browser.find_element(By.CSS_SELECTOR, "input.md-search__input")
+    box.click()
+    box.send_keys("tenant")
+    box.send_keys(Keys.SHIFT)  # a keystroke after typing, as a reader's would be
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".md-search-result__item"))
+    links = [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, ".md-search-result__item a")]
+    assert any("job-options" in (href or "") for href in links), links
+    seen += requested(browser)
+    assert seen and all(url.startswith(("file://", "data:", "blob:")) for url in seen), [
+        u for u in seen if not u.startswith(("file://", "data:", "blob:"))
+    ]
