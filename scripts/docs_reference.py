@@ -77,6 +77,12 @@ def cli_reference() -> str:
     return "\n".join(out).rstrip()
 
 
+def _schema(content: dict) -> str:
+    """` (SchemaName)` for a body described by a named schema of /openapi.json, else ""."""
+    ref = content.get("schema", {}).get("$ref", "")
+    return f" (`{ref.rsplit('/', 1)[-1]}`)" if ref else ""
+
+
 def rest_api() -> str:
     from phitune.serve.app import create_app
     from phitune.serve.settings import Settings
@@ -116,8 +122,11 @@ def rest_api() -> str:
                 lines.append("")
             body = op.get("requestBody", {}).get("content", {})
             if body:
-                lines += ["Request body: " + ", ".join(f"`{kind}`" for kind in body), ""]
-            codes = ", ".join(f"`{code}` {_cell(r.get('description', ''))}" for code, r in op["responses"].items())
+                lines += ["Request body: " + ", ".join(f"`{kind}`{_schema(c)}" for kind, c in body.items()), ""]
+            codes = ", ".join(
+                f"`{code}` {_cell(r.get('description', ''))}{_schema(r.get('content', {}).get('application/json', {}))}"
+                for code, r in op["responses"].items()
+            )
             lines += [f"Responses: {codes}."]
     return "\n".join(lines) + "\n"
 
