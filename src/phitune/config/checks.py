@@ -175,12 +175,7 @@ def _distributed_problems(d: DistributedConfig | None, method: MethodConfig | No
     if "deepspeed" in limits:
         out.append(("distributed.strategy", limits["deepspeed"]))
     if method is not None and method.objective == "dpo" and d.zero_stage == 3 and "dpo_zero3" in limits:
-        out.append(
-            (
-                "distributed.zero_stage",
-                limits["dpo_zero3"],
-            )
-        )
+        out.append(("distributed.zero_stage", limits["dpo_zero3"]))
     return out
 
 
