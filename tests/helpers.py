@@ -209,3 +209,26 @@ def needs_llama_cpp() -> None:
         (pytest.fail if os.environ.get("PHITUNE_REQUIRE_LLAMA_CPP") else pytest.skip)(
             "needs llama-cpp-python (make llama-cpp)"
         )
+
+
+def headless_chromium(*flags: str, logs: dict[str, str] | None = None, width: int = 1280, height: int = 800):
+    """Debian's chromium driven through chromium-driver (Selenium), headless, with the page at
+    width x height. Skips without them, or fails where PHITUNE_REQUIRE_BROWSER says CI has them."""
+    import shutil
+
+    from selenium import webdriver
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        (pytest.fail if os.environ.get("PHITUNE_REQUIRE_BROWSER") else pytest.skip)(
+            "needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)"
+        )
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", *flags):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", logs or {})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    size = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", size)
+    return driver

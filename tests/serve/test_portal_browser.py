@@ -7,13 +7,12 @@ compared, and organization B seeing none of A's jobs. Every page is photographed
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import DEMO_TRAIN, STARTED, Server, create_key, wait_for_job
+from helpers import DEMO_TRAIN, STARTED, Server, create_key, headless_chromium, wait_for_job
 
 webdriver = pytest.importorskip("selenium.webdriver")
 pytest.importorskip("fastapi")
@@ -23,7 +22,6 @@ from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 pytestmark = pytest.mark.slow
-CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 EPOCHS = 10
 STEPS = 40 // 2 * EPOCHS  # 40 rows, batch 2
 
@@ -37,17 +35,7 @@ def shots(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def browser():
-    if not (CHROMIUM and DRIVER):
-        (pytest.fail if os.environ.get("PHITUNE_REQUIRE_BROWSER") else pytest.skip)(
-            "needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)"
-        )
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
-    viewport(driver, 1280, 800)
+    driver = headless_chromium(logs={"browser": "ALL"})
     yield driver
     driver.quit()
 

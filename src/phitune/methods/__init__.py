@@ -24,7 +24,6 @@ METHODS: dict[str, Method] = {
     m.name: m for m in (full.METHOD, lora.LORA, lora.DORA, lora.QLORA, ia3.METHOD, prompt_tuning.METHOD)
 }
 METHOD_NAMES = tuple(METHODS)
-ADAPTER_METHODS = tuple(name for name, m in METHODS.items() if m.is_adapter)
 DEFAULT_METHOD = "lora"
 
 
@@ -117,7 +116,6 @@ def validate_settings(value: Any) -> MethodSettings:
 
 
 __all__ = [
-    "ADAPTER_METHODS",
     "DEFAULT_METHOD",
     "METHODS",
     "METHOD_FIELDS",
